@@ -1,0 +1,1 @@
+"""Review and offline evaluation: eval sets, metrics, runners, reports and drift."""

@@ -1,0 +1,1 @@
+"""The gateway: Litestar app, request pipeline, audit log, auth, settings and CLI."""

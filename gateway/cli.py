@@ -1,0 +1,317 @@
+"""The `gateway` command: serve, run a backend, manage keys and the database.
+
+Every option also reads `GATEWAY_<NAME>` from the environment (flags win), and every
+subcommand honours `GATEWAY_DATABASE` and `GATEWAY_DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.settings import Settings, SettingsError, load_settings
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="where models, indexes and reports live (default ./data)"
+    )
+    parser.add_argument("--database", default=None, help="SQLAlchemy URL (default sqlite:///DATA_DIR/gateway.db)")
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {"data_dir": args.data_dir, "database": args.database, "config": args.config, **extra}
+    settings = load_settings(overrides)
+    # Subcommands contributed by other packages read these two attributes.
+    args.data_dir = settings.data_dir
+    args.database = settings.database_url
+    return settings
+
+
+def _run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.migrate import upgrade
+    from serving.local import LocalVLLM, stop_process
+
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        backend=args.backend or None,
+        open_mode=True if args.open else None,
+    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    if settings.open_mode:
+        print(
+            "=" * 72 + "\nWARNING: OPEN MODE - no API keys are checked, every caller is admin.\n"
+            "Use it on a trusted machine only.\n" + "=" * 72,
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        _bootstrap_admin_key(settings)
+
+    local = None
+    if not settings.backend:
+        local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
+        log_path = settings.data_dir / "vllm.log"
+        print(
+            f"no --backend given: starting the local CPU vLLM on {local.url} (log: {log_path}); "
+            "the first start takes 1-3 minutes",
+            flush=True,
+        )
+        process = local.start(log_path)
+        try:
+            local.wait_ready(process)
+        except BaseException:
+            stop_process(process)
+            raise
+        print(f"local vLLM ready on {local.url} serving {local.model_name}", flush=True)
+        settings = settings.replace(backend=(local.url,))
+    else:
+        process = None
+    try:
+        app = create_app(settings)
+        print(
+            f"gateway listening on http://{settings.host}:{settings.port} "
+            f"(backends: {', '.join(settings.backend)}; database: {_safe_url(settings.database_url)})",
+            flush=True,
+        )
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level="warning",
+            backlog=4096,
+            timeout_keep_alive=30,
+        )
+    finally:
+        if process is not None:
+            stop_process(process)
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _bootstrap_admin_key(settings: Settings) -> None:
+    """On a database with no keys at all, make one admin key so a new user can start."""
+    from gateway.auth import KeyStore
+    from gateway.db import create_engine
+
+    async def go() -> str | None:
+        engine = create_engine(settings.database_url)
+        try:
+            store = KeyStore(engine)
+            if await store.count():
+                return None
+            _, secret = await store.create("admin", "bootstrap")
+            return secret
+        finally:
+            await engine.dispose()
+
+    secret = _run_async(go())
+    if secret:
+        print(
+            f"no API keys existed: created an admin key (shown once, keep it):\n  {secret}\n"
+            "create more with `gateway keys create --role client`",
+            flush=True,
+        )
+
+
+def cmd_backend_local(args: argparse.Namespace) -> int:
+    from serving.local import LocalVLLM
+
+    settings = _settings(args)
+    local = LocalVLLM(settings.data_dir, port=args.port, vllm_python=settings.vllm_python)
+    if args.prepare_only:
+        print(local.prepare())
+        return 0
+    return local.run_foreground()
+
+
+def cmd_backend_fake(args: argparse.Namespace) -> int:
+    from serving.fake import FakeConfig, serve_fake
+
+    config = FakeConfig(
+        models=tuple(args.model or ["fake-model"]),
+        delay_ms=args.delay_ms,
+        tokens_per_s=args.tokens_per_s,
+        answer_tokens=args.answer_tokens,
+        keep_requests=args.keep_requests,
+    )
+    serve_fake(config, args.host, args.port)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyStore
+    from gateway.db import create_engine
+    from gateway.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+
+    async def go() -> tuple[Any, str]:
+        engine = create_engine(settings.database_url)
+        try:
+            return await KeyStore(engine).create(args.role, args.name)
+        finally:
+            await engine.dispose()
+
+    info, secret = _run_async(go())
+    print(secret)
+    print(
+        f"created key {info.id} (role {info.role}{', name ' + info.name if info.name else ''}); "
+        "the secret above is not stored and will not be shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyStore
+    from gateway.db import create_engine
+    from gateway.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+
+    async def go() -> list[dict[str, Any]]:
+        engine = create_engine(settings.database_url)
+        try:
+            return await KeyStore(engine).list()
+        finally:
+            await engine.dispose()
+
+    for row in _run_async(go()):
+        state = "revoked" if row["revoked_at"] else "active"
+        print(f"{row['id']}\t{row['role']}\t{state}\t{row['prefix']}...\t{row['name'] or ''}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyStore
+    from gateway.db import create_engine
+
+    settings = _settings(args)
+
+    async def go() -> bool:
+        engine = create_engine(settings.database_url)
+        try:
+            return await KeyStore(engine).revoke(args.key_id)
+        finally:
+            await engine.dispose()
+
+    if _run_async(go()):
+        print(f"revoked {args.key_id}")
+        return 0
+    print(f"no active key {args.key_id}", file=sys.stderr)
+    return 1
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from gateway.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+    print(f"database at {_safe_url(settings.database_url)} is at the newest revision")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="A guarded, OpenAI-compatible LLM gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway (starts a local vLLM when no --backend is given)")
+    _common(serve)
+    serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    serve.add_argument(
+        "--backend", action="append", metavar="URL", help="a vLLM (or OpenAI-compatible) server; repeatable"
+    )
+    serve.add_argument("--open", action="store_true", help="no API keys (local use only; announced loudly)")
+    serve.set_defaults(func=cmd_serve)
+
+    backend = commands.add_parser("backend", help="run an LLM backend").add_subparsers(
+        dest="backend_command", required=True
+    )
+    local = backend.add_parser("local", help="prepare the bundled SmolLM2 model and run the CPU vLLM in the foreground")
+    _common(local)
+    local.add_argument("--port", type=int, default=8100)
+    local.add_argument("--prepare-only", action="store_true", help="only prepare the model folder")
+    local.set_defaults(func=cmd_backend_local)
+    fake = backend.add_parser("fake", help="a deterministic OpenAI-compatible fake backend (real HTTP server)")
+    _common(fake)
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8200)
+    fake.add_argument("--model", action="append", help="model name to serve (repeatable; default fake-model)")
+    fake.add_argument("--delay-ms", type=float, default=0.0, help="delay before the answer / first token")
+    fake.add_argument("--tokens-per-s", type=float, default=0.0, help="streaming pace (0: as fast as possible)")
+    fake.add_argument("--answer-tokens", type=int, default=16, help="tokens per answer")
+    fake.add_argument("--keep-requests", type=int, default=256, help="request bodies kept for /fake/requests")
+    fake.set_defaults(func=cmd_backend_fake)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key and print it once")
+    _common(create)
+    create.add_argument("--role", required=True, choices=["client", "reviewer", "admin"])
+    create.add_argument("--name", default=None)
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    _common(listing)
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    _common(revoke)
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    db = commands.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply the schema migrations")
+    _common(up)
+    up.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from serving.errors import ServingError
+
+        if isinstance(exc, ServingError):
+            print(f"gateway: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The gateway's SQL schema and engine: audit records and API keys, SQLite or PostgreSQL.
+
+Text columns hold JSON encoded by msgspec (faster than the JSON type's json.dumps, and the
+same on both databases). Columns that reviewers filter on (status, model, key, guard
+outcomes, scores) are plain indexed columns so paging stays fast at millions of rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite only autoincrements INTEGER PRIMARY KEY
+
+audit_records = Table(
+    "audit_records",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(40), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("api_key_id", String(40)),
+    Column("endpoint", String(40), nullable=False),
+    Column("model", String(200)),
+    Column("backend", String(300)),
+    Column("stream", Boolean, nullable=False, default=False),
+    Column("status", String(32), nullable=False),
+    Column("http_status", Integer, nullable=False),
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    Column("request_json", Text),
+    Column("response_text", Text),
+    Column("response_json", Text),
+    Column("finish_reason", String(32)),
+    Column("prompt_tokens", Integer),
+    Column("completion_tokens", Integer),
+    Column("total_tokens", Integer),
+    Column("gateway_ms", Float),
+    Column("backend_ms", Float),
+    Column("ttft_ms", Float),
+    Column("total_ms", Float),
+    Column("client_ip", String(64)),
+    # Filled by the guardrails and retrieval stages.
+    Column("passages_json", Text),
+    Column("citations_json", Text),
+    Column("guards_json", Text),
+    Column("blocked_by", String(64)),
+    Column("flagged_by", String(200)),
+    Column("groundedness", Float),
+    Column("toxicity", Float),
+    Index("ix_audit_records_created_at", "created_at"),
+    Index("ix_audit_records_status_created", "status", "created_at"),
+    Index("ix_audit_records_model_created", "model", "created_at"),
+    Index("ix_audit_records_key_created", "api_key_id", "created_at"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200)),
+    Column("role", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+
+def async_url(url: str) -> str:
+    """Normalise a database URL to its async driver: aiosqlite for SQLite, asyncpg for PostgreSQL."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # SQLAlchemy raises ArgumentError, and ValueError for bad ports
+        raise ValueError(f"cannot parse database URL {url!r}: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise ValueError(f"unsupported database {backend!r} in {url!r}: use sqlite:/// or postgresql://")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create_engine(url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10) -> AsyncEngine:
+    """An async engine; SQLite gets WAL, a busy timeout and the chosen durability level."""
+    url = async_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

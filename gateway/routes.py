@@ -1,0 +1,75 @@
+"""HTTP routes: parse, hand the request to the pipeline, shape the answer. Nothing else lives here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.response import Stream
+
+from gateway.errors import RequestTooLarge
+from gateway.pipeline import CHAT, COMPLETIONS, Endpoint
+from gateway.services import Services
+
+_encode = msgspec.json.Encoder().encode
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    limit = services.settings.max_body_bytes
+
+    async def read_body() -> bytes:
+        try:
+            return await request.body()
+        except RequestEntityTooLarge as exc:
+            raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.") from exc
+
+    client = request.client.host if request.client else None
+    trace, result = await services.pipeline.handle(endpoint, read_body, request.headers.get("authorization"), client)
+    headers = {"x-gateway-request-id": trace.request_id}
+    if isinstance(result, bytes):
+        headers["x-gateway-backend-ms"] = f"{trace.backend_s * 1000:.1f}"
+        return Response(result, media_type="application/json", headers=headers)
+    return Stream(result, media_type="text/event-stream", headers={**headers, **_SSE_HEADERS})
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    return await _serve(CHAT, request, services)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    return await _serve(COMPLETIONS, request, services)
+
+
+@get("/v1/models")
+async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+    if not services.settings.open_mode:
+        await services.keys.authenticate(request.headers.get("authorization"))
+    cards = await services.backend.models()
+    created = int(services.started_at)
+    data = [
+        {"id": c.id, "object": "model", "created": created, "owned_by": c.owned_by, "max_model_len": c.max_model_len}
+        for c in cards
+    ]
+    return Response(_encode({"object": "list", "data": data}), media_type="application/json")
+
+
+@get("/healthz")
+async def healthz() -> Response[bytes]:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@get("/readyz")
+async def readyz(services: Services) -> Response[bytes]:
+    started = time.perf_counter()
+    ready, report = await services.readiness()
+    report["checked_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return Response(_encode(report), status_code=200 if ready else 503, media_type="application/json")
+
+
+ROUTES = [chat_completions, completions, list_models, healthz, readyz]

@@ -1,0 +1,92 @@
+"""The long-lived parts of one gateway process, opened in the app's lifespan and injected into routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.audit import AuditWriter
+from gateway.auth import KeyStore
+from gateway.db import create_engine
+from gateway.migrate import upgrade
+from gateway.pipeline import Pipeline
+from gateway.settings import Settings
+from serving.backend import Backend
+from serving.router import Router
+from serving.vllm import VLLMBackend
+
+log = logging.getLogger("gateway")
+
+
+class Services:
+    """Database engine, audit writer, key store, backend router and the pipeline over them."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        if backend is None:
+            if not settings.backend:
+                raise ValueError("no backend configured: pass --backend URL (or use `gateway serve`, which starts one)")
+            backend = Router(
+                [
+                    VLLMBackend(
+                        url, connect_timeout=settings.backend_connect_timeout, read_timeout=settings.backend_timeout
+                    )
+                    for url in settings.backend
+                ]
+            )
+        self.backend = backend
+        self.engine: AsyncEngine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.audit = AuditWriter(
+            self.engine, spool_path=settings.data_dir / "audit-spool.jsonl", batch_max=settings.audit_batch_max
+        )
+        self.keys = KeyStore(self.engine)
+        self.pipeline = Pipeline(self.backend, self.audit, self.keys, open_mode=settings.open_mode)
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        # Alembic runs its own event loop, so it gets a thread of its own.
+        await asyncio.to_thread(upgrade, self.settings.database_url)
+        await self.audit.start()
+        if isinstance(self.backend, Router):
+            await self.backend.refresh()
+        if self.settings.open_mode:
+            log.warning("OPEN MODE: no API key is checked; every caller is treated as admin. Local use only.")
+
+    async def stop(self) -> None:
+        await self.audit.stop()
+        await self.backend.aclose()
+        await self.engine.dispose()
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """What `/readyz` reports: backend and database reachability and the models served."""
+        database_ok = True
+        database_error = None
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # any driver error means "not ready"; say which
+            database_ok, database_error = False, str(exc)
+        if isinstance(self.backend, Router):
+            backends = await self.backend.health_by_backend()
+        else:
+            backends = {self.backend.name: await self.backend.health()}
+        models: list[str] = []
+        if any(backends.values()):
+            try:
+                models = [m.id for m in await self.backend.models()]
+            except Exception as exc:
+                log.warning("listing models failed: %s", exc)
+        ready = database_ok and any(backends.values()) and bool(models)
+        return ready, {
+            "status": "ready" if ready else "not_ready",
+            "database": {"ok": database_ok, "error": database_error},
+            "backends": [{"url": url, "healthy": ok} for url, ok in backends.items()],
+            "models": models,
+            "audit": {"pending": self.audit.pending, "committed": self.audit.committed, "spooled": self.audit.spooled},
+            "open_mode": self.settings.open_mode,
+        }

@@ -1,0 +1,154 @@
+"""Settings: one typed object, built once from defaults, a TOML file, `GATEWAY_*` variables and flags.
+
+Precedence, lowest first: defaults, the config file (`--config` / `GATEWAY_CONFIG`), the
+environment (`GATEWAY_<NAME>`), command-line flags. Everything is validated here, at start-up,
+with a message that names the offending source and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GATEWAY_"
+
+
+class SettingsError(Exception):
+    """A setting is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway needs to start; tests build it directly."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: tuple[str, ...] = ()  # empty: start the local CPU vLLM with the bundled model
+    database: str | None = None  # empty: SQLite at DATA_DIR/gateway.db
+    data_dir: Path = Path("data")
+    config: Path | None = None
+    open_mode: bool = False  # no API keys needed; loud warning at start-up
+    max_body_bytes: int = 1024 * 1024
+    backend_connect_timeout: float = 5.0
+    backend_timeout: float = 300.0  # seconds without a byte from the backend
+    local_vllm_port: int = 8100
+    vllm_python: str | None = None
+    audit_batch_max: int = 512
+    sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
+    log_level: str = "info"
+
+    @property
+    def database_url(self) -> str:
+        """The async SQLAlchemy URL of the audit database."""
+        from gateway.db import async_url
+
+        return async_url(self.database or f"sqlite:///{self.data_dir / 'gateway.db'}")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
+    """Turn a raw value from a file, the environment or a flag into the field's type."""
+    try:
+        if annotation == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if annotation == "int":
+            if isinstance(value, bool):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if annotation == "float":
+            return float(value)
+        if annotation == "Path":
+            return Path(str(value)).expanduser()
+        if annotation == "Path | None":
+            return Path(str(value)).expanduser() if value not in (None, "") else None
+        if annotation == "tuple[str, ...]":
+            items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if annotation in {"str", "str | None"}:
+            if isinstance(value, dict | list):
+                raise ValueError(f"expected a string, got {value!r}")
+            return None if annotation == "str | None" and value in (None, "") else str(value)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: invalid value for {name!r}: {exc}") from exc
+    raise SettingsError(f"{source}: unsupported setting type {annotation} for {name!r}")  # pragma: no cover
+
+
+def _validate(settings: Settings) -> Settings:
+    def bad(message: str) -> SettingsError:
+        return SettingsError(f"invalid settings: {message}")
+
+    if not 0 <= settings.port <= 65535:
+        raise bad(f"port {settings.port} is outside 0-65535")
+    if settings.max_body_bytes < 1024:
+        raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
+    if settings.backend_timeout <= 0 or settings.backend_connect_timeout <= 0:
+        raise bad("backend timeouts must be positive")
+    if settings.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise bad(f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {settings.sqlite_synchronous!r}")
+    for url in settings.backend:
+        if not url.startswith(("http://", "https://")):
+            raise bad(f"backend URL {url!r} must start with http:// or https://")
+    if settings.database is not None:
+        from gateway.db import async_url
+
+        try:
+            async_url(settings.database)
+        except ValueError as exc:
+            raise bad(str(exc)) from exc
+    return settings.replace(sqlite_synchronous=settings.sqlite_synchronous.upper())
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate the settings. `overrides` are command-line values (None means unset)."""
+    environ = os.environ if environ is None else environ
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    kinds = {f.name: str(f.type) for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    config_path = overrides.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        path = Path(str(config_path)).expanduser()
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise SettingsError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path}: {exc}") from exc
+        section = raw.get("gateway", raw)
+        for key, value in section.items():
+            name = key.replace("-", "_")
+            if name not in kinds or name == "config":
+                if isinstance(value, dict):
+                    continue  # other tables (policy, retrieval, ...) belong to other parts
+                raise SettingsError(f"config file {path}: unknown setting {key!r}")
+            values[name] = _coerce(name, value, kinds[name], f"config file {path}")
+        values["config"] = path
+
+    for name, kind in kinds.items():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ:
+            values[name] = _coerce(name, environ[env_name], kind, f"environment variable {env_name}")
+    if ENV_PREFIX + "OPEN" in environ:
+        values["open_mode"] = _coerce(
+            "open_mode", environ[ENV_PREFIX + "OPEN"], "bool", "environment variable GATEWAY_OPEN"
+        )
+
+    for name, value in overrides.items():
+        if name not in kinds:
+            raise SettingsError(f"unknown setting {name!r}")
+        values[name] = _coerce(name, value, kinds[name], f"option --{name.replace('_', '-')}")
+    return _validate(Settings(**values))

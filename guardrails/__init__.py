@@ -1,0 +1,57 @@
+"""Guardrails: input and output guards, the policy that drives them, streaming-aware checks.
+
+The gateway uses `Guardrails` (guardrails.engine) built from a `Policy` (guardrails.policy);
+everything in and out is plain data. See guardrails/README.md.
+"""
+
+from guardrails.base import (
+    GUARDS,
+    Guard,
+    GuardContext,
+    GuardResources,
+    GuardSettings,
+    Passage,
+    Verdict,
+    make_executor,
+)
+from guardrails.engine import Guardrails, InputResult, OutputResult, PassageResult, StreamChecker, StreamStep
+from guardrails.errors import GuardBlocked, GuardrailsError, PolicyError, ScorerUnavailable
+from guardrails.policy import Policy, RequestPolicy, default_policy, load_policy, parse_policy
+from guardrails.toxicity import (
+    DetoxifyScorer,
+    ProfanityCheckScorer,
+    ToxicityConfig,
+    ToxicityScorer,
+    build_scorer,
+)
+
+__all__ = [
+    "GUARDS",
+    "DetoxifyScorer",
+    "Guard",
+    "GuardBlocked",
+    "GuardContext",
+    "GuardResources",
+    "GuardSettings",
+    "Guardrails",
+    "GuardrailsError",
+    "InputResult",
+    "OutputResult",
+    "Passage",
+    "PassageResult",
+    "Policy",
+    "PolicyError",
+    "ProfanityCheckScorer",
+    "RequestPolicy",
+    "ScorerUnavailable",
+    "StreamChecker",
+    "StreamStep",
+    "ToxicityConfig",
+    "ToxicityScorer",
+    "Verdict",
+    "build_scorer",
+    "default_policy",
+    "load_policy",
+    "make_executor",
+    "parse_policy",
+]

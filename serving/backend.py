@@ -1,0 +1,51 @@
+"""The backend seam: one small async interface that every LLM server client implements.
+
+Bodies travel as decoded JSON dicts so fields the gateway does not know reach the backend
+untouched. Streams yield the raw JSON payload of each server-sent event, without the
+`data: ` prefix and without the closing `[DONE]`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """One model a backend serves, as listed by its `/v1/models`."""
+
+    id: str
+    owned_by: str
+    max_model_len: int | None = None
+
+
+class Backend(ABC):
+    """An OpenAI-compatible LLM server reached over HTTP."""
+
+    name: str
+
+    @abstractmethod
+    async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a non-streaming request (`/v1/chat/completions`, `/v1/completions`) and return the JSON."""
+
+    @abstractmethod
+    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """POST a streaming request and yield each event's JSON payload as bytes.
+
+        Closing the iterator early (client gone) closes the upstream connection, which makes
+        vLLM abort the request and stop generating.
+        """
+
+    @abstractmethod
+    async def models(self) -> list[ModelCard]:
+        """The models this backend serves."""
+
+    @abstractmethod
+    async def health(self) -> bool:
+        """True when the backend answers its health probe."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release connections."""

@@ -1,0 +1,340 @@
+"""A deterministic OpenAI-compatible fake backend: a real HTTP server, for tests, demos and benchmarks.
+
+It answers `/v1/chat/completions` and `/v1/completions` (streaming too, with
+`stream_options.include_usage`), `/v1/models` and `/health` like vLLM does, after a
+configurable delay and at a configurable token rate, with an answer that depends only on the
+prompt. A request may steer it through an extension field that the gateway passes through
+untouched, `"fake": {"status": 400, "message": "...", "delay_ms": 10, "answer": "text"}`.
+`GET /fake/requests` returns the bodies it received; `GET /fake/stats` counts finished and
+aborted streams, so tests can see that the gateway cancelled an upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+_WORDS = [
+    "the",
+    "gateway",
+    "answers",
+    "every",
+    "request",
+    "quickly",
+    "and",
+    "logs",
+    "each",
+    "reply",
+    "so",
+    "reviewers",
+    "can",
+    "audit",
+    "what",
+    "the",
+    "model",
+    "said",
+    "about",
+    "passages",
+    "citations",
+    "guards",
+    "latency",
+    "tokens",
+    "and",
+    "streams",
+]
+
+
+@dataclass
+class FakeConfig:
+    """How the fake behaves; every request may override delay, status and answer."""
+
+    models: tuple[str, ...] = ("fake-model",)
+    delay_ms: float = 0.0
+    tokens_per_s: float = 0.0  # 0: stream as fast as possible
+    answer_tokens: int = 16
+    keep_requests: int = 256
+
+
+def _answer(prompt: str, n_tokens: int, choice: int) -> list[str]:
+    seed = int.from_bytes(hashlib.blake2b(f"{choice}:{prompt}".encode(), digest_size=8).digest(), "big")
+    tokens = [_WORDS[(seed >> (i % 48) ^ i * 7) % len(_WORDS)] for i in range(n_tokens)]
+    if tokens:
+        tokens[0] = tokens[0].capitalize()
+    return [t if i == len(tokens) - 1 else t + " " for i, t in enumerate(tokens)]
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        parts: list[str] = []
+        for m in body["messages"]:
+            content = m.get("content")
+            if isinstance(content, list):
+                parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            elif content:
+                parts.append(str(content))
+        return "\n".join(parts)
+    prompt = body.get("prompt", "")
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+
+
+def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.Response(status=status, body=_encode(body), content_type="application/json")
+
+
+class FakeBackend:
+    """The aiohttp application and its counters."""
+
+    def __init__(self, config: FakeConfig | None = None) -> None:
+        self.config = config or FakeConfig()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=self.config.keep_requests)
+        self.stats = {"requests": 0, "completed": 0, "aborted": 0}
+        self._ids = itertools.count(1)
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.add_routes(
+            [
+                web.get("/health", self._health),
+                web.get("/v1/models", self._models),
+                web.post("/v1/chat/completions", self._chat),
+                web.post("/v1/completions", self._completions),
+                web.get("/fake/requests", self._requests),
+                web.get("/fake/stats", self._stats),
+                web.post("/fake/reset", self._reset),
+            ]
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "fake", "root": m, "max_model_len": 4096}
+            for m in self.config.models
+        ]
+        return web.Response(body=_encode({"object": "list", "data": data}), content_type="application/json")
+
+    async def _requests(self, request: web.Request) -> web.Response:
+        return web.Response(body=_encode(list(self.requests)), content_type="application/json")
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=_encode(self.stats), content_type="application/json")
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        self.stats.update(requests=0, completed=0, aborted=0)
+        return web.Response(body=b"{}", content_type="application/json")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = _decode(await request.read())
+        except msgspec.DecodeError:
+            return _error(400, "invalid JSON body")
+        self.stats["requests"] += 1
+        if self.config.keep_requests:
+            self.requests.append(body)
+        steer = body.get("fake") if isinstance(body.get("fake"), dict) else {}
+        model = body.get("model")
+        if model not in self.config.models:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        if "status" in steer:
+            return _error(int(steer["status"]), str(steer.get("message", "fake error")))
+        delay = float(steer.get("delay_ms", self.config.delay_ms)) / 1000.0
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        n_tokens = self.config.answer_tokens if max_tokens is None else min(int(max_tokens), self.config.answer_tokens)
+        finish = "length" if max_tokens is not None and int(max_tokens) < self.config.answer_tokens else "stop"
+        prompt = _prompt_text(body)
+        prompt_tokens = max(1, len(prompt.split()))
+        n = int(body.get("n") or 1)
+        if isinstance(steer.get("answer"), str):
+            words = steer["answer"].split(" ")
+            answers = [[w + " " for w in words[:-1]] + [words[-1]] for _ in range(n)]
+            finish = "stop"
+        else:
+            answers = [_answer(prompt, n_tokens, i) for i in range(n)]
+        completion_tokens = sum(len(a) for a in answers)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-fake{next(self._ids)}"
+        created = int(time.time())
+        if delay:
+            await asyncio.sleep(delay)
+        if not body.get("stream"):
+            if chat:
+                choices = [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": "".join(a), "tool_calls": []},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                    for i, a in enumerate(answers)
+                ]
+                obj = "chat.completion"
+            else:
+                choices = [
+                    {"index": i, "text": "".join(a), "logprobs": None, "finish_reason": finish}
+                    for i, a in enumerate(answers)
+                ]
+                obj = "text_completion"
+            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
+            self.stats["completed"] += 1
+            return web.Response(body=_encode(payload), content_type="application/json")
+        return await self._stream(request, body, chat, rid, created, model, answers, finish, usage)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        chat: bool,
+        rid: str,
+        created: int,
+        model: str,
+        answers: list[list[str]],
+        finish: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        pause = 1.0 / self.config.tokens_per_s if self.config.tokens_per_s > 0 else 0.0
+
+        def event(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+            payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            if extra:
+                payload.update(extra)
+            return b"data: " + _encode(payload) + b"\n\n"
+
+        try:
+            if chat:
+                await resp.write(
+                    event(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                            for i in range(len(answers))
+                        ]
+                    )
+                )
+            longest = max((len(a) for a in answers), default=0)
+            for step in range(longest):
+                if pause and step:
+                    await asyncio.sleep(pause)
+                for i, tokens in enumerate(answers):
+                    if step >= len(tokens):
+                        continue
+                    last = step == len(tokens) - 1
+                    if chat:
+                        choice = {
+                            "index": i,
+                            "delta": {"content": tokens[step]},
+                            "logprobs": None,
+                            "finish_reason": finish if last else None,
+                        }
+                    else:
+                        choice = {
+                            "index": i,
+                            "text": tokens[step],
+                            "logprobs": None,
+                            "finish_reason": finish if last else None,
+                        }
+                    await resp.write(event([choice]))
+            if include_usage:
+                await resp.write(event([], {"usage": usage}))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats["aborted"] += 1
+            raise
+        self.stats["completed"] += 1
+        return resp
+
+
+async def start_fake(
+    config: FakeConfig, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, int, FakeBackend]:
+    """Start the fake on the running loop; returns the runner (to clean up), the bound port and the app."""
+    fake = FakeBackend(config)
+    runner = web.AppRunner(fake.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    server = site._server
+    assert server is not None and server.sockets  # type: ignore[attr-defined]
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, bound, fake
+
+
+class FakeBackendThread:
+    """Runs the fake on its own loop in a daemon thread: `with FakeBackendThread() as fake: fake.url`."""
+
+    def __init__(self, config: FakeConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config or FakeConfig()
+        self._host, self._port = host, port
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self.app: FakeBackend | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, name="fake-backend", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._runner, self.port, self.app = loop.run_until_complete(start_fake(self.config, self._host, self._port))
+        self._ready.set()
+        loop.run_forever()
+        loop.run_until_complete(self._runner.cleanup())
+        loop.close()
+
+    def __enter__(self) -> FakeBackendThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the fake backend did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def serve_fake(config: FakeConfig, host: str, port: int) -> None:
+    """Run the fake in the foreground until interrupted (the `gateway backend fake` command)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    fake = FakeBackend(config)
+    print(f"fake backend listening on http://{host}:{port} (models: {', '.join(config.models)})", flush=True)
+    web.run_app(fake.app, host=host, port=port, access_log=None, print=None, backlog=4096)
