@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
@@ -37,17 +38,17 @@ async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: 
 
 
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+async def chat_completions(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     return await _serve(CHAT, request, services)
 
 
 @post("/v1/completions", status_code=200)
-async def completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+async def completions(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     return await _serve(COMPLETIONS, request, services)
 
 
 @get("/v1/models")
-async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+async def list_models(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
     if not services.settings.open_mode:
         await services.keys.authenticate(request.headers.get("authorization"))
     cards = await services.backend.models()
@@ -65,7 +66,7 @@ async def healthz() -> Response[bytes]:
 
 
 @get("/readyz")
-async def readyz(services: Services) -> Response[bytes]:
+async def readyz(services: NamedDependency[Services]) -> Response[bytes]:
     started = time.perf_counter()
     ready, report = await services.readiness()
     report["checked_ms"] = round((time.perf_counter() - started) * 1000, 1)

@@ -1,0 +1,97 @@
+"""Test helpers: run the real gateway app under uvicorn on a loopback socket in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+from sqlalchemy import select
+
+from gateway.app import create_app
+from gateway.auth import KeyStore
+from gateway.db import audit_records, create_engine
+from gateway.migrate import upgrade
+from gateway.services import Services
+from gateway.settings import Settings
+
+
+class GatewayServer:
+    """`with GatewayServer(settings) as gw: gw.url` - the app as a user runs it, on an ephemeral port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.services: Services = self.app.state.services
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(self.app, loop="asyncio", http="httptools", log_level="warning", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self._server.serve(sockets=[self._sock]))
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def __enter__(self) -> GatewayServer:
+        self._thread.start()
+        for _ in range(500):
+            if self._server.started:
+                return self
+            if not self._thread.is_alive():
+                raise RuntimeError("the gateway failed to start")
+            threading.Event().wait(0.02)
+        raise RuntimeError("the gateway did not start in 10 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)
+        self._sock.close()
+
+
+def prepare_database(settings: Settings) -> None:
+    upgrade(settings.database_url)
+
+
+def create_key(settings: Settings, role: str = "client", name: str | None = None) -> tuple[str, str]:
+    """Create a key directly in the database; returns (key id, secret)."""
+
+    async def go() -> tuple[str, str]:
+        engine = create_engine(settings.database_url)
+        try:
+            info, secret = await KeyStore(engine).create(role, name)
+            return info.id, secret
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def audit_rows(settings: Settings, **where: Any) -> list[dict[str, Any]]:
+    """Read audit rows (optionally filtered by column equality), oldest first."""
+
+    async def go() -> list[dict[str, Any]]:
+        engine = create_engine(settings.database_url)
+        try:
+            query = select(audit_records).order_by(audit_records.c.id)
+            for column, value in where.items():
+                query = query.where(audit_records.c[column] == value)
+            async with engine.connect() as conn:
+                return [dict(row._mapping) for row in await conn.execute(query)]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
