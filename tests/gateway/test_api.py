@@ -16,7 +16,6 @@ from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.helpers import GatewayServer, audit_rows
 
-
 _clients: list[openai.OpenAI] = []
 
 
