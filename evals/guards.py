@@ -1,0 +1,275 @@
+"""`gateway eval guards`: measure the guards on labelled data.
+
+    --groundedness FILE.jsonl   HaluEval QA lines (knowledge, question, right_answer,
+                                hallucinated_answer): both answers are checked against the
+                                knowledge; positive class = hallucinated (not grounded).
+    --toxicity FILE.csv         `text,label` (1 = toxic) or the Davidson et al. CSV as is
+                                (`class` 0/1 toxic, 2 not; text in `tweet`).
+    --injection                 the 15 prompts of jailbreak-corpus-mini-py (all attacks) plus
+                                the benign prompts in guardrails/benign_prompts.txt.
+
+Each prints a table (accuracy, precision, recall, F1, ms per check p50/p99); `--json` adds one
+JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import guardrails
+from guardrails.base import GuardContext, GuardResources, Passage, make_executor
+from guardrails.errors import GuardrailsError
+from guardrails.groundedness import GroundednessGuard
+from guardrails.injection import score_injection
+from guardrails.policy import Policy, default_policy, load_policy
+from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityScorer, build_scorer
+
+BENIGN_PROMPTS = Path(guardrails.__file__).resolve().parent / "benign_prompts.txt"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `eval guards` options to `parser`."""
+    parser.add_argument("--groundedness", metavar="FILE.jsonl", help="HaluEval QA file to score")
+    parser.add_argument("--toxicity", metavar="FILE.csv", help="text,label CSV or the Davidson CSV")
+    parser.add_argument("--injection", action="store_true",
+                        help="score the jailbreak-corpus-mini-py prompts plus the bundled benign prompts")
+    parser.add_argument("--policy", metavar="FILE", help="policy TOML (thresholds, scorer config)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="use at most N items per data set (toxicity default: 2000)")
+    parser.add_argument("--sample", choices=("random", "head"), default="random",
+                        help="how --limit picks items (default random, seeded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--halves", action="store_true",
+                        help="groundedness: also report the even and odd halves separately")
+    parser.add_argument("--toxicity-scorer", choices=("auto", "detoxify", "profanity-check"), default=None)
+    parser.add_argument("--detoxify-checkpoint", metavar="PATH")
+    parser.add_argument("--detoxify-model-type", choices=DETOXIFY_MODEL_TYPES)
+    parser.add_argument("--huggingface-config-dir", metavar="DIR",
+                        help="local folder with the HF config and tokenizer files for Detoxify")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def metrics(pred: Sequence[bool], gold: Sequence[bool], ms: Sequence[float]) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1 (positive = flagged) and latency percentiles."""
+    tp = sum(p and g for p, g in zip(pred, gold, strict=True))
+    fp = sum(p and not g for p, g in zip(pred, gold, strict=True))
+    fn = sum(g and not p for p, g in zip(pred, gold, strict=True))
+    tn = len(pred) - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "n": len(pred), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "accuracy": (tp + tn) / len(pred) if pred else 0.0,
+        "precision": precision, "recall": recall, "f1": f1,
+        "ms_p50": _percentile(ms, 50), "ms_p99": _percentile(ms, 99),
+    }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _pick(items: list[Any], limit: int | None, how: str, seed: int) -> list[Any]:
+    if limit is None or limit >= len(items):
+        return items
+    if how == "head":
+        return items[:limit]
+    return random.Random(seed).sample(items, limit)
+
+
+# ------------------------------------------------------------------------- groundedness
+
+def read_halueval(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+async def eval_groundedness(path: Path, policy: Policy, limit: int | None, how: str, seed: int,
+                            halves: bool) -> dict[str, Any]:
+    rows = read_halueval(path)
+    for i, r in enumerate(rows):
+        missing = {"knowledge", "question", "right_answer", "hallucinated_answer"} - set(r)
+        if missing:
+            raise ValueError(f"{path}:{i + 1}: missing field(s) {sorted(missing)}")
+    rows = _pick(rows, limit, how, seed)
+    settings = replace(policy.for_request().guards["groundedness"], action="flag")
+    executor = make_executor(1)
+    try:
+        guard = GroundednessGuard(settings, GuardResources(executor=executor))
+        preds: list[bool] = []
+        gold: list[bool] = []
+        ms: list[float] = []
+        for i, r in enumerate(rows):
+            passages = (Passage(f"k{i}", r["knowledge"]),)
+            for answer, hallucinated in ((r["right_answer"], False), (r["hallucinated_answer"], True)):
+                ctx = GuardContext(stage="output", text=answer, passages=passages, prompt=r["question"])
+                t0 = time.perf_counter()
+                verdict = await guard.check(ctx)
+                ms.append((time.perf_counter() - t0) * 1000)
+                preds.append(verdict.hit)
+                gold.append(hallucinated)
+    finally:
+        executor.shutdown()
+    result: dict[str, Any] = {"file": str(path), "positive": "hallucinated", "method": guard.mode,
+                              "threshold": guard.thresholds["sentence"], **metrics(preds, gold, ms)}
+    if halves:
+        for name, parity in (("even_half", 0), ("odd_half", 1)):
+            idx = [j for j in range(len(preds)) if (j // 2) % 2 == parity]
+            result[name] = metrics([preds[j] for j in idx], [gold[j] for j in idx], [ms[j] for j in idx])
+    return result
+
+
+# ------------------------------------------------------------------------- toxicity
+
+def read_toxicity_csv(path: Path) -> list[tuple[str, bool]]:
+    """(text, toxic) pairs from `text,label` or the Davidson CSV."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = set(reader.fieldnames or ())
+        if {"text", "label"} <= fields:
+            return [(row["text"], str(row["label"]).strip() in ("1", "true", "True")) for row in reader]
+        if {"class", "tweet"} <= fields:
+            return [(row["tweet"], row["class"].strip() in ("0", "1")) for row in reader]
+    raise ValueError(f"{path}: expected columns text,label or the Davidson columns class,tweet; got {sorted(fields)}")
+
+
+def eval_toxicity(path: Path, scorer: ToxicityScorer, policy: Policy, limit: int | None, how: str,
+                  seed: int) -> dict[str, Any]:
+    items = _pick(read_toxicity_csv(path), limit if limit is not None else 2000, how, seed)
+    thresholds = {**_tox_defaults(), **policy.for_request().guards["toxicity"].thresholds}
+    preds: list[bool] = []
+    ms: list[float] = []
+    batch = 32
+    batched_ms = 0.0
+    for start in range(0, len(items), batch):
+        chunk = [t for t, _ in items[start : start + batch]]
+        t0 = time.perf_counter()
+        scores = scorer.score_batch(chunk)
+        batched_ms += (time.perf_counter() - t0) * 1000
+        for sc in scores:
+            preds.append(any(v >= thresholds.get(c, 1.1) for c, v in sc.items()))
+    # single-text latency (what one unbatched check costs) on up to 200 items
+    for text, _ in items[:200]:
+        t0 = time.perf_counter()
+        scorer.score_batch([text])
+        ms.append((time.perf_counter() - t0) * 1000)
+    gold = [g for _, g in items]
+    result = {"file": str(path), "positive": "toxic", "scorer": scorer.describe(),
+              "thresholds": {k: v for k, v in thresholds.items() if k in scorer.categories},
+              **metrics(preds, gold, ms), "ms_per_text_batched": batched_ms / max(1, len(items))}
+    result["toxic_share"] = sum(gold) / max(1, len(gold))
+    return result
+
+
+def _tox_defaults() -> dict[str, float]:
+    from guardrails.toxicity import ToxicityGuard
+    return dict(ToxicityGuard.default_thresholds)
+
+
+# ------------------------------------------------------------------------- injection
+
+def eval_injection(policy: Policy) -> dict[str, Any]:
+    try:
+        from jailbreak_corpus_mini import load_corpus
+    except ImportError as exc:
+        raise ValueError("--injection needs the package jailbreak-corpus-mini-py") from exc
+    threshold = {"score": 0.5, **policy.for_request().guards["injection"].thresholds}["score"]
+    attacks = [f.prompt for f in load_corpus()]
+    benign = [ln.strip() for ln in BENIGN_PROMPTS.read_text(encoding="utf-8").splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    preds: list[bool] = []
+    ms: list[float] = []
+    missed: list[str] = []
+    false_alarms: list[str] = []
+    for text, is_attack in [(a, True) for a in attacks] + [(b, False) for b in benign]:
+        t0 = time.perf_counter()
+        score = score_injection(text).score
+        ms.append((time.perf_counter() - t0) * 1000)
+        preds.append(score >= threshold)
+        if is_attack and score < threshold:
+            missed.append(text)
+        if not is_attack and score >= threshold:
+            false_alarms.append(text)
+    gold = [True] * len(attacks) + [False] * len(benign)
+    return {"attacks": len(attacks), "benign": len(benign), "threshold": threshold,
+            **metrics(preds, gold, ms), "missed": missed, "false_alarms": false_alarms}
+
+
+# ------------------------------------------------------------------------- CLI
+
+def _table(title: str, m: dict[str, Any]) -> str:
+    return (f"{title:<28} n={m['n']:<6} acc={m['accuracy']:.3f}  P={m['precision']:.3f}  "
+            f"R={m['recall']:.3f}  F1={m['f1']:.3f}  ms p50={m['ms_p50']:.3f} p99={m['ms_p99']:.3f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the requested evaluations; 0 on success, 2 on bad input."""
+    if not (args.groundedness or args.toxicity or args.injection):
+        print("eval guards: give --groundedness FILE, --toxicity FILE and/or --injection", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy) if args.policy else default_policy()
+        report: dict[str, Any] = {}
+        if args.groundedness:
+            g = asyncio.run(eval_groundedness(Path(args.groundedness), policy, args.limit, args.sample,
+                                              args.seed, args.halves))
+            report["groundedness"] = g
+            print(f"groundedness ({g['method']}, sentence threshold {g['threshold']}), "
+                  "positive = hallucinated answer")
+            print(_table("  all", g))
+            for half in ("even_half", "odd_half"):
+                if half in g:
+                    print(_table(f"  {half}", g[half]))
+        if args.toxicity:
+            cfg = policy.toxicity
+            overrides = {k: v for k, v in {
+                "scorer": args.toxicity_scorer, "checkpoint": args.detoxify_checkpoint,
+                "model_type": args.detoxify_model_type, "huggingface_config_dir": args.huggingface_config_dir,
+            }.items() if v is not None}
+            cfg = replace(cfg, **overrides)
+            scorer = build_scorer(cfg)
+            t = eval_toxicity(Path(args.toxicity), scorer, policy, args.limit, args.sample, args.seed)
+            report["toxicity"] = t
+            print(f"toxicity ({t['scorer']['scorer']}), positive = toxic; share toxic {t['toxic_share']:.3f}; "
+                  f"batched {t['ms_per_text_batched']:.3f} ms/text; latency = single-text calls")
+            print(_table("  all", t))
+        if args.injection:
+            i = eval_injection(policy)
+            report["injection"] = i
+            print(f"injection (threshold {i['threshold']}): {i['attacks']} attacks, {i['benign']} benign")
+            print(_table("  all", i))
+            for text in i["missed"]:
+                print(f"  missed:      {text[:90]!r}")
+            for text in i["false_alarms"]:
+                print(f"  false alarm: {text[:90]!r}")
+    except (OSError, ValueError, GuardrailsError) as exc:
+        print(f"eval guards: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, default=str))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway eval guards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

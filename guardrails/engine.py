@@ -1,0 +1,372 @@
+"""The runner the gateway calls: `Guardrails` applies a `Policy` to plain data (OpenAI-style
+message dicts, answer strings, `Passage`s) and returns plain results.
+
+    rails = await Guardrails.load(policy, executor)        # loads models off the event loop
+    inp = await rails.check_input(messages, api_key_id=k, model=m)
+    kept = await rails.check_passages(passages, api_key_id=k, model=m)
+    out = await rails.check_output(answer, passages, api_key_id=k, model=m, prompt=question)
+    stream = rails.stream(passages, api_key_id=k, model=m, prompt=question)
+    safe = await stream.feed(delta); ...; tail = await stream.finish()
+
+Guards run concurrently per request; model-backed guards batch across requests in the shared,
+bounded executor. Every verdict carries its guard's milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrails.base import GUARDS, Guard, GuardContext, GuardResources, JudgeFn, Passage, Span, Verdict, mask_spans
+from guardrails.policy import Policy, RequestPolicy, default_policy
+from guardrails.sentences import last_boundary
+from guardrails.toxicity import ToxicityScorer, build_scorer
+
+_SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
+
+
+@dataclass(frozen=True)
+class InputResult:
+    """Input verdicts; `messages` are copies with redactions applied (the originals untouched)."""
+
+    verdicts: tuple[Verdict, ...]
+    messages: list[dict[str, Any]]
+    blocked_by: Verdict | None = None
+    passages: tuple[Passage, ...] = ()
+    dropped_passages: tuple[str, ...] = ()
+
+    @property
+    def blocked(self) -> bool:
+        return self.blocked_by is not None
+
+    @property
+    def message(self) -> str | None:
+        """The user-facing message of the guard that blocked, if any."""
+        return self.blocked_by.message if self.blocked_by else None
+
+
+@dataclass(frozen=True)
+class PassageResult:
+    """Passages after the input guards: blocked ones dropped, redactions applied."""
+
+    verdicts: tuple[Verdict, ...]
+    passages: tuple[Passage, ...]
+    dropped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputResult:
+    """Output verdicts and the answer as it may be released (`text`; empty when blocked)."""
+
+    verdicts: tuple[Verdict, ...]
+    text: str
+    blocked_by: Verdict | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.blocked_by is not None
+
+    @property
+    def message(self) -> str | None:
+        return self.blocked_by.message if self.blocked_by else None
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    """What one `feed`/`finish` call says: text safe to send now, and whether the stream is blocked."""
+
+    release: str
+    blocked: bool = False
+    blocked_by: Verdict | None = None
+    verdicts: tuple[Verdict, ...] = ()
+
+
+def _apply_redactions(text: str, verdicts: Iterable[Verdict], masks: Mapping[str, str]) -> str:
+    """Mask every redacting verdict's spans. One-character masks keep offsets; longer masks go last."""
+    redacting = [v for v in verdicts if v.action == "redact" and v.spans]
+    single = [v for v in redacting if len(masks.get(v.guard, "*")) == 1]
+    multi = [v for v in redacting if len(masks.get(v.guard, "*")) != 1]
+    for v in single:
+        text = mask_spans(text, v.spans, masks.get(v.guard, "*"))
+    if multi:
+        spans: list[Span] = [s for v in multi for s in v.spans]
+        text = mask_spans(text, spans, masks.get(multi[0].guard, "[redacted]"))
+    return text
+
+
+def _first_block(verdicts: Iterable[Verdict]) -> Verdict | None:
+    return next((v for v in verdicts if v.action == "block"), None)
+
+
+def _text_parts(content: Any) -> list[tuple[Any, str]]:
+    """(key, text) pairs of a message's content: a string, or OpenAI content parts."""
+    if isinstance(content, str):
+        return [(None, content)]
+    parts = []
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append((i, part["text"]))
+    return parts
+
+
+class Guardrails:
+    """Applies a policy's guards to requests and answers. Build once per process."""
+
+    def __init__(self, policy: Policy, resources: GuardResources) -> None:
+        self.policy = policy
+        self.resources = resources
+        self._guards: dict[tuple[str | None, str | None], dict[str, Guard]] = {}
+        # build every combination now so term files, regexes and scorers fail at start-up
+        self._build(None, None)
+        for k in policy.key_overrides:
+            self._build(k, None)
+            for m in policy.model_overrides:
+                self._build(k, m)
+        for m in policy.model_overrides:
+            self._build(None, m)
+
+    @classmethod
+    async def load(
+        cls,
+        policy: Policy | None,
+        executor: Executor,
+        judge: JudgeFn | None = None,
+        toxicity_scorer: ToxicityScorer | None = None,
+    ) -> Guardrails:
+        """Load models (in `executor`, off the event loop) and build the guards."""
+        policy = policy or default_policy()
+        resources = GuardResources(executor=executor, judge=judge, toxicity_scorer=toxicity_scorer)
+        if resources.toxicity_scorer is None and policy.uses_toxicity():
+            loop = asyncio.get_running_loop()
+            resources.toxicity_scorer = await loop.run_in_executor(executor, build_scorer, policy.toxicity)
+        resources.cache["toxicity-config"] = policy.toxicity
+        return cls(policy, resources)
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded and enabled: for start-up logs and /readyz."""
+        scorer = self.resources.toxicity_scorer
+        base = self.policy.for_request()
+        return {
+            "policy": self.policy.source,
+            "guards": {
+                name: {"enabled": s.enabled, "action": s.action, "stages": sorted(s.stages), "passages": s.passages}
+                for name, s in base.guards.items()
+            },
+            "toxicity_scorer": scorer.describe() if scorer is not None else None,
+            "groundedness": {"method": base.guards["groundedness"].options.get("mode", "lexical"),
+                             "judge": self.resources.judge is not None},
+        }
+
+    def request_policy(self, api_key_id: str | None = None, model: str | None = None) -> RequestPolicy:
+        return self.policy.for_request(api_key_id, model)
+
+    def _build(self, api_key_id: str | None, model: str | None) -> dict[str, Guard]:
+        rp = self.policy.for_request(api_key_id, model)
+        key = (api_key_id if api_key_id in self.policy.key_overrides else None,
+               model if model in self.policy.model_overrides else None)
+        guards = self._guards.get(key)
+        if guards is None:
+            guards = {name: GUARDS[name](s, self.resources) for name, s in rp.guards.items() if s.enabled}
+            self._guards[key] = guards
+        return guards
+
+    def _masks(self, guards: Mapping[str, Guard]) -> dict[str, str]:
+        return {n: str(g.settings.options.get("mask", "*")) for n, g in guards.items()}
+
+    async def _run(self, guards: Sequence[Guard], ctx: GuardContext) -> list[Verdict]:
+        return list(await asyncio.gather(*(g.check(ctx) for g in guards)))
+
+    # ---------------------------------------------------------------- input
+
+    async def check_input(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        passages: Sequence[Passage] = (),
+        api_key_id: str | None = None,
+        model: str | None = None,
+    ) -> InputResult:
+        """Run the input guards on every message whose role they cover (and on `passages`)."""
+        guards = self._build(api_key_id, model)
+        masks = self._masks(guards)
+        out_messages = [copy.deepcopy(dict(m)) for m in messages]
+        jobs = []
+        for mi, msg in enumerate(out_messages):
+            role = str(msg.get("role", "user"))
+            active = [g for g in guards.values() if "input" in g.settings.stages and role in g.settings.roles]
+            if not active:
+                continue
+            for part_key, text in _text_parts(msg.get("content")):
+                ctx = GuardContext(stage="input", text=text, role=role, api_key_id=api_key_id, model=model)
+                jobs.append((mi, part_key, text, self._run(active, ctx)))
+        results = await asyncio.gather(*(j[3] for j in jobs))
+        verdicts: list[Verdict] = []
+        for (mi, part_key, text, _), vs in zip(jobs, results, strict=True):
+            verdicts.extend(vs)
+            if any(v.action == "redact" for v in vs):
+                redacted = _apply_redactions(text, vs, masks)
+                if part_key is None:
+                    out_messages[mi]["content"] = redacted
+                else:
+                    out_messages[mi]["content"][part_key]["text"] = redacted
+        blocked = _first_block(verdicts)
+        kept: tuple[Passage, ...] = tuple(passages)
+        dropped: tuple[str, ...] = ()
+        if passages and blocked is None:
+            pres = await self.check_passages(passages, api_key_id, model)
+            verdicts.extend(pres.verdicts)
+            kept, dropped = pres.passages, pres.dropped
+        return InputResult(tuple(verdicts), out_messages, blocked, kept, dropped)
+
+    async def check_passages(
+        self,
+        passages: Sequence[Passage],
+        api_key_id: str | None = None,
+        model: str | None = None,
+    ) -> PassageResult:
+        """Input guards with `passages = true` on retrieved passages: a blocking hit drops the
+        passage (the request goes on without it), a redaction masks it, a flag only records."""
+        guards = self._build(api_key_id, model)
+        active = [g for g in guards.values() if g.settings.passages and "passage" in g.stages]
+        if not active or not passages:
+            return PassageResult((), tuple(passages))
+        masks = self._masks(guards)
+        results = await asyncio.gather(*(
+            self._run(active, GuardContext(stage="passage", text=p.text, api_key_id=api_key_id, model=model))
+            for p in passages
+        ))
+        verdicts: list[Verdict] = []
+        kept: list[Passage] = []
+        dropped: list[str] = []
+        for p, vs in zip(passages, results, strict=True):
+            verdicts.extend(Verdict(**{**_fields(v), "details": {**v.details, "passage_id": p.id}}) for v in vs)
+            if _first_block(vs):
+                dropped.append(p.id)
+            elif any(v.action == "redact" for v in vs):
+                kept.append(Passage(p.id, _apply_redactions(p.text, vs, masks), p.title, p.source))
+            else:
+                kept.append(p)
+        return PassageResult(tuple(verdicts), tuple(kept), tuple(dropped))
+
+    # ---------------------------------------------------------------- output
+
+    def _output_guards(self, api_key_id: str | None, model: str | None) -> dict[str, Guard]:
+        return {n: g for n, g in self._build(api_key_id, model).items() if "output" in g.settings.stages}
+
+    async def check_output(
+        self,
+        answer: str,
+        passages: Sequence[Passage] = (),
+        api_key_id: str | None = None,
+        model: str | None = None,
+        prompt: str | None = None,
+    ) -> OutputResult:
+        """Run the output guards on a complete answer."""
+        guards = self._output_guards(api_key_id, model)
+        ctx = GuardContext(stage="output", text=answer, passages=tuple(passages), prompt=prompt,
+                           api_key_id=api_key_id, model=model)
+        verdicts = await self._run(list(guards.values()), ctx)
+        blocked = _first_block(verdicts)
+        text = "" if blocked else _apply_redactions(answer, verdicts, self._masks(guards))
+        return OutputResult(tuple(verdicts), text, blocked)
+
+    def stream(
+        self,
+        passages: Sequence[Passage] = (),
+        api_key_id: str | None = None,
+        model: str | None = None,
+        prompt: str | None = None,
+    ) -> StreamChecker:
+        """A checker for one streamed answer (see `StreamChecker`)."""
+        return StreamChecker(self, tuple(passages), api_key_id, model, prompt)
+
+
+def _fields(v: Verdict) -> dict[str, Any]:
+    return {f: getattr(v, f) for f in Verdict.__dataclass_fields__}
+
+
+@dataclass
+class StreamChecker:
+    """Checks a streamed answer sentence by sentence.
+
+    `feed(delta)` returns the text that is safe to send now: every complete sentence that the
+    output guards passed (redacted where the policy says so). Only the current unfinished
+    sentence is held back. When a guard blocks, the step says so, the flagged sentence is never
+    released and every later call releases nothing. `finish()` checks and releases the tail.
+    """
+
+    rails: Guardrails
+    passages: tuple[Passage, ...]
+    api_key_id: str | None
+    model: str | None
+    prompt: str | None
+    text: str = ""
+    checked: int = 0
+    released: str = ""
+    verdicts: list[Verdict] = field(default_factory=list)
+    blocked_by: Verdict | None = None
+    finished: bool = False
+
+    @property
+    def blocked(self) -> bool:
+        return self.blocked_by is not None
+
+    async def feed(self, delta: str) -> StreamStep:
+        if self.blocked or self.finished:
+            return StreamStep("", self.blocked, self.blocked_by)
+        self.text += delta
+        boundary = last_boundary(self.text[self.checked :])
+        if boundary == 0:
+            return StreamStep("")
+        return await self._check(self.checked + boundary)
+
+    async def finish(self) -> StreamStep:
+        """Check and release whatever is left (the last, unterminated sentence)."""
+        if self.blocked or self.finished:
+            return StreamStep("", self.blocked, self.blocked_by)
+        step = await self._check(len(self.text))
+        self.finished = True
+        return step
+
+    async def _check(self, upto: int) -> StreamStep:
+        chunk = self.text[self.checked : upto]
+        if not chunk.strip():
+            self.checked = upto
+            self.released += chunk
+            return StreamStep(chunk)
+        guards = self.rails._output_guards(self.api_key_id, self.model)
+        ctx = GuardContext(stage="output", text=chunk, passages=self.passages, prompt=self.prompt,
+                           api_key_id=self.api_key_id, model=self.model)
+        verdicts = await self.rails._run(list(guards.values()), ctx)
+        offset = self.checked
+        verdicts = [
+            Verdict(**{**_fields(v), "spans": tuple((s + offset, e + offset) for s, e in v.spans)})
+            for v in verdicts
+        ]
+        self.verdicts.extend(verdicts)
+        self.checked = upto
+        blocked = _first_block(verdicts)
+        if blocked is not None:
+            self.blocked_by = blocked
+            return StreamStep("", True, blocked, tuple(verdicts))
+        masks = self.rails._masks(guards)
+        local = [Verdict(**{**_fields(v), "spans": tuple((s - offset, e - offset) for s, e in v.spans)})
+                 for v in verdicts]
+        release = _apply_redactions(chunk, local, masks)
+        self.released += release
+        return StreamStep(release, False, None, tuple(verdicts))
+
+    def summary(self) -> list[Verdict]:
+        """One verdict per guard for the whole stream: the most severe, with summed milliseconds."""
+        by_guard: dict[str, Verdict] = {}
+        total_ms: dict[str, float] = {}
+        for v in self.verdicts:
+            total_ms[v.guard] = total_ms.get(v.guard, 0.0) + v.ms
+            cur = by_guard.get(v.guard)
+            if cur is None or _SEVERITY[v.action] > _SEVERITY[cur.action]:
+                by_guard[v.guard] = v
+        return [Verdict(**{**_fields(v), "ms": total_ms[g]}) for g, v in by_guard.items()]

@@ -1,0 +1,352 @@
+"""The guard policy: a TOML file (stdlib `tomllib`) that says, per guard, whether it runs,
+where (stages, message roles, retrieved passages), with which thresholds and what happens on a
+hit (block, redact, flag); with overrides per API key id and per model.
+
+An invalid policy raises `PolicyError` naming the file, the line and the problem: tomllib's
+own line for syntax errors, and for semantic errors the line of the offending key, found by
+`_KeyLocator` (a small scan of table headers and `key =` lines). The format is documented in
+guardrails/README.md and shown, commented, in guardrails/example-policy.toml.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+# Importing the guard modules fills the registry.
+from guardrails import groundedness, injection, keywords, toxicity  # noqa: F401
+from guardrails.base import GUARDS, HIT_ACTIONS, GuardSettings, Stage
+from guardrails.errors import PolicyError
+from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityConfig
+
+EmptyRetrieval = Literal["answer_without_passages", "refuse"]
+EMPTY_RETRIEVAL: tuple[EmptyRetrieval, ...] = ("answer_without_passages", "refuse")
+ROLES = frozenset({"user", "system", "tool", "assistant", "developer", "function"})
+_COMMON_GUARD_KEYS = frozenset({"enabled", "action", "message", "roles", "stages", "passages", "thresholds"})
+_TOP_KEYS = frozenset({"version", "defaults", "scorers", "guards", "overrides"})
+_DEFAULT_KEYS = frozenset({"on_empty_retrieval", "refusal_message"})
+DEFAULT_REFUSAL = "I could not find any sources to answer this question."
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """The effective policy for one (API key, model): what the engine needs per request."""
+
+    guards: Mapping[str, GuardSettings]
+    on_empty_retrieval: EmptyRetrieval
+    refusal_message: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build with `load_policy(path)`, `parse_policy(text)` or `default_policy()`."""
+
+    source: str
+    base_dir: Path
+    raw_defaults: Mapping[str, Any]
+    raw_guards: Mapping[str, Mapping[str, Any]]
+    key_overrides: Mapping[str, Mapping[str, Any]]
+    model_overrides: Mapping[str, Mapping[str, Any]]
+    toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
+    _cache: dict[tuple[str | None, str | None], RequestPolicy] = field(default_factory=dict, compare=False)
+
+    def for_request(self, api_key_id: str | None = None, model: str | None = None) -> RequestPolicy:
+        """Merge the base policy with the model's and then the API key's overrides (key wins)."""
+        key = (api_key_id if api_key_id in self.key_overrides else None,
+               model if model in self.model_overrides else None)
+        found = self._cache.get(key)
+        if found is None:
+            layers = [self.model_overrides[key[1]]] if key[1] else []
+            if key[0]:
+                layers.append(self.key_overrides[key[0]])
+            found = _resolve(self, layers, _KeyLocator.empty(self.source))
+            self._cache[key] = found
+        return found
+
+    def uses_toxicity(self) -> bool:
+        """True when any key/model combination enables the toxicity guard (so load the scorer)."""
+        requests = [self.for_request()]
+        requests += [self.for_request(api_key_id=k) for k in self.key_overrides]
+        requests += [self.for_request(model=m) for m in self.model_overrides]
+        requests += [self.for_request(k, m) for k in self.key_overrides for m in self.model_overrides]
+        return any(r.guards["toxicity"].enabled for r in requests if "toxicity" in r.guards)
+
+
+class _KeyLocator:
+    """Finds the line that defines a dotted key path in a TOML text (best effort, 1-based)."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*(.+?)\s*\]\]?\s*(?:#.*)?$")
+    _PART = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)"""
+    _KEY = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=")
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            m = self._HEADER.match(line)
+            if m:
+                table = self._split(m.group(1))
+                for i in range(1, len(table) + 1):
+                    self.lines.setdefault(table[:i], lineno)
+                continue
+            k = self._KEY.match(line)
+            if k:
+                path = table + self._split(k.group(1))
+                for i in range(len(table) + 1, len(path) + 1):
+                    self.lines.setdefault(path[:i], lineno)
+
+    @classmethod
+    def empty(cls, source: str) -> _KeyLocator:
+        return cls(source, "")
+
+    @staticmethod
+    def _split(dotted: str) -> tuple[str, ...]:
+        parts = re.findall(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*(?:\.|$)""", dotted)
+        return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
+
+    def line(self, path: tuple[str, ...]) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+    def error(self, path: tuple[str, ...], problem: str) -> PolicyError:
+        return PolicyError(self.source, self.line(path), problem)
+
+
+def _expect_table(value: Any, path: tuple[str, ...], loc: _KeyLocator) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise loc.error(path, f"'{'.'.join(path)}' must be a table, not {type(value).__name__}")
+    return value
+
+
+def _check_guard_table(name: str, raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator,
+                       base_dir: Path) -> None:
+    """Validate one guard's table (base or override layer); raise PolicyError on the first problem."""
+    cls = GUARDS[name]
+    allowed = _COMMON_GUARD_KEYS | set(cls.option_keys)
+    for key, value in raw.items():
+        p = (*path, key)
+        if key not in allowed:
+            raise loc.error(p, f"unknown key '{key}' for guard '{name}' (known: {', '.join(sorted(allowed))})")
+        if key in ("enabled", "passages"):
+            if not isinstance(value, bool):
+                raise loc.error(p, f"'{key}' must be true or false")
+        elif key == "action":
+            if value not in HIT_ACTIONS:
+                raise loc.error(p, f"action must be one of {', '.join(HIT_ACTIONS)}, not {value!r}")
+        elif key == "message":
+            if not isinstance(value, str) or not value.strip():
+                raise loc.error(p, "message must be a non-empty string")
+        elif key == "roles":
+            if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+                raise loc.error(p, "roles must be a list of strings")
+            bad = [r for r in value if r not in ROLES]
+            if bad:
+                raise loc.error(p, f"unknown role(s) {bad} (known: {', '.join(sorted(ROLES))})")
+        elif key == "stages":
+            ok = sorted(s for s in cls.stages if s != "passage")
+            if not isinstance(value, list) or not all(isinstance(s, str) and s in ok for s in value):
+                raise loc.error(p, f"stages for guard '{name}' must be a list drawn from {ok}, not {value!r}")
+        elif key == "thresholds":
+            table = _expect_table(value, p, loc)
+            for tk, tv in table.items():
+                if tk not in cls.default_thresholds:
+                    raise loc.error((*p, tk), f"unknown threshold '{tk}' for guard '{name}' "
+                                              f"(known: {', '.join(cls.default_thresholds)})")
+                if isinstance(tv, bool) or not isinstance(tv, int | float) or not 0.0 <= tv <= 1.0:
+                    raise loc.error((*p, tk), f"threshold '{tk}' must be a number between 0 and 1, not {tv!r}")
+        elif key in ("terms", "allow"):
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise loc.error(p, f"'{key}' must be a list of strings")
+            try:
+                keywords.parse_terms(value, loc.source)
+            except PolicyError as exc:
+                raise loc.error(p, f"in '{key}': {exc.problem}") from None
+        elif key in ("term_files", "allow_files"):
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise loc.error(p, f"'{key}' must be a list of file paths")
+            for f in value:
+                path_f = (base_dir / f) if not Path(f).is_absolute() else Path(f)
+                if not path_f.is_file():
+                    raise loc.error(p, f"term file {f!r} not found (looked for {path_f})")
+                keywords.load_term_file(path_f)  # raises PolicyError naming that file and line
+        elif key == "mode":
+            if value not in ("lexical", "llm", "hybrid"):
+                raise loc.error(p, f"mode must be lexical, llm or hybrid, not {value!r}")
+        elif key == "strict_entities":
+            if not isinstance(value, bool):
+                raise loc.error(p, "'strict_entities' must be true or false")
+        elif key == "mask" and (not isinstance(value, str) or not value):
+            raise loc.error(p, "mask must be a non-empty string")
+
+
+def _settings(name: str, layers: list[Mapping[str, Any]], base_dir: Path) -> GuardSettings:
+    cls = GUARDS[name]
+    merged: dict[str, Any] = {}
+    thresholds: dict[str, float] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if k == "thresholds":
+                thresholds.update({tk: float(tv) for tk, tv in v.items()})
+            else:
+                merged[k] = v
+    options = {k: v for k, v in merged.items() if k not in _COMMON_GUARD_KEYS}
+    for key in ("term_files", "allow_files"):
+        if key in options:
+            options[key] = [str(base_dir / f) if not Path(f).is_absolute() else f for f in options[key]]
+    return GuardSettings(
+        enabled=bool(merged.get("enabled", True)),
+        action=merged.get("action", cls.default_action),
+        message=merged.get("message", cls.default_message),
+        thresholds=thresholds,
+        roles=frozenset(merged.get("roles", ["user"])),
+        stages=frozenset(cast(list[Stage], merged.get("stages", sorted(cls.default_stages)))),
+        passages=bool(merged.get("passages", cls.default_passages)),
+        options=options,
+    )
+
+
+def _resolve(policy: Policy, layers: list[Mapping[str, Any]], loc: _KeyLocator) -> RequestPolicy:
+    defaults = dict(policy.raw_defaults)
+    for layer in layers:
+        defaults.update(layer.get("defaults", {}))
+    guards: dict[str, GuardSettings] = {}
+    for name in GUARDS:
+        guard_layers = [policy.raw_guards.get(name, {})]
+        guard_layers += [layer.get("guards", {}).get(name, {}) for layer in layers]
+        guards[name] = _settings(name, guard_layers, policy.base_dir)
+    return RequestPolicy(
+        guards=guards,
+        on_empty_retrieval=defaults.get("on_empty_retrieval", "answer_without_passages"),
+        refusal_message=defaults.get("refusal_message", DEFAULT_REFUSAL),
+    )
+
+
+def _check_defaults(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator) -> None:
+    for key, _value in raw.items():
+        if key not in _DEFAULT_KEYS:
+            raise loc.error((*path, key), f"unknown key '{key}' in [{'.'.join(path)}] "
+                                          f"(known: {', '.join(sorted(_DEFAULT_KEYS))})")
+    if "on_empty_retrieval" in raw and raw["on_empty_retrieval"] not in EMPTY_RETRIEVAL:
+        raise loc.error((*path, "on_empty_retrieval"),
+                        f"on_empty_retrieval must be one of {', '.join(EMPTY_RETRIEVAL)}, "
+                        f"not {raw['on_empty_retrieval']!r}")
+    if "refusal_message" in raw and (not isinstance(raw["refusal_message"], str) or not raw["refusal_message"]):
+        raise loc.error((*path, "refusal_message"), "refusal_message must be a non-empty string")
+
+
+def _check_layer(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator, base_dir: Path) -> None:
+    """An override layer: optional [defaults] and [guards.NAME] tables."""
+    for key, value in raw.items():
+        p = (*path, key)
+        if key == "defaults":
+            _check_defaults(_expect_table(value, p, loc), p, loc)
+        elif key == "guards":
+            for name, table in _expect_table(value, p, loc).items():
+                if name not in GUARDS:
+                    raise loc.error((*p, name), f"unknown guard '{name}' (known: {', '.join(sorted(GUARDS))})")
+                _check_guard_table(name, _expect_table(table, (*p, name), loc), (*p, name), loc, base_dir)
+        else:
+            raise loc.error(p, f"unknown key '{key}' in an override (use [..defaults] or [..guards.NAME])")
+
+
+def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -> ToxicityConfig:
+    path = ("scorers", "toxicity")
+    known = {"scorer", "model_type", "checkpoint", "huggingface_config_dir", "device", "batch_size", "max_wait_ms"}
+    for key in raw:
+        if key not in known:
+            raise loc.error((*path, key),
+                            f"unknown key '{key}' in [scorers.toxicity] (known: {', '.join(sorted(known))})")
+    scorer = raw.get("scorer", "auto")
+    if scorer not in ("auto", "detoxify", "profanity-check"):
+        raise loc.error((*path, "scorer"), f"scorer must be auto, detoxify or profanity-check, not {scorer!r}")
+    model_type = raw.get("model_type", "original")
+    if model_type not in DETOXIFY_MODEL_TYPES:
+        raise loc.error((*path, "model_type"),
+                        f"model_type must be one of {', '.join(DETOXIFY_MODEL_TYPES)}, not {model_type!r}")
+    paths: dict[str, str | None] = {}
+    for key in ("checkpoint", "huggingface_config_dir"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise loc.error((*path, key), f"'{key}' must be a path")
+        paths[key] = str(base_dir / value) if value and not Path(value).is_absolute() else value
+    if scorer == "detoxify" and paths["checkpoint"] is None and paths["huggingface_config_dir"] is not None:
+        raise loc.error((*path, "huggingface_config_dir"), "huggingface_config_dir needs a checkpoint as well")
+    batch = raw.get("batch_size", 32)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise loc.error((*path, "batch_size"), "batch_size must be a positive integer")
+    wait = raw.get("max_wait_ms", 2.0)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+        raise loc.error((*path, "max_wait_ms"), "max_wait_ms must be a non-negative number")
+    return ToxicityConfig(
+        scorer=scorer, model_type=model_type, checkpoint=paths["checkpoint"],
+        huggingface_config_dir=paths["huggingface_config_dir"], device=str(raw.get("device", "cpu")),
+        batch_size=batch, max_wait_ms=float(wait),
+    )
+
+
+def parse_policy(text: str, source: str = "<policy>", base_dir: str | Path | None = None) -> Policy:
+    """Parse and validate a policy from TOML text; relative paths resolve against `base_dir`."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        line = int(m.group(1)) if m else None
+        problem = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        if m:
+            problem += f" (column {m.group(2)})"
+        raise PolicyError(source, line, f"invalid TOML: {problem}") from None
+    loc = _KeyLocator(source, text)
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise loc.error((key,), f"unknown top-level key '{key}' (known: {', '.join(sorted(_TOP_KEYS))})")
+    if raw.get("version", 1) != 1:
+        raise loc.error(("version",), f"unsupported policy version {raw['version']!r} (this gateway reads 1)")
+    defaults = _expect_table(raw.get("defaults", {}), ("defaults",), loc)
+    _check_defaults(defaults, ("defaults",), loc)
+    guards_raw = _expect_table(raw.get("guards", {}), ("guards",), loc)
+    for name, table in guards_raw.items():
+        if name not in GUARDS:
+            raise loc.error(("guards", name), f"unknown guard '{name}' (known: {', '.join(sorted(GUARDS))})")
+        _check_guard_table(name, _expect_table(table, ("guards", name), loc), ("guards", name), loc, base)
+    scorers = _expect_table(raw.get("scorers", {}), ("scorers",), loc)
+    for key in scorers:
+        if key != "toxicity":
+            raise loc.error(("scorers", key), f"unknown scorer section '{key}' (known: toxicity)")
+    tox = _toxicity_config(_expect_table(scorers.get("toxicity", {}), ("scorers", "toxicity"), loc), loc, base)
+    overrides = _expect_table(raw.get("overrides", {}), ("overrides",), loc)
+    key_over: dict[str, Mapping[str, Any]] = {}
+    model_over: dict[str, Mapping[str, Any]] = {}
+    for kind, table in overrides.items():
+        if kind not in ("api_key", "model"):
+            raise loc.error(("overrides", kind), f"overrides are per 'api_key' or per 'model', not {kind!r}")
+        for ident, layer in _expect_table(table, ("overrides", kind), loc).items():
+            layer = _expect_table(layer, ("overrides", kind, ident), loc)
+            _check_layer(layer, ("overrides", kind, ident), loc, base)
+            (key_over if kind == "api_key" else model_over)[ident] = layer
+    policy = Policy(source, base, defaults, guards_raw, key_over, model_over, tox)
+    policy.for_request()  # resolve once so a bad combination fails now, not on the first request
+    return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; any problem raises PolicyError(file, line, problem)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(str(p), None, f"cannot read policy file: {exc}") from None
+    return parse_policy(text, str(p), p.resolve().parent)
+
+
+def default_policy() -> Policy:
+    """The policy used when none is configured: every guard on with its defaults, no terms."""
+    return parse_policy("", "<default policy>")

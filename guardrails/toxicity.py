@@ -1,0 +1,312 @@
+"""Toxicity: one `ToxicityScorer` seam, two implementations, one guard.
+
+- `DetoxifyScorer`: Detoxify (original, unbiased, multilingual, original-small, unbiased-small)
+  from a local checkpoint plus a local Hugging Face config/tokenizer folder (nothing can be
+  downloaded on these machines); seven categories, batched.
+- `ProfanityCheckScorer`: alt-profanity-check, whose trained weights ship inside the package:
+  the default whenever no Detoxify checkpoint is configured. One category, `toxicity`.
+
+Scorers are synchronous and CPU-heavy; the guard reaches them through `BatchingScorer`, which
+gathers texts from concurrent requests for a millisecond or two and scores them in one call in
+the shared executor, so the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from guardrails.base import Guard, GuardContext, GuardResources, Span, Verdict, register
+from guardrails.errors import ScorerUnavailable
+from guardrails.sentences import split_sentences
+
+CATEGORIES: tuple[str, ...] = (
+    "toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack", "sexual_explicit",
+)
+DETOXIFY_MODEL_TYPES: tuple[str, ...] = (
+    "original", "unbiased", "multilingual", "original-small", "unbiased-small",
+)
+ScorerKind = Literal["auto", "detoxify", "profanity-check"]
+
+
+@dataclass(frozen=True)
+class ToxicityConfig:
+    """Which scorer to load. `auto`: Detoxify when a checkpoint is set, else profanity-check."""
+
+    scorer: ScorerKind = "auto"
+    model_type: str = "original"
+    checkpoint: str | None = None
+    huggingface_config_dir: str | None = None
+    device: str = "cpu"
+    batch_size: int = 32
+    max_wait_ms: float = 2.0
+
+
+class ToxicityScorer(abc.ABC):
+    """Scores texts for toxicity. `score_batch` blocks: call it in an executor."""
+
+    name: str
+    categories: tuple[str, ...]
+
+    @abc.abstractmethod
+    def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        """One {category: probability} per text, in order."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for start-up logs and /readyz."""
+
+
+class ProfanityCheckScorer(ToxicityScorer):
+    """alt-profanity-check: a linear SVM over character/word n-grams, calibrated; ~0.1 ms/text batched."""
+
+    name = "alt-profanity-check"
+    categories = ("toxicity",)
+
+    def __init__(self) -> None:
+        try:
+            from profanity_check import predict_prob
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ScorerUnavailable(f"alt-profanity-check is not installed: {exc}") from exc
+        self._predict_prob = predict_prob
+
+    def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        probs = self._predict_prob(list(texts))
+        return [{"toxicity": float(p)} for p in probs]
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            version = metadata.version("alt-profanity-check")
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            version = "unknown"
+        return {
+            "scorer": self.name,
+            "version": version,
+            "categories": list(self.categories),
+            "note": "trained weights bundled in the package; used because no Detoxify checkpoint is configured",
+        }
+
+
+class DetoxifyScorer(ToxicityScorer):
+    """Detoxify from a local checkpoint.
+
+    Detoxify calls `config_class.from_pretrained(model_type)` with the checkpoint's
+    `config.arch.args.model_type` (e.g. "bert-base-uncased") before anything else, which needs
+    the hub. When that is not a local folder, it is pointed at `huggingface_config_dir`, and the
+    model and tokenizer are built by Detoxify's own `get_model_and_tokenizer`; scoring is
+    Detoxify's own `predict`. Without a checkpoint, Detoxify downloads one (networked hosts).
+    """
+
+    categories = CATEGORIES
+
+    def __init__(
+        self,
+        model_type: str = "original",
+        checkpoint: str | None = None,
+        huggingface_config_dir: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if model_type not in DETOXIFY_MODEL_TYPES:
+            raise ScorerUnavailable(
+                f"unknown Detoxify model type {model_type!r}; use one of {', '.join(DETOXIFY_MODEL_TYPES)}"
+            )
+        self.model_type = model_type
+        self.checkpoint = checkpoint
+        self.huggingface_config_dir = huggingface_config_dir
+        self.name = f"detoxify:{model_type}"
+        try:
+            self._model = self._load(device)
+        except ScorerUnavailable:
+            raise
+        except Exception as exc:
+            raise ScorerUnavailable(
+                f"cannot load Detoxify ({model_type}) from checkpoint {checkpoint!r} with config dir "
+                f"{huggingface_config_dir!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.categories = tuple(self._model.class_names)
+
+    def _load(self, device: str) -> Any:
+        import torch
+        from detoxify import Detoxify
+        from detoxify.detoxify import get_model_and_tokenizer
+
+        if self.checkpoint is None:
+            return Detoxify(model_type=self.model_type, device=device)
+        ckpt = Path(self.checkpoint)
+        if not ckpt.is_file():
+            raise ScorerUnavailable(f"Detoxify checkpoint {str(ckpt)!r} does not exist")
+        hf_dir = self.huggingface_config_dir
+        if hf_dir is not None and not Path(hf_dir).is_dir():
+            raise ScorerUnavailable(f"Hugging Face config folder {hf_dir!r} does not exist")
+        # weights_only=False: Detoxify checkpoints carry their training config (plain dicts);
+        # only load checkpoints you trust, as Detoxify itself does.
+        loaded = torch.load(str(ckpt), map_location=device, weights_only=False)
+        if "config" not in loaded or "state_dict" not in loaded:
+            raise ScorerUnavailable(f"{ckpt}: not a Detoxify checkpoint (needs 'config' and 'state_dict')")
+        args = dict(loaded["config"]["arch"]["args"])
+        if hf_dir is not None and not Path(str(args.get("model_type", ""))).is_dir():
+            args["model_type"] = hf_dir
+        rename = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxic": "severe_toxicity"}
+        class_names = [rename.get(c, c) for c in loaded["config"]["dataset"]["args"]["classes"]]
+        model, tokenizer = get_model_and_tokenizer(
+            **args, state_dict=loaded["state_dict"], huggingface_config_path=hf_dir
+        )
+        detox = Detoxify.__new__(Detoxify)  # Detoxify's own predict(), with the model built above
+        detox.model, detox.tokenizer, detox.class_names = model, tokenizer, class_names
+        detox.device = device
+        detox.model.to(device)
+        return detox
+
+    def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        raw = self._model.predict(list(texts))
+        out: list[dict[str, float]] = [{} for _ in texts]
+        for category, values in raw.items():
+            if not isinstance(values, list):
+                values = [values]
+            for i, v in enumerate(values):
+                out[i][category] = float(v)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "scorer": "detoxify",
+            "model_type": self.model_type,
+            "checkpoint": self.checkpoint,
+            "huggingface_config_dir": self.huggingface_config_dir,
+            "categories": list(self.categories),
+        }
+
+
+def build_scorer(config: ToxicityConfig) -> ToxicityScorer:
+    """Load the configured scorer (blocking: call at start-up, off the event loop)."""
+    kind = config.scorer
+    if kind == "auto":
+        kind = "detoxify" if config.checkpoint else "profanity-check"
+    if kind == "detoxify":
+        return DetoxifyScorer(config.model_type, config.checkpoint, config.huggingface_config_dir, config.device)
+    if kind == "profanity-check":
+        return ProfanityCheckScorer()
+    raise ScorerUnavailable(f"unknown toxicity scorer {kind!r}")
+
+
+class BatchingScorer:
+    """Gathers texts from concurrent callers and scores them in one executor call."""
+
+    def __init__(self, scorer: ToxicityScorer, resources: GuardResources,
+                 max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+        self.scorer = scorer
+        self.resources = resources
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._pending: list[tuple[list[str], asyncio.Future[list[dict[str, float]]]]] = []
+        self._count = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # how many executor calls were made (observable in tests/benchmarks)
+
+    async def score(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[dict[str, float]]] = loop.create_future()
+        self._pending.append((list(texts), fut))
+        self._count += len(texts)
+        if self._count >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_wait, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending, self._count = self._pending, [], 0
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[list[str], asyncio.Future[list[dict[str, float]]]]]) -> None:
+        texts = [t for chunk, _ in batch for t in chunk]
+        self.batches += 1
+        try:
+            scores = await self.resources.run_blocking(self.scorer.score_batch, texts)
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        pos = 0
+        for chunk, fut in batch:
+            if not fut.done():
+                fut.set_result(scores[pos : pos + len(chunk)])
+            pos += len(chunk)
+
+
+@register
+class ToxicityGuard(Guard):
+    """Scores each sentence; a hit is any category at or above its threshold."""
+
+    name: ClassVar[str] = "toxicity"
+    stages = frozenset({"input", "output", "passage"})
+    default_stages = frozenset({"output"})
+    default_message = "The answer was withheld because it may contain toxic content."
+    default_thresholds: ClassVar[dict[str, float]] = {
+        "toxicity": 0.5, "severe_toxicity": 0.5, "obscene": 0.5, "threat": 0.5,
+        "insult": 0.5, "identity_attack": 0.5, "sexual_explicit": 0.5,
+    }
+    option_keys: ClassVar[dict[str, str]] = {"mask": "redaction mask"}
+
+    def __init__(self, settings: Any, resources: GuardResources) -> None:
+        super().__init__(settings, resources)
+        if resources.toxicity_scorer is None:
+            raise ScorerUnavailable("the toxicity guard is enabled but no toxicity scorer is loaded")
+        key = ("toxicity-batcher", id(resources.toxicity_scorer))
+        batcher = resources.cache.get(key)
+        if batcher is None:
+            scorer = resources.toxicity_scorer
+            cfg = resources.cache.get("toxicity-config")
+            batcher = BatchingScorer(
+                scorer, resources,
+                max_batch=cfg.batch_size if cfg else 32,
+                max_wait_ms=cfg.max_wait_ms if cfg else 2.0,
+            )
+            resources.cache[key] = batcher
+        self.batcher: BatchingScorer = batcher
+
+    async def check(self, ctx: GuardContext) -> Verdict:
+        started = time.perf_counter()
+        sentences = split_sentences(ctx.text)
+        if not sentences:
+            return self.allow(ctx, 0.0, started)
+        scores = await self.batcher.score([ctx.text[s:e] for s, e in sentences])
+        worst: dict[str, float] = {}
+        spans: list[Span] = []
+        categories_hit: set[str] = set()
+        for (s, e), sc in zip(sentences, scores, strict=True):
+            flagged = False
+            for cat, value in sc.items():
+                worst[cat] = max(worst.get(cat, 0.0), value)
+                threshold = self.thresholds.get(cat)
+                if threshold is not None and value >= threshold:
+                    flagged = True
+                    categories_hit.add(cat)
+            if flagged:
+                spans.append((s, e))
+        top = max(worst.values()) if worst else 0.0
+        details = {"scorer": self.batcher.scorer.name, "scores": {k: round(v, 4) for k, v in worst.items()}}
+        if not spans:
+            return self.allow(ctx, top, started, **details)
+        return self.hit(ctx, top, started, f"toxic content ({', '.join(sorted(categories_hit))})",
+                        tuple(spans), categories=sorted(categories_hit), **details)

@@ -1,0 +1,130 @@
+"""Toxicity: one contract suite over both scorers, Detoxify's real loading path with a tiny
+checkpoint, scorer selection, the guard's thresholds and cross-request batching."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from pathlib import Path
+
+import pytest
+
+from guardrails.base import GuardContext, GuardResources, GuardSettings
+from guardrails.errors import ScorerUnavailable
+from guardrails.toxicity import (
+    BatchingScorer,
+    DetoxifyScorer,
+    ProfanityCheckScorer,
+    ToxicityConfig,
+    ToxicityGuard,
+    ToxicityScorer,
+    build_scorer,
+)
+
+from .conftest import DAVIDSON, TINY_BIASES, sigmoid
+
+
+@pytest.fixture(params=["profanity-check", pytest.param("detoxify", marks=pytest.mark.slow)])
+def scorer(request: pytest.FixtureRequest) -> ToxicityScorer:
+    name = "profanity_scorer" if request.param == "profanity-check" else "detoxify_scorer"
+    return request.getfixturevalue(name)
+
+
+def test_contract_scores_every_text_in_order(scorer: ToxicityScorer):
+    texts = ["Have a nice day", "You are a stupid idiot", "", "Another one, much longer " * 20]
+    out = scorer.score_batch(texts)
+    assert len(out) == len(texts)
+    for scores in out:
+        assert set(scores) == set(scorer.categories)
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert scorer.score_batch([]) == []
+    assert scorer.score_batch(["one"]) and len(scorer.score_batch(["one"])) == 1
+    assert scorer.describe()["categories"] == list(scorer.categories)
+
+
+def test_profanity_check_separates_toxic_from_friendly(profanity_scorer: ProfanityCheckScorer):
+    toxic, friendly = profanity_scorer.score_batch(["You are a stupid idiot", "Have a nice day"])
+    assert toxic["toxicity"] > 0.9 and friendly["toxicity"] < 0.2
+    assert profanity_scorer.describe()["scorer"] == "alt-profanity-check"
+
+
+@pytest.mark.slow  # loads torch and transformers (several seconds)
+def test_detoxify_loads_the_checkpoint_weights(detoxify_scorer: DetoxifyScorer):
+    # Detoxify's names are standardised (toxic -> toxicity, identity_hate -> identity_attack)
+    assert detoxify_scorer.categories == (
+        "toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack", "sexual_explicit",
+    )
+    # the classifier's weights are zero and its biases known: the scores prove the state dict loaded
+    (scores,) = detoxify_scorer.score_batch(["anything at all"])
+    for category, bias in zip(detoxify_scorer.categories, TINY_BIASES, strict=True):
+        assert scores[category] == pytest.approx(sigmoid(bias), abs=1e-5)
+    assert detoxify_scorer.describe()["scorer"] == "detoxify"
+
+
+@pytest.mark.slow  # loads torch and transformers (several seconds)
+def test_detoxify_errors_are_clear(tmp_path: Path, tiny_detoxify_files: tuple[Path, Path]):
+    with pytest.raises(ScorerUnavailable, match="does not exist"):
+        DetoxifyScorer("original", str(tmp_path / "missing.ckpt"), str(tmp_path))
+    with pytest.raises(ScorerUnavailable, match="unknown Detoxify model type"):
+        DetoxifyScorer("gigantic", str(tiny_detoxify_files[0]))
+    bad = tmp_path / "bad.ckpt"
+    import torch
+
+    torch.save({"weights": {}}, bad)
+    with pytest.raises(ScorerUnavailable, match="not a Detoxify checkpoint"):
+        DetoxifyScorer("original", str(bad), str(tiny_detoxify_files[1]))
+
+
+@pytest.mark.slow  # loads torch and transformers (several seconds)
+def test_build_scorer_picks_by_configuration(tiny_detoxify_files: tuple[Path, Path]):
+    assert isinstance(build_scorer(ToxicityConfig()), ProfanityCheckScorer)
+    ckpt, hf_dir = tiny_detoxify_files
+    chosen = build_scorer(ToxicityConfig(checkpoint=str(ckpt), huggingface_config_dir=str(hf_dir),
+                                         model_type="unbiased-small"))
+    assert isinstance(chosen, DetoxifyScorer) and chosen.name == "detoxify:unbiased-small"
+    forced = build_scorer(ToxicityConfig(scorer="profanity-check", checkpoint=str(ckpt)))
+    assert isinstance(forced, ProfanityCheckScorer)
+
+
+@pytest.mark.slow  # loads torch and transformers (several seconds)
+async def test_guard_per_category_thresholds(executor, detoxify_scorer: DetoxifyScorer):
+    # tiny model: toxicity = sigmoid(3) ~ 0.95, insult = sigmoid(2) ~ 0.88, the rest ~ 0.05
+    resources = GuardResources(executor=executor, toxicity_scorer=detoxify_scorer)
+    text = "First sentence. Second sentence."
+    lenient = ToxicityGuard(GuardSettings(thresholds={"toxicity": 0.99, "insult": 0.99}), resources)
+    assert (await lenient.check(GuardContext(stage="output", text=text))).allowed
+    insult_only = ToxicityGuard(GuardSettings(thresholds={"toxicity": 0.99, "insult": 0.8}), resources)
+    v = await insult_only.check(GuardContext(stage="output", text=text))
+    assert not v.allowed and v.details["categories"] == ["insult"]
+    assert v.spans == ((0, 15), (16, 32)) and v.ms > 0
+
+
+async def test_guard_flags_only_the_toxic_sentence(executor, profanity_scorer: ProfanityCheckScorer):
+    resources = GuardResources(executor=executor, toxicity_scorer=profanity_scorer)
+    guard = ToxicityGuard(GuardSettings(action="redact"), resources)
+    text = "Thanks for asking. You are a stupid idiot. Have a nice day."
+    v = await guard.check(GuardContext(stage="output", text=text))
+    assert v.action == "redact" and v.spans == ((19, 42),)
+    assert v.redacted_text == "Thanks for asking. *** *** * ****** ****** Have a nice day."
+
+
+async def test_concurrent_checks_share_one_model_call(executor, profanity_scorer: ProfanityCheckScorer):
+    resources = GuardResources(executor=executor)
+    batcher = BatchingScorer(profanity_scorer, resources, max_batch=64, max_wait_ms=20)
+    results = await asyncio.gather(*(batcher.score([f"text number {i}", "you idiot"]) for i in range(10)))
+    assert batcher.batches == 1
+    assert all(len(r) == 2 and r[1]["toxicity"] > 0.5 for r in results)
+
+
+def test_guard_without_a_scorer_fails_at_construction(executor):
+    with pytest.raises(ScorerUnavailable):
+        ToxicityGuard(GuardSettings(), GuardResources(executor=executor))
+
+
+@pytest.mark.skipif(not DAVIDSON.is_file(), reason=f"Davidson toxicity data not found at {DAVIDSON}")
+def test_profanity_check_on_a_davidson_sample(profanity_scorer: ProfanityCheckScorer):
+    with DAVIDSON.open(encoding="utf-8", newline="") as fh:
+        rows = [r for _, r in zip(range(400), csv.DictReader(fh), strict=False)]
+    scores = profanity_scorer.score_batch([r["tweet"] for r in rows])
+    correct = sum((s["toxicity"] >= 0.5) == (r["class"] in ("0", "1")) for s, r in zip(scores, rows, strict=True))
+    assert correct / len(rows) > 0.85
