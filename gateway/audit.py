@@ -25,6 +25,7 @@ import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.audit_sinks import AuditSink, EngineSink
 from gateway.db import audit_records
 
 log = logging.getLogger("gateway.audit")
@@ -41,11 +42,13 @@ class AuditWriter:
         engine: AsyncEngine,
         *,
         spool_path: Path,
+        sink: AuditSink | None = None,
         batch_max: int = 512,
         retries: int = 3,
         retry_delay_s: float = 0.2,
     ) -> None:
         self._engine = engine
+        self._sink = sink or EngineSink(engine, audit_records)
         self._spool_path = spool_path
         self._batch_max = batch_max
         self._retries = retries
@@ -70,6 +73,7 @@ class AuditWriter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await self._sink.close()
 
     def submit(self, row: dict[str, Any]) -> asyncio.Future[None]:
         """Queue a row; the future resolves when it is committed (or spooled to disk)."""
@@ -106,8 +110,7 @@ class AuditWriter:
     async def _commit(self, rows: list[dict[str, Any]]) -> None:
         for attempt in range(self._retries):
             try:
-                async with self._engine.begin() as conn:
-                    await conn.execute(self._insert, rows)
+                await self._sink.write(rows)
                 self.committed += len(rows)
                 self.batches += 1
                 if self.spooled and attempt == 0 and self._spool_path.exists():

@@ -103,6 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level="warning",
             backlog=4096,
             timeout_keep_alive=30,
+            proxy_headers=False,  # no proxy in front by default; saves a middleware per request
+            server_header=False,
+            date_header=False,
         )
     finally:
         if process is not None:

@@ -11,8 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.audit import AuditWriter
+from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
-from gateway.db import create_engine
+from gateway.db import audit_records, create_engine
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings
@@ -42,7 +43,10 @@ class Services:
         self.backend = backend
         self.engine: AsyncEngine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.audit = AuditWriter(
-            self.engine, spool_path=settings.data_dir / "audit-spool.jsonl", batch_max=settings.audit_batch_max
+            self.engine,
+            spool_path=settings.data_dir / "audit-spool.jsonl",
+            batch_max=settings.audit_batch_max,
+            sink=sink_for(self.engine, audit_records, sqlite_synchronous=settings.sqlite_synchronous),
         )
         self.keys = KeyStore(self.engine)
         self.pipeline = Pipeline(self.backend, self.audit, self.keys, open_mode=settings.open_mode)

@@ -1,0 +1,360 @@
+"""Benchmark: the gateway's own cost, against direct calls to the same backend in the same run.
+
+Starts the fake backend and the gateway (SQLite audit log on, API key checked) as separate
+processes, then drives both with an aiohttp load generator at several concurrencies:
+
+  1. zero-delay fake: added latency p50/p99 at concurrency 1, and the gateway's CPU time per
+     request (its process CPU seconds / requests), non-streaming and a 100-chunk stream;
+  2. realistic fake (50 ms, and 20 tokens/s when streaming): requests/s through the gateway
+     as a share of direct, at concurrency 1, 8, 32, 128;
+  3. real CPU vLLM (--vllm URL, or skipped): tokens/s through the gateway vs direct, and time
+     to first token added.
+
+Prints tables; `--json FILE` also writes the figures. Figures are ratios within one run, so
+they hold on a busy machine better than absolute timings do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY = [sys.executable, "-m", "gateway.cli"]
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "How fast is the gateway?"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Proc:
+    def __init__(self, args: list[str], health: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_http(health)
+        except RuntimeError:
+            self.process.kill()
+            raise RuntimeError(self.process.stderr.read().decode() if self.process.stderr else "") from None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_fake(delay_ms: float = 0, tokens_per_s: float = 0, answer_tokens: int = 16) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(
+        GATEWAY
+        + [
+            "backend",
+            "fake",
+            "--port",
+            str(port),
+            "--delay-ms",
+            str(delay_ms),
+            "--tokens-per-s",
+            str(tokens_per_s),
+            "--answer-tokens",
+            str(answer_tokens),
+            "--keep-requests",
+            "0",
+        ],
+        f"http://127.0.0.1:{port}/health",
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_gateway(backend: str, data_dir: Path) -> tuple[Proc, str, str]:
+    env = {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_LOG_LEVEL": "warning"}
+    out = subprocess.run(
+        GATEWAY + ["keys", "create", "--role", "client"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = out.stdout.strip().splitlines()[0]
+    port = free_port()
+    proc = Proc(GATEWAY + ["serve", "--backend", backend, "--port", str(port)], f"http://127.0.0.1:{port}/healthz", env)
+    return proc, f"http://127.0.0.1:{port}", key
+
+
+async def drive(
+    url: str, body: dict[str, Any], *, concurrency: int, requests: int, key: str | None, stream: bool
+) -> dict[str, Any]:
+    """Send `requests` requests with `concurrency` in flight; latency, TTFT and tokens per request."""
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    payload = json.dumps({**body, "stream": stream}).encode()
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    tokens = 0
+    errors = 0
+    todo = iter(range(requests))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def worker() -> None:
+            nonlocal tokens, errors
+            for _ in todo:
+                start = time.perf_counter()
+                async with session.post(url, data=payload, headers=headers) as resp:
+                    if resp.status != 200:
+                        errors += 1
+                        await resp.read()
+                        continue
+                    if stream:
+                        first = None
+                        async for line in resp.content:
+                            if (line.startswith(b"data: {") and b'"content":"' in line) or b'"text":"' in line:
+                                if first is None:
+                                    first = time.perf_counter() - start
+                                tokens += 1
+                        if first is not None:
+                            ttfts.append(first)
+                    else:
+                        data = await resp.json(content_type=None)
+                        tokens += (data.get("usage") or {}).get("completion_tokens", 0)
+                latencies.append(time.perf_counter() - start)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "rps": len(latencies) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "ttft_p50_ms": percentile(sorted(ttfts), 50) * 1000 if ttfts else None,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[index]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def zero_delay(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for stream, answer_tokens in ((False, 16), (True, 100)):
+        fake, fake_url = start_fake(answer_tokens=answer_tokens)
+        gw, gw_url, key = start_gateway(fake_url, data_dir / f"zero-{stream}")
+        try:
+            label = "stream" if stream else "non-stream"
+            endpoint = "/v1/chat/completions"
+            # Warm up both paths (connections, caches, the first SQLite commit).
+            run(drive(fake_url + endpoint, CHAT, concurrency=4, requests=200, key=None, stream=stream))
+            run(drive(gw_url + endpoint, CHAT, concurrency=4, requests=200, key=key, stream=stream))
+            n = args.requests
+            direct = run(drive(fake_url + endpoint, CHAT, concurrency=1, requests=n, key=None, stream=stream))
+            cpu0 = cpu_seconds(gw.pid)
+            through = run(drive(gw_url + endpoint, CHAT, concurrency=1, requests=n, key=key, stream=stream))
+            cpu1 = cpu_seconds(gw.pid)
+            # CPU per request under load too (concurrency 32), where batching helps.
+            cpu2 = cpu_seconds(gw.pid)
+            loaded = run(drive(gw_url + endpoint, CHAT, concurrency=32, requests=n * 2, key=key, stream=stream))
+            cpu3 = cpu_seconds(gw.pid)
+            results[label] = {
+                "direct_p50_ms": direct["p50_ms"],
+                "gateway_p50_ms": through["p50_ms"],
+                "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
+                "direct_p99_ms": direct["p99_ms"],
+                "gateway_p99_ms": through["p99_ms"],
+                "added_p99_ms": through["p99_ms"] - direct["p99_ms"],
+                "cpu_ms_per_request_c1": (cpu1 - cpu0) / through["requests"] * 1000,
+                "cpu_ms_per_request_c32": (cpu3 - cpu2) / loaded["requests"] * 1000,
+                "gateway_rps_c32": loaded["rps"],
+                "errors": through["errors"] + loaded["errors"],
+            }
+        finally:
+            gw.stop()
+            fake.stop()
+    return results
+
+
+def realistic(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for stream in (False, True):
+        fake, fake_url = start_fake(delay_ms=50, tokens_per_s=20 if stream else 0, answer_tokens=20 if stream else 16)
+        gw, gw_url, key = start_gateway(fake_url, data_dir / f"real-{stream}")
+        try:
+            for concurrency in args.concurrency:
+                # Enough requests for a few seconds of load at each level.
+                n = max(concurrency * (3 if stream else 12), 40 if not stream else concurrency * 2)
+                direct = run(
+                    drive(
+                        fake_url + "/v1/chat/completions",
+                        CHAT,
+                        concurrency=concurrency,
+                        requests=n,
+                        key=None,
+                        stream=stream,
+                    )
+                )
+                through = run(
+                    drive(
+                        gw_url + "/v1/chat/completions",
+                        CHAT,
+                        concurrency=concurrency,
+                        requests=n,
+                        key=key,
+                        stream=stream,
+                    )
+                )
+                rows.append(
+                    {
+                        "stream": stream,
+                        "concurrency": concurrency,
+                        "direct_rps": direct["rps"],
+                        "gateway_rps": through["rps"],
+                        "ratio": through["rps"] / direct["rps"],
+                        "errors": through["errors"],
+                    }
+                )
+        finally:
+            gw.stop()
+            fake.stop()
+    return rows
+
+
+def real_vllm(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    gw, gw_url, key = start_gateway(args.vllm, data_dir / "vllm")
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 64,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    out: dict[str, Any] = {}
+    try:
+        run(drive(args.vllm + "/v1/chat/completions", body, concurrency=2, requests=4, key=None, stream=True))
+        for concurrency in (1, 8):
+            n = 6 if concurrency == 1 else 16
+            direct = run(
+                drive(
+                    args.vllm + "/v1/chat/completions", body, concurrency=concurrency, requests=n, key=None, stream=True
+                )
+            )
+            through = run(
+                drive(gw_url + "/v1/chat/completions", body, concurrency=concurrency, requests=n, key=key, stream=True)
+            )
+            out[f"c{concurrency}"] = {
+                "direct_tokens_per_s": direct["tokens_per_s"],
+                "gateway_tokens_per_s": through["tokens_per_s"],
+                "ratio": through["tokens_per_s"] / direct["tokens_per_s"],
+                "direct_ttft_p50_ms": direct["ttft_p50_ms"],
+                "gateway_ttft_p50_ms": through["ttft_p50_ms"],
+                "added_ttft_p50_ms": through["ttft_p50_ms"] - direct["ttft_p50_ms"],
+            }
+    finally:
+        gw.stop()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per zero-delay measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--vllm", default=None, help="URL of a running vLLM serving smollm2-135m-instruct")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "realistic", "vllm"])
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    report: dict[str, Any] = {}
+    try:
+        if "zero" not in args.skip:
+            report["zero_delay"] = zero = zero_delay(args, data_dir)
+            print("\n## Zero-delay fake backend, concurrency 1 (audit log on, SQLite)")
+            print("| mode | direct p50 | gateway p50 | added p50 | added p99 | gateway CPU/request (c=1) | (c=32) |")
+            print("|---|---|---|---|---|---|---|")
+            for mode, r in zero.items():
+                print(
+                    f"| {mode} | {r['direct_p50_ms']:.2f} ms | {r['gateway_p50_ms']:.2f} ms | "
+                    f"**{r['added_p50_ms']:.2f} ms** | **{r['added_p99_ms']:.2f} ms** | "
+                    f"{r['cpu_ms_per_request_c1']:.2f} ms | {r['cpu_ms_per_request_c32']:.2f} ms |"
+                )
+        if "realistic" not in args.skip:
+            report["realistic"] = rows = realistic(args, data_dir)
+            print("\n## Fake backend with 50 ms delay (streams: 20 tokens at 20 tokens/s)")
+            print("| mode | concurrency | direct req/s | gateway req/s | gateway / direct |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                print(
+                    f"| {'stream' if r['stream'] else 'non-stream'} | {r['concurrency']} | {r['direct_rps']:.1f} | "
+                    f"{r['gateway_rps']:.1f} | **{r['ratio'] * 100:.1f}%** |"
+                )
+        if args.vllm and "vllm" not in args.skip:
+            report["vllm"] = v = real_vllm(args, data_dir)
+            print("\n## Real CPU vLLM (SmolLM2-135M-Instruct), streams of 64 tokens")
+            print("| concurrency | direct tok/s | gateway tok/s | ratio | direct TTFT p50 | gateway TTFT p50 | added |")
+            print("|---|---|---|---|---|---|---|")
+            for c, r in v.items():
+                print(
+                    f"| {c[1:]} | {r['direct_tokens_per_s']:.1f} | {r['gateway_tokens_per_s']:.1f} | "
+                    f"**{r['ratio'] * 100:.1f}%** | {r['direct_ttft_p50_ms']:.1f} ms | {r['gateway_ttft_p50_ms']:.1f} ms"
+                    f" | **{r['added_ttft_p50_ms']:.1f} ms** |"
+                )
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
