@@ -86,8 +86,8 @@ class Proc:
 def start_fake(delay_ms: float = 0, tokens_per_s: float = 0, answer_tokens: int = 16) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc(
-        GATEWAY
-        + [
+        [
+            *GATEWAY,
             "backend",
             "fake",
             "--port",
@@ -109,7 +109,7 @@ def start_fake(delay_ms: float = 0, tokens_per_s: float = 0, answer_tokens: int 
 def start_gateway(backend: str, data_dir: Path) -> tuple[Proc, str, str]:
     env = {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_LOG_LEVEL": "warning"}
     out = subprocess.run(
-        GATEWAY + ["keys", "create", "--role", "client"],
+        [*GATEWAY, "keys", "create", "--role", "client"],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,
@@ -118,7 +118,7 @@ def start_gateway(backend: str, data_dir: Path) -> tuple[Proc, str, str]:
     )
     key = out.stdout.strip().splitlines()[0]
     port = free_port()
-    proc = Proc(GATEWAY + ["serve", "--backend", backend, "--port", str(port)], f"http://127.0.0.1:{port}/healthz", env)
+    proc = Proc([*GATEWAY, "serve", "--backend", backend, "--port", str(port)], f"http://127.0.0.1:{port}/healthz", env)
     return proc, f"http://127.0.0.1:{port}", key
 
 
@@ -346,7 +346,8 @@ def main() -> int:
             for c, r in v.items():
                 print(
                     f"| {c[1:]} | {r['direct_tokens_per_s']:.1f} | {r['gateway_tokens_per_s']:.1f} | "
-                    f"**{r['ratio'] * 100:.1f}%** | {r['direct_ttft_p50_ms']:.1f} ms | {r['gateway_ttft_p50_ms']:.1f} ms"
+                    f"**{r['ratio'] * 100:.1f}%** | {r['direct_ttft_p50_ms']:.1f} ms | "
+                    f"{r['gateway_ttft_p50_ms']:.1f} ms"
                     f" | **{r['added_ttft_p50_ms']:.1f} ms** |"
                 )
         if args.json:

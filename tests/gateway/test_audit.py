@@ -190,18 +190,18 @@ async def test_a_torn_spool_line_is_skipped_not_fatal(tmp_path: Path) -> None:
 def test_full_requests_audited_in_postgresql(tmp_path: Path, pg_url: str, fake_backend: FakeBackendThread) -> None:
     settings = Settings(data_dir=tmp_path, backend=(fake_backend.url,), database=pg_url)
     key_id, key = create_key(settings, "client")
-    with GatewayServer(settings) as gw:
-        with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client:
-            completion = client.chat.completions.create(
-                model="fake-model", messages=[{"role": "user", "content": "pg"}]
+    with (
+        GatewayServer(settings) as gw,
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client,
+    ):
+        completion = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "pg"}])
+        chunks = list(
+            client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "pg"}], stream=True
             )
-            chunks = list(
-                client.chat.completions.create(
-                    model="fake-model", messages=[{"role": "user", "content": "pg"}], stream=True
-                )
-            )
-            with pytest.raises(openai.BadRequestError):
-                client.chat.completions.create(model="fake-model", messages=[{"role": "nobody", "content": "x"}])
+        )
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="fake-model", messages=[{"role": "nobody", "content": "x"}])
     ids = {completion.model_extra["gateway"]["request_id"], chunks[-1].model_extra["gateway"]["request_id"]}
     rows = [r for r in audit_rows(settings) if r["api_key_id"] == key_id]
     assert {r["request_id"] for r in rows if r["status"] == "ok"} == ids
