@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: the fast suite (fake backend on loopback, SQLite and PostgreSQL), then the
+# integration suite against a real CPU vLLM with the bundled model (started once, ~1-3 min).
+# Extra arguments go to both pytest runs. Exits non-zero when any test fails.
+set -euo pipefail
+cd "$(dirname "$0")"
+.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -m integration "$@"
