@@ -244,6 +244,31 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands that live in other packages: (prog, module, configure function, run function).
+# Their parsers are built only when called, so `gateway serve` does not import model code.
+_DELEGATED = {
+    "ingest": ("gateway ingest", "retrieval.cli", "configure_ingest_parser", "run_ingest"),
+    "eval guards": ("gateway eval guards", "evals.guards", "configure_parser", "run"),
+    "eval retrieval": ("gateway eval retrieval", "evals.retrieval", "configure_parser", "run"),
+}
+
+
+def cmd_delegated(args: argparse.Namespace) -> int:
+    import importlib
+
+    prog, module_name, configure_name, run_name = _DELEGATED[args.delegated]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog)
+    known = parser._option_string_actions
+    getattr(module, configure_name)(parser)
+    for flag, kwargs in (("--data-dir", {"type": Path}), ("--database", {}), ("--config", {"type": Path})):
+        if flag not in known:
+            parser.add_argument(flag, default=None, **kwargs)  # type: ignore[arg-type]
+    sub_args = parser.parse_args(args.rest)
+    _settings(sub_args)
+    return int(getattr(module, run_name)(sub_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="A guarded, OpenAI-compatible LLM gateway.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -295,11 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply the schema migrations")
     _common(up)
     up.set_defaults(func=cmd_db_upgrade)
+
+    ingest = commands.add_parser("ingest", help="ingest documents into a RAG collection", add_help=False)
+    ingest.set_defaults(func=cmd_delegated, delegated="ingest")
+    evals = commands.add_parser("eval", help="offline evaluation").add_subparsers(dest="eval_command", required=True)
+    for target, text in (("guards", "score the guards on labelled data"), ("retrieval", "recall@k and MRR")):
+        sub = evals.add_parser(target, help=text, add_help=False)
+        sub.set_defaults(func=cmd_delegated, delegated=f"eval {target}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "delegated", None):
+        args.rest = rest  # parsed by the delegated command's own parser
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:
