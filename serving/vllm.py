@@ -1,4 +1,4 @@
-"""The vLLM backend: an OpenAI-compatible HTTP client built on one shared aiohttp session.
+"""The vLLM backend: an OpenAI-compatible HTTP client over the gateway's lean keep-alive pool.
 
 The same client talks to vLLM on a GPU, to the local CPU build and to the fake backend: they
 all speak OpenAI's protocol, so nothing here is specific to one of them.
@@ -9,15 +9,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from serving.backend import Backend, ModelCard
-from serving.errors import BackendHTTPError, BackendTimeout, BackendUnavailable
+from serving.errors import BackendHTTPError, BackendTimeout, BackendUnavailable, ServingError
+from serving.http import ConnectError, HTTPError, HTTPPool, ReadTimeout, Response
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
-_JSON = {"content-type": "application/json"}
 _DONE = b"[DONE]"
 
 
@@ -45,33 +44,39 @@ class VLLMBackend(Backend):
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 300.0,
-        max_connections: int = 1024,
         api_key: str | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        if self.base_url.endswith("/v1"):
-            self.base_url = self.base_url[: -len("/v1")]
-        self.name = self.base_url
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
-        self._max_connections = max_connections
-        self._headers = dict(_JSON)
-        if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
-        self._session: aiohttp.ClientSession | None = None
+        url = base_url.rstrip("/")
+        if url.endswith("/v1"):
+            url = url[: -len("/v1")]
+        self.base_url = url
+        self.name = url
+        self._pool = HTTPPool(url, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
 
-    def _client(self) -> aiohttp.ClientSession:
-        # Created lazily so the session binds to the running loop, once per backend.
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
+    def _translate(self, exc: HTTPError, what: str) -> ServingError:
+        if isinstance(exc, ReadTimeout):
+            return BackendTimeout(f"backend {self.name} timed out {what}", backend=self.name)
+        if isinstance(exc, ConnectError):
+            return BackendUnavailable(f"backend {self.name} is unreachable: {exc}", backend=self.name)
+        return BackendUnavailable(f"backend {self.name} failed {what}: {exc}", backend=self.name)
 
-    async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
+    async def _send(self, method: str, path: str, body: bytes | None, idle_timeout: float | None = -1.0) -> Response:
+        try:
+            return await self._pool.request(method, path, body, self._headers, idle_timeout)
+        except HTTPError as exc:
+            raise self._translate(exc, "before answering") from exc
+
+    async def _read(self, resp: Response) -> bytes:
+        try:
+            return await resp.read()
+        except HTTPError as exc:
+            raise self._translate(exc, "while answering") from exc
+
+    async def _check(self, resp: Response) -> None:
         if resp.status < 400:
             return
-        raw = await resp.read()
+        raw = await self._read(resp)
         try:
             body: object = _decode(raw)
         except msgspec.DecodeError:
@@ -79,14 +84,9 @@ class VLLMBackend(Backend):
         raise BackendHTTPError(_error_message(body, resp.status), backend=self.name, status=resp.status, body=body)
 
     async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            async with self._client().post(self.base_url + path, data=_encode(body), headers=self._headers) as resp:
-                await self._raise_for_status(resp)
-                raw = await resp.read()
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendTimeout(f"backend {self.name} timed out", backend=self.name) from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"backend {self.name} is unreachable: {exc}", backend=self.name) from exc
+        resp = await self._send("POST", path, _encode(body))
+        await self._check(resp)
+        raw = await self._read(resp)
         try:
             decoded: dict[str, Any] = _decode(raw)
         except msgspec.DecodeError as exc:
@@ -96,54 +96,37 @@ class VLLMBackend(Backend):
         return decoded
 
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        url = self.base_url + path
+        resp = await self._send("POST", path, _encode(body))
         try:
-            resp = await self._client().post(url, data=_encode(body), headers=self._headers)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendTimeout(f"backend {self.name} timed out", backend=self.name) from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"backend {self.name} is unreachable: {exc}", backend=self.name) from exc
-        finished = False
-        try:
-            await self._raise_for_status(resp)
+            await self._check(resp)
             buffer = b""
-            async for chunk in resp.content.iter_any():
-                buffer += chunk
-                # SSE events end with a blank line; vLLM sends one `data:` line per event.
-                while True:
-                    end = buffer.find(b"\n\n")
-                    if end < 0:
-                        break
-                    event, buffer = buffer[:end], buffer[end + 2 :]
-                    for line in event.split(b"\n"):
-                        if not line.startswith(b"data:"):
-                            continue
-                        payload = line[5:].strip()
-                        if payload == _DONE:
-                            finished = True
-                            return
-                        yield payload
-            finished = True
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendTimeout(f"backend {self.name} stopped streaming", backend=self.name) from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"backend {self.name} dropped the stream: {exc}", backend=self.name) from exc
+            try:
+                async for chunk in resp.iter_chunks():
+                    buffer = buffer + chunk if buffer else chunk
+                    # SSE events end with a blank line; vLLM sends one `data:` line per event.
+                    while True:
+                        end = buffer.find(b"\n\n")
+                        if end < 0:
+                            break
+                        event, buffer = buffer[:end], buffer[end + 2 :]
+                        for line in event.split(b"\n"):
+                            if not line.startswith(b"data:"):
+                                continue
+                            payload = line[5:].strip()
+                            if payload == _DONE:
+                                return
+                            yield payload
+            except HTTPError as exc:
+                raise self._translate(exc, "mid-stream") from exc
         finally:
-            if finished:
-                resp.release()
-            else:
-                # The consumer went away (or an error): drop the connection so vLLM aborts.
-                resp.close()
+            # Normal end: the connection goes back to the pool. Abandoned (the client left) or
+            # failed: the connection is closed, so vLLM sees the disconnect and aborts.
+            resp.close()
 
     async def models(self) -> list[ModelCard]:
-        try:
-            async with self._client().get(self.base_url + "/v1/models") as resp:
-                await self._raise_for_status(resp)
-                data = _decode(await resp.read())
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise BackendTimeout(f"backend {self.name} timed out", backend=self.name) from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"backend {self.name} is unreachable: {exc}", backend=self.name) from exc
+        resp = await self._send("GET", "/v1/models", None)
+        await self._check(resp)
+        data = _decode(await self._read(resp))
         return [
             ModelCard(id=m["id"], owned_by=m.get("owned_by", "vllm"), max_model_len=m.get("max_model_len"))
             for m in data.get("data", [])
@@ -151,12 +134,11 @@ class VLLMBackend(Backend):
 
     async def health(self) -> bool:
         try:
-            async with self._client().get(self.base_url + "/health", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+            resp = await self._pool.request("GET", "/health", None, self._headers, idle_timeout=2.0)
+            await resp.read()
+        except HTTPError:
             return False
+        return resp.status == 200
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.close()
