@@ -193,7 +193,7 @@ class Pipeline:
         began = time.perf_counter()
         upstream = self.backend.stream(trace.endpoint.path, body).__aiter__()
         try:
-            first: bytes | None = await upstream.__anext__()
+            first: list[bytes] | None = await upstream.__anext__()
         except StopAsyncIteration:
             first = None
         except ServingError as exc:
@@ -204,45 +204,51 @@ class Pipeline:
         return self._relay(trace, upstream, first, began)
 
     async def _relay(
-        self, trace: Trace, upstream: AsyncIterator[bytes], first: bytes | None, began: float
+        self, trace: Trace, upstream: AsyncIterator[list[bytes]], first: list[bytes] | None, began: float
     ) -> AsyncIterator[bytes]:
         chat = trace.endpoint.chat
         texts: dict[int, list[str]] = {}
         finishes: dict[int, str] = {}
         held: dict[str, Any] | None = None  # the event that may be the last one
         recorded = False
-        payload = first
+        batch = first
         try:
             try:
-                while payload is not None:
-                    event = _decode(payload)
-                    if isinstance(event, dict) and "error" in event:
-                        raise UpstreamError(_upstream_message(event), code="backend_stream_error")
-                    choices = event.get("choices") or []
-                    content = False
-                    closing = False
-                    for choice in choices:
-                        index = choice.get("index", 0)
-                        piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                        if piece:
-                            texts.setdefault(index, []).append(piece)
-                            content = True
-                        if choice.get("finish_reason"):
-                            finishes[index] = choice["finish_reason"]
-                            closing = True
-                    if event.get("usage"):
-                        trace.usage = event["usage"]
-                        closing = closing or not choices
-                    if held is not None:
-                        yield b"data: " + _encode(held) + b"\n\n"
-                        held = None
-                    if closing:
-                        held = event
-                    else:
-                        if content and trace.ttft_s is None:
-                            trace.ttft_s = time.perf_counter() - trace.started
-                        yield b"data: " + payload + b"\n\n"
-                    payload = await anext(upstream, None)
+                while batch is not None:
+                    out: list[bytes] = []  # what this batch releases, sent as one write
+                    for payload in batch:
+                        event = _decode(payload)
+                        if isinstance(event, dict) and "error" in event:
+                            if out:
+                                yield b"".join(out)
+                            raise UpstreamError(_upstream_message(event), code="backend_stream_error")
+                        choices = event.get("choices") or []
+                        content = False
+                        closing = False
+                        for choice in choices:
+                            index = choice.get("index", 0)
+                            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                            if piece:
+                                texts.setdefault(index, []).append(piece)
+                                content = True
+                            if choice.get("finish_reason"):
+                                finishes[index] = choice["finish_reason"]
+                                closing = True
+                        if event.get("usage"):
+                            trace.usage = event["usage"]
+                            closing = closing or not choices
+                        if held is not None:
+                            out.append(b"data: " + _encode(held) + b"\n\n")
+                            held = None
+                        if closing:
+                            held = event
+                        else:
+                            if content and trace.ttft_s is None:
+                                trace.ttft_s = time.perf_counter() - trace.started
+                            out.append(b"data: " + payload + b"\n\n")
+                    if out:
+                        yield out[0] if len(out) == 1 else b"".join(out)
+                    batch = await anext(upstream, None)
                 trace.backend_s = time.perf_counter() - began
             except ServingError as exc:
                 trace.backend_s = time.perf_counter() - began

@@ -1,8 +1,9 @@
 """The backend seam: one small async interface that every LLM server client implements.
 
 Bodies travel as decoded JSON dicts so fields the gateway does not know reach the backend
-untouched. Streams yield the raw JSON payload of each server-sent event, without the
-`data: ` prefix and without the closing `[DONE]`.
+untouched. Streams yield batches: the raw JSON payloads of the server-sent events that arrived
+together (without the `data: ` prefix and without the closing `[DONE]`), so a burst of events
+is handled, and sent on to the client, in one go.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class Backend(ABC):
         """POST a non-streaming request (`/v1/chat/completions`, `/v1/completions`) and return the JSON."""
 
     @abstractmethod
-    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """POST a streaming request and yield each event's JSON payload as bytes.
+    def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        """POST a streaming request and yield batches of event payloads (JSON bytes), in order.
 
         Closing the iterator early (client gone) closes the upstream connection, which makes
         vLLM abort the request and stop generating.

@@ -86,15 +86,15 @@ class Router(Backend):
         assert last is not None
         raise last
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         last: ServingError | None = None
         for slot in await self._slots_for(body.get("model")):
             slot.in_flight += 1
             started = False
             try:
-                async for payload in slot.backend.stream(path, body):
+                async for batch in slot.backend.stream(path, body):
                     started = True
-                    yield payload
+                    yield batch
                 return
             except BackendUnavailable as exc:
                 if started:

@@ -95,7 +95,7 @@ class VLLMBackend(Backend):
             ) from exc
         return decoded
 
-    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         resp = await self._send("POST", path, _encode(body))
         try:
             await self._check(resp)
@@ -104,18 +104,22 @@ class VLLMBackend(Backend):
                 async for chunk in resp.iter_chunks():
                     buffer = buffer + chunk if buffer else chunk
                     # SSE events end with a blank line; vLLM sends one `data:` line per event.
-                    while True:
-                        end = buffer.find(b"\n\n")
-                        if end < 0:
-                            break
-                        event, buffer = buffer[:end], buffer[end + 2 :]
-                        for line in event.split(b"\n"):
-                            if not line.startswith(b"data:"):
-                                continue
-                            payload = line[5:].strip()
-                            if payload == _DONE:
-                                return
-                            yield payload
+                    end = buffer.rfind(b"\n\n")
+                    if end < 0:
+                        continue
+                    complete, buffer = buffer[:end], buffer[end + 2 :]
+                    batch: list[bytes] = []
+                    for line in complete.split(b"\n"):
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == _DONE:
+                            if batch:
+                                yield batch
+                            return
+                        batch.append(payload)
+                    if batch:
+                        yield batch
             except HTTPError as exc:
                 raise self._translate(exc, "mid-stream") from exc
         finally:
