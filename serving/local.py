@@ -99,10 +99,18 @@ class LocalVLLM:
     def start(self, log_path: Path | None = None) -> subprocess.Popen[bytes]:
         """Start vLLM in the background (its own process group, so it can be stopped as a whole)."""
         self.prepare()
-        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-        return subprocess.Popen(
-            self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        if log_path is None:
+            return subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(
+                self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait_ready(self, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 600.0) -> None:
         """Poll `/health` until it answers 200; fail early if the process dies."""
