@@ -71,15 +71,47 @@ class ProfanityCheckScorer(ToxicityScorer):
 
     def __init__(self) -> None:
         try:
-            from profanity_check import predict_prob
+            import profanity_check.profanity_check as package
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ScorerUnavailable(f"alt-profanity-check is not installed: {exc}") from exc
-        self._predict_prob = predict_prob
+        self._predict_prob = package.predict_prob
+        self._vectorizer = package.vectorizer
+        # The model is a CalibratedClassifierCV over 5 linear SVMs with sigmoid calibration. Its
+        # predict_proba spends ~5 ms per call in sklearn's input validation whatever the batch
+        # size; the same arithmetic done directly takes ~0.1 ms. Fall back when the shape differs.
+        self._linear = self._linear_parts(package.model)
+
+    @staticmethod
+    def _linear_parts(model: Any) -> list[tuple[Any, float, float, float]] | None:
+        try:
+            if list(model.classes_) != [0, 1]:
+                return None
+            parts = []
+            for calibrated in model.calibrated_classifiers_:
+                (calibrator,) = calibrated.calibrators
+                coef = calibrated.estimator.coef_
+                if coef.shape[0] != 1 or type(calibrator).__name__ != "_SigmoidCalibration":
+                    return None
+                parts.append((coef[0], float(calibrated.estimator.intercept_[0]), float(calibrator.a_),
+                              float(calibrator.b_)))
+            return parts
+        except (AttributeError, ValueError, TypeError):
+            return None
 
     def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
         if not texts:
             return []
-        probs = self._predict_prob(list(texts))
+        if self._linear is None:
+            probs = self._predict_prob(list(texts))
+        else:
+            import numpy as np
+
+            features = self._vectorizer.transform(list(texts))
+            probs = np.zeros(len(texts))
+            for coef, intercept, a, b in self._linear:
+                decision = features @ coef + intercept
+                probs += 1.0 / (1.0 + np.exp(a * decision + b))  # sklearn's _SigmoidCalibration
+            probs /= len(self._linear)
         return [{"toxicity": float(p)} for p in probs]
 
     def describe(self) -> dict[str, Any]:

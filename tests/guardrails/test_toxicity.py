@@ -128,3 +128,24 @@ def test_profanity_check_on_a_davidson_sample(profanity_scorer: ProfanityCheckSc
     scores = profanity_scorer.score_batch([r["tweet"] for r in rows])
     correct = sum((s["toxicity"] >= 0.5) == (r["class"] in ("0", "1")) for s, r in zip(scores, rows, strict=True))
     assert correct / len(rows) > 0.85
+
+
+def test_direct_linear_scoring_equals_the_packages_predict_prob() -> None:
+    from profanity_check import predict_prob
+
+    from guardrails.toxicity import ProfanityCheckScorer
+
+    scorer = ProfanityCheckScorer()
+    assert scorer._linear is not None  # the fast path is in use with this package version
+    texts = [
+        "Have a nice day",
+        "You are a stupid idiot",
+        "",
+        "the quick brown fox jumps over the lazy dog " * 20,
+        "what the hell is this shit",
+        "I will find you and hurt you",
+        "Paris is the capital of France.",
+    ]
+    fast = [s["toxicity"] for s in scorer.score_batch(texts)]
+    reference = [float(p) for p in predict_prob(texts)]
+    assert fast == pytest.approx(reference, abs=1e-9)
