@@ -253,7 +253,9 @@ class BatchingScorer:
         fut: asyncio.Future[list[dict[str, float]]] = loop.create_future()
         self._pending.append((list(texts), fut))
         self._count += len(texts)
-        if self._count >= self.max_batch:
+        # Adaptive: with nothing in flight, score now (no waiting at low load); while a batch
+        # runs, callers gather and go together when it returns (or when the batch is full).
+        if self._count >= self.max_batch or not self._tasks:
             self._flush()
         elif self._timer is None:
             self._timer = loop.call_later(self.max_wait, self._flush)
@@ -284,6 +286,8 @@ class BatchingScorer:
             if not fut.done():
                 fut.set_result(scores[pos : pos + len(chunk)])
             pos += len(chunk)
+        if self._pending and len(self._tasks) <= 1:
+            self._flush()  # whoever queued while this batch ran goes now
 
 
 @register
