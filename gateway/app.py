@@ -21,20 +21,13 @@ log = logging.getLogger("gateway")
 _encode = msgspec.json.Encoder().encode
 
 
-def _error_response(
-    status: int,
-    message: str,
-    kind: str,
-    code: str | None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response[bytes]:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
+def _error_response(status: int, message: str, kind: str, code: str | None) -> Response[bytes]:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return Response(_encode(body), status_code=status, media_type="application/json")
 
 
 def _gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
-    return _error_response(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
+    return Response(_encode(exc.body()), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 400: "invalid_request"}

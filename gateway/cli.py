@@ -53,9 +53,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         backend=args.backend or None,
         open_mode=True if args.open else None,
+        policy=args.policy,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.policy:
+        from guardrails import load_policy
+
+        load_policy(settings.policy)  # fail now, not after the minutes a local vLLM takes to start
     upgrade(settings.database_url)
     if settings.open_mode:
         print(
@@ -280,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", action="append", metavar="URL", help="a vLLM (or OpenAI-compatible) server; repeatable"
     )
+    serve.add_argument("--policy", type=Path, default=None, help="guardrails policy file (TOML)")
     serve.add_argument("--open", action="store_true", help="no API keys (local use only; announced loudly)")
     serve.set_defaults(func=cmd_serve)
 
@@ -345,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from guardrails import PolicyError
         from serving.errors import ServingError
 
+        if isinstance(exc, PolicyError):
+            print(f"gateway: invalid policy: {exc}", file=sys.stderr)
+            return 2
         if isinstance(exc, ServingError):
             print(f"gateway: {exc}", file=sys.stderr)
             return 1

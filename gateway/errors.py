@@ -2,6 +2,7 @@
 
     GatewayError                 status  type                   code
      +-- InvalidRequest           400    invalid_request_error  (varies, e.g. invalid_json)
+     |    +-- InputBlocked        400    invalid_request_error  input_blocked (names the guard)
      +-- RequestTooLarge          413    invalid_request_error  request_too_large
      +-- AuthenticationFailed     401    authentication_error   invalid_api_key
      +-- PermissionDenied         403    permission_error       insufficient_role
@@ -40,8 +41,10 @@ class GatewayError(Exception):
         status: int | None = None,
         type: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
+        self.extra = extra or {}  # extra top-level objects for the body, e.g. "gateway"
         self.message = message
         self.param = param
         if code is not None:
@@ -53,13 +56,26 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
+            **self.extra,
+        }
 
 
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class InputBlocked(InvalidRequest):
+    """An input guard blocked the request; no backend call was made."""
+
+    code = "input_blocked"
+
+    def __init__(self, message: str, *, guard: str, param: str | None = "messages") -> None:
+        super().__init__(message, param=param, headers={"x-gateway-blocked-by": guard})
+        self.guard = guard
 
 
 class RequestTooLarge(GatewayError):

@@ -22,10 +22,12 @@ from typing import Any
 
 import msgspec
 
+from gateway import guarding
 from gateway.audit import AuditWriter
 from gateway.auth import OPEN_MODE_KEY, KeyInfo, KeyStore
-from gateway.errors import GatewayError, UpstreamError, from_serving_error
+from gateway.errors import GatewayError, InputBlocked, UpstreamError, from_serving_error
 from gateway.validation import decode_body, validate_chat, validate_completion
+from guardrails import Guardrails, StreamChecker, Verdict
 from serving.backend import Backend
 from serving.errors import ServingError
 
@@ -72,6 +74,8 @@ class Trace:
     backend: str | None = None
     backend_s: float = 0.0
     ttft_s: float | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    blocked: dict[str, Any] | None = None  # which guard withheld the answer, and why
 
     def fail(self, error: GatewayError, status: str) -> None:
         self.status = status
@@ -107,14 +111,24 @@ class Trace:
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 3),
             "total_ms": round(total * 1000, 3),
             "client_ip": self.client_ip,
+            **guarding.audit_columns(self.verdicts),
         }
 
     def gateway_object(self) -> dict[str, Any]:
         """The extra top-level `gateway` object on responses."""
-        return {"request_id": self.request_id, "citations": [], "guards": []}
+        gateway: dict[str, Any] = {
+            "request_id": self.request_id,
+            "citations": [],
+            "guards": [guarding.public(v) for v in self.verdicts],
+        }
+        if self.blocked:
+            gateway["blocked"] = self.blocked
+        return gateway
 
 
 def _status_for(error: GatewayError) -> str:
+    if isinstance(error, InputBlocked):
+        return "blocked"
     if error.status in (401, 403):
         return "unauthorized"
     if isinstance(error, UpstreamError):
@@ -125,11 +139,33 @@ def _status_for(error: GatewayError) -> str:
 class Pipeline:
     """Runs requests end to end over one backend seam (a `Router` in production)."""
 
-    def __init__(self, backend: Backend, audit: AuditWriter, keys: KeyStore, *, open_mode: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        audit: AuditWriter,
+        keys: KeyStore,
+        *,
+        rails: Guardrails | None = None,
+        open_mode: bool = False,
+    ) -> None:
         self.backend = backend
         self.audit = audit
         self.keys = keys
+        self.rails = rails
         self.open_mode = open_mode
+        self._output_active: dict[tuple[str, str | None], bool] = {}
+
+    def output_guarded(self, key: KeyInfo, model: str | None) -> bool:
+        """Whether any output guard is on for this key and model (cached: policies are static)."""
+        if self.rails is None:
+            return False
+        cache_key = (key.id, model)
+        active = self._output_active.get(cache_key)
+        if active is None:
+            guards = self.rails.request_policy(key.id, model).guards.values()
+            active = any(g.enabled and "output" in g.stages for g in guards)
+            self._output_active[cache_key] = active
+        return active
 
     async def record(self, trace: Trace) -> None:
         """Commit the trace's audit row; shielded so a client that leaves cannot cancel the write."""
@@ -154,13 +190,38 @@ class Pipeline:
                 trace.model = body["model"]
             trace.stream = body.get("stream") is True
             endpoint.validate(body)
+            await self._guard_input(trace, key, body)
             if trace.stream:
                 return trace, await self._open_stream(trace, key, body)
             return trace, await self._complete(trace, key, body)
         except GatewayError as error:
             trace.fail(error, _status_for(error))
+            if trace.verdicts:
+                error.extra["gateway"] = trace.gateway_object()
+                error.headers["x-gateway-guards"] = guarding.header(trace.verdicts)
             await self.record(trace)
             raise
+
+    async def _guard_input(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> None:
+        """Input guards on the prompt: block (400, no backend call), redact in place, or flag."""
+        if self.rails is None:
+            return
+        chat = trace.endpoint.chat
+        messages = guarding.checked_messages(chat, body)
+        if messages is None:
+            return
+        result = await self.rails.check_input(messages, (), key.id, trace.model)
+        trace.verdicts.extend(result.verdicts)
+        if result.blocked_by is not None:
+            verdict = result.blocked_by
+            trace.blocked = {"guard": verdict.guard, "stage": "input", "reason": verdict.reason}
+            raise InputBlocked(
+                result.message or f"The request was blocked by the {verdict.guard} guard: {verdict.reason}",
+                guard=verdict.guard,
+                param="messages" if chat else "prompt",
+            )
+        if any(v.action == "redact" for v in result.verdicts):
+            guarding.put_back(chat, body, result.messages)
 
     async def _complete(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> bytes:
         began = time.perf_counter()
@@ -182,11 +243,39 @@ class Pipeline:
             trace.finish_reason = first.get("finish_reason")
         usage = answer.get("usage")
         trace.usage = usage if isinstance(usage, dict) else None
+        if choices and self.output_guarded(key, trace.model):
+            await self._guard_answer(trace, key, body, choices)
         answer["gateway"] = trace.gateway_object()
         payload = _encode(answer)
         trace.response_json = payload.decode()
         await self.record(trace)
         return payload
+
+    async def _guard_answer(
+        self, trace: Trace, key: KeyInfo, body: dict[str, Any], choices: list[dict[str, Any]]
+    ) -> None:
+        """Output guards on each choice: block (content withheld, finish_reason content_filter),
+        redact (masked text), or flag (verdict attached). The audit row keeps the raw text."""
+        assert self.rails is not None
+        chat = trace.endpoint.chat
+        prompt = guarding.last_user_text(guarding.checked_messages(chat, body))
+        texts = [_choice_text(choice, chat) or "" for choice in choices]
+        checks = [i for i, text in enumerate(texts) if text]
+        results = await asyncio.gather(
+            *(self.rails.check_output(texts[i], (), key.id, trace.model, prompt) for i in checks)
+        )
+        for i, result in zip(checks, results, strict=True):
+            trace.verdicts.extend(result.verdicts)
+            if result.blocked_by is not None:
+                verdict = result.blocked_by
+                _set_choice_text(choices[i], chat, result.message or "")
+                choices[i]["finish_reason"] = "content_filter"
+                trace.status = "blocked"
+                trace.blocked = {"guard": verdict.guard, "stage": "output", "reason": verdict.reason}
+                if i == 0:
+                    trace.finish_reason = "content_filter"
+            elif result.text != texts[i]:
+                _set_choice_text(choices[i], chat, result.text)
 
     async def _open_stream(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Start the upstream stream; failures before the first event become proper HTTP errors."""
@@ -201,15 +290,26 @@ class Pipeline:
             trace.backend = exc.backend
             raise from_serving_error(exc) from exc
         trace.backend = self.backend.name
-        return self._relay(trace, upstream, first, began)
+        guard = None
+        if self.output_guarded(key, trace.model):
+            assert self.rails is not None
+            prompt = guarding.last_user_text(guarding.checked_messages(trace.endpoint.chat, body))
+            guard = _StreamGuard(self.rails, key.id, trace.model, prompt)
+        return self._relay(trace, upstream, first, began, guard)
 
     async def _relay(
-        self, trace: Trace, upstream: AsyncIterator[list[bytes]], first: list[bytes] | None, began: float
+        self,
+        trace: Trace,
+        upstream: AsyncIterator[list[bytes]],
+        first: list[bytes] | None,
+        began: float,
+        guard: _StreamGuard | None,
     ) -> AsyncIterator[bytes]:
         chat = trace.endpoint.chat
-        texts: dict[int, list[str]] = {}
+        texts: dict[int, list[str]] = {}  # the raw answer, for the audit row
         finishes: dict[int, str] = {}
         held: dict[str, Any] | None = None  # the event that may be the last one
+        held_content = False  # whether it carries answer text (for time to first token)
         recorded = False
         batch = first
         try:
@@ -234,21 +334,39 @@ class Pipeline:
                             if choice.get("finish_reason"):
                                 finishes[index] = choice["finish_reason"]
                                 closing = True
+                        if guard is not None and choices:
+                            # Release only sentences the output guards passed; hold the unfinished one.
+                            released, blocked = await guard.filter(event, chat)
+                            if blocked is not None:
+                                if held is not None:
+                                    out.append(b"data: " + _encode(held) + b"\n\n")
+                                if out:
+                                    yield b"".join(out)
+                                held = self._withhold(trace, event, blocked, chat)
+                                batch = None
+                                break
+                            if not event["choices"] and not event.get("usage"):
+                                continue  # everything in it is held back for now
+                            content = released
+                            payload = _encode(event)
                         if event.get("usage"):
                             trace.usage = event["usage"]
                             closing = closing or not choices
                         if held is not None:
                             out.append(b"data: " + _encode(held) + b"\n\n")
                             held = None
+                            if held_content and trace.ttft_s is None:
+                                trace.ttft_s = time.perf_counter() - trace.started
                         if closing:
-                            held = event
+                            held, held_content = event, content
                         else:
                             if content and trace.ttft_s is None:
                                 trace.ttft_s = time.perf_counter() - trace.started
                             out.append(b"data: " + payload + b"\n\n")
-                    if out:
-                        yield out[0] if len(out) == 1 else b"".join(out)
-                    batch = await anext(upstream, None)
+                    else:
+                        if out:
+                            yield out[0] if len(out) == 1 else b"".join(out)
+                        batch = await anext(upstream, None)
                 trace.backend_s = time.perf_counter() - began
             except ServingError as exc:
                 trace.backend_s = time.perf_counter() - began
@@ -261,7 +379,7 @@ class Pipeline:
         except UpstreamError as error:
             # Mid-stream failure: the status line is long gone, so say it in the stream itself.
             trace.fail(error, "backend_error")
-            self._summarise(trace, texts, finishes)
+            self._summarise(trace, texts, finishes, guard)
             recorded = True
             await self.record(trace)
             if held is not None:
@@ -276,15 +394,16 @@ class Pipeline:
                 trace.status = "client_disconnected"
                 trace.http_status = 499
                 trace.backend_s = time.perf_counter() - began
-                self._summarise(trace, texts, finishes)
+                self._summarise(trace, texts, finishes, guard)
                 self.audit.submit(trace.row())  # no await: we are being cancelled
             raise
         finally:
             aclose = getattr(upstream, "aclose", None)
             if aclose is not None:
-                # Closing the upstream generator drops the backend connection, so vLLM aborts.
+                # Closing the upstream generator drops the backend connection, so vLLM aborts
+                # (also after a guard block: nothing more of that answer is wanted).
                 await asyncio.shield(aclose())
-        self._summarise(trace, texts, finishes)
+        self._summarise(trace, texts, finishes, guard)
         if held is None:
             held = {
                 "id": f"gw-{trace.request_id}",
@@ -294,12 +413,38 @@ class Pipeline:
                 "choices": [],
             }
         held["gateway"] = trace.gateway_object()
+        if held_content and trace.ttft_s is None:
+            trace.ttft_s = time.perf_counter() - trace.started  # the first text rides in the last event
         recorded = True
         await self.record(trace)
         yield b"data: " + _encode(held) + b"\n\n" + _DONE
 
     @staticmethod
-    def _summarise(trace: Trace, texts: dict[int, list[str]], finishes: dict[int, str]) -> None:
+    def _withhold(trace: Trace, event: dict[str, Any], blocked: tuple[int, Verdict], chat: bool) -> dict[str, Any]:
+        """The closing event of a stream an output guard stopped: content_filter, and why."""
+        index, verdict = blocked
+        trace.status = "blocked"
+        trace.blocked = {
+            "guard": verdict.guard,
+            "stage": "output",
+            "reason": verdict.reason,
+            "message": verdict.message,
+        }
+        if index == 0:
+            trace.finish_reason = "content_filter"
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": "content_filter"}
+        if chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return {key: event[key] for key in ("id", "object", "created", "model") if key in event} | {"choices": [choice]}
+
+    @staticmethod
+    def _summarise(
+        trace: Trace, texts: dict[int, list[str]], finishes: dict[int, str], guard: _StreamGuard | None = None
+    ) -> None:
+        if guard is not None:
+            trace.verdicts.extend(guard.summary())
         joined = {i: "".join(parts) for i, parts in texts.items()}
         trace.response_text = joined.get(0, "")
         trace.finish_reason = finishes.get(0)
@@ -307,7 +452,88 @@ class Pipeline:
             {"index": i, "text": joined.get(i, ""), "finish_reason": finishes.get(i)}
             for i in sorted(set(joined) | set(finishes))
         ]
+        if guard is not None:
+            for choice in choices:
+                choice["delivered"] = guard.released(int(choice["index"] or 0))
+            if trace.blocked and trace.finish_reason == "content_filter" and choices:
+                choices[0]["finish_reason"] = "content_filter"
         trace.response_json = _encode({"choices": choices, "usage": trace.usage}).decode()
+
+
+class _StreamGuard:
+    """Output guards over a stream: one sentence-by-sentence checker per choice."""
+
+    def __init__(self, rails: Guardrails, api_key_id: str, model: str | None, prompt: str | None) -> None:
+        self._rails = rails
+        self._api_key_id = api_key_id
+        self._model = model
+        self._prompt = prompt
+        self._checkers: dict[int, StreamChecker] = {}
+
+    def _checker(self, index: int) -> StreamChecker:
+        checker = self._checkers.get(index)
+        if checker is None:
+            checker = self._rails.stream((), self._api_key_id, self._model, self._prompt)
+            self._checkers[index] = checker
+        return checker
+
+    async def filter(self, event: dict[str, Any], chat: bool) -> tuple[bool, tuple[int, Verdict] | None]:
+        """Rewrite the event's choices to carry only released text; drop choices with nothing to say.
+
+        Returns (whether any text was released, (choice index, blocking verdict) or None).
+        """
+        kept = []
+        released_any = False
+        for choice in event["choices"]:
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {} if chat else None
+            piece = delta.get("content") if delta is not None else choice.get("text")
+            checker = self._checker(index)
+            release = ""
+            if piece:
+                step = await checker.feed(piece)
+                if step.blocked and step.blocked_by is not None:
+                    return released_any, (index, step.blocked_by)
+                release += step.release
+            if choice.get("finish_reason"):
+                step = await checker.finish()
+                if step.blocked and step.blocked_by is not None:
+                    return released_any, (index, step.blocked_by)
+                release += step.release
+            if delta is not None:
+                if "content" in delta or release:
+                    delta["content"] = release
+                keep = bool(release) or choice.get("finish_reason") or any(k != "content" for k in delta)
+            else:
+                choice["text"] = release
+                keep = bool(release) or choice.get("finish_reason")
+            if keep:
+                kept.append(choice)
+            released_any = released_any or bool(release)
+        event["choices"] = kept
+        return released_any, None
+
+    def summary(self) -> list[Verdict]:
+        return [v for checker in self._checkers.values() for v in checker.summary()]
+
+    def released(self, index: int) -> str:
+        checker = self._checkers.get(index)
+        return checker.released if checker is not None else ""
+
+
+def _choice_text(choice: dict[str, Any], chat: bool) -> str | None:
+    if chat:
+        content = (choice.get("message") or {}).get("content")
+        return content if isinstance(content, str) else None
+    text = choice.get("text")
+    return text if isinstance(text, str) else None
+
+
+def _set_choice_text(choice: dict[str, Any], chat: bool, text: str) -> None:
+    if chat:
+        choice.setdefault("message", {})["content"] = text
+    else:
+        choice["text"] = text
 
 
 def _upstream_message(event: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
+from gateway import guarding
 from gateway.errors import RequestTooLarge
 from gateway.pipeline import CHAT, COMPLETIONS, Endpoint
 from gateway.services import Services
@@ -31,6 +32,10 @@ async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: 
     client = request.client.host if request.client else None
     trace, result = await services.pipeline.handle(endpoint, read_body, request.headers.get("authorization"), client)
     headers = {"x-gateway-request-id": trace.request_id}
+    if trace.verdicts:  # for a stream: the input guards (output verdicts come in the last event)
+        headers["x-gateway-guards"] = guarding.header(trace.verdicts)
+    if trace.blocked:
+        headers["x-gateway-blocked-by"] = trace.blocked["guard"]
     if isinstance(result, bytes):
         headers["x-gateway-backend-ms"] = f"{trace.backend_s * 1000:.1f}"
         return Response(result, media_type="application/json", headers=headers)

@@ -17,6 +17,7 @@ from gateway.db import audit_records, create_engine
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings
+from guardrails import Guardrails, default_policy, load_policy, make_executor
 from serving.backend import Backend
 from serving.router import Router
 from serving.vllm import VLLMBackend
@@ -49,6 +50,10 @@ class Services:
             sink=sink_for(self.engine, audit_records, sqlite_synchronous=settings.sqlite_synchronous),
         )
         self.keys = KeyStore(self.engine)
+        # An invalid policy stops start-up here, with the file, line and problem in the message.
+        self.policy = load_policy(settings.policy) if settings.policy else default_policy()
+        self.executor = make_executor(settings.guard_workers)
+        self.rails: Guardrails | None = None
         self.pipeline = Pipeline(self.backend, self.audit, self.keys, open_mode=settings.open_mode)
         self.started_at = time.time()
 
@@ -56,6 +61,18 @@ class Services:
         # Alembic runs its own event loop, so it gets a thread of its own.
         await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
+        self.rails = await Guardrails.load(self.policy, self.executor)  # models load off the loop
+        self.pipeline.rails = self.rails
+        described = self.rails.describe()
+        enabled = [name for name, g in described["guards"].items() if g["enabled"]]
+        scorer = described["toxicity_scorer"] or {}
+        log.warning(
+            "guardrails: policy %s; enabled: %s; toxicity scorer: %s%s",
+            described["policy"],
+            ", ".join(enabled) or "none",
+            scorer.get("scorer", "none"),
+            f" ({scorer['note']})" if scorer.get("note") else "",
+        )
         if isinstance(self.backend, Router):
             await self.backend.refresh()
         if self.settings.open_mode:
@@ -65,6 +82,7 @@ class Services:
         await self.audit.stop()
         await self.backend.aclose()
         await self.engine.dispose()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """What `/readyz` reports: backend and database reachability and the models served."""
@@ -93,4 +111,5 @@ class Services:
             "models": models,
             "audit": {"pending": self.audit.pending, "committed": self.audit.committed, "spooled": self.audit.spooled},
             "open_mode": self.settings.open_mode,
+            "guardrails": self.rails.describe() if self.rails else None,
         }

@@ -39,6 +39,8 @@ class Settings:
     local_vllm_port: int = 8100
     vllm_python: str | None = None
     audit_batch_max: int = 512
+    policy: Path | None = None  # guardrails policy (TOML); none: every guard on with its defaults
+    guard_workers: int = 2  # threads for model work (toxicity, embeddings), shared by all requests
     sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     log_level: str = "info"
 
@@ -93,6 +95,8 @@ def _validate(settings: Settings) -> Settings:
 
     if not 0 <= settings.port <= 65535:
         raise bad(f"port {settings.port} is outside 0-65535")
+    if settings.guard_workers < 1:
+        raise bad("guard_workers must be at least 1")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
     if settings.backend_timeout <= 0 or settings.backend_connect_timeout <= 0:

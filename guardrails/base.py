@@ -169,8 +169,13 @@ class Guard(abc.ABC):
 
     def allow(self, ctx: GuardContext, score: float, started: float, **details: Any) -> Verdict:
         return Verdict(
-            guard=self.name, allowed=True, score=score, action="allow", stage=ctx.stage,
-            details=details, ms=(time.perf_counter() - started) * 1000.0,
+            guard=self.name,
+            allowed=True,
+            score=score,
+            action="allow",
+            stage=ctx.stage,
+            details=details,
+            ms=(time.perf_counter() - started) * 1000.0,
         )
 
     def hit(

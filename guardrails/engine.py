@@ -158,8 +158,10 @@ class Guardrails:
                 for name, s in base.guards.items()
             },
             "toxicity_scorer": scorer.describe() if scorer is not None else None,
-            "groundedness": {"method": base.guards["groundedness"].options.get("mode", "lexical"),
-                             "judge": self.resources.judge is not None},
+            "groundedness": {
+                "method": base.guards["groundedness"].options.get("mode", "lexical"),
+                "judge": self.resources.judge is not None,
+            },
         }
 
     def request_policy(self, api_key_id: str | None = None, model: str | None = None) -> RequestPolicy:
@@ -167,8 +169,10 @@ class Guardrails:
 
     def _build(self, api_key_id: str | None, model: str | None) -> dict[str, Guard]:
         rp = self.policy.for_request(api_key_id, model)
-        key = (api_key_id if api_key_id in self.policy.key_overrides else None,
-               model if model in self.policy.model_overrides else None)
+        key = (
+            api_key_id if api_key_id in self.policy.key_overrides else None,
+            model if model in self.policy.model_overrides else None,
+        )
         guards = self._guards.get(key)
         if guards is None:
             guards = {name: GUARDS[name](s, self.resources) for name, s in rp.guards.items() if s.enabled}
@@ -235,10 +239,12 @@ class Guardrails:
         if not active or not passages:
             return PassageResult((), tuple(passages))
         masks = self._masks(guards)
-        results = await asyncio.gather(*(
-            self._run(active, GuardContext(stage="passage", text=p.text, api_key_id=api_key_id, model=model))
-            for p in passages
-        ))
+        results = await asyncio.gather(
+            *(
+                self._run(active, GuardContext(stage="passage", text=p.text, api_key_id=api_key_id, model=model))
+                for p in passages
+            )
+        )
         verdicts: list[Verdict] = []
         kept: list[Passage] = []
         dropped: list[str] = []
@@ -267,8 +273,9 @@ class Guardrails:
     ) -> OutputResult:
         """Run the output guards on a complete answer."""
         guards = self._output_guards(api_key_id, model)
-        ctx = GuardContext(stage="output", text=answer, passages=tuple(passages), prompt=prompt,
-                           api_key_id=api_key_id, model=model)
+        ctx = GuardContext(
+            stage="output", text=answer, passages=tuple(passages), prompt=prompt, api_key_id=api_key_id, model=model
+        )
         verdicts = await self._run(list(guards.values()), ctx)
         blocked = _first_block(verdicts)
         text = "" if blocked else _apply_redactions(answer, verdicts, self._masks(guards))
@@ -310,6 +317,9 @@ class StreamChecker:
     verdicts: list[Verdict] = field(default_factory=list)
     blocked_by: Verdict | None = None
     finished: bool = False
+    # Text without any sentence end (code, lists, run-on output) is not held forever: past this
+    # many characters, check and release up to the last space.
+    max_hold_chars: int = 240
 
     @property
     def blocked(self) -> bool:
@@ -319,7 +329,10 @@ class StreamChecker:
         if self.blocked or self.finished:
             return StreamStep("", self.blocked, self.blocked_by)
         self.text += delta
-        boundary = last_boundary(self.text[self.checked :])
+        pending = self.text[self.checked :]
+        boundary = last_boundary(pending)
+        if boundary == 0 and len(pending) > self.max_hold_chars:
+            boundary = pending.rfind(" ") + 1
         if boundary == 0:
             return StreamStep("")
         return await self._check(self.checked + boundary)
@@ -339,13 +352,18 @@ class StreamChecker:
             self.released += chunk
             return StreamStep(chunk)
         guards = self.rails._output_guards(self.api_key_id, self.model)
-        ctx = GuardContext(stage="output", text=chunk, passages=self.passages, prompt=self.prompt,
-                           api_key_id=self.api_key_id, model=self.model)
+        ctx = GuardContext(
+            stage="output",
+            text=chunk,
+            passages=self.passages,
+            prompt=self.prompt,
+            api_key_id=self.api_key_id,
+            model=self.model,
+        )
         verdicts = await self.rails._run(list(guards.values()), ctx)
         offset = self.checked
         verdicts = [
-            Verdict(**{**_fields(v), "spans": tuple((s + offset, e + offset) for s, e in v.spans)})
-            for v in verdicts
+            Verdict(**{**_fields(v), "spans": tuple((s + offset, e + offset) for s, e in v.spans)}) for v in verdicts
         ]
         self.verdicts.extend(verdicts)
         self.checked = upto
@@ -354,8 +372,9 @@ class StreamChecker:
             self.blocked_by = blocked
             return StreamStep("", True, blocked, tuple(verdicts))
         masks = self.rails._masks(guards)
-        local = [Verdict(**{**_fields(v), "spans": tuple((s - offset, e - offset) for s, e in v.spans)})
-                 for v in verdicts]
+        local = [
+            Verdict(**{**_fields(v), "spans": tuple((s - offset, e - offset) for s, e in v.spans)}) for v in verdicts
+        ]
         release = _apply_redactions(chunk, local, masks)
         self.released += release
         return StreamStep(release, False, None, tuple(verdicts))

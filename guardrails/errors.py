@@ -1,11 +1,11 @@
 """The guardrails package's error tree, so the gateway maps it to HTTP in one place.
 
-    GuardrailsError                base class: anything this package raises on purpose
-    ├── PolicyError                the policy file (or a term file it names) is invalid:
-    │                              the message names the file, the line and the problem
-    ├── ScorerUnavailable          a configured model (Detoxify checkpoint, ...) cannot be loaded
-    └── GuardBlocked               raised by callers that prefer exceptions to results: an
-                                   input or output guard blocked; carries the verdict
+GuardrailsError                base class: anything this package raises on purpose
+├── PolicyError                the policy file (or a term file it names) is invalid:
+│                              the message names the file, the line and the problem
+├── ScorerUnavailable          a configured model (Detoxify checkpoint, ...) cannot be loaded
+└── GuardBlocked               raised by callers that prefer exceptions to results: an
+                               input or output guard blocked; carries the verdict
 """
 
 from __future__ import annotations

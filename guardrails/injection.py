@@ -33,20 +33,35 @@ def _gap(n: int) -> str:
 
 
 _OVERRIDE_VERB = r"\b(?:ignore|disregard|forget|override|overrule|bypass|skip|drop|abandon|ditch|neglect)\b"
-_PRIOR = (r"(?:previous|prior|above|earlier|preceding|former|foregoing|original|initial|all|any|every|your|"
-          r"the system'?s?|system|developer|existing)")
-_RULE_NOUN = (r"(?:instructions?|directives?|guidelines?|rules|prompts?|directions|commands?|constraints|"
-              r"restrictions|polic(?:y|ies)|programming|guardrails?|context|orders|training|conditioning)")
+_PRIOR = (
+    r"(?:previous|prior|above|earlier|preceding|former|foregoing|original|initial|all|any|every|your|"
+    r"the system'?s?|system|developer|existing)"
+)
+_RULE_NOUN = (
+    r"(?:instructions?|directives?|guidelines?|rules|prompts?|directions|commands?|constraints|"
+    r"restrictions|polic(?:y|ies)|programming|guardrails?|context|orders|training|conditioning)"
+)
 _SAFETY = r"(?:safety|content|ethical|ethics|moral|security|usage|openai|anthropic)"
-_SAFETY_NOUN = (r"(?:guidelines?|filters?|restrictions?|rules|polic(?:y|ies)|protocols?|stuff|things|"
-                r"measures|limits|limitations|constraints|settings|features|training|guardrails?)")
-_REVEAL_VERB = (r"\b(?:reveal|print|show|repeat|output|display|dump|leak|disclose|recite|list|expose|"
-                r"echo|spell out|write out|copy|paste|tell me|give me|share|send|return|provide)\b")
-_QUALIFIER = (r"(?:your|hidden|secret|initial|original|system|developer|internal|confidential|above|"
-              r"previous|preceding|pre-prompt|starting)")
-_SECRET_OBJ = (r"(?:(?:the|full|complete|exact|entire|all|of|whole)\s+)*" + _QUALIFIER +
-               r"\s+(?:(?:" + _QUALIFIER + r"|full|complete|exact|entire)\s+)*"
-               r"(?:prompt|instructions?|message|rules|directives|guidelines|configuration)")
+_SAFETY_NOUN = (
+    r"(?:guidelines?|filters?|restrictions?|rules|polic(?:y|ies)|protocols?|stuff|things|"
+    r"measures|limits|limitations|constraints|settings|features|training|guardrails?)"
+)
+_REVEAL_VERB = (
+    r"\b(?:reveal|print|show|repeat|output|display|dump|leak|disclose|recite|list|expose|"
+    r"echo|spell out|write out|copy|paste|tell me|give me|share|send|return|provide)\b"
+)
+_QUALIFIER = (
+    r"(?:your|hidden|secret|initial|original|system|developer|internal|confidential|above|"
+    r"previous|preceding|pre-prompt|starting)"
+)
+_SECRET_OBJ = (
+    r"(?:(?:the|full|complete|exact|entire|all|of|whole)\s+)*"
+    + _QUALIFIER
+    + r"\s+(?:(?:"
+    + _QUALIFIER
+    + r"|full|complete|exact|entire)\s+)*"
+    r"(?:prompt|instructions?|message|rules|directives|guidelines|configuration)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,67 +78,149 @@ def _r(name: str, weight: float, pattern: str) -> Rule:
 RULES: tuple[Rule, ...] = (
     # --- instruction override
     _r("override_previous", 0.9, _OVERRIDE_VERB + _gap(3) + _PRIOR + _gap(3) + _RULE_NOUN + r"\b"),
-    _r("override_instructions", 0.6,
-       _OVERRIDE_VERB + _gap(3) + r"(?:instructions?|directives?|guidelines|system prompt|programming)\b"),
-    _r("drop_safety", 0.75, r"\b(?:ignore|disregard|forget|bypass|override|disable|turn off|switch off|"
-       r"remove|without|no|free of|unbound by|not bound by)\b" + _gap(3) + _SAFETY + r"\s+" + _SAFETY_NOUN),
-    _r("stop_following", 0.7, r"\b(?:stop|quit|cease|no longer|don'?t|do not|never)\s+(?:following|obeying|"
-       r"follow|obey|listening to|adhering to|abiding by)\s+(?:any of\s+)?(?:your|those|these|the above|the previous|"
-       r"the system'?s?)\s+(?:\w+\s+)?"
-       + _RULE_NOUN + r"\b"),
+    _r(
+        "override_instructions",
+        0.6,
+        _OVERRIDE_VERB + _gap(3) + r"(?:instructions?|directives?|guidelines|system prompt|programming)\b",
+    ),
+    _r(
+        "drop_safety",
+        0.75,
+        r"\b(?:ignore|disregard|forget|bypass|override|disable|turn off|switch off|"
+        r"remove|without|no|free of|unbound by|not bound by)\b" + _gap(3) + _SAFETY + r"\s+" + _SAFETY_NOUN,
+    ),
+    _r(
+        "stop_following",
+        0.7,
+        r"\b(?:stop|quit|cease|no longer|don'?t|do not|never)\s+(?:following|obeying|"
+        r"follow|obey|listening to|adhering to|abiding by)\s+(?:any of\s+)?(?:your|those|these|the above|the previous|"
+        r"the system'?s?)\s+(?:\w+\s+)?" + _RULE_NOUN + r"\b",
+    ),
     _r("new_instructions", 0.6, r"\b(?:new|updated|real|actual|true)\s+(?:system\s+)?instructions?\s*:"),
     _r("from_now_on", 0.35, r"\bfrom now on\b" + _gap(4) + r"\b(?:you|respond|answer|act|reply|ignore)\b"),
     # --- system prompt / secret extraction
     _r("reveal_prompt", 0.85, _REVEAL_VERB + _gap(4) + _SECRET_OBJ + r"\b"),
-    _r("text_above", 0.6, _REVEAL_VERB + _gap(4) + r"(?:written|said|stated|everything|anything)\s+"
-       r"(?:above|before) (?:this|my) (?:line|message|text|prompt)\b"),
-    _r("prompt_verbatim", 0.7, r"\b(?:prompt|instructions?|message)\b" + _gap(4) +
-       r"(?:verbatim|word for word|word-for-word|exactly as (?:written|given))"),
-    _r("what_were_you_told", 0.6, r"\bwhat (?:were|are) (?:your|the) (?:initial|original|hidden|secret|system) "
-       r"(?:instructions|prompt|rules)\b"),
-    _r("reveal_secret", 0.8, _REVEAL_VERB + _gap(4) + r"(?:api[\s_-]?keys?|passwords?|secrets?|credentials?|"
-       r"access tokens?|private keys?)\b(?:" + _gap(5) + r"(?:your|context|system|memory|environment you|"
-       r"instructions|conversation|you (?:have|know|were given)))"),
-    _r("reveal_secret_bare", 0.35, _REVEAL_VERB + _gap(3) + r"(?:the\s+|all\s+|any\s+)?(?:secrets?|credentials?|"
-       r"passwords?)\b"),
-    _r("secret_from_context", 0.6, r"\b(?:api[\s_-]?keys?|passwords?|secrets?|credentials?)\b" + _gap(4) +
-       r"(?:from|in) your (?:context|memory|system|prompt|instructions|configuration)"),
+    _r(
+        "text_above",
+        0.6,
+        _REVEAL_VERB + _gap(4) + r"(?:written|said|stated|everything|anything)\s+"
+        r"(?:above|before) (?:this|my) (?:line|message|text|prompt)\b",
+    ),
+    _r(
+        "prompt_verbatim",
+        0.7,
+        r"\b(?:prompt|instructions?|message)\b"
+        + _gap(4)
+        + r"(?:verbatim|word for word|word-for-word|exactly as (?:written|given))",
+    ),
+    _r(
+        "what_were_you_told",
+        0.6,
+        r"\bwhat (?:were|are) (?:your|the) (?:initial|original|hidden|secret|system) "
+        r"(?:instructions|prompt|rules)\b",
+    ),
+    _r(
+        "reveal_secret",
+        0.8,
+        _REVEAL_VERB + _gap(4) + r"(?:api[\s_-]?keys?|passwords?|secrets?|credentials?|"
+        r"access tokens?|private keys?)\b(?:" + _gap(5) + r"(?:your|context|system|memory|environment you|"
+        r"instructions|conversation|you (?:have|know|were given)))",
+    ),
+    _r(
+        "reveal_secret_bare",
+        0.35,
+        _REVEAL_VERB + _gap(3) + r"(?:the\s+|all\s+|any\s+)?(?:secrets?|credentials?|"
+        r"passwords?)\b",
+    ),
+    _r(
+        "secret_from_context",
+        0.6,
+        r"\b(?:api[\s_-]?keys?|passwords?|secrets?|credentials?)\b"
+        + _gap(4)
+        + r"(?:from|in) your (?:context|memory|system|prompt|instructions|configuration)",
+    ),
     # --- role-play overrides
-    _r("dan", 0.85, r"\b(?:you are|you're|act as|become|pretend to be|roleplay as)\s+(?:now\s+)?(?:a\s+)?dan\b|"
-       r"\bdan\b" + _gap(3) + r"(?:can do anything|do anything now)"),
-    _r("unrestricted_persona", 0.8, r"\b(?:you are|you're|act as|pretend|imagine|roleplay|behave|answer|respond|"
-       r"reply|as if)\b" + _gap(6) + r"(?:no|without|zero|free of|free from)\s+(?:any\s+)?"
-       r"(?:restrictions|limits|limitations|filters?|rules|guidelines|censorship|morals|ethics|boundaries)"),
-    _r("unrestricted_adjective", 0.75, r"\b(?:you are|you're|act as|pretend to be|become)\s+(?:now\s+)?(?:an?\s+)?"
-       r"(?:unrestricted|unfiltered|uncensored|jailbroken|evil|amoral|unethical|unaligned)\b"),
-    _r("developer_mode", 0.7, r"\b(?:enable|enter|activate|switch to|switch into|turn on|unlock|simulate|"
-       r"you are in|you're in|now in)\b" + _gap(2) + r"(?:developer|god|debug|sudo|admin|jailbreak|dan)\s+mode\b"),
+    _r(
+        "dan",
+        0.85,
+        r"\b(?:you are|you're|act as|become|pretend to be|roleplay as)\s+(?:now\s+)?(?:a\s+)?dan\b|"
+        r"\bdan\b" + _gap(3) + r"(?:can do anything|do anything now)",
+    ),
+    _r(
+        "unrestricted_persona",
+        0.8,
+        r"\b(?:you are|you're|act as|pretend|imagine|roleplay|behave|answer|respond|"
+        r"reply|as if)\b" + _gap(6) + r"(?:no|without|zero|free of|free from)\s+(?:any\s+)?"
+        r"(?:restrictions|limits|limitations|filters?|rules|guidelines|censorship|morals|ethics|boundaries)",
+    ),
+    _r(
+        "unrestricted_adjective",
+        0.75,
+        r"\b(?:you are|you're|act as|pretend to be|become)\s+(?:now\s+)?(?:an?\s+)?"
+        r"(?:unrestricted|unfiltered|uncensored|jailbroken|evil|amoral|unethical|unaligned)\b",
+    ),
+    _r(
+        "developer_mode",
+        0.7,
+        r"\b(?:enable|enter|activate|switch to|switch into|turn on|unlock|simulate|"
+        r"you are in|you're in|now in)\b" + _gap(2) + r"(?:developer|god|debug|sudo|admin|jailbreak|dan)\s+mode\b",
+    ),
     _r("you_are_now", 0.3, r"\byou are now\b"),
     # --- delimiter / fake role markup
-    _r("fake_role_tag", 0.45, r"</?\s*(?:system|assistant|user|developer|im_start|im_end|s)\s*>|<\|im_(?:start|end)\|>|"
-       r"\[/?inst\]|^\s*#{2,}\s*(?:system|instruction)|\bbegin (?:system|new) prompt\b"),
+    _r(
+        "fake_role_tag",
+        0.45,
+        r"</?\s*(?:system|assistant|user|developer|im_start|im_end|s)\s*>|<\|im_(?:start|end)\|>|"
+        r"\[/?inst\]|^\s*#{2,}\s*(?:system|instruction)|\bbegin (?:system|new) prompt\b",
+    ),
     # --- indirect injection (in documents, e-mails, web pages)
-    _r("hidden_comment_instruction", 0.6, r"<!--[^>]*\b(?:important|instruction|assistant|ai|model|llm|ignore|"
-       r"when (?:summari[sz]ing|answering|reading))\b[^>]*-->"),
-    _r("when_summarizing", 0.5, r"\bwhen (?:you )?(?:summari[sz]e|summari[sz]ing|answering|reading|processing)\b"
-       + _gap(4) + r"\b(?:end|start|begin|include|add|append|say|respond|reply|insert|mention)\b"),
-    _r("addressed_to_ai", 0.5, r"(?:^|[.!?:>\n]\s*)(?:note to (?:the )?|attention,?\s*|dear\s+)?"
-       r"(?:ai|assistant|language model|llm|chatbot|model)s?\s*[,:]\s*(?:you\s+)?(?:must|should|please)?\s*"
-       r"(?:ignore|disregard|forget|approve|execute|run|send|forward|delete)\b"),
+    _r(
+        "hidden_comment_instruction",
+        0.6,
+        r"<!--[^>]*\b(?:important|instruction|assistant|ai|model|llm|ignore|"
+        r"when (?:summari[sz]ing|answering|reading))\b[^>]*-->",
+    ),
+    _r(
+        "when_summarizing",
+        0.5,
+        r"\bwhen (?:you )?(?:summari[sz]e|summari[sz]ing|answering|reading|processing)\b"
+        + _gap(4)
+        + r"\b(?:end|start|begin|include|add|append|say|respond|reply|insert|mention)\b",
+    ),
+    _r(
+        "addressed_to_ai",
+        0.5,
+        r"(?:^|[.!?:>\n]\s*)(?:note to (?:the )?|attention,?\s*|dear\s+)?"
+        r"(?:ai|assistant|language model|llm|chatbot|model)s?\s*[,:]\s*(?:you\s+)?(?:must|should|please)?\s*"
+        r"(?:ignore|disregard|forget|approve|execute|run|send|forward|delete)\b",
+    ),
     _r("approve_without", 0.4, r"\b(?:approve|merge|accept|grant|authori[sz]e)\s+(?:this|the|my)\b"),
     # --- tool / agency misuse
-    _r("tool_without_approval", 0.75, r"\b(?:call|invoke|use|run|execute|trigger)\b" + _gap(3) +
-       r"(?:tool|function|api|plugin|action)\b" + _gap(4) +
-       r"(?:without|skipping|bypassing)\s+(?:any\s+|the\s+|user\s+)?(?:approval|confirmation|asking|consent|review|permission)"),
-    _r("sql_injection", 0.75,
-       r"['\"]?\s*;\s*(?:drop|delete|truncate|alter|insert|update)\s+(?:table|from|into|database)\b|"
-       r"\bor\s+'?1'?\s*=\s*'?1\b|;\s*--"),
+    _r(
+        "tool_without_approval",
+        0.75,
+        r"\b(?:call|invoke|use|run|execute|trigger)\b"
+        + _gap(3)
+        + r"(?:tool|function|api|plugin|action)\b"
+        + _gap(4)
+        + r"(?:without|skipping|bypassing)\s+(?:any\s+|the\s+|user\s+)?(?:approval|confirmation|asking|consent|review|permission)",
+    ),
+    _r(
+        "sql_injection",
+        0.75,
+        r"['\"]?\s*;\s*(?:drop|delete|truncate|alter|insert|update)\s+(?:table|from|into|database)\b|"
+        r"\bor\s+'?1'?\s*=\s*'?1\b|;\s*--",
+    ),
     _r("shell_injection", 0.7, r"(?:;|&&|\|\|?|`|\$\()\s*(?:rm\s+-rf|curl\s|wget\s|nc\s|bash\s|sh\s|chmod\s)"),
     # --- encoded payloads
-    _r("decode_and_obey", 0.6,
-       r"\b(?:decode|decipher|decrypt|translate|convert|apply|reverse|unscramble|rot13|base64)\b"
-       + _gap(8) + r"\b(?:(?:follow|comply|obey|execute|act on|carry out)(?:\s+with)?\s*(?::|\bit\b|\bthem\b|"
-       r"\bthat\b|\bthe (?:decoded|result|resulting|hidden|instructions?|text|message))|do (?:what|as) it says)"),
+    _r(
+        "decode_and_obey",
+        0.6,
+        r"\b(?:decode|decipher|decrypt|translate|convert|apply|reverse|unscramble|rot13|base64)\b"
+        + _gap(8)
+        + r"\b(?:(?:follow|comply|obey|execute|act on|carry out)(?:\s+with)?\s*(?::|\bit\b|\bthem\b|"
+        r"\bthat\b|\bthe (?:decoded|result|resulting|hidden|instructions?|text|message))|do (?:what|as) it says)",
+    ),
 )
 
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
@@ -237,7 +334,11 @@ class InjectionGuard(Guard):
         if finding.score < threshold:
             return self.allow(ctx, finding.score, started, rules=list(finding.rules))
         return self.hit(
-            ctx, finding.score, started,
+            ctx,
+            finding.score,
+            started,
             f"prompt injection suspected ({', '.join(finding.rules)})",
-            finding.spans, rules=list(finding.rules), threshold=threshold,
+            finding.spans,
+            rules=list(finding.rules),
+            threshold=threshold,
         )

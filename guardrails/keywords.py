@@ -181,8 +181,13 @@ class KeywordGuard(Guard):
     def __init__(self, settings: Any, resources: Any) -> None:
         super().__init__(settings, resources)
         opts = settings.options
-        key = ("keywords", tuple(opts.get("terms", ())), tuple(opts.get("term_files", ())),
-               tuple(opts.get("allow", ())), tuple(opts.get("allow_files", ())))
+        key = (
+            "keywords",
+            tuple(opts.get("terms", ())),
+            tuple(opts.get("term_files", ())),
+            tuple(opts.get("allow", ())),
+            tuple(opts.get("allow_files", ())),
+        )
         matcher = resources.cache.get(key)
         if matcher is None:
             terms = parse_terms(opts.get("terms", ()), "<policy: terms>")
@@ -203,5 +208,4 @@ class KeywordGuard(Guard):
             return self.allow(ctx, 0.0, started)
         spans: tuple[Span, ...] = tuple((m.start, m.end) for m in found)
         terms = sorted({m.term for m in found})
-        return self.hit(ctx, 1.0, started, f"matched {len(found)} listed term(s)", spans,
-                        terms=terms, count=len(found))
+        return self.hit(ctx, 1.0, started, f"matched {len(found)} listed term(s)", spans, terms=terms, count=len(found))

@@ -56,8 +56,10 @@ class Policy:
 
     def for_request(self, api_key_id: str | None = None, model: str | None = None) -> RequestPolicy:
         """Merge the base policy with the model's and then the API key's overrides (key wins)."""
-        key = (api_key_id if api_key_id in self.key_overrides else None,
-               model if model in self.model_overrides else None)
+        key = (
+            api_key_id if api_key_id in self.key_overrides else None,
+            model if model in self.model_overrides else None,
+        )
         found = self._cache.get(key)
         if found is None:
             layers = [self.model_overrides[key[1]]] if key[1] else []
@@ -126,8 +128,9 @@ def _expect_table(value: Any, path: tuple[str, ...], loc: _KeyLocator) -> dict[s
     return value
 
 
-def _check_guard_table(name: str, raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator,
-                       base_dir: Path) -> None:
+def _check_guard_table(
+    name: str, raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator, base_dir: Path
+) -> None:
     """Validate one guard's table (base or override layer); raise PolicyError on the first problem."""
     cls = GUARDS[name]
     allowed = _COMMON_GUARD_KEYS | set(cls.option_keys)
@@ -158,8 +161,10 @@ def _check_guard_table(name: str, raw: Mapping[str, Any], path: tuple[str, ...],
             table = _expect_table(value, p, loc)
             for tk, tv in table.items():
                 if tk not in cls.default_thresholds:
-                    raise loc.error((*p, tk), f"unknown threshold '{tk}' for guard '{name}' "
-                                              f"(known: {', '.join(cls.default_thresholds)})")
+                    raise loc.error(
+                        (*p, tk),
+                        f"unknown threshold '{tk}' for guard '{name}' (known: {', '.join(cls.default_thresholds)})",
+                    )
                 if isinstance(tv, bool) or not isinstance(tv, int | float) or not 0.0 <= tv <= 1.0:
                     raise loc.error((*p, tk), f"threshold '{tk}' must be a number between 0 and 1, not {tv!r}")
         elif key in ("terms", "allow"):
@@ -232,12 +237,14 @@ def _resolve(policy: Policy, layers: list[Mapping[str, Any]], loc: _KeyLocator) 
 def _check_defaults(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator) -> None:
     for key, _value in raw.items():
         if key not in _DEFAULT_KEYS:
-            raise loc.error((*path, key), f"unknown key '{key}' in [{'.'.join(path)}] "
-                                          f"(known: {', '.join(sorted(_DEFAULT_KEYS))})")
+            raise loc.error(
+                (*path, key), f"unknown key '{key}' in [{'.'.join(path)}] (known: {', '.join(sorted(_DEFAULT_KEYS))})"
+            )
     if "on_empty_retrieval" in raw and raw["on_empty_retrieval"] not in EMPTY_RETRIEVAL:
-        raise loc.error((*path, "on_empty_retrieval"),
-                        f"on_empty_retrieval must be one of {', '.join(EMPTY_RETRIEVAL)}, "
-                        f"not {raw['on_empty_retrieval']!r}")
+        raise loc.error(
+            (*path, "on_empty_retrieval"),
+            f"on_empty_retrieval must be one of {', '.join(EMPTY_RETRIEVAL)}, not {raw['on_empty_retrieval']!r}",
+        )
     if "refusal_message" in raw and (not isinstance(raw["refusal_message"], str) or not raw["refusal_message"]):
         raise loc.error((*path, "refusal_message"), "refusal_message must be a non-empty string")
 
@@ -262,15 +269,17 @@ def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -
     known = {"scorer", "model_type", "checkpoint", "huggingface_config_dir", "device", "batch_size", "max_wait_ms"}
     for key in raw:
         if key not in known:
-            raise loc.error((*path, key),
-                            f"unknown key '{key}' in [scorers.toxicity] (known: {', '.join(sorted(known))})")
+            raise loc.error(
+                (*path, key), f"unknown key '{key}' in [scorers.toxicity] (known: {', '.join(sorted(known))})"
+            )
     scorer = raw.get("scorer", "auto")
     if scorer not in ("auto", "detoxify", "profanity-check"):
         raise loc.error((*path, "scorer"), f"scorer must be auto, detoxify or profanity-check, not {scorer!r}")
     model_type = raw.get("model_type", "original")
     if model_type not in DETOXIFY_MODEL_TYPES:
-        raise loc.error((*path, "model_type"),
-                        f"model_type must be one of {', '.join(DETOXIFY_MODEL_TYPES)}, not {model_type!r}")
+        raise loc.error(
+            (*path, "model_type"), f"model_type must be one of {', '.join(DETOXIFY_MODEL_TYPES)}, not {model_type!r}"
+        )
     paths: dict[str, str | None] = {}
     for key in ("checkpoint", "huggingface_config_dir"):
         value = raw.get(key)
@@ -286,9 +295,13 @@ def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
         raise loc.error((*path, "max_wait_ms"), "max_wait_ms must be a non-negative number")
     return ToxicityConfig(
-        scorer=scorer, model_type=model_type, checkpoint=paths["checkpoint"],
-        huggingface_config_dir=paths["huggingface_config_dir"], device=str(raw.get("device", "cpu")),
-        batch_size=batch, max_wait_ms=float(wait),
+        scorer=scorer,
+        model_type=model_type,
+        checkpoint=paths["checkpoint"],
+        huggingface_config_dir=paths["huggingface_config_dir"],
+        device=str(raw.get("device", "cpu")),
+        batch_size=batch,
+        max_wait_ms=float(wait),
     )
 
 

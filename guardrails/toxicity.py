@@ -27,10 +27,20 @@ from guardrails.errors import ScorerUnavailable
 from guardrails.sentences import split_sentences
 
 CATEGORIES: tuple[str, ...] = (
-    "toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack", "sexual_explicit",
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_attack",
+    "sexual_explicit",
 )
 DETOXIFY_MODEL_TYPES: tuple[str, ...] = (
-    "original", "unbiased", "multilingual", "original-small", "unbiased-small",
+    "original",
+    "unbiased",
+    "multilingual",
+    "original-small",
+    "unbiased-small",
 )
 ScorerKind = Literal["auto", "detoxify", "profanity-check"]
 
@@ -92,8 +102,9 @@ class ProfanityCheckScorer(ToxicityScorer):
                 coef = calibrated.estimator.coef_
                 if coef.shape[0] != 1 or type(calibrator).__name__ != "_SigmoidCalibration":
                     return None
-                parts.append((coef[0], float(calibrated.estimator.intercept_[0]), float(calibrator.a_),
-                              float(calibrator.b_)))
+                parts.append(
+                    (coef[0], float(calibrated.estimator.intercept_[0]), float(calibrator.a_), float(calibrator.b_))
+                )
             return parts
         except (AttributeError, ValueError, TypeError):
             return None
@@ -234,8 +245,9 @@ def build_scorer(config: ToxicityConfig) -> ToxicityScorer:
 class BatchingScorer:
     """Gathers texts from concurrent callers and scores them in one executor call."""
 
-    def __init__(self, scorer: ToxicityScorer, resources: GuardResources,
-                 max_batch: int = 32, max_wait_ms: float = 2.0) -> None:
+    def __init__(
+        self, scorer: ToxicityScorer, resources: GuardResources, max_batch: int = 32, max_wait_ms: float = 2.0
+    ) -> None:
         self.scorer = scorer
         self.resources = resources
         self.max_batch = max_batch
@@ -299,8 +311,13 @@ class ToxicityGuard(Guard):
     default_stages = frozenset({"output"})
     default_message = "The answer was withheld because it may contain toxic content."
     default_thresholds: ClassVar[dict[str, float]] = {
-        "toxicity": 0.5, "severe_toxicity": 0.5, "obscene": 0.5, "threat": 0.5,
-        "insult": 0.5, "identity_attack": 0.5, "sexual_explicit": 0.5,
+        "toxicity": 0.5,
+        "severe_toxicity": 0.5,
+        "obscene": 0.5,
+        "threat": 0.5,
+        "insult": 0.5,
+        "identity_attack": 0.5,
+        "sexual_explicit": 0.5,
     }
     option_keys: ClassVar[dict[str, str]] = {"mask": "redaction mask"}
 
@@ -314,7 +331,8 @@ class ToxicityGuard(Guard):
             scorer = resources.toxicity_scorer
             cfg = resources.cache.get("toxicity-config")
             batcher = BatchingScorer(
-                scorer, resources,
+                scorer,
+                resources,
                 max_batch=cfg.batch_size if cfg else 32,
                 max_wait_ms=cfg.max_wait_ms if cfg else 2.0,
             )
@@ -344,5 +362,12 @@ class ToxicityGuard(Guard):
         details = {"scorer": self.batcher.scorer.name, "scores": {k: round(v, 4) for k, v in worst.items()}}
         if not spans:
             return self.allow(ctx, top, started, **details)
-        return self.hit(ctx, top, started, f"toxic content ({', '.join(sorted(categories_hit))})",
-                        tuple(spans), categories=sorted(categories_hit), **details)
+        return self.hit(
+            ctx,
+            top,
+            started,
+            f"toxic content ({', '.join(sorted(categories_hit))})",
+            tuple(spans),
+            categories=sorted(categories_hit),
+            **details,
+        )

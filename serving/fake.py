@@ -67,10 +67,14 @@ class FakeConfig:
 
 
 def _answer(prompt: str, n_tokens: int, choice: int) -> list[str]:
+    """Deterministic tokens: words from a small vocabulary, a sentence every 8 words."""
     seed = int.from_bytes(hashlib.blake2b(f"{choice}:{prompt}".encode(), digest_size=8).digest(), "big")
     tokens = [_WORDS[(seed >> (i % 48) ^ i * 7) % len(_WORDS)] for i in range(n_tokens)]
-    if tokens:
-        tokens[0] = tokens[0].capitalize()
+    for i in range(len(tokens)):
+        if i % 8 == 0:
+            tokens[i] = tokens[i].capitalize()
+        if i % 8 == 7 or i == len(tokens) - 1:
+            tokens[i] += "."
     return [t if i == len(tokens) - 1 else t + " " for i, t in enumerate(tokens)]
 
 

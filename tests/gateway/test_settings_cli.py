@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -118,8 +119,10 @@ async def test_router_sends_each_model_to_the_backend_that_serves_it() -> None:
             assert sorted(m.id for m in await router.models()) == ["alpha", "beta"]
         finally:
             await router.aclose()
-        assert httpx.get(a.url + "/fake/stats").json()["requests"] == 2
-        assert httpx.get(b.url + "/fake/stats").json()["requests"] == 1
+        stats_a = await asyncio.to_thread(httpx.get, a.url + "/fake/stats")
+        stats_b = await asyncio.to_thread(httpx.get, b.url + "/fake/stats")
+        assert stats_a.json()["requests"] == 2
+        assert stats_b.json()["requests"] == 1
 
 
 def test_open_mode_needs_no_key(tmp_path: Path, fake_backend: FakeBackendThread) -> None:

@@ -54,8 +54,13 @@ def tiny_detoxify_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
         shutil.copy(src / name, hf_dir / name)
     config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=512, num_labels=len(TINY_CLASSES),
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=512,
+        num_labels=len(TINY_CLASSES),
     )
     config.save_pretrained(hf_dir)
     torch.manual_seed(0)
@@ -65,13 +70,15 @@ def tiny_detoxify_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
         model.classifier.bias.copy_(torch.tensor(TINY_BIASES))
     checkpoint = {
         "config": {
-            "arch": {"args": {
-                # what a real Detoxify checkpoint says: a hub name, unreachable here
-                "model_type": "bert-base-uncased",
-                "model_name": "BertForSequenceClassification",
-                "tokenizer_name": "BertTokenizer",
-                "num_classes": len(TINY_CLASSES),
-            }},
+            "arch": {
+                "args": {
+                    # what a real Detoxify checkpoint says: a hub name, unreachable here
+                    "model_type": "bert-base-uncased",
+                    "model_name": "BertForSequenceClassification",
+                    "tokenizer_name": "BertTokenizer",
+                    "num_classes": len(TINY_CLASSES),
+                }
+            },
             "dataset": {"args": {"classes": TINY_CLASSES}},
         },
         "state_dict": model.state_dict(),

@@ -54,8 +54,10 @@ async def test_input_redaction_applies_to_covered_roles_only(rails: Guardrails):
     messages = [
         {"role": "system", "content": "Project bluebird context."},
         {"role": "user", "content": "Tell me about b.l.u.e.b.i.r.d and the Secret-Sauce."},
-        {"role": "tool",
-         "content": [{"type": "text", "text": "bluebird data"}, {"type": "image_url", "image_url": {}}]},
+        {
+            "role": "tool",
+            "content": [{"type": "text", "text": "bluebird data"}, {"type": "image_url", "image_url": {}}],
+        },
     ]
     result = await rails.check_input(messages)
     assert not result.blocked
@@ -163,8 +165,24 @@ async def test_stream_groundedness_block_mid_answer(rails: Guardrails):
 
 
 async def test_empty_retrieval_policy():
-    policy = parse_policy('[defaults]\non_empty_retrieval = "refuse"\nrefusal_message = "No sources."\n'
-                          '[overrides.api_key.k.defaults]\non_empty_retrieval = "answer_without_passages"\n')
+    policy = parse_policy(
+        '[defaults]\non_empty_retrieval = "refuse"\nrefusal_message = "No sources."\n'
+        '[overrides.api_key.k.defaults]\non_empty_retrieval = "answer_without_passages"\n'
+    )
     assert policy.for_request().on_empty_retrieval == "refuse"
     assert policy.for_request().refusal_message == "No sources."
     assert policy.for_request("k").on_empty_retrieval == "answer_without_passages"
+
+
+async def test_stream_without_sentence_ends_is_released_past_the_hold_limit(rails: Guardrails):
+    checker = rails.stream((), None, None, None)
+    words = ["token"] * 100  # 600 characters, no punctuation: code or a run-on list
+    released = ""
+    for word in words:
+        step = await checker.feed(word + " ")
+        released += step.release
+        # never more than the limit (plus the word in progress) is held back
+        assert len(checker.text) - len(released) <= checker.max_hold_chars + len("token ")
+    assert released  # text flowed before the end
+    released += (await checker.finish()).release
+    assert released == "token " * 100

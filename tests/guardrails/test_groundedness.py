@@ -71,8 +71,9 @@ async def test_llm_and_hybrid_modes_use_the_judge(executor):
     resources = GuardResources(executor=executor, judge=judge)
     passages = (Passage("p1", PASSAGES[0]),)
     llm = GroundednessGuard(GuardSettings(action="flag", options={"mode": "llm"}), resources)
-    ok = await llm.check(GuardContext(stage="output", text="It opened in the year of the Paris fair.",
-                                      passages=passages, prompt="When?"))
+    ok = await llm.check(
+        GuardContext(stage="output", text="It opened in the year of the Paris fair.", passages=passages, prompt="When?")
+    )
     assert ok.allowed and ok.score == 1.0 and ok.details["method"] == "llm" and len(asked) == 1
     assert "Question:\nWhen?" in asked[0] and PASSAGES[0] in asked[0]
     bad = await llm.check(GuardContext(stage="output", text="It was moved to Lyon.", passages=passages))
@@ -81,8 +82,9 @@ async def test_llm_and_hybrid_modes_use_the_judge(executor):
     asked.clear()
     hybrid = GroundednessGuard(GuardSettings(action="block", options={"mode": "hybrid"}), resources)
     # lexically unsupported paraphrase, cleared by the judge
-    v = await hybrid.check(GuardContext(stage="output", text="Gustave's firm built the Parisian landmark.",
-                                        passages=passages))
+    v = await hybrid.check(
+        GuardContext(stage="output", text="Gustave's firm built the Parisian landmark.", passages=passages)
+    )
     assert v.allowed and len(asked) == 1
     asked.clear()
     v = await hybrid.check(GuardContext(stage="output", text="It was completed in 1889.", passages=passages))

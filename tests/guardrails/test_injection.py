@@ -12,8 +12,9 @@ from guardrails.base import GuardContext, GuardResources, GuardSettings
 from guardrails.injection import InjectionGuard, score_injection
 
 BENIGN_FILE = Path(__file__).resolve().parents[2] / "guardrails" / "benign_prompts.txt"
-BENIGN = [ln.strip() for ln in BENIGN_FILE.read_text(encoding="utf-8").splitlines()
-          if ln.strip() and not ln.startswith("#")]
+BENIGN = [
+    ln.strip() for ln in BENIGN_FILE.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")
+]
 
 
 def test_jailbreak_corpus_mini_all_caught():

@@ -100,7 +100,9 @@ def test_term_file_syntax(tmp_path: Path):
     f.write_text("# a comment\n\nbadword\n  spaced term  # trailing comment\nre:foo\\d+\n", encoding="utf-8")
     terms = load_term_file(f)
     assert [(t.text, t.regex, t.line) for t in terms] == [
-        ("badword", False, 3), ("spaced term", False, 4), ("foo\\d+", True, 5),
+        ("badword", False, 3),
+        ("spaced term", False, 4),
+        ("foo\\d+", True, 5),
     ]
 
 
@@ -141,8 +143,10 @@ def _random_terms(n: int, seed: int = 0) -> list[str]:
 def test_thousands_of_terms_cost_well_under_a_millisecond():
     terms = [*_random_terms(5000), "badword"]
     m = KeywordMatcher(parse_terms(terms))
-    text = ("Hello there, I would like to know how the quarterly revenue figures compare with last year "
-            "and whether the budget should grow. Also, is b a d w 0 r d allowed?")
+    text = (
+        "Hello there, I would like to know how the quarterly revenue figures compare with last year "
+        "and whether the budget should grow. Also, is b a d w 0 r d allowed?"
+    )
     assert [text[x.start : x.end] for x in m.find(text)] == ["b a d w 0 r d"]
     times = []
     for _ in range(200):

@@ -52,7 +52,13 @@ def test_profanity_check_separates_toxic_from_friendly(profanity_scorer: Profani
 def test_detoxify_loads_the_checkpoint_weights(detoxify_scorer: DetoxifyScorer):
     # Detoxify's names are standardised (toxic -> toxicity, identity_hate -> identity_attack)
     assert detoxify_scorer.categories == (
-        "toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack", "sexual_explicit",
+        "toxicity",
+        "severe_toxicity",
+        "obscene",
+        "threat",
+        "insult",
+        "identity_attack",
+        "sexual_explicit",
     )
     # the classifier's weights are zero and its biases known: the scores prove the state dict loaded
     (scores,) = detoxify_scorer.score_batch(["anything at all"])
@@ -79,8 +85,9 @@ def test_detoxify_errors_are_clear(tmp_path: Path, tiny_detoxify_files: tuple[Pa
 def test_build_scorer_picks_by_configuration(tiny_detoxify_files: tuple[Path, Path]):
     assert isinstance(build_scorer(ToxicityConfig()), ProfanityCheckScorer)
     ckpt, hf_dir = tiny_detoxify_files
-    chosen = build_scorer(ToxicityConfig(checkpoint=str(ckpt), huggingface_config_dir=str(hf_dir),
-                                         model_type="unbiased-small"))
+    chosen = build_scorer(
+        ToxicityConfig(checkpoint=str(ckpt), huggingface_config_dir=str(hf_dir), model_type="unbiased-small")
+    )
     assert isinstance(chosen, DetoxifyScorer) and chosen.name == "detoxify:unbiased-small"
     forced = build_scorer(ToxicityConfig(scorer="profanity-check", checkpoint=str(ckpt)))
     assert isinstance(forced, ProfanityCheckScorer)

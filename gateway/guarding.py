@@ -1,0 +1,98 @@
+"""How the pipeline applies the guardrails and reports their verdicts.
+
+Which texts are checked (the chat messages, or a completion prompt as one user message),
+how input redactions go back into the request body, and how verdicts are summarised for the
+audit row, the response's `gateway.guards` and the `x-gateway-*` headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from guardrails import Verdict
+
+_encode = msgspec.json.Encoder().encode
+_SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
+
+
+def checked_messages(chat: bool, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The messages input guards look at; None when there is no text (token-id prompts)."""
+    if chat:
+        messages: list[dict[str, Any]] = body["messages"]
+        return messages
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return [{"role": "user", "content": p} for p in prompt]
+    return None
+
+
+def put_back(chat: bool, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+    """Write redacted messages back into the request body that goes to the backend."""
+    if chat:
+        body["messages"] = messages
+    elif isinstance(body.get("prompt"), str):
+        body["prompt"] = messages[0]["content"]
+    else:
+        body["prompt"] = [m["content"] for m in messages]
+
+
+def last_user_text(messages: list[dict[str, Any]] | None) -> str | None:
+    """The question an answer is judged against (groundedness uses it)."""
+    for message in reversed(messages or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return None
+
+
+def public(verdict: Verdict) -> dict[str, Any]:
+    """The compact form clients see in `gateway.guards`."""
+    return {
+        "guard": verdict.guard,
+        "stage": verdict.stage,
+        "action": verdict.action,
+        "allowed": verdict.allowed,
+        "score": round(float(verdict.score), 4),
+        "reason": verdict.reason,
+        "ms": round(float(verdict.ms), 3),
+    }
+
+
+def worst_by_guard(verdicts: Iterable[Verdict]) -> dict[str, Verdict]:
+    """One verdict per guard: the most severe one (first wins on a tie)."""
+    worst: dict[str, Verdict] = {}
+    for verdict in verdicts:
+        current = worst.get(verdict.guard)
+        if current is None or _SEVERITY.get(verdict.action, 0) > _SEVERITY.get(current.action, 0):
+            worst[verdict.guard] = verdict
+    return worst
+
+
+def header(verdicts: Iterable[Verdict]) -> str:
+    """`x-gateway-guards`: guard=action pairs, e.g. `injection=allow,toxicity=flag`."""
+    return ",".join(f"{g}={v.action}" for g, v in sorted(worst_by_guard(verdicts).items()))
+
+
+def audit_columns(verdicts: list[Verdict]) -> dict[str, Any]:
+    """The audit row's guard columns: every verdict, who blocked, who flagged, the key scores."""
+    if not verdicts:
+        return {}
+    blocked = next((v.guard for v in verdicts if v.action == "block"), None)
+    flagged = sorted({v.guard for v in verdicts if v.action in ("flag", "redact")})
+    toxicity = [float(v.score) for v in verdicts if v.guard == "toxicity"]
+    grounded = [float(v.score) for v in verdicts if v.guard == "groundedness"]
+    return {
+        "guards_json": _encode([v.to_dict() for v in verdicts]).decode(),
+        "blocked_by": blocked,
+        "flagged_by": ",".join(flagged) or None,
+        "toxicity": max(toxicity) if toxicity else None,
+        "groundedness": min(grounded) if grounded else None,
+    }
