@@ -106,7 +106,10 @@ def start_fake(delay_ms: float = 0, tokens_per_s: float = 0, answer_tokens: int 
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_gateway(backend: str, data_dir: Path) -> tuple[Proc, str, str]:
+GUARDS_OFF = Path(__file__).with_name("guards-off.toml")
+
+
+def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF) -> tuple[Proc, str, str]:
     env = {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_LOG_LEVEL": "warning"}
     out = subprocess.run(
         [*GATEWAY, "keys", "create", "--role", "client"],
@@ -118,7 +121,10 @@ def start_gateway(backend: str, data_dir: Path) -> tuple[Proc, str, str]:
     )
     key = out.stdout.strip().splitlines()[0]
     port = free_port()
-    proc = Proc([*GATEWAY, "serve", "--backend", backend, "--port", str(port)], f"http://127.0.0.1:{port}/healthz", env)
+    extra = ["--policy", str(policy)] if policy else []
+    proc = Proc(
+        [*GATEWAY, "serve", "--backend", backend, "--port", str(port), *extra], f"http://127.0.0.1:{port}/healthz", env
+    )
     return proc, f"http://127.0.0.1:{port}", key
 
 
@@ -190,11 +196,13 @@ def run(coro: Any) -> Any:
 
 def zero_delay(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for stream, answer_tokens in ((False, 16), (True, 100)):
+    variants = [(False, 16, "off"), (True, 100, "off"), (False, 16, "default"), (True, 100, "default")]
+    for stream, answer_tokens, guards in variants:
         fake, fake_url = start_fake(answer_tokens=answer_tokens)
-        gw, gw_url, key = start_gateway(fake_url, data_dir / f"zero-{stream}")
+        policy = GUARDS_OFF if guards == "off" else None
+        gw, gw_url, key = start_gateway(fake_url, data_dir / f"zero-{stream}-{guards}", policy)
         try:
-            label = "stream" if stream else "non-stream"
+            label = f"{'stream (100 chunks)' if stream else 'non-stream'}, guards {guards}"
             endpoint = "/v1/chat/completions"
             # Warm up both paths (connections, caches, the first SQLite commit).
             run(drive(fake_url + endpoint, CHAT, concurrency=4, requests=200, key=None, stream=stream))
@@ -319,7 +327,7 @@ def main() -> int:
     try:
         if "zero" not in args.skip:
             report["zero_delay"] = zero = zero_delay(args, data_dir)
-            print("\n## Zero-delay fake backend, concurrency 1 (audit log on, SQLite)")
+            print("\n## Zero-delay fake backend (audit log on, SQLite; guards off, then the default policy)")
             print("| mode | direct p50 | gateway p50 | added p50 | added p99 | gateway CPU/request (c=1) | (c=32) |")
             print("|---|---|---|---|---|---|---|")
             for mode, r in zero.items():

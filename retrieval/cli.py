@@ -1,0 +1,96 @@
+"""`gateway ingest`: the argument parser and the command, mounted by gateway.cli.
+
+    gateway ingest PATH... --collection NAME [--delete] [--chunk-tokens N] [--overlap-tokens N]
+                   [--index-type auto|flat|hnsw|ivf] [--embedding-model PATH_OR_NAME] [--json]
+
+The top-level CLI sets `args.data_dir` (a Path) and `args.database` (a URL, or None for SQLite
+at DATA_DIR/gateway.db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from retrieval.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS, ChunkingOptions
+from retrieval.embedders import Embedder, create_embedder
+from retrieval.errors import RetrievalError
+from retrieval.index import INDEX_KINDS, IndexConfig
+from retrieval.ingest import Ingestor, IngestReport
+from retrieval.loaders import iter_files
+
+
+def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Ingest files and folders (.txt .md .html .pdf .jsonl) into a collection."
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="files or folders to ingest (with --delete: document ids or paths)")
+    parser.add_argument("--collection", required=True, help="collection name (letters, digits, _ - .)")
+    parser.add_argument("--delete", action="store_true",
+                        help="remove the documents named by PATH (ids, paths, or folder prefixes)")
+    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                        help=f"chunk size in embedding-model tokens (default {DEFAULT_CHUNK_TOKENS})")
+    parser.add_argument("--overlap-tokens", type=int, default=DEFAULT_OVERLAP_TOKENS,
+                        help=f"tokens shared by consecutive chunks (default {DEFAULT_OVERLAP_TOKENS})")
+    parser.add_argument("--index-type", choices=INDEX_KINDS, default="auto",
+                        help="FAISS index type; auto picks by collection size (default auto)")
+    parser.add_argument("--embedding-model", default=None, metavar="PATH_OR_NAME",
+                        help="sentence-transformers model folder or name (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    """Run `gateway ingest`; returns the exit status (0 ok, 1 nothing ingested or error, 2 usage)."""
+    try:
+        chunking = ChunkingOptions(args.chunk_tokens, args.overlap_tokens)
+    except ValueError as exc:
+        print(f"gateway ingest: {exc}", file=sys.stderr)
+        return 2
+    try:
+        embedder = create_embedder(args.embedding_model)
+    except (OSError, ValueError) as exc:
+        print(f"gateway ingest: cannot load embedding model {args.embedding_model!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(_run(args, embedder, chunking))
+    except (RetrievalError, ValueError) as exc:
+        print(f"gateway ingest: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary(), file=sys.stderr)
+    nothing_done = report.ingested == 0 and report.unchanged == 0 and report.deleted == 0
+    return 1 if nothing_done and report.skipped else 0
+
+
+async def _run(args: argparse.Namespace, embedder: Embedder, chunking: ChunkingOptions) -> IngestReport:
+    data_dir = Path(args.data_dir)
+    ingestor = await Ingestor.open(
+        data_dir, getattr(args, "database", None), embedder, chunking=chunking,
+        index_config=IndexConfig(kind=args.index_type), progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    try:
+        paths = [Path(p) for p in args.paths]
+        if args.delete:
+            return await ingestor.delete_documents(args.collection, _delete_targets(args.paths))
+        return await ingestor.ingest_paths(args.collection, paths)
+    finally:
+        await ingestor.aclose()
+        await embedder.aclose()
+
+
+def _delete_targets(values: list[str]) -> list[str]:
+    """Existing paths name the documents they would ingest as; anything else is an id or prefix."""
+    targets: list[str] = []
+    for value in values:
+        path = Path(value)
+        if path.exists():
+            loaded = [d.id for f in iter_files([path]) for d in f.documents]
+            targets.extend(loaded or [path.name])
+        else:
+            targets.append(value)
+    return targets

@@ -1,0 +1,59 @@
+"""The retrieval package's error tree.
+
+    RetrievalError                 base class: anything this package raises on purpose
+    ├── UnknownCollection          a search or delete named a collection that has no index
+    ├── InvalidCollectionName      a collection name that cannot be used as a folder name
+    ├── EmbeddingMismatch          a collection was built with another embedding model
+    ├── IndexCorrupt               an index folder on disk could not be read
+    └── LoaderError                one file could not be turned into documents (ingest skips it)
+"""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base class of every error the retrieval package raises on purpose."""
+
+
+class UnknownCollection(RetrievalError):
+    """The named collection has no index on disk."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown collection {name!r}")
+        self.name = name
+
+
+class InvalidCollectionName(RetrievalError):
+    """A collection name must be 1-64 characters of letters, digits, '_', '-' or '.'."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"invalid collection name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+        self.name = name
+
+
+class EmbeddingMismatch(RetrievalError):
+    """The collection's vectors come from a different embedding model than the one in use."""
+
+    def __init__(self, collection: str, built_with: str, using: str) -> None:
+        super().__init__(
+            f"collection {collection!r} was built with embedding model {built_with!r}, "
+            f"but {using!r} is in use; re-ingest it with that model or delete it first"
+        )
+        self.collection = collection
+        self.built_with = built_with
+        self.using = using
+
+
+class IndexCorrupt(RetrievalError):
+    """An index version on disk is missing files or cannot be parsed."""
+
+
+class LoaderError(RetrievalError):
+    """A file could not be loaded; `reason` is a short phrase for the ingest summary."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
