@@ -30,6 +30,7 @@ class KeyInfo:
     id: str
     name: str | None
     role: str
+    default_collection: str | None = None
 
     def require(self, *roles: str) -> None:
         if self.role != "admin" and self.role not in roles:
@@ -52,12 +53,14 @@ class KeyStore:
         self._cache_max = cache_max
         self._cache: dict[str, tuple[float, KeyInfo | None]] = {}
 
-    async def create(self, role: str, name: str | None = None) -> tuple[KeyInfo, str]:
+    async def create(
+        self, role: str, name: str | None = None, default_collection: str | None = None
+    ) -> tuple[KeyInfo, str]:
         """Make a key; returns its info and the secret, which is not stored and is shown once."""
         if role not in ROLES:
             raise InvalidRequest(f"unknown role {role!r}; choose one of {', '.join(ROLES)}", param="role")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        info = KeyInfo(id="key_" + secrets.token_hex(6), name=name, role=role)
+        info = KeyInfo(id="key_" + secrets.token_hex(6), name=name, role=role, default_collection=default_collection)
         async with self._engine.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
@@ -67,6 +70,7 @@ class KeyStore:
                     key_hash=hash_key(secret),
                     prefix=secret[: len(KEY_PREFIX) + 4],
                     created_at=datetime.now(UTC),
+                    default_collection=default_collection,
                 )
             )
         return info, secret
@@ -127,9 +131,11 @@ class KeyStore:
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(api_keys.c.id, api_keys.c.name, api_keys.c.role).where(
+                    select(api_keys.c.id, api_keys.c.name, api_keys.c.role, api_keys.c.default_collection).where(
                         api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
                     )
                 )
             ).first()
-        return KeyInfo(id=row.id, name=row.name, role=row.role) if row else None
+        if row is None:
+            return None
+        return KeyInfo(id=row.id, name=row.name, role=row.role, default_collection=row.default_collection)

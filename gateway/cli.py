@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend or None,
         open_mode=True if args.open else None,
         policy=args.policy,
+        alias=args.alias or None,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         print(f"local vLLM ready on {local.url} serving {local.model_name}", flush=True)
         settings = settings.replace(backend=(local.url,))
+        if settings.rag and settings.sample_corpus and not settings.alias:
+            # The embedded default answers grounded questions out of the box.
+            settings = settings.replace(alias=(f"{local.model_name}-rag=sample:{local.model_name}",))
     else:
         process = None
     try:
@@ -185,7 +189,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     async def go() -> tuple[Any, str]:
         engine = create_engine(settings.database_url)
         try:
-            return await KeyStore(engine).create(args.role, args.name)
+            return await KeyStore(engine).create(args.role, args.name, args.collection)
         finally:
             await engine.dispose()
 
@@ -286,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", action="append", metavar="URL", help="a vLLM (or OpenAI-compatible) server; repeatable"
     )
     serve.add_argument("--policy", type=Path, default=None, help="guardrails policy file (TOML)")
+    serve.add_argument(
+        "--alias", action="append", metavar="NAME=COLLECTION:MODEL", help="a model name that means RAG; repeatable"
+    )
     serve.add_argument("--open", action="store_true", help="no API keys (local use only; announced loudly)")
     serve.set_defaults(func=cmd_serve)
 
@@ -313,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(create)
     create.add_argument("--role", required=True, choices=["client", "reviewer", "admin"])
     create.add_argument("--name", default=None)
+    create.add_argument("--collection", default=None, help="RAG collection for this key's requests by default")
     create.set_defaults(func=cmd_keys_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     _common(listing)

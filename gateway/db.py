@@ -89,6 +89,7 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+    Column("default_collection", String(64)),  # RAG collection used when a request names none
 )
 
 

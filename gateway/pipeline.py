@@ -22,12 +22,13 @@ from typing import Any
 
 import msgspec
 
-from gateway import guarding
+from gateway import guarding, rag
 from gateway.audit import AuditWriter
 from gateway.auth import OPEN_MODE_KEY, KeyInfo, KeyStore
-from gateway.errors import GatewayError, InputBlocked, UpstreamError, from_serving_error
+from gateway.errors import GatewayError, InputBlocked, InvalidRequest, UpstreamError, from_serving_error
 from gateway.validation import decode_body, validate_chat, validate_completion
-from guardrails import Guardrails, StreamChecker, Verdict
+from guardrails import Guardrails, Passage, StreamChecker, Verdict
+from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
 from serving.backend import Backend
 from serving.errors import ServingError
 
@@ -76,6 +77,13 @@ class Trace:
     ttft_s: float | None = None
     verdicts: list[Verdict] = field(default_factory=list)
     blocked: dict[str, Any] | None = None  # which guard withheld the answer, and why
+    hits: list[Hit] = field(default_factory=list)  # the passages the model saw
+    retrieval: dict[str, Any] | None = None
+    refusal: dict[str, Any] | None = None  # the gateway's own answer (empty retrieval, policy "refuse")
+
+    @property
+    def passages(self) -> tuple[Passage, ...]:
+        return tuple(rag.as_passage(h) for h in self.hits)
 
     def fail(self, error: GatewayError, status: str) -> None:
         self.status = status
@@ -112,15 +120,19 @@ class Trace:
             "total_ms": round(total * 1000, 3),
             "client_ip": self.client_ip,
             **guarding.audit_columns(self.verdicts),
+            "passages_json": _encode([rag.passage_record(h) for h in self.hits]).decode() if self.hits else None,
+            "citations_json": _encode(citations(self.hits)).decode() if self.hits else None,
         }
 
     def gateway_object(self) -> dict[str, Any]:
         """The extra top-level `gateway` object on responses."""
         gateway: dict[str, Any] = {
             "request_id": self.request_id,
-            "citations": [],
+            "citations": citations(self.hits) if self.hits else [],
             "guards": [guarding.public(v) for v in self.verdicts],
         }
+        if self.retrieval is not None:
+            gateway["retrieval"] = self.retrieval
         if self.blocked:
             gateway["blocked"] = self.blocked
         return gateway
@@ -146,26 +158,37 @@ class Pipeline:
         keys: KeyStore,
         *,
         rails: Guardrails | None = None,
+        store: CollectionStore | None = None,
+        aliases: dict[str, tuple[str, str]] | None = None,
+        rag_top_k: int = 4,
+        rag_min_score: float = 0.3,
         open_mode: bool = False,
     ) -> None:
         self.backend = backend
         self.audit = audit
         self.keys = keys
         self.rails = rails
+        self.store = store
+        self.aliases = aliases or {}
+        self.rag_top_k = rag_top_k
+        self.rag_min_score = rag_min_score
         self.open_mode = open_mode
-        self._output_active: dict[tuple[str, str | None], bool] = {}
+        self._active: dict[tuple[str, str | None, str], bool] = {}
 
-    def output_guarded(self, key: KeyInfo, model: str | None) -> bool:
-        """Whether any output guard is on for this key and model (cached: policies are static)."""
+    def _guarded(self, key: KeyInfo, model: str | None, stage: str) -> bool:
+        """Whether any guard of `stage` is on for this key and model (cached: policies are static)."""
         if self.rails is None:
             return False
-        cache_key = (key.id, model)
-        active = self._output_active.get(cache_key)
+        cache_key = (key.id, model, stage)
+        active = self._active.get(cache_key)
         if active is None:
             guards = self.rails.request_policy(key.id, model).guards.values()
-            active = any(g.enabled and "output" in g.stages for g in guards)
-            self._output_active[cache_key] = active
+            active = any(g.enabled and stage in g.stages for g in guards)
+            self._active[cache_key] = active
         return active
+
+    def output_guarded(self, key: KeyInfo, model: str | None) -> bool:
+        return self._guarded(key, model, "output")
 
     async def record(self, trace: Trace) -> None:
         """Commit the trace's audit row; shielded so a client that leaves cannot cancel the write."""
@@ -190,7 +213,17 @@ class Pipeline:
                 trace.model = body["model"]
             trace.stream = body.get("stream") is True
             endpoint.validate(body)
+            wanted = rag.resolve(
+                body,
+                chat=endpoint.chat,
+                aliases=self.aliases,
+                key_collection=key.default_collection,
+                default_top_k=self.rag_top_k,
+                default_min_score=self.rag_min_score,
+            )
             await self._guard_input(trace, key, body)
+            if wanted is not None:
+                await self._retrieve(trace, key, body, wanted)
             if trace.stream:
                 return trace, await self._open_stream(trace, key, body)
             return trace, await self._complete(trace, key, body)
@@ -204,7 +237,7 @@ class Pipeline:
 
     async def _guard_input(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> None:
         """Input guards on the prompt: block (400, no backend call), redact in place, or flag."""
-        if self.rails is None:
+        if self.rails is None or not self._guarded(key, trace.model, "input"):
             return
         chat = trace.endpoint.chat
         messages = guarding.checked_messages(chat, body)
@@ -223,10 +256,54 @@ class Pipeline:
         if any(v.action == "redact" for v in result.verdicts):
             guarding.put_back(chat, body, result.messages)
 
+    async def _retrieve(self, trace: Trace, key: KeyInfo, body: dict[str, Any], wanted: rag.RagRequest) -> None:
+        """Search the collection, guard the passages, and put them in the prompt with markers."""
+        if self.store is None:
+            raise InvalidRequest("retrieval is turned off on this gateway (rag = false)", param="rag")
+        query = retrieval_query(body["messages"])
+        trace.retrieval = {
+            "collection": wanted.collection,
+            "query": query,
+            "top_k": wanted.top_k,
+            "min_score": wanted.min_score,
+        }
+        if not query:
+            return
+        try:
+            outcome = await self.store.search_detailed(wanted.collection, query, wanted.top_k, wanted.min_score)
+        except UnknownCollection as exc:
+            known = ", ".join(self.store.list_collections()) or "none"
+            raise InvalidRequest(
+                f"unknown collection {exc.name!r} (collections: {known})",
+                param="rag.collection",
+                code="unknown_collection",
+            ) from exc
+        hits = list(outcome.hits)
+        trace.retrieval.update(
+            embed_ms=round(outcome.embed_ms, 2), search_ms=round(outcome.search_ms, 2), index_version=outcome.version
+        )
+        if hits and self.rails is not None:
+            # A document in the index must not smuggle instructions in: input guards on passages.
+            checked = await self.rails.check_passages([rag.as_passage(h) for h in hits], key.id, trace.model)
+            trace.verdicts.extend(checked.verdicts)
+            hits = rag.apply_passage_guards(hits, checked.passages)
+            if checked.dropped:
+                trace.retrieval["dropped"] = list(checked.dropped)
+        trace.hits = hits
+        if hits:
+            body["messages"] = build_rag_messages(body["messages"], hits)
+            return
+        policy = self.rails.request_policy(key.id, trace.model) if self.rails is not None else None
+        if policy is not None and policy.on_empty_retrieval == "refuse":
+            trace.retrieval["empty"] = "refused"
+            trace.refusal = rag.refusal(body.get("model"), policy.refusal_message, trace.request_id)
+        else:
+            trace.retrieval["empty"] = "answered without passages"
+
     async def _complete(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> bytes:
         began = time.perf_counter()
         try:
-            answer = await self.backend.complete(trace.endpoint.path, body)
+            answer = trace.refusal or await self.backend.complete(trace.endpoint.path, body)
         except ServingError as exc:
             trace.backend_s = time.perf_counter() - began
             trace.backend = exc.backend
@@ -261,8 +338,9 @@ class Pipeline:
         prompt = guarding.last_user_text(guarding.checked_messages(chat, body))
         texts = [_choice_text(choice, chat) or "" for choice in choices]
         checks = [i for i, text in enumerate(texts) if text]
+        passages = trace.passages
         results = await asyncio.gather(
-            *(self.rails.check_output(texts[i], (), key.id, trace.model, prompt) for i in checks)
+            *(self.rails.check_output(texts[i], passages, key.id, trace.model, prompt) for i in checks)
         )
         for i, result in zip(checks, results, strict=True):
             trace.verdicts.extend(result.verdicts)
@@ -280,7 +358,10 @@ class Pipeline:
     async def _open_stream(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Start the upstream stream; failures before the first event become proper HTTP errors."""
         began = time.perf_counter()
-        upstream = self.backend.stream(trace.endpoint.path, body).__aiter__()
+        if trace.refusal is not None:
+            upstream: AsyncIterator[list[bytes]] = _replay([rag.refusal_events(trace.refusal)])
+        else:
+            upstream = self.backend.stream(trace.endpoint.path, body).__aiter__()
         try:
             first: list[bytes] | None = await upstream.__anext__()
         except StopAsyncIteration:
@@ -294,7 +375,7 @@ class Pipeline:
         if self.output_guarded(key, trace.model):
             assert self.rails is not None
             prompt = guarding.last_user_text(guarding.checked_messages(trace.endpoint.chat, body))
-            guard = _StreamGuard(self.rails, key.id, trace.model, prompt)
+            guard = _StreamGuard(self.rails, key.id, trace.model, prompt, trace.passages)
         return self._relay(trace, upstream, first, began, guard)
 
     async def _relay(
@@ -463,8 +544,11 @@ class Pipeline:
 class _StreamGuard:
     """Output guards over a stream: one sentence-by-sentence checker per choice."""
 
-    def __init__(self, rails: Guardrails, api_key_id: str, model: str | None, prompt: str | None) -> None:
+    def __init__(
+        self, rails: Guardrails, api_key_id: str, model: str | None, prompt: str | None, passages: tuple[Passage, ...]
+    ) -> None:
         self._rails = rails
+        self._passages = passages
         self._api_key_id = api_key_id
         self._model = model
         self._prompt = prompt
@@ -473,7 +557,7 @@ class _StreamGuard:
     def _checker(self, index: int) -> StreamChecker:
         checker = self._checkers.get(index)
         if checker is None:
-            checker = self._rails.stream((), self._api_key_id, self._model, self._prompt)
+            checker = self._rails.stream(self._passages, self._api_key_id, self._model, self._prompt)
             self._checkers[index] = checker
         return checker
 
@@ -519,6 +603,12 @@ class _StreamGuard:
     def released(self, index: int) -> str:
         checker = self._checkers.get(index)
         return checker.released if checker is not None else ""
+
+
+async def _replay(batches: list[list[bytes]]) -> AsyncIterator[list[bytes]]:
+    """An upstream made of events the gateway wrote itself (a refusal)."""
+    for batch in batches:
+        yield batch
 
 
 def _choice_text(choice: dict[str, Any], chat: bool) -> str | None:

@@ -18,6 +18,7 @@ from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
 from gateway.settings import Settings
 from guardrails import Guardrails, default_policy, load_policy, make_executor
+from retrieval import CollectionStore, Embedder, create_embedder_async, ensure_sample_collection
 from serving.backend import Backend
 from serving.router import Router
 from serving.vllm import VLLMBackend
@@ -54,7 +55,17 @@ class Services:
         self.policy = load_policy(settings.policy) if settings.policy else default_policy()
         self.executor = make_executor(settings.guard_workers)
         self.rails: Guardrails | None = None
-        self.pipeline = Pipeline(self.backend, self.audit, self.keys, open_mode=settings.open_mode)
+        self.embedder: Embedder | None = None
+        self.store: CollectionStore | None = None
+        self.pipeline = Pipeline(
+            self.backend,
+            self.audit,
+            self.keys,
+            aliases=settings.aliases,
+            rag_top_k=settings.rag_top_k,
+            rag_min_score=settings.rag_min_score,
+            open_mode=settings.open_mode,
+        )
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -73,13 +84,34 @@ class Services:
             scorer.get("scorer", "none"),
             f" ({scorer['note']})" if scorer.get("note") else "",
         )
+        if self.settings.rag:
+            await self._start_retrieval()
         if isinstance(self.backend, Router):
             await self.backend.refresh()
         if self.settings.open_mode:
             log.warning("OPEN MODE: no API key is checked; every caller is treated as admin. Local use only.")
 
+    async def _start_retrieval(self) -> None:
+        started = time.perf_counter()
+        self.embedder = await create_embedder_async(self.settings.embedding_model, executor=self.executor)
+        if self.settings.sample_corpus:
+            report = await ensure_sample_collection(self.settings.data_dir, self.settings.database_url, self.embedder)
+            if report is not None:
+                log.warning("ingested the sample corpus as collection 'sample' (%s chunks)", report.chunks)
+        self.store = CollectionStore(self.settings.data_dir, self.embedder, executor=self.executor)
+        self.pipeline.store = self.store
+        log.warning(
+            "retrieval: embedding model %s; collections: %s; aliases: %s (%.1f s)",
+            self.embedder.name,
+            ", ".join(self.store.list_collections()) or "none",
+            ", ".join(f"{a} -> {c}:{m}" for a, (c, m) in self.settings.aliases.items()) or "none",
+            time.perf_counter() - started,
+        )
+
     async def stop(self) -> None:
         await self.audit.stop()
+        if self.store is not None:
+            await self.store.aclose()
         await self.backend.aclose()
         await self.engine.dispose()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -112,4 +144,11 @@ class Services:
             "audit": {"pending": self.audit.pending, "committed": self.audit.committed, "spooled": self.audit.spooled},
             "open_mode": self.settings.open_mode,
             "guardrails": self.rails.describe() if self.rails else None,
+            "retrieval": {
+                "embedding_model": self.embedder.name,
+                "collections": self.store.list_collections(),
+                "aliases": {a: {"collection": c, "model": m} for a, (c, m) in self.settings.aliases.items()},
+            }
+            if self.embedder is not None and self.store is not None
+            else None,
         }

@@ -40,6 +40,12 @@ class Settings:
     vllm_python: str | None = None
     audit_batch_max: int = 512
     policy: Path | None = None  # guardrails policy (TOML); none: every guard on with its defaults
+    rag: bool = True  # load the embedding model and serve retrieval and /v1/embeddings
+    embedding_model: str | None = None  # none: the bundled all-MiniLM-L6-v2; "hashing": the fake
+    sample_corpus: bool = True  # ingest the shipped sample corpus as collection "sample" if absent
+    rag_top_k: int = 4
+    rag_min_score: float = 0.3  # cosine similarity below which a passage is not used
+    alias: tuple[str, ...] = ()  # "NAME=COLLECTION:MODEL": model NAME means RAG on COLLECTION with MODEL
     guard_workers: int = 2  # threads for model work (toxicity, embeddings), shared by all requests
     sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     log_level: str = "info"
@@ -50,6 +56,16 @@ class Settings:
         from gateway.db import async_url
 
         return async_url(self.database or f"sqlite:///{self.data_dir / 'gateway.db'}")
+
+    @property
+    def aliases(self) -> dict[str, tuple[str, str]]:
+        """Model aliases: name -> (collection, backend model)."""
+        out = {}
+        for entry in self.alias:
+            name, _, target = entry.partition("=")
+            collection, _, model = target.partition(":")
+            out[name.strip()] = (collection.strip(), model.strip())
+        return out
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -95,6 +111,13 @@ def _validate(settings: Settings) -> Settings:
 
     if not 0 <= settings.port <= 65535:
         raise bad(f"port {settings.port} is outside 0-65535")
+    for entry in settings.alias:
+        name, _, target = entry.partition("=")
+        collection, _, model = target.partition(":")
+        if not (name.strip() and collection.strip() and model.strip()):
+            raise bad(f"alias {entry!r} must look like NAME=COLLECTION:MODEL")
+    if not 1 <= settings.rag_top_k <= 50:
+        raise bad(f"rag_top_k {settings.rag_top_k} is outside 1-50")
     if settings.guard_workers < 1:
         raise bad("guard_workers must be at least 1")
     if settings.max_body_bytes < 1024:

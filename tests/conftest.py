@@ -35,7 +35,9 @@ def _reset_fakes(request: pytest.FixtureRequest) -> None:
 
 
 def make_settings(tmp_path: Path, backend: str, **changes: object) -> Settings:
-    settings = Settings(data_dir=tmp_path, backend=(backend,), **changes)  # type: ignore[arg-type]
+    """Settings for a test gateway: the fast fake embedder and no sample corpus unless asked for."""
+    values: dict[str, object] = {"embedding_model": "hashing", "sample_corpus": False, **changes}
+    settings = Settings(data_dir=tmp_path, backend=(backend,), **values)  # type: ignore[arg-type]
     prepare_database(settings)
     return settings
 

@@ -8,9 +8,10 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from gateway.db import create_engine, metadata
+from retrieval.db import metadata as retrieval_metadata
 
 config = context.config
-target_metadata = metadata
+target_metadata = [metadata, retrieval_metadata]
 
 
 def _run(connection: Connection) -> None:

@@ -188,7 +188,7 @@ async def test_a_torn_spool_line_is_skipped_not_fatal(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_full_requests_audited_in_postgresql(tmp_path: Path, pg_url: str, fake_backend: FakeBackendThread) -> None:
-    settings = Settings(data_dir=tmp_path, backend=(fake_backend.url,), database=pg_url)
+    settings = Settings(data_dir=tmp_path, backend=(fake_backend.url,), database=pg_url, embedding_model="hashing")
     key_id, key = create_key(settings, "client")
     with (
         GatewayServer(settings) as gw,

@@ -61,11 +61,17 @@ async def load(url: str, key: str, received: list[str], stop: asyncio.Event) -> 
 
 @pytest.mark.slow
 def test_sigkill_under_load_loses_no_received_response(tmp_path: Path, fake_backend: FakeBackendThread) -> None:
-    settings = Settings(data_dir=tmp_path, backend=(fake_backend.url,))
+    settings = Settings(data_dir=tmp_path, backend=(fake_backend.url,), embedding_model="hashing")
     prepare_database(settings)
     _, key = create_key(settings)
     port = free_port()
-    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_LOG_LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "GATEWAY_DATA_DIR": str(tmp_path),
+        "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_EMBEDDING_MODEL": "hashing",
+        "GATEWAY_SAMPLE_CORPUS": "false",
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--backend", fake_backend.url, "--port", str(port)],
         cwd=ROOT,
