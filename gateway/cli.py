@@ -274,7 +274,12 @@ def cmd_delegated(args: argparse.Namespace) -> int:
         if flag not in known:
             parser.add_argument(flag, default=None, **kwargs)  # type: ignore[arg-type]
     sub_args = parser.parse_args(args.rest)
-    _settings(sub_args)
+    settings = _settings(sub_args)
+    if args.delegated == "ingest":
+        from gateway.migrate import upgrade
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database_url)  # the schema (RAG tables included) comes from the migrations
     return int(getattr(module, run_name)(sub_args) or 0)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from base64 import b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,8 +26,8 @@ import msgspec
 from gateway import guarding, rag
 from gateway.audit import AuditWriter
 from gateway.auth import OPEN_MODE_KEY, KeyInfo, KeyStore
-from gateway.errors import GatewayError, InputBlocked, InvalidRequest, UpstreamError, from_serving_error
-from gateway.validation import decode_body, validate_chat, validate_completion
+from gateway.errors import GatewayError, InputBlocked, InvalidRequest, NotFound, UpstreamError, from_serving_error
+from gateway.validation import decode_body, validate_chat, validate_completion, validate_embeddings
 from guardrails import Guardrails, Passage, StreamChecker, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
 from serving.backend import Backend
@@ -35,6 +36,7 @@ from serving.errors import ServingError
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 _DONE = b"data: [DONE]\n\n"
+EMBEDDING_MODEL_ALIAS = "text-embedding-gateway"  # also accepted as the embedding model's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Endpoint:
 
 
 CHAT = Endpoint("chat.completions", "/v1/chat/completions", True, validate_chat)
+EMBEDDINGS = Endpoint("embeddings", "/v1/embeddings", False, validate_embeddings)
 COMPLETIONS = Endpoint("completions", "/v1/completions", False, validate_completion)
 
 
@@ -213,6 +216,8 @@ class Pipeline:
                 trace.model = body["model"]
             trace.stream = body.get("stream") is True
             endpoint.validate(body)
+            if endpoint is EMBEDDINGS:
+                return trace, await self._embed(trace, body)
             wanted = rag.resolve(
                 body,
                 chat=endpoint.chat,
@@ -255,6 +260,38 @@ class Pipeline:
             )
         if any(v.action == "redact" for v in result.verdicts):
             guarding.put_back(chat, body, result.messages)
+
+    async def _embed(self, trace: Trace, body: dict[str, Any]) -> bytes:
+        """`/v1/embeddings` with the gateway's own embedding model, in OpenAI's format."""
+        store = self.store
+        if store is None:
+            raise InvalidRequest("embeddings are turned off on this gateway (rag = false)", param="model")
+        embedder = store.embedder
+        if body["model"] not in (embedder.name, EMBEDDING_MODEL_ALIAS):
+            raise NotFound(
+                f"The model `{body['model']}` does not exist; this gateway embeds with `{embedder.name}`.",
+                param="model",
+                code="model_not_found",
+            )
+        texts = [body["input"]] if isinstance(body["input"], str) else list(body["input"])
+        began = time.perf_counter()
+        vectors = await embedder.embed(texts)
+        trace.backend_s = time.perf_counter() - began
+        trace.backend = "gateway:" + embedder.name
+        base64 = body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": b64encode(vector.astype("<f4").tobytes()).decode() if base64 else vector.tolist(),
+            }
+            for i, vector in enumerate(vectors)
+        ]
+        tokens = sum(embedder.count_tokens(t) for t in texts)
+        trace.usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        payload = _encode({"object": "list", "data": data, "model": embedder.name, "usage": trace.usage})
+        await self.record(trace)
+        return payload
 
     async def _retrieve(self, trace: Trace, key: KeyInfo, body: dict[str, Any], wanted: rag.RagRequest) -> None:
         """Search the collection, guard the passages, and put them in the prompt with markers."""
@@ -570,7 +607,9 @@ class _StreamGuard:
         released_any = False
         for choice in event["choices"]:
             index = choice.get("index", 0)
-            delta = choice.get("delta") or {} if chat else None
+            delta = choice.setdefault("delta", {}) if chat else None
+            if delta is None and chat:
+                delta = choice["delta"] = {}  # vLLM may send "delta": null on the last event
             piece = delta.get("content") if delta is not None else choice.get("text")
             checker = self._checker(index)
             release = ""

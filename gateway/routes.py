@@ -13,7 +13,7 @@ from litestar.response import Stream
 
 from gateway import guarding
 from gateway.errors import RequestTooLarge
-from gateway.pipeline import CHAT, COMPLETIONS, Endpoint
+from gateway.pipeline import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from gateway.services import Services
 
 _encode = msgspec.json.Encoder().encode
@@ -52,6 +52,11 @@ async def completions(request: Request[Any, Any, Any], services: NamedDependency
     return await _serve(COMPLETIONS, request, services)
 
 
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    return await _serve(EMBEDDINGS, request, services)
+
+
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
     if not services.settings.open_mode:
@@ -62,6 +67,29 @@ async def list_models(request: Request[Any, Any, Any], services: NamedDependency
         {"id": c.id, "object": "model", "created": created, "owned_by": c.owned_by, "max_model_len": c.max_model_len}
         for c in cards
     ]
+    # Model aliases (RAG on a collection) and the embedding model are models too, for clients.
+    for alias, (collection, model) in services.settings.aliases.items():
+        data.append(
+            {
+                "id": alias,
+                "object": "model",
+                "created": created,
+                "owned_by": "gateway",
+                "root": model,
+                "collection": collection,
+            }
+        )
+    if services.embedder is not None:
+        data.append(
+            {
+                "id": services.embedder.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "gateway",
+                "kind": "embedding",
+                "dimensions": services.embedder.dimension,
+            }
+        )
     return Response(_encode({"object": "list", "data": data}), media_type="application/json")
 
 
@@ -78,4 +106,4 @@ async def readyz(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(_encode(report), status_code=200 if ready else 503, media_type="application/json")
 
 
-ROUTES = [chat_completions, completions, list_models, healthz, readyz]
+ROUTES = [chat_completions, completions, embeddings, list_models, healthz, readyz]

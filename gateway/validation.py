@@ -145,3 +145,32 @@ def validate_completion(body: dict[str, Any]) -> None:
         raise InvalidRequest(
             "'prompt' must be a string, an array of strings, or token ids", param="prompt", code="invalid_type"
         )
+
+
+def validate_embeddings(body: dict[str, Any]) -> None:
+    """Check a `/v1/embeddings` body: `input` is a string or a non-empty array of strings."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(
+            "you must provide a model parameter (a non-empty string)", param="model", code="missing_model"
+        )
+    data = body.get("input")
+    if data is None:
+        raise InvalidRequest("'input' is a required property", param="input", code="missing_input")
+    if isinstance(data, str):
+        texts = [data]
+    elif isinstance(data, list) and data and all(isinstance(t, str) for t in data):
+        texts = data
+    else:
+        raise InvalidRequest(
+            "'input' must be a string or a non-empty array of strings (token arrays are not supported)",
+            param="input",
+            code="invalid_type",
+        )
+    if len(texts) > 2048:
+        raise InvalidRequest("'input' may hold at most 2048 texts", param="input", code="invalid_value")
+    if any(not t.strip() for t in texts):
+        raise InvalidRequest("'input' texts must not be empty", param="input", code="invalid_value")
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be float or base64", param="encoding_format", code="invalid_value")

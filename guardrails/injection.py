@@ -203,7 +203,8 @@ RULES: tuple[Rule, ...] = (
         + _gap(3)
         + r"(?:tool|function|api|plugin|action)\b"
         + _gap(4)
-        + r"(?:without|skipping|bypassing)\s+(?:any\s+|the\s+|user\s+)?(?:approval|confirmation|asking|consent|review|permission)",
+        + r"(?:without|skipping|bypassing)\s+(?:any\s+|the\s+|user\s+)?"
+        + r"(?:approval|confirmation|asking|consent|review|permission)",
     ),
     _r(
         "sql_injection",

@@ -125,7 +125,9 @@ def test_completions_and_models(gateway: GatewayServer, client_key: tuple[str, s
     assert len(completion.choices[0].text.split()) == 5 and completion.choices[0].finish_reason == "length"
     streamed = list(client.completions.create(model="fake-model", prompt="Once", stream=True))
     assert len("".join(c.choices[0].text for c in streamed).split()) == 16
-    assert {m.id for m in client.models.list()} == {"fake-model", "other-model"}
+    models = client.models.list().data
+    assert {m.id for m in models if m.owned_by != "gateway"} == {"fake-model", "other-model"}  # the backend's
+    assert [m.model_extra["kind"] for m in models if m.owned_by == "gateway"] == ["embedding"]  # /v1/embeddings
     rows = audit_rows(settings, endpoint="completions")
     assert [r["stream"] for r in rows] == [False, True]
     assert rows[0]["response_text"] == completion.choices[0].text and rows[0]["finish_reason"] == "length"

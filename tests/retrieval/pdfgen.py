@@ -11,8 +11,9 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
-def write_pdf(path: Path, paragraphs: Sequence[str], *, title: str | None = None,
-              width: int = 90, lines_per_page: int = 48) -> Path:
+def write_pdf(
+    path: Path, paragraphs: Sequence[str], *, title: str | None = None, width: int = 90, lines_per_page: int = 48
+) -> Path:
     """Write `paragraphs` (blank line between them) as a text PDF that pypdf can read back."""
     lines: list[str] = []
     for paragraph in paragraphs:
@@ -37,9 +38,12 @@ def write_pdf(path: Path, paragraphs: Sequence[str], *, title: str | None = None
         ops.append("ET")
         stream = "\n".join(ops).encode("cp1252", errors="replace")
         content = add(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-        page_ids.append(add(
-            b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 %d 0 R >> >> "
-            b"/Contents %d 0 R >>" % (pages_obj, font, content)))
+        page_ids.append(
+            add(
+                b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 %d 0 R >> >> "
+                b"/Contents %d 0 R >>" % (pages_obj, font, content)
+            )
+        )
     objects[catalog - 1] = b"<< /Type /Catalog /Pages %d 0 R >>" % pages_obj
     kids = b" ".join(b"%d 0 R" % i for i in page_ids)
     objects[pages_obj - 1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(page_ids))

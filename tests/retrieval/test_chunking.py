@@ -53,8 +53,15 @@ def test_consecutive_chunks_overlap(wordpiece: WordPieceCounter) -> None:
     assert len(chunks) >= 3
     for previous, current in itertools.pairwise(chunks):
         # the next chunk starts with the tail of the previous one: find the shared text
-        shared = max((current.text[:end] for end in range(1, len(current.text) + 1)
-                      if previous.text.endswith(current.text[:end])), key=len, default="")
+        shared = max(
+            (
+                current.text[:end]
+                for end in range(1, len(current.text) + 1)
+                if previous.text.endswith(current.text[:end])
+            ),
+            key=len,
+            default="",
+        )
         assert 8 <= wordpiece.count(shared) <= 16, (previous.text, current.text)
 
 

@@ -10,14 +10,17 @@ from retrieval.documents import Chunk
 from tests.retrieval.conftest import make_doc
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ("sqlite:///data/gateway.db", "sqlite+aiosqlite:///data/gateway.db"),
-    ("sqlite+aiosqlite:////abs/x.db", "sqlite+aiosqlite:////abs/x.db"),
-    ("postgresql://u:p@h:5432/db", "postgresql+asyncpg://u:***@h:5432/db"),
-    ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
-    ("postgresql+psycopg2://u@h/db", "postgresql+asyncpg://u@h/db"),
-    ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
-])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("sqlite:///data/gateway.db", "sqlite+aiosqlite:///data/gateway.db"),
+        ("sqlite+aiosqlite:////abs/x.db", "sqlite+aiosqlite:////abs/x.db"),
+        ("postgresql://u:p@h:5432/db", "postgresql+asyncpg://u:***@h:5432/db"),
+        ("postgres://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+asyncpg://u@h/db"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg://u@h/db"),
+    ],
+)
 def test_urls_are_normalised_to_async_drivers(given: str, expected: str) -> None:
     assert str(normalise_database_url(given)) == expected
 
@@ -45,16 +48,21 @@ async def _exercise(url: str, collection: str) -> None:
         assert {"rag_documents", "rag_chunks"} <= set(names)
         repo = MetadataRepository(engine)
         a, b = make_doc("a", "alpha text"), make_doc("b", "beta text")
-        await repo.replace_documents(collection, [(a, _chunks("a", ["one", "two"])), (b, _chunks("b", ["three"]))],
-                                     chunking="v1:test", embedding_model="fake")
+        await repo.replace_documents(
+            collection,
+            [(a, _chunks("a", ["one", "two"])), (b, _chunks("b", ["three"]))],
+            chunking="v1:test",
+            embedding_model="fake",
+        )
         rows = await repo.documents(collection)
         assert set(rows) == {"a", "b"} and rows["a"].content_hash == a.content_hash
         assert rows["a"].chunk_count == 2
         assert await repo.chunk_count(collection) == 3
         # replacing a document replaces its chunks
         a2 = make_doc("a", "alpha text, changed")
-        await repo.replace_documents(collection, [(a2, _chunks("a", ["only"]))], chunking="v1:test",
-                                     embedding_model="fake")
+        await repo.replace_documents(
+            collection, [(a2, _chunks("a", ["only"]))], chunking="v1:test", embedding_model="fake"
+        )
         assert [c["text"] for c in await repo.chunks(collection, "a")] == ["only"]
         assert (await repo.documents(collection, ["a"]))["a"].content_hash == a2.content_hash
         assert await repo.delete_documents(collection, ["a", "missing"]) == 1

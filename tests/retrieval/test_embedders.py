@@ -33,8 +33,9 @@ async def test_minilm_embeds_normalised_384d_vectors(minilm: SentenceTransformer
     assert minilm.name == DEFAULT_MODEL_NAME
     assert minilm.dimension == 384
     assert minilm.max_tokens == 254
-    vectors = await minilm.embed(["How do I get a refund?", "Returns are refunded within 14 days.",
-                                  "Lava flows from the volcano."])
+    vectors = await minilm.embed(
+        ["How do I get a refund?", "Returns are refunded within 14 days.", "Lava flows from the volcano."]
+    )
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     similarity = vectors @ vectors[0]
@@ -44,8 +45,9 @@ async def test_minilm_embeds_normalised_384d_vectors(minilm: SentenceTransformer
 
 
 @pytest.mark.slow
-async def test_minilm_runs_off_the_event_loop(minilm: SentenceTransformerEmbedder,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_minilm_runs_off_the_event_loop(
+    minilm: SentenceTransformerEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     threads: list[str] = []
     original = minilm.embed_sync
 

@@ -43,10 +43,16 @@ async def _open(data_dir: Path, url: str, embedder: HashingEmbedder) -> Ingestor
 
 async def _sql_counts(ingestor: Ingestor, collection: str) -> tuple[int, int]:
     async with ingestor.repository.engine.connect() as conn:
-        docs = (await conn.execute(select(func.count()).select_from(rag_documents)
-                                   .where(rag_documents.c.collection == collection))).scalar_one()
-        chunks = (await conn.execute(select(func.count()).select_from(rag_chunks)
-                                     .where(rag_chunks.c.collection == collection))).scalar_one()
+        docs = (
+            await conn.execute(
+                select(func.count()).select_from(rag_documents).where(rag_documents.c.collection == collection)
+            )
+        ).scalar_one()
+        chunks = (
+            await conn.execute(
+                select(func.count()).select_from(rag_chunks).where(rag_chunks.c.collection == collection)
+            )
+        ).scalar_one()
     return int(docs), int(chunks)
 
 
@@ -70,8 +76,7 @@ async def test_ingest_then_search(tmp_path: Path, data_dir: Path, database_url: 
     await store.aclose()
 
 
-async def test_unchanged_documents_are_not_embedded_again(tmp_path: Path, data_dir: Path,
-                                                          database_url: str) -> None:
+async def test_unchanged_documents_are_not_embedded_again(tmp_path: Path, data_dir: Path, database_url: str) -> None:
     _write_corpus(tmp_path / "docs")
     embedder = CountingEmbedder()
     async with await _open(data_dir, database_url, embedder) as ingestor:
@@ -182,8 +187,21 @@ def test_cli_ingest_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str
     docs = tmp_path / "docs"
     _write_corpus(docs)
     (docs / "bad.pdf").write_bytes(b"not a pdf")
-    args = _cli_args(tmp_path, str(docs), "--collection", "kb", "--embedding-model", "hashing-128",
-                     "--chunk-tokens", "64", "--overlap-tokens", "8", "--index-type", "flat", "--json")
+    args = _cli_args(
+        tmp_path,
+        str(docs),
+        "--collection",
+        "kb",
+        "--embedding-model",
+        "hashing-128",
+        "--chunk-tokens",
+        "64",
+        "--overlap-tokens",
+        "8",
+        "--index-type",
+        "flat",
+        "--json",
+    )
     assert run_ingest(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ingested"] == 3 and summary["files_seen"] == 4
@@ -191,16 +209,27 @@ def test_cli_ingest_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert summary["index_type"] == "flat" and summary["chunks_per_s"] > 0
     assert (tmp_path / "data" / "gateway.db").is_file()  # default SQLite location
 
-    args = _cli_args(tmp_path, str(docs / "tea.html"), "--collection", "kb", "--delete",
-                     "--embedding-model", "hashing-128")
+    args = _cli_args(
+        tmp_path, str(docs / "tea.html"), "--collection", "kb", "--delete", "--embedding-model", "hashing-128"
+    )
     assert run_ingest(args) == 0
     capsys.readouterr()
     assert set(storage.load_snapshot(tmp_path / "data", "kb").documents) == {"walrus.md", "volcano.txt"}
 
 
 def test_cli_reports_a_bad_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = _cli_args(tmp_path, str(tmp_path), "--collection", "kb", "--embedding-model", "hashing",
-                     "--chunk-tokens", "100", "--overlap-tokens", "90")
+    args = _cli_args(
+        tmp_path,
+        str(tmp_path),
+        "--collection",
+        "kb",
+        "--embedding-model",
+        "hashing",
+        "--chunk-tokens",
+        "100",
+        "--overlap-tokens",
+        "90",
+    )
     assert run_ingest(args) == 2
     assert "overlap_tokens" in capsys.readouterr().err
 
@@ -218,8 +247,9 @@ async def test_large_ingest_switches_index_type(data_dir: Path, database_url: st
 
     embedder = HashingEmbedder(32)
     documents = [make_doc(f"d{i}", f"document {i} about topic {i % 97} and item {i % 13}") for i in range(1200)]
-    ingestor = await Ingestor.open(data_dir, database_url, embedder,
-                                   index_config=IndexConfig(flat_max=1000, ivf_min=10_000))
+    ingestor = await Ingestor.open(
+        data_dir, database_url, embedder, index_config=IndexConfig(flat_max=1000, ivf_min=10_000)
+    )
     async with ingestor:
         report = await ingestor.ingest_documents("big", documents)
     assert report.index_type == "hnsw"
@@ -243,8 +273,9 @@ async def test_drop_collection(data_dir: Path, database_url: str) -> None:
     await store.aclose()
 
 
-async def test_additions_extend_an_hnsw_index_changes_rebuild_it(data_dir: Path, database_url: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_additions_extend_an_hnsw_index_changes_rebuild_it(
+    data_dir: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from retrieval.index import FaissIndex, IndexConfig
 
     builds: list[int] = []
@@ -257,8 +288,9 @@ async def test_additions_extend_an_hnsw_index_changes_rebuild_it(data_dir: Path,
     monkeypatch.setattr(FaissIndex, "build", classmethod(counting))
     embedder = HashingEmbedder(64)
     documents = [make_doc(f"d{i}", f"document {i} about topic {i % 97}") for i in range(300)]
-    ingestor = await Ingestor.open(data_dir, database_url, embedder,
-                                   index_config=IndexConfig(flat_max=100, ivf_min=10_000))
+    ingestor = await Ingestor.open(
+        data_dir, database_url, embedder, index_config=IndexConfig(flat_max=100, ivf_min=10_000)
+    )
     async with ingestor:
         await ingestor.ingest_documents("kb", documents)
         assert builds == [300]

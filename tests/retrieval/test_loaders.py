@@ -58,8 +58,10 @@ def test_each_format_loads_with_ids_relative_to_the_folder(tmp_path: Path) -> No
     (root / "c.html").write_text("<h1>See</h1><p>HTML body.</p>")
     write_pdf(root / "d.pdf", ["The PDF paragraph about walruses."], title="Dee")
     (root / "e.jsonl").write_text(
-        json.dumps({"id": "faq-1", "title": "Q1", "text": "Answer one.", "source": "http://x/1", "lang": "en"}) + "\n"
-        + json.dumps({"text": "Answer two without id."}) + "\n"
+        json.dumps({"id": "faq-1", "title": "Q1", "text": "Answer one.", "source": "http://x/1", "lang": "en"})
+        + "\n"
+        + json.dumps({"text": "Answer two without id."})
+        + "\n"
     )
     _, documents, skipped = _load_all(root)
     assert skipped == []
@@ -112,8 +114,9 @@ def test_unsupported_single_file(tmp_path: Path) -> None:
 
 def test_multi_page_pdf_keeps_all_pages(tmp_path: Path) -> None:
     # wrapped paragraphs of two to three lines, as in a real document
-    paragraphs = [f"Paragraph number {i} talks about topic {i}. " + "It goes on for a while. " * (3 + i % 3)
-                  for i in range(40)]
+    paragraphs = [
+        f"Paragraph number {i} talks about topic {i}. " + "It goes on for a while. " * (3 + i % 3) for i in range(40)
+    ]
     path = write_pdf(tmp_path / "long.pdf", paragraphs, lines_per_page=30)
     loaded = load_file(path, "long.pdf")
     document = loaded.documents[0]

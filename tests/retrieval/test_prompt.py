@@ -4,10 +4,26 @@ from retrieval.documents import Hit
 from retrieval.prompt import build_rag_messages, citations, needs_history, retrieval_query, snippet
 
 HITS = [
-    Hit("kb", "warranty.md", "warranty.md#0", "Warranty", "docs/warranty.md",
-        "Every robot has a 2-year warranty.", 0.81234, 1),
-    Hit("kb", "returns.html", "returns.html#2", "Returns", "docs/returns.html",
-        "Returns are accepted within 30 days. " * 20, 0.5, 2),
+    Hit(
+        "kb",
+        "warranty.md",
+        "warranty.md#0",
+        "Warranty",
+        "docs/warranty.md",
+        "Every robot has a 2-year warranty.",
+        0.81234,
+        1,
+    ),
+    Hit(
+        "kb",
+        "returns.html",
+        "returns.html#2",
+        "Returns",
+        "docs/returns.html",
+        "Returns are accepted within 30 days. " * 20,
+        0.5,
+        2,
+    ),
 ]
 
 
@@ -25,8 +41,7 @@ def test_passages_are_numbered_in_a_new_system_message() -> None:
 
 
 def test_existing_system_message_is_kept_first() -> None:
-    messages = [{"role": "system", "content": "You are Kestrel's assistant."},
-                {"role": "user", "content": "warranty?"}]
+    messages = [{"role": "system", "content": "You are Kestrel's assistant."}, {"role": "user", "content": "warranty?"}]
     out = build_rag_messages(messages, HITS[:1])
     assert len(out) == 2
     assert out[0]["content"].startswith("You are Kestrel's assistant.\n\n")
@@ -35,8 +50,10 @@ def test_existing_system_message_is_kept_first() -> None:
 
 
 def test_system_message_with_content_parts() -> None:
-    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                {"role": "user", "content": "warranty?"}]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": "warranty?"},
+    ]
     out = build_rag_messages(messages, HITS[:1])
     parts = out[0]["content"]
     assert parts[0] == {"type": "text", "text": "Be brief."}
@@ -68,8 +85,13 @@ def test_short_or_anaphoric_turns_pull_in_history() -> None:
     assert retrieval_query(short) == "Tell me about the Mowbot M3 lawn mower.\nHow much?"
     anaphoric = [*history, {"role": "user", "content": "Does it work when the weather is rainy outside?"}]
     assert retrieval_query(anaphoric).startswith("Tell me about the Mowbot M3")
-    parts = [*history, {"role": "user", "content": [{"type": "text", "text": "And the price"},
-                                                    {"type": "image_url", "image_url": {"url": "x"}}]}]
+    parts = [
+        *history,
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And the price"}, {"type": "image_url", "image_url": {"url": "x"}}],
+        },
+    ]
     assert retrieval_query(parts).endswith("\nAnd the price")
     assert "robotic mower that" not in retrieval_query(short)  # assistant turns are left out
 
@@ -95,8 +117,13 @@ def test_citations_match_the_markers() -> None:
     cites = citations(HITS)
     assert [c["index"] for c in cites] == [1, 2]
     assert cites[0] == {
-        "index": 1, "collection": "kb", "document": "warranty.md", "title": "Warranty",
-        "source": "docs/warranty.md", "chunk_id": "warranty.md#0", "score": 0.8123,
+        "index": 1,
+        "collection": "kb",
+        "document": "warranty.md",
+        "title": "Warranty",
+        "source": "docs/warranty.md",
+        "chunk_id": "warranty.md#0",
+        "score": 0.8123,
         "snippet": "Every robot has a 2-year warranty.",
     }
     assert cites[1]["snippet"].endswith("…") and len(cites[1]["snippet"]) <= 241

@@ -51,11 +51,14 @@ async def test_ensure_sample_collection_runs_once(tmp_path: Path) -> None:
 async def test_metrics_are_computed_from_document_ranks(tmp_path: Path) -> None:
     embedder = HashingEmbedder(512)
     async with await Ingestor.open(tmp_path, None, embedder) as ingestor:
-        await ingestor.ingest_documents("kb", [
-            make_doc("walrus", "Walruses eat clams in the Arctic."),
-            make_doc("camel", "Camels cross hot deserts."),
-            make_doc("tea", "Green tea leaves are steamed."),
-        ])
+        await ingestor.ingest_documents(
+            "kb",
+            [
+                make_doc("walrus", "Walruses eat clams in the Arctic."),
+                make_doc("camel", "Camels cross hot deserts."),
+                make_doc("tea", "Green tea leaves are steamed."),
+            ],
+        )
     store = CollectionStore(tmp_path, embedder)
     questions = [
         LabelledQuestion("what do walruses eat", frozenset({"walrus"})),  # rank 1
@@ -74,8 +77,11 @@ async def test_metrics_are_computed_from_document_ranks(tmp_path: Path) -> None:
 
 def test_halueval_corpus_shape(tmp_path: Path) -> None:
     path = tmp_path / "dev.jsonl"
-    rows = [{"knowledge": "K one.", "question": "Q1?"}, {"knowledge": "K two.", "question": "Q2?"},
-            {"knowledge": "K one.", "question": "Q3?"}]
+    rows = [
+        {"knowledge": "K one.", "question": "Q1?"},
+        {"knowledge": "K two.", "question": "Q2?"},
+        {"knowledge": "K one.", "question": "Q3?"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     documents, questions = halueval_corpus(path)
     assert [d.id for d in documents] == ["halueval-0", "halueval-1"]
@@ -88,8 +94,9 @@ def test_eval_cli_with_a_collection(tmp_path: Path, capsys: pytest.CaptureFixtur
     asyncio.run(ensure_sample_collection(tmp_path, None, HashingEmbedder(384)))
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    args = parser.parse_args(["--collection", "sample", "--questions", str(SAMPLE_QUESTIONS),
-                              "--embedding-model", "hashing", "--json"])
+    args = parser.parse_args(
+        ["--collection", "sample", "--questions", str(SAMPLE_QUESTIONS), "--embedding-model", "hashing", "--json"]
+    )
     args.data_dir = tmp_path
     assert run(args) == 0
     out = json.loads(capsys.readouterr().out)

@@ -37,8 +37,9 @@ async def test_unknown_collection(data_dir: Path, embedder: HashingEmbedder) -> 
     await store.aclose()
 
 
-async def test_index_persists_across_store_instances(data_dir: Path, database_url: str,
-                                                     embedder: HashingEmbedder) -> None:
+async def test_index_persists_across_store_instances(
+    data_dir: Path, database_url: str, embedder: HashingEmbedder
+) -> None:
     await _ingest(data_dir, database_url, embedder, "zoo", ANIMALS)
     for _ in range(2):  # a fresh store (a restarted gateway) reads the same files
         store = CollectionStore(data_dir, embedder)
@@ -110,9 +111,9 @@ async def test_hot_swap_while_searching(data_dir: Path, database_url: str, embed
     await store.aclose()
 
 
-async def test_broken_new_version_keeps_the_old_one(data_dir: Path, database_url: str,
-                                                     embedder: HashingEmbedder,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_broken_new_version_keeps_the_old_one(
+    data_dir: Path, database_url: str, embedder: HashingEmbedder, caplog: pytest.LogCaptureFixture
+) -> None:
     await _ingest(data_dir, database_url, embedder, "zoo", ANIMALS)
     store = CollectionStore(data_dir, embedder, check_interval_s=0)
     first = (await store.search_detailed("zoo", "camel", top_k=1)).version
@@ -129,8 +130,7 @@ async def test_broken_new_version_keeps_the_old_one(data_dir: Path, database_url
     await store.aclose()
 
 
-async def test_removed_collection_becomes_unknown(data_dir: Path, database_url: str,
-                                                  embedder: HashingEmbedder) -> None:
+async def test_removed_collection_becomes_unknown(data_dir: Path, database_url: str, embedder: HashingEmbedder) -> None:
     await _ingest(data_dir, database_url, embedder, "zoo", ANIMALS)
     store = CollectionStore(data_dir, embedder, check_interval_s=0)
     assert await store.search("zoo", "camel")
@@ -140,8 +140,9 @@ async def test_removed_collection_becomes_unknown(data_dir: Path, database_url: 
     await store.aclose()
 
 
-async def test_new_collection_is_found_without_restart(data_dir: Path, database_url: str,
-                                                       embedder: HashingEmbedder) -> None:
+async def test_new_collection_is_found_without_restart(
+    data_dir: Path, database_url: str, embedder: HashingEmbedder
+) -> None:
     store = CollectionStore(data_dir, embedder)
     with pytest.raises(UnknownCollection):
         await store.search("later", "camel")
@@ -151,9 +152,9 @@ async def test_new_collection_is_found_without_restart(data_dir: Path, database_
     await store.aclose()
 
 
-async def test_first_load_is_shared_by_concurrent_requests(data_dir: Path, database_url: str,
-                                                           embedder: HashingEmbedder,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_first_load_is_shared_by_concurrent_requests(
+    data_dir: Path, database_url: str, embedder: HashingEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await _ingest(data_dir, database_url, embedder, "zoo", ANIMALS)
     loads = 0
     original = storage.load_snapshot

@@ -17,6 +17,15 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # A database where `retrieval` created these tables itself (create_all) already has them.
+    existing = set(sa.inspect(op.get_bind()).get_table_names())
+    if "rag_documents" not in existing:
+        _create_rag_tables()
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("default_collection", sa.String(64)))
+
+
+def _create_rag_tables() -> None:
     op.create_table(
         "rag_documents",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -48,8 +57,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("collection", "chunk_id", name="uq_rag_chunks_collection_chunk"),
     )
     op.create_index("ix_rag_chunks_document_pk", "rag_chunks", ["document_pk"])
-    with op.batch_alter_table("api_keys") as batch:
-        batch.add_column(sa.Column("default_collection", sa.String(64)))
 
 
 def downgrade() -> None:
