@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -44,7 +45,9 @@ def metric(vllm_url: str, name: str) -> float:
 
 def test_models_lists_the_bundled_model(setup: tuple[GatewayServer, openai.OpenAI, Settings]) -> None:
     _, client, _ = setup
-    assert [m.id for m in client.models.list()] == [LOCAL_MODEL_NAME]
+    models = client.models.list().data
+    assert [m.id for m in models if m.owned_by != "gateway"] == [LOCAL_MODEL_NAME]
+    assert [m.id for m in models if m.owned_by == "gateway"] == ["all-MiniLM-L6-v2"]  # for /v1/embeddings
 
 
 def test_chat_matches_direct_vllm_and_is_audited(
@@ -136,3 +139,38 @@ def test_disconnect_aborts_generation_in_vllm(
     rows = audit_rows(settings)
     assert [r["status"] for r in rows] == ["client_disconnected"]
     assert rows[0]["response_text"]
+
+
+@pytest.fixture
+def rag_setup(tmp_path: Path, vllm_url: str) -> Iterator[tuple[GatewayServer, openai.OpenAI, Settings]]:
+    """The embedded default: real MiniLM embeddings, the shipped sample corpus, a RAG alias."""
+    settings = Settings(
+        data_dir=tmp_path, backend=(vllm_url,), alias=(f"{LOCAL_MODEL_NAME}-rag=sample:{LOCAL_MODEL_NAME}",)
+    )
+    prepare_database(settings)
+    _, key = create_key(settings, "client")
+    with GatewayServer(settings) as gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        try:
+            yield gw, client, settings
+        finally:
+            client.close()
+
+
+def test_grounded_answer_from_the_sample_corpus(rag_setup: tuple[GatewayServer, openai.OpenAI, Settings]) -> None:
+    _, client, settings = rag_setup
+    reply = client.chat.completions.create(
+        model=f"{LOCAL_MODEL_NAME}-rag",
+        messages=[{"role": "user", "content": "Who founded Kestrel Home Robotics?"}],
+        temperature=0,
+        max_tokens=60,
+    )
+    gateway = reply.model_extra["gateway"]
+    assert gateway["citations"][0]["document"].endswith("company/about.md")
+    assert reply.choices[0].message.content.strip()
+    [row] = audit_rows(settings)
+    assert row["model"] == f"{LOCAL_MODEL_NAME}-rag" and row["passages_json"]
+    verdicts = {v["guard"]: v for v in json.loads(row["guards_json"])}
+    assert "groundedness" in verdicts and row["groundedness"] is not None  # checked against the passages
+    vectors = client.embeddings.create(model="all-MiniLM-L6-v2", input=["Kestrel robots", "vacuum"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
