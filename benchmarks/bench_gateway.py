@@ -110,7 +110,13 @@ GUARDS_OFF = Path(__file__).with_name("guards-off.toml")
 
 
 def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF) -> tuple[Proc, str, str]:
-    env = {"GATEWAY_DATA_DIR": str(data_dir), "GATEWAY_LOG_LEVEL": "warning"}
+    # These requests use no retrieval: skip loading MiniLM and ingesting the sample corpus at each start.
+    env = {
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "GATEWAY_LOG_LEVEL": "warning",
+        "GATEWAY_EMBEDDING_MODEL": "hashing",
+        "GATEWAY_SAMPLE_CORPUS": "false",
+    }
     out = subprocess.run(
         [*GATEWAY, "keys", "create", "--role", "client"],
         cwd=ROOT,

@@ -20,14 +20,21 @@ from guardrails.injection import InjectionGuard
 from guardrails.keywords import KeywordGuard, KeywordMatcher, parse_terms
 from guardrails.toxicity import ProfanityCheckScorer, ToxicityGuard
 
-MESSAGE = ("Hello there, I would like to know how the quarterly revenue figures compare with last year, "
-           "and whether the marketing budget should be increased for the next campaign in Europe and Asia.")
-ANSWER = ("The Eiffel Tower is 330 metres tall. It was completed in 1889 by the company of Gustave Eiffel. "
-          "It stands on the Champ de Mars in Paris.")
+MESSAGE = (
+    "Hello there, I would like to know how the quarterly revenue figures compare with last year, "
+    "and whether the marketing budget should be increased for the next campaign in Europe and Asia."
+)
+ANSWER = (
+    "The Eiffel Tower is 330 metres tall. It was completed in 1889 by the company of Gustave Eiffel. "
+    "It stands on the Champ de Mars in Paris."
+)
 PASSAGES = (
-    Passage("p1", "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-                  "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
-                  "from 1887 to 1889. The tower is 330 metres tall."),
+    Passage(
+        "p1",
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+        "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+        "from 1887 to 1889. The tower is 330 metres tall.",
+    ),
     Passage("p2", "Paris is the capital and largest city of France, with about 2.1 million residents."),
 )
 
@@ -54,16 +61,22 @@ async def main(n: int) -> None:
     rng = random.Random(0)
     terms = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 10))) for _ in range(1000)]
     guards = [
-        ("keywords (1,000 terms)", KeywordGuard(GuardSettings(options={"terms": terms}), resources),
-         GuardContext("input", MESSAGE)),
+        (
+            "keywords (1,000 terms)",
+            KeywordGuard(GuardSettings(options={"terms": terms}), resources),
+            GuardContext("input", MESSAGE),
+        ),
         ("injection", InjectionGuard(GuardSettings(), resources), GuardContext("input", MESSAGE)),
-        ("toxicity (alt-profanity-check)", ToxicityGuard(GuardSettings(), resources),
-         GuardContext("output", ANSWER)),
-        ("groundedness (lexical)", GroundednessGuard(GuardSettings(), resources),
-         GuardContext("output", ANSWER, passages=PASSAGES, prompt="How tall is the Eiffel Tower?")),
+        ("toxicity (alt-profanity-check)", ToxicityGuard(GuardSettings(), resources), GuardContext("output", ANSWER)),
+        (
+            "groundedness (lexical)",
+            GroundednessGuard(GuardSettings(), resources),
+            GuardContext("output", ANSWER, passages=PASSAGES, prompt="How tall is the Eiffel Tower?"),
+        ),
     ]
-    print(f"{'guard':<34} {'p50 ms':>8} {'p99 ms':>8}   (n={n}, {len(MESSAGE)}-char message, "
-          f"{len(ANSWER)}-char answer)")
+    print(
+        f"{'guard':<34} {'p50 ms':>8} {'p99 ms':>8}   (n={n}, {len(MESSAGE)}-char message, {len(ANSWER)}-char answer)"
+    )
     for name, guard, ctx in guards:
         ms = await time_guard(guard, ctx, n)
         print(f"{name:<34} {pct(ms, 50):8.3f} {pct(ms, 99):8.3f}")
@@ -71,8 +84,7 @@ async def main(n: int) -> None:
 
     print()
     print(f"{'keyword filter terms':<22} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    all_terms = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 10)))
-                 for _ in range(100_000)]
+    all_terms = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 10))) for _ in range(100_000)]
     for count in (10, 1_000, 100_000):
         t0 = time.perf_counter()
         matcher = KeywordMatcher(parse_terms(all_terms[:count]))

@@ -134,14 +134,19 @@ def bench_indexes(n: int, n_queries: int, kinds: list[str], sweep: bool) -> list
             elif name == "nprobe":
                 index.nprobe = value
             times, got = time_queries(index, queries)
-            rows.append({
-                "size": n, "kind": index.kind, "build_s": round(build_s, 2),
-                "param": "" if name == "default" else f"{name}={value}",
-                "ef_search": index.ef_search if index.kind == "hnsw" else None,
-                "nprobe": index.nprobe if index.kind == "ivf" else None,
-                "search_p50_ms": round(percentile(times, 50), 3), "search_p99_ms": round(percentile(times, 99), 3),
-                "recall_at_10": round(recall_at(got, truth), 4),
-            })
+            rows.append(
+                {
+                    "size": n,
+                    "kind": index.kind,
+                    "build_s": round(build_s, 2),
+                    "param": "" if name == "default" else f"{name}={value}",
+                    "ef_search": index.ef_search if index.kind == "hnsw" else None,
+                    "nprobe": index.nprobe if index.kind == "ivf" else None,
+                    "search_p50_ms": round(percentile(times, 50), 3),
+                    "search_p99_ms": round(percentile(times, 99), 3),
+                    "recall_at_10": round(recall_at(got, truth), 4),
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         del index
         gc.collect()
@@ -165,9 +170,14 @@ def bench_embedding(n_queries: int, torch_threads: int | None) -> dict[str, Any]
         times.append((time.perf_counter() - started) * 1e3)
     import torch
 
-    return {"model": embedder.name, "torch_threads": torch.get_num_threads(), "queries": len(times),
-            "embed_p50_ms": round(percentile(times, 50), 2),
-            "embed_p99_ms": round(percentile(times, 99), 2), "embedder": embedder}
+    return {
+        "model": embedder.name,
+        "torch_threads": torch.get_num_threads(),
+        "queries": len(times),
+        "embed_p50_ms": round(percentile(times, 50), 2),
+        "embed_p99_ms": round(percentile(times, 99), 2),
+        "embedder": embedder,
+    }
 
 
 async def bench_end_to_end(embedder: Any, n: int, n_queries: int) -> dict[str, Any]:
@@ -178,17 +188,33 @@ async def bench_end_to_end(embedder: Any, n: int, n_queries: int) -> dict[str, A
         data_dir = Path(scratch)
         vectors = synthetic(n, seed=3, clusters=max(50, n // 200))
         records = storage.ChunkRecords(
-            chunk_id=[f"d{i}#0" for i in range(n)], document_id=[f"d{i}" for i in range(n)],
-            position=[0] * n, title=[f"Doc {i}" for i in range(n)], source=["synthetic"] * n,
-            text=[f"synthetic passage {i}" for i in range(n)], heading_path=[[] for _ in range(n)],
-            content_hash=["0" * 64] * n, token_count=[3] * n,
+            chunk_id=[f"d{i}#0" for i in range(n)],
+            document_id=[f"d{i}" for i in range(n)],
+            position=[0] * n,
+            title=[f"Doc {i}" for i in range(n)],
+            source=["synthetic"] * n,
+            text=[f"synthetic passage {i}" for i in range(n)],
+            heading_path=[[] for _ in range(n)],
+            content_hash=["0" * 64] * n,
+            token_count=[3] * n,
         )
-        storage.write_snapshot(data_dir, "bench", records=records, vectors=vectors,
-                               embedding_model=embedder.name, dimension=embedder.dimension,
-                               documents={f"d{i}": "0" for i in range(n)}, config=IndexConfig())
+        storage.write_snapshot(
+            data_dir,
+            "bench",
+            records=records,
+            vectors=vectors,
+            embedding_model=embedder.name,
+            dimension=embedder.dimension,
+            documents={f"d{i}": "0" for i in range(n)},
+            config=IndexConfig(),
+        )
         store = CollectionStore(data_dir, embedder)
-        questions = ["How long is the warranty?", "Which countries do you ship to?",
-                     "What does error E4 mean?", "How do I store the mower battery in winter?"]
+        questions = [
+            "How long is the warranty?",
+            "Which countries do you ship to?",
+            "What does error E4 mean?",
+            "How do I store the mower battery in winter?",
+        ]
         await store.search("bench", "warm-up", top_k=4)
         totals, embeds, searches = [], [], []
         for i in range(n_queries):
@@ -199,9 +225,15 @@ async def bench_end_to_end(embedder: Any, n: int, n_queries: int) -> dict[str, A
             searches.append(outcome.search_ms)
         info = await store.info("bench")
         await store.aclose()
-    return {"size": n, "index_type": info["index_type"], "queries": n_queries,
-            "total_p50_ms": round(percentile(totals, 50), 2), "total_p99_ms": round(percentile(totals, 99), 2),
-            "embed_p50_ms": round(percentile(embeds, 50), 2), "search_p50_ms": round(percentile(searches, 50), 3)}
+    return {
+        "size": n,
+        "index_type": info["index_type"],
+        "queries": n_queries,
+        "total_p50_ms": round(percentile(totals, 50), 2),
+        "total_p99_ms": round(percentile(totals, 99), 2),
+        "embed_p50_ms": round(percentile(embeds, 50), 2),
+        "search_p50_ms": round(percentile(searches, 50), 3),
+    }
 
 
 async def bench_ingest(embedder: Any) -> list[dict[str, Any]]:
@@ -229,30 +261,50 @@ async def bench_ingest(embedder: Any) -> list[dict[str, Any]]:
 
 
 def _ingest_row(report: Any) -> dict[str, Any]:
-    return {"documents": report.ingested, "chunks": report.chunks, "seconds": round(report.seconds, 2),
-            "embed_seconds": round(report.embed_seconds, 2), "chunks_per_s": round(report.chunks_per_s, 1)}
+    return {
+        "documents": report.ingested,
+        "chunks": report.chunks,
+        "seconds": round(report.seconds, 2),
+        "embed_seconds": round(report.embed_seconds, 2),
+        "chunks_per_s": round(report.chunks_per_s, 1),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| chunks | index | params | build s | search p50 ms | search p99 ms | recall@10 |",
-             "|---:|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| chunks | index | params | build s | search p50 ms | search p99 ms | recall@10 |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
     for row in result["indexes"]:
-        params = row["param"] or (f"ef_search={row['ef_search']}" if row["ef_search"] else
-                                  f"nprobe={row['nprobe']}" if row["nprobe"] else "exact")
-        lines.append(f"| {row['size']:,} | {row['kind']} | {params} | {row['build_s']} | {row['search_p50_ms']} | "
-                     f"{row['search_p99_ms']} | {row['recall_at_10']} |")
+        params = row["param"] or (
+            f"ef_search={row['ef_search']}"
+            if row["ef_search"]
+            else f"nprobe={row['nprobe']}"
+            if row["nprobe"]
+            else "exact"
+        )
+        lines.append(
+            f"| {row['size']:,} | {row['kind']} | {params} | {row['build_s']} | {row['search_p50_ms']} | "
+            f"{row['search_p99_ms']} | {row['recall_at_10']} |"
+        )
     if "embedding" in result:
         e = result["embedding"]
-        lines.append(f"\nquery embedding ({e['model']}, {e['torch_threads']} torch threads, one query at a time): "
-                     f"p50 {e['embed_p50_ms']} ms, "
-                     f"p99 {e['embed_p99_ms']} ms")
+        lines.append(
+            f"\nquery embedding ({e['model']}, {e['torch_threads']} torch threads, one query at a time): "
+            f"p50 {e['embed_p50_ms']} ms, "
+            f"p99 {e['embed_p99_ms']} ms"
+        )
     for row in result.get("end_to_end", []):
-        lines.append(f"end to end via CollectionStore at {row['size']:,} chunks ({row['index_type']}): "
-                     f"p50 {row['total_p50_ms']} ms, p99 {row['total_p99_ms']} ms "
-                     f"(embed p50 {row['embed_p50_ms']} ms, search p50 {row['search_p50_ms']} ms)")
+        lines.append(
+            f"end to end via CollectionStore at {row['size']:,} chunks ({row['index_type']}): "
+            f"p50 {row['total_p50_ms']} ms, p99 {row['total_p99_ms']} ms "
+            f"(embed p50 {row['embed_p50_ms']} ms, search p50 {row['search_p50_ms']} ms)"
+        )
     for row in result.get("ingest", []):
-        lines.append(f"ingest {row['corpus']} with {row['embedder']}: {row['documents']} documents, "
-                     f"{row['chunks']} chunks in {row['seconds']} s = {row['chunks_per_s']} chunks/s")
+        lines.append(
+            f"ingest {row['corpus']} with {row['embedder']}: {row['documents']} documents, "
+            f"{row['chunks']} chunks in {row['seconds']} s = {row['chunks_per_s']} chunks/s"
+        )
     return "\n".join(lines)
 
 
@@ -263,14 +315,22 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=300, help="queries per measurement")
     parser.add_argument("--kinds", default="flat,hnsw,ivf")
     parser.add_argument("--sweep", action="store_true", help="try several ef_search / nprobe values")
-    parser.add_argument("--no-model", action="store_true",
-                        help="skip the MiniLM embedding, end-to-end and ingest parts")
+    parser.add_argument(
+        "--no-model", action="store_true", help="skip the MiniLM embedding, end-to-end and ingest parts"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--model-only", action="store_true",
-                        help="only the embedding, end-to-end (at --max-size, at most 10^5) and ingest parts")
+    parser.add_argument(
+        "--model-only",
+        action="store_true",
+        help="only the embedding, end-to-end (at --max-size, at most 10^5) and ingest parts",
+    )
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads for MiniLM")
-    parser.add_argument("--data", choices=["fitted", "clusters"], default="fitted",
-                        help="synthetic vector distribution (see above; default fitted)")
+    parser.add_argument(
+        "--data",
+        choices=["fitted", "clusters"],
+        default="fitted",
+        help="synthetic vector distribution (see above; default fitted)",
+    )
     args = parser.parse_args()
 
     global FITTED

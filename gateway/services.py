@@ -72,7 +72,8 @@ class Services:
         # Alembic runs its own event loop, so it gets a thread of its own.
         await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
-        self.rails = await Guardrails.load(self.policy, self.executor)  # models load off the loop
+        # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
+        self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
         self.pipeline.rails = self.rails
         described = self.rails.describe()
         enabled = [name for name, g in described["guards"].items() if g["enabled"]]
@@ -90,6 +91,18 @@ class Services:
             await self.backend.refresh()
         if self.settings.open_mode:
             log.warning("OPEN MODE: no API key is checked; every caller is treated as admin. Local use only.")
+
+    async def _judge(self, prompt: str) -> str:
+        """Ask the backend's first model (greedy, short) to judge an answer's support."""
+        models = await self.backend.models()
+        if not models:
+            raise RuntimeError("no backend model is available to judge groundedness")
+        answer = await self.backend.complete(
+            "/v1/chat/completions",
+            {"model": models[0].id, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+             "max_tokens": 64},
+        )  # fmt: skip
+        return str(answer["choices"][0]["message"]["content"] or "")
 
     async def _start_retrieval(self) -> None:
         started = time.perf_counter()

@@ -258,3 +258,27 @@ def test_embeddings_endpoint(rag_gateway: tuple[GatewayServer, openai.OpenAI, Se
     assert caught.value.body["param"] == "input"
     rows = audit_rows(settings, endpoint="embeddings")
     assert [r["http_status"] for r in rows] == [200, 200, 200, 404, 400]
+
+
+def test_llm_judge_mode_asks_the_backend(tmp_path: Path, fake_backend: FakeBackendThread) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('version = 1\n[guards.groundedness]\nmode = "llm"\naction = "flag"\n')
+    settings = make_settings(tmp_path, fake_backend.url, policy=policy)
+    write(tmp_path / "d", "z.txt", "The Zorblat 3000 vacuum weighs 4.2 kg.")
+    ingest(settings, "z", tmp_path / "d")
+    _, key = create_key(settings)
+    with (
+        GatewayServer(settings) as gw,
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client,
+    ):
+        reply = client.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "How heavy is the Zorblat 3000 vacuum?"}],
+            extra_body={"rag": {"collection": "z", "min_score": 0.0}, "fake": {"answer": "It weighs 9 kg."}},
+        )
+    sent = backend_saw(fake_backend)
+    assert len(sent) == 2  # the answer, then the judge's question about it
+    judge_prompt = sent[1]["messages"][0]["content"]
+    assert "It weighs 9 kg." in judge_prompt and "4.2 kg" in judge_prompt
+    verdict = next(g for g in reply.model_extra["gateway"]["guards"] if g["guard"] == "groundedness")
+    assert verdict["stage"] == "output"
