@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import openai
 import uvicorn
 from sqlalchemy import select
 
@@ -95,3 +98,17 @@ def audit_rows(settings: Settings, **where: Any) -> list[dict[str, Any]]:
             await engine.dispose()
 
     return asyncio.run(go())
+
+
+@contextmanager
+def serving(settings: Settings, key: str | None = None) -> Iterator[tuple[GatewayServer, openai.OpenAI]]:
+    """A running gateway and a stock OpenAI client for it (a new client key unless one is given).
+
+    The client never retries, so every failure shows."""
+    if key is None:
+        _, key = create_key(settings)
+    with (
+        GatewayServer(settings) as gateway,
+        openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120) as client,
+    ):
+        yield gateway, client

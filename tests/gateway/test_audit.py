@@ -20,7 +20,7 @@ from gateway.db import audit_records, create_engine
 from gateway.migrate import upgrade
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread
-from tests.helpers import GatewayServer, audit_rows, create_key
+from tests.helpers import audit_rows, create_key, serving
 
 PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 
@@ -190,10 +190,7 @@ async def test_a_torn_spool_line_is_skipped_not_fatal(tmp_path: Path) -> None:
 def test_full_requests_audited_in_postgresql(tmp_path: Path, pg_url: str, fake_backend: FakeBackendThread) -> None:
     settings = Settings(data_dir=tmp_path, backend=(fake_backend.url,), database=pg_url, embedding_model="hashing")
     key_id, key = create_key(settings, "client")
-    with (
-        GatewayServer(settings) as gw,
-        openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as client,
-    ):
+    with serving(settings, key) as (_gw, client):
         completion = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "pg"}])
         chunks = list(
             client.chat.completions.create(

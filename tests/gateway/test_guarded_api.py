@@ -16,7 +16,7 @@ import pytest
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
-from tests.helpers import GatewayServer, audit_rows, create_key
+from tests.helpers import GatewayServer, audit_rows, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 TOXIC = "You are a stupid idiot and I hate you."
@@ -53,11 +53,7 @@ action = "flag"
 """,
     )
     settings = make_settings(tmp_path, fake_backend.url, policy=path)
-    _, key = create_key(settings)
-    with (
-        GatewayServer(settings) as gw,
-        openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20) as client,
-    ):
+    with serving(settings) as (gw, client):
         yield gw, client, settings
 
 

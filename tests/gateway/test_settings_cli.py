@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from gateway.settings import SettingsError, load_settings
@@ -127,13 +126,10 @@ async def test_router_sends_each_model_to_the_backend_that_serves_it() -> None:
 
 def test_open_mode_needs_no_key(tmp_path: Path, fake_backend: FakeBackendThread) -> None:
     from tests.conftest import make_settings
-    from tests.helpers import GatewayServer
+    from tests.helpers import serving
 
     settings = make_settings(tmp_path, fake_backend.url, open_mode=True)
-    with (
-        GatewayServer(settings) as gw,
-        openai.OpenAI(base_url=gw.url + "/v1", api_key="anything", max_retries=0) as client,
-    ):
+    with serving(settings, key="anything") as (gw, client):
         client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}])
         assert httpx.get(gw.url + "/readyz").json()["open_mode"] is True
     assert [r["api_key_id"] for r in audit_rows(settings)] == ["open"]

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.settings import Settings
 from serving.local import LOCAL_MODEL_NAME
-from tests.helpers import GatewayServer, audit_rows, create_key, prepare_database
+from tests.helpers import GatewayServer, audit_rows, prepare_database, serving
 
 pytestmark = pytest.mark.integration
 MESSAGES = [
@@ -27,13 +27,8 @@ MESSAGES = [
 def setup(tmp_path: Path, vllm_url: str) -> Iterator[tuple[GatewayServer, openai.OpenAI, Settings]]:
     settings = Settings(data_dir=tmp_path, backend=(vllm_url,))
     prepare_database(settings)
-    _, key = create_key(settings, "client")
-    with GatewayServer(settings) as gw:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=120)
-        try:
-            yield gw, client, settings
-        finally:
-            client.close()
+    with serving(settings) as (gw, client):
+        yield gw, client, settings
 
 
 def metric(vllm_url: str, name: str) -> float:
@@ -148,13 +143,8 @@ def rag_setup(tmp_path: Path, vllm_url: str) -> Iterator[tuple[GatewayServer, op
         data_dir=tmp_path, backend=(vllm_url,), alias=(f"{LOCAL_MODEL_NAME}-rag=sample:{LOCAL_MODEL_NAME}",)
     )
     prepare_database(settings)
-    _, key = create_key(settings, "client")
-    with GatewayServer(settings) as gw:
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=120)
-        try:
-            yield gw, client, settings
-        finally:
-            client.close()
+    with serving(settings) as (gw, client):
+        yield gw, client, settings
 
 
 def test_grounded_answer_from_the_sample_corpus(rag_setup: tuple[GatewayServer, openai.OpenAI, Settings]) -> None:
