@@ -213,3 +213,25 @@ def test_invalid_policy_stops_start_up_naming_file_and_line(tmp_path: Path) -> N
     )
     assert result.returncode == 2
     assert f"{bad}:4" in result.stderr and "obliterate" in result.stderr
+
+
+def test_output_redaction_masks_the_span_in_answers_and_streams(
+    tmp_path: Path, fake_backend: FakeBackendThread
+) -> None:
+    path = policy(
+        tmp_path,
+        'version = 1\n[guards.keywords]\naction = "redact"\nstages = ["input", "output"]\nterms = ["bluebird"]\n',
+    )
+    settings = make_settings(tmp_path, fake_backend.url, policy=path)
+    answer = "The bluebird launch is on track. Nothing else to report."
+    ask = {"model": "fake-model", "messages": [{"role": "user", "content": "status?"}],
+           "extra_body": {"fake": {"answer": answer}}}  # fmt: skip
+    with serving(settings) as (_gw, client):
+        reply = client.chat.completions.create(**ask)
+        streamed = list(client.chat.completions.create(**ask, stream=True))
+    masked = "The ******** launch is on track. Nothing else to report."
+    assert reply.choices[0].message.content == masked and reply.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == masked
+    rows = audit_rows(settings)
+    assert [r["flagged_by"] for r in rows] == ["keywords", "keywords"]
+    assert all(r["response_text"] == answer for r in rows)  # reviewers see the original
