@@ -54,7 +54,26 @@ async def time_guard(guard, ctx: GuardContext, n: int) -> list[float]:
     return out
 
 
-async def main(n: int) -> None:
+async def backend_times(url: str, model: str, requests: int) -> list[float]:
+    """Milliseconds per non-streaming chat answer (64 tokens) from the backend itself."""
+    from serving.vllm import VLLMBackend
+
+    backend = VLLMBackend(url)
+    body = {"model": model, "messages": [{"role": "user", "content": "How tall is the Eiffel Tower?"}],
+            "max_tokens": 64, "temperature": 0}  # fmt: skip
+    try:
+        await backend.complete("/v1/chat/completions", body)  # warm-up
+        ms = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            await backend.complete("/v1/chat/completions", body)
+            ms.append((time.perf_counter() - t0) * 1000)
+        return ms
+    finally:
+        await backend.aclose()
+
+
+async def main(n: int, backend: str | None = None, model: str = "smollm2-135m-instruct") -> None:
     executor = make_executor(2)
     scorer = ProfanityCheckScorer()
     resources = GuardResources(executor=executor, toxicity_scorer=scorer)
@@ -81,6 +100,11 @@ async def main(n: int) -> None:
         ms = await time_guard(guard, ctx, n)
         print(f"{name:<34} {pct(ms, 50):8.3f} {pct(ms, 99):8.3f}")
     executor.shutdown()
+    if backend:
+        ms = await backend_times(backend, model, 10)
+        print(f"{'backend: ' + model + ' (64 tokens)':<34} {pct(ms, 50):8.1f} {pct(ms, 99):8.1f}   <- for scale")
+    else:
+        print("(pass --backend URL to print the backend's own time per answer next to these)")
 
     print()
     print(f"{'keyword filter terms':<22} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8}")
@@ -101,4 +125,7 @@ async def main(n: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=300, help="checks per measurement")
-    asyncio.run(main(parser.parse_args().n))
+    parser.add_argument("--backend", default=None, help="a vLLM URL, to show its time per answer for scale")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="the backend model")
+    args = parser.parse_args()
+    asyncio.run(main(args.n, args.backend, args.model))
