@@ -77,6 +77,7 @@ audit_records = Table(
     Index("ix_audit_records_status_created", "status", "created_at"),
     Index("ix_audit_records_model_created", "model", "created_at"),
     Index("ix_audit_records_key_created", "api_key_id", "created_at"),
+    Index("ix_audit_records_blocked_created", "blocked_by", "created_at"),
 )
 
 api_keys = Table(
@@ -90,6 +91,52 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
     Column("default_collection", String(64)),  # RAG collection used when a request names none
+)
+
+
+review_labels = Table(
+    "review_labels",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(40), nullable=False),
+    Column("label", String(32), nullable=False),  # ok, hallucination, toxic, false_positive, bad_retrieval, other
+    Column("note", Text),
+    Column("reviewer", String(40), nullable=False),  # the reviewer's API key id
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_review_labels_request", "request_id", "created_at"),
+    Index("ix_review_labels_label_created", "label", "created_at"),
+)
+
+eval_runs = Table(
+    "eval_runs",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # dataset | traffic
+    Column("name", String(200), nullable=False),  # dataset file name, or the traffic window
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("status", String(16), nullable=False),  # running | passed | regressed | failed
+    Column("metrics_json", Text),
+    Column("comparison_json", Text),  # against the previous run of the same kind and name
+    Column("report_path", Text),
+    Column("config_json", Text),
+    Index("ix_eval_runs_kind_name_started", "kind", "name", "started_at"),
+)
+
+eval_items = Table(
+    "eval_items",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("run_id", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("request_id", String(40)),  # the audit record of this item, when it went through the pipeline
+    Column("input_json", Text, nullable=False),
+    Column("output_text", Text),
+    Column("scores_json", Text),
+    Column("passed", Boolean),
+    Column("latency_ms", Float),
+    Column("error", Text),
+    Index("ix_eval_items_run", "run_id", "position"),
 )
 
 

@@ -1,0 +1,25 @@
+"""The Alembic migrations build exactly the schema the code's Table definitions describe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine
+
+from gateway.db import metadata
+from gateway.migrate import upgrade
+from retrieval.db import metadata as retrieval_metadata
+
+
+def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'schema.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            differences = compare_metadata(MigrationContext.configure(conn), [metadata, retrieval_metadata])
+    finally:
+        engine.dispose()
+    assert differences == []
