@@ -259,6 +259,8 @@ _DELEGATED = {
     "ingest": ("gateway ingest", "retrieval.cli", "configure_ingest_parser", "run_ingest"),
     "eval guards": ("gateway eval guards", "evals.guards", "configure_parser", "run"),
     "eval retrieval": ("gateway eval retrieval", "evals.retrieval", "configure_parser", "run"),
+    "eval run": ("gateway eval run", "evals.nightly", "configure_run_parser", "run_dataset"),
+    "eval traffic": ("gateway eval traffic", "evals.nightly", "configure_traffic_parser", "run_traffic"),
 }
 
 
@@ -343,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="ingest documents into a RAG collection", add_help=False)
     ingest.set_defaults(func=cmd_delegated, delegated="ingest")
     evals = commands.add_parser("eval", help="offline evaluation").add_subparsers(dest="eval_command", required=True)
-    for target, text in (("guards", "score the guards on labelled data"), ("retrieval", "recall@k and MRR")):
+    for target, text in (
+        ("guards", "score the guards on labelled data"),
+        ("retrieval", "recall@k and MRR"),
+        ("run", "run an eval set through the pipeline, store, compare, report"),
+        ("traffic", "re-score logged traffic and report drift"),
+    ):
         sub = evals.add_parser(target, help=text, add_help=False)
         sub.set_defaults(func=cmd_delegated, delegated=f"eval {target}")
     return parser
