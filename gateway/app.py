@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import msgspec
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.template.config import TemplateConfig
 
 from gateway.errors import GatewayError
+from gateway.review import REVIEW_ROUTES
 from gateway.routes import ROUTES
 from gateway.services import Services
 from gateway.settings import Settings
@@ -57,7 +61,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             await services.stop()
 
     app = Litestar(
-        route_handlers=ROUTES,
+        route_handlers=[*ROUTES, *REVIEW_ROUTES],
+        template_config=TemplateConfig(directory=Path(__file__).with_name("templates"), engine=JinjaTemplateEngine),
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers={
             GatewayError: _gateway_error,

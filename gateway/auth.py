@@ -127,6 +127,26 @@ class KeyStore:
             raise AuthenticationFailed("Incorrect API key provided.")
         return info
 
+    async def by_id(self, key_id: str) -> KeyInfo | None:
+        """A live key by its id (sessions carry the id, not the secret); cached like `authenticate`."""
+        now = time.monotonic()
+        cached = self._cache.get("id:" + key_id)
+        if cached is not None and cached[0] >= now:
+            return cached[1]
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(api_keys.c.id, api_keys.c.name, api_keys.c.role, api_keys.c.default_collection).where(
+                        api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
+                    )
+                )
+            ).first()
+        info = None if row is None else KeyInfo(row.id, row.name, row.role, row.default_collection)
+        if len(self._cache) >= self._cache_max:
+            self._cache.clear()
+        self._cache["id:" + key_id] = (now + self._ttl, info)
+        return info
+
     async def _lookup(self, digest: str) -> KeyInfo | None:
         async with self._engine.connect() as conn:
             row = (

@@ -16,6 +16,8 @@ from gateway.auth import KeyStore
 from gateway.db import audit_records, create_engine
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
+from gateway.review_store import ReviewStore
+from gateway.sessions import Sessions
 from gateway.settings import Settings
 from guardrails import Guardrails, default_policy, load_policy, make_executor
 from retrieval import CollectionStore, Embedder, create_embedder_async, ensure_sample_collection
@@ -51,6 +53,8 @@ class Services:
             sink=sink_for(self.engine, audit_records, sqlite_synchronous=settings.sqlite_synchronous),
         )
         self.keys = KeyStore(self.engine)
+        self.review = ReviewStore(self.engine)
+        self.sessions = Sessions.for_data_dir(settings.data_dir, settings.session_secret)
         # An invalid policy stops start-up here, with the file, line and problem in the message.
         self.policy = load_policy(settings.policy) if settings.policy else default_policy()
         self.executor = make_executor(settings.guard_workers)

@@ -46,6 +46,8 @@ class Settings:
     rag_top_k: int = 4
     rag_min_score: float = 0.3  # cosine similarity below which a passage is not used
     alias: tuple[str, ...] = ()  # "NAME=COLLECTION:MODEL": model NAME means RAG on COLLECTION with MODEL
+    session_secret: str | None = None  # signs reviewer sessions; none: a random one kept in DATA_DIR
+    review_sample_rate: float = 0.02  # share of unflagged requests that also enter the review queue
     guard_workers: int = 2  # threads for model work (toxicity, embeddings), shared by all requests
     sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     log_level: str = "info"
@@ -116,6 +118,8 @@ def _validate(settings: Settings) -> Settings:
         collection, _, model = target.partition(":")
         if not (name.strip() and collection.strip() and model.strip()):
             raise bad(f"alias {entry!r} must look like NAME=COLLECTION:MODEL")
+    if not 0.0 <= settings.review_sample_rate <= 1.0:
+        raise bad(f"review_sample_rate {settings.review_sample_rate} is outside 0-1")
     if not 1 <= settings.rag_top_k <= 50:
         raise bad(f"rag_top_k {settings.rag_top_k} is outside 1-50")
     if settings.guard_workers < 1:
