@@ -13,7 +13,7 @@ import msgspec
 
 from serving.backend import Backend, ModelCard
 from serving.errors import BackendHTTPError, BackendTimeout, BackendUnavailable, ServingError
-from serving.http import ConnectError, HTTPError, HTTPPool, ReadTimeout, Response
+from serving.httpclient import ConnectError, HTTPError, HTTPPool, ReadTimeout, Response
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode

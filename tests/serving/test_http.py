@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from serving.http import ConnectError, HTTPPool, ReadTimeout
+from serving.httpclient import ConnectError, HTTPPool, ReadTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -136,8 +136,13 @@ class _Connection(asyncio.Protocol):
     async def iter_body(self, idle_timeout: float | None) -> AsyncIterator[bytes]:
         chunks = self._chunks
         while True:
-            while chunks:
-                yield chunks.popleft()
+            if chunks:
+                # Everything that arrived since the last look goes out as one piece, so a burst
+                # of small events is parsed, checked and forwarded in one go.
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                yield data
+                continue
             if self.complete:
                 return
             await self._wait(idle_timeout)
