@@ -32,6 +32,12 @@ if [ "${SKIP_VLLM:-0}" != "1" ]; then
   .venv/bin/gateway backend local --prepare-only
 fi
 
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  step "headless Chromium for the reviewer UI's browser test (Debian's chromium, chromium-driver)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+    || echo "could not install chromium: the browser test will be skipped"
+fi
+
 step "done"
 echo "start the gateway:  .venv/bin/gateway serve"
 echo "run the tests:      ./test.sh"
