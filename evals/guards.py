@@ -41,21 +41,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the `eval guards` options to `parser`."""
     parser.add_argument("--groundedness", metavar="FILE.jsonl", help="HaluEval QA file to score")
     parser.add_argument("--toxicity", metavar="FILE.csv", help="text,label CSV or the Davidson CSV")
-    parser.add_argument("--injection", action="store_true",
-                        help="score the jailbreak-corpus-mini-py prompts plus the bundled benign prompts")
+    parser.add_argument(
+        "--injection",
+        action="store_true",
+        help="score the jailbreak-corpus-mini-py prompts plus the bundled benign prompts",
+    )
     parser.add_argument("--policy", metavar="FILE", help="policy TOML (thresholds, scorer config)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="use at most N items per data set (toxicity default: 2000)")
-    parser.add_argument("--sample", choices=("random", "head"), default="random",
-                        help="how --limit picks items (default random, seeded)")
+    parser.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="use at most N items per data set (toxicity default: 2000)"
+    )
+    parser.add_argument(
+        "--sample",
+        choices=("random", "head"),
+        default="random",
+        help="how --limit picks items (default random, seeded)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--halves", action="store_true",
-                        help="groundedness: also report the even and odd halves separately")
+    parser.add_argument(
+        "--halves", action="store_true", help="groundedness: also report the even and odd halves separately"
+    )
     parser.add_argument("--toxicity-scorer", choices=("auto", "detoxify", "profanity-check"), default=None)
     parser.add_argument("--detoxify-checkpoint", metavar="PATH")
     parser.add_argument("--detoxify-model-type", choices=DETOXIFY_MODEL_TYPES)
-    parser.add_argument("--huggingface-config-dir", metavar="DIR",
-                        help="local folder with the HF config and tokenizer files for Detoxify")
+    parser.add_argument(
+        "--huggingface-config-dir",
+        metavar="DIR",
+        help="local folder with the HF config and tokenizer files for Detoxify",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -69,10 +81,17 @@ def metrics(pred: Sequence[bool], gold: Sequence[bool], ms: Sequence[float]) -> 
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "n": len(pred), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "n": len(pred),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
         "accuracy": (tp + tn) / len(pred) if pred else 0.0,
-        "precision": precision, "recall": recall, "f1": f1,
-        "ms_p50": _percentile(ms, 50), "ms_p99": _percentile(ms, 99),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "ms_p50": _percentile(ms, 50),
+        "ms_p99": _percentile(ms, 99),
     }
 
 
@@ -94,12 +113,14 @@ def _pick(items: list[Any], limit: int | None, how: str, seed: int) -> list[Any]
 
 # ------------------------------------------------------------------------- groundedness
 
+
 def read_halueval(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-async def eval_groundedness(path: Path, policy: Policy, limit: int | None, how: str, seed: int,
-                            halves: bool) -> dict[str, Any]:
+async def eval_groundedness(
+    path: Path, policy: Policy, limit: int | None, how: str, seed: int, halves: bool
+) -> dict[str, Any]:
     rows = read_halueval(path)
     for i, r in enumerate(rows):
         missing = {"knowledge", "question", "right_answer", "hallucinated_answer"} - set(r)
@@ -124,8 +145,13 @@ async def eval_groundedness(path: Path, policy: Policy, limit: int | None, how: 
                 gold.append(hallucinated)
     finally:
         executor.shutdown()
-    result: dict[str, Any] = {"file": str(path), "positive": "hallucinated", "method": guard.mode,
-                              "threshold": guard.thresholds["sentence"], **metrics(preds, gold, ms)}
+    result: dict[str, Any] = {
+        "file": str(path),
+        "positive": "hallucinated",
+        "method": guard.mode,
+        "threshold": guard.thresholds["sentence"],
+        **metrics(preds, gold, ms),
+    }
     if halves:
         for name, parity in (("even_half", 0), ("odd_half", 1)):
             idx = [j for j in range(len(preds)) if (j // 2) % 2 == parity]
@@ -134,6 +160,7 @@ async def eval_groundedness(path: Path, policy: Policy, limit: int | None, how: 
 
 
 # ------------------------------------------------------------------------- toxicity
+
 
 def read_toxicity_csv(path: Path) -> list[tuple[str, bool]]:
     """(text, toxic) pairs from `text,label` or the Davidson CSV."""
@@ -147,8 +174,9 @@ def read_toxicity_csv(path: Path) -> list[tuple[str, bool]]:
     raise ValueError(f"{path}: expected columns text,label or the Davidson columns class,tweet; got {sorted(fields)}")
 
 
-def eval_toxicity(path: Path, scorer: ToxicityScorer, policy: Policy, limit: int | None, how: str,
-                  seed: int) -> dict[str, Any]:
+def eval_toxicity(
+    path: Path, scorer: ToxicityScorer, policy: Policy, limit: int | None, how: str, seed: int
+) -> dict[str, Any]:
     items = _pick(read_toxicity_csv(path), limit if limit is not None else 2000, how, seed)
     thresholds = {**_tox_defaults(), **policy.for_request().guards["toxicity"].thresholds}
     preds: list[bool] = []
@@ -168,19 +196,26 @@ def eval_toxicity(path: Path, scorer: ToxicityScorer, policy: Policy, limit: int
         scorer.score_batch([text])
         ms.append((time.perf_counter() - t0) * 1000)
     gold = [g for _, g in items]
-    result = {"file": str(path), "positive": "toxic", "scorer": scorer.describe(),
-              "thresholds": {k: v for k, v in thresholds.items() if k in scorer.categories},
-              **metrics(preds, gold, ms), "ms_per_text_batched": batched_ms / max(1, len(items))}
+    result = {
+        "file": str(path),
+        "positive": "toxic",
+        "scorer": scorer.describe(),
+        "thresholds": {k: v for k, v in thresholds.items() if k in scorer.categories},
+        **metrics(preds, gold, ms),
+        "ms_per_text_batched": batched_ms / max(1, len(items)),
+    }
     result["toxic_share"] = sum(gold) / max(1, len(gold))
     return result
 
 
 def _tox_defaults() -> dict[str, float]:
     from guardrails.toxicity import ToxicityGuard
+
     return dict(ToxicityGuard.default_thresholds)
 
 
 # ------------------------------------------------------------------------- injection
+
 
 def eval_injection(policy: Policy) -> dict[str, Any]:
     try:
@@ -189,8 +224,11 @@ def eval_injection(policy: Policy) -> dict[str, Any]:
         raise ValueError("--injection needs the package jailbreak-corpus-mini-py") from exc
     threshold = {"score": 0.5, **policy.for_request().guards["injection"].thresholds}["score"]
     attacks = [f.prompt for f in load_corpus()]
-    benign = [ln.strip() for ln in BENIGN_PROMPTS.read_text(encoding="utf-8").splitlines()
-              if ln.strip() and not ln.startswith("#")]
+    benign = [
+        ln.strip()
+        for ln in BENIGN_PROMPTS.read_text(encoding="utf-8").splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     preds: list[bool] = []
     ms: list[float] = []
     missed: list[str] = []
@@ -205,15 +243,24 @@ def eval_injection(policy: Policy) -> dict[str, Any]:
         if not is_attack and score >= threshold:
             false_alarms.append(text)
     gold = [True] * len(attacks) + [False] * len(benign)
-    return {"attacks": len(attacks), "benign": len(benign), "threshold": threshold,
-            **metrics(preds, gold, ms), "missed": missed, "false_alarms": false_alarms}
+    return {
+        "attacks": len(attacks),
+        "benign": len(benign),
+        "threshold": threshold,
+        **metrics(preds, gold, ms),
+        "missed": missed,
+        "false_alarms": false_alarms,
+    }
 
 
 # ------------------------------------------------------------------------- CLI
 
+
 def _table(title: str, m: dict[str, Any]) -> str:
-    return (f"{title:<28} n={m['n']:<6} acc={m['accuracy']:.3f}  P={m['precision']:.3f}  "
-            f"R={m['recall']:.3f}  F1={m['f1']:.3f}  ms p50={m['ms_p50']:.3f} p99={m['ms_p99']:.3f}")
+    return (
+        f"{title:<28} n={m['n']:<6} acc={m['accuracy']:.3f}  P={m['precision']:.3f}  "
+        f"R={m['recall']:.3f}  F1={m['f1']:.3f}  ms p50={m['ms_p50']:.3f} p99={m['ms_p99']:.3f}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,27 +272,35 @@ def run(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy) if args.policy else default_policy()
         report: dict[str, Any] = {}
         if args.groundedness:
-            g = asyncio.run(eval_groundedness(Path(args.groundedness), policy, args.limit, args.sample,
-                                              args.seed, args.halves))
+            g = asyncio.run(
+                eval_groundedness(Path(args.groundedness), policy, args.limit, args.sample, args.seed, args.halves)
+            )
             report["groundedness"] = g
-            print(f"groundedness ({g['method']}, sentence threshold {g['threshold']}), "
-                  "positive = hallucinated answer")
+            print(f"groundedness ({g['method']}, sentence threshold {g['threshold']}), positive = hallucinated answer")
             print(_table("  all", g))
             for half in ("even_half", "odd_half"):
                 if half in g:
                     print(_table(f"  {half}", g[half]))
         if args.toxicity:
             cfg = policy.toxicity
-            overrides = {k: v for k, v in {
-                "scorer": args.toxicity_scorer, "checkpoint": args.detoxify_checkpoint,
-                "model_type": args.detoxify_model_type, "huggingface_config_dir": args.huggingface_config_dir,
-            }.items() if v is not None}
+            overrides = {
+                k: v
+                for k, v in {
+                    "scorer": args.toxicity_scorer,
+                    "checkpoint": args.detoxify_checkpoint,
+                    "model_type": args.detoxify_model_type,
+                    "huggingface_config_dir": args.huggingface_config_dir,
+                }.items()
+                if v is not None
+            }
             cfg = replace(cfg, **overrides)
             scorer = build_scorer(cfg)
             t = eval_toxicity(Path(args.toxicity), scorer, policy, args.limit, args.sample, args.seed)
             report["toxicity"] = t
-            print(f"toxicity ({t['scorer']['scorer']}), positive = toxic; share toxic {t['toxic_share']:.3f}; "
-                  f"batched {t['ms_per_text_batched']:.3f} ms/text; latency = single-text calls")
+            print(
+                f"toxicity ({t['scorer']['scorer']}), positive = toxic; share toxic {t['toxic_share']:.3f}; "
+                f"batched {t['ms_per_text_batched']:.3f} ms/text; latency = single-text calls"
+            )
             print(_table("  all", t))
         if args.injection:
             i = eval_injection(policy)
@@ -265,8 +320,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gateway eval guards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gateway eval guards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     configure_parser(parser)
     return run(parser.parse_args(argv))
 

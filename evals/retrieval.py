@@ -94,8 +94,9 @@ def document_ranking(document_ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(document_ids))
 
 
-async def evaluate(store: CollectionStore, collection: str, questions: Sequence[LabelledQuestion],
-                   *, depth: int = SEARCH_DEPTH) -> RetrievalEvalResult:
+async def evaluate(
+    store: CollectionStore, collection: str, questions: Sequence[LabelledQuestion], *, depth: int = SEARCH_DEPTH
+) -> RetrievalEvalResult:
     await store.search(collection, "warm-up", top_k=1)  # first-load and first-call costs left out
     found_1 = found_5 = 0
     reciprocal = 0.0
@@ -114,14 +115,21 @@ async def evaluate(store: CollectionStore, collection: str, questions: Sequence[
             found_1 += rank == 1
             found_5 += rank <= 5
         if rank != 1:
-            misses.append({"question": item.question, "expected": sorted(item.documents),
-                           "rank": rank, "got": ranking[:3]})
+            misses.append(
+                {"question": item.question, "expected": sorted(item.documents), "rank": rank, "got": ranking[:3]}
+            )
     n = len(questions)
     return RetrievalEvalResult(
-        collection=collection, questions=n, recall_at_1=found_1 / n, recall_at_5=found_5 / n,
-        mrr=reciprocal / n, latency_p50_ms=float(np.percentile(latencies, 50)),
-        latency_p99_ms=float(np.percentile(latencies, 99)), embed_p50_ms=float(np.percentile(embeds, 50)),
-        search_p50_ms=float(np.percentile(searches, 50)), misses=misses,
+        collection=collection,
+        questions=n,
+        recall_at_1=found_1 / n,
+        recall_at_5=found_5 / n,
+        mrr=reciprocal / n,
+        latency_p50_ms=float(np.percentile(latencies, 50)),
+        latency_p99_ms=float(np.percentile(latencies, 99)),
+        embed_p50_ms=float(np.percentile(embeds, 50)),
+        search_p50_ms=float(np.percentile(searches, 50)),
+        misses=misses,
     )
 
 
@@ -137,14 +145,16 @@ def halueval_corpus(path: Path, limit: int | None = None) -> tuple[list[Document
         doc_id = by_text.get(knowledge)
         if doc_id is None:  # identical knowledge texts share one document
             doc_id = by_text[knowledge] = f"halueval-{number}"
-            documents.append(Document(doc_id, doc_id, f"{path}:{number + 1}", tuple(paragraphs(knowledge)),
-                                      format="jsonl"))
+            documents.append(
+                Document(doc_id, doc_id, f"{path}:{number + 1}", tuple(paragraphs(knowledge)), format="jsonl")
+            )
         questions.append(LabelledQuestion(str(item["question"]), frozenset({doc_id})))
     return documents, questions
 
 
-async def run_halueval(path: Path, embedder: Embedder, work_dir: Path,
-                       limit: int | None = None) -> tuple[dict[str, Any], RetrievalEvalResult]:
+async def run_halueval(
+    path: Path, embedder: Embedder, work_dir: Path, limit: int | None = None
+) -> tuple[dict[str, Any], RetrievalEvalResult]:
     documents, questions = halueval_corpus(path, limit)
     ingestor = await Ingestor.open(work_dir, None, embedder)
     async with ingestor:
@@ -161,11 +171,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = "Retrieval quality (recall@1, recall@5, MRR) and latency on labelled questions."
     parser.add_argument("--collection", help="collection to evaluate (under DATA_DIR/indexes)")
     parser.add_argument("--questions", type=Path, help="JSONL of {question, documents}")
-    parser.add_argument("--halueval", type=Path, metavar="DEV_JSONL",
-                        help="index HaluEval QA knowledge texts in a scratch directory and ask its questions")
+    parser.add_argument(
+        "--halueval",
+        type=Path,
+        metavar="DEV_JSONL",
+        help="index HaluEval QA knowledge texts in a scratch directory and ask its questions",
+    )
     parser.add_argument("--limit", type=int, default=None, help="with --halueval: only the first N items")
-    parser.add_argument("--embedding-model", default=None, metavar="PATH_OR_NAME",
-                        help="embedding model (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="embedding model (default: the bundled all-MiniLM-L6-v2)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--show-misses", action="store_true", help="list questions not found at rank 1")
 
@@ -190,8 +208,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if "ingest" in output:
             ingest = output["ingest"]
-            print(f"indexed {ingest['ingested']} documents, {ingest['chunks']} chunks in {ingest['seconds']} s "
-                  f"({ingest['chunks_per_s']} chunks/s)")
+            print(
+                f"indexed {ingest['ingested']} documents, {ingest['chunks']} chunks in {ingest['seconds']} s "
+                f"({ingest['chunks_per_s']} chunks/s)"
+            )
         print(result.summary())
         if args.show_misses:
             for miss in result.misses:

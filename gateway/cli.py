@@ -285,6 +285,35 @@ def cmd_delegated(args: argparse.Namespace) -> int:
     return int(getattr(module, run_name)(sub_args) or 0)
 
 
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.db import create_engine
+    from gateway.migrate import upgrade
+    from gateway.retention import prune
+
+    settings = _settings(args)
+    if args.older_than < 0:
+        print("gateway: --older-than must be zero or more days", file=sys.stderr)
+        return 2
+    upgrade(settings.database_url)
+    cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
+
+    async def go() -> Any:
+        engine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        try:
+            return await prune(engine, cutoff, batch=args.batch, archive=args.archive, dry_run=args.dry_run)
+        finally:
+            await engine.dispose()
+
+    report = _run_async(go())
+    verb = "would delete" if args.dry_run else "deleted"
+    where = f", archived to {args.archive}" if args.archive and not args.dry_run else ""
+    print(f"{verb} {report.records} audit records and {report.labels} labels older than "
+          f"{cutoff.isoformat(timespec='seconds')} in {report.batches} batches{where}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="A guarded, OpenAI-compatible LLM gateway.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -341,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply the schema migrations")
     _common(up)
     up.set_defaults(func=cmd_db_upgrade)
+    prune = db.add_parser("prune", help="delete (or archive) audit records older than N days, in batches")
+    _common(prune)
+    prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    prune.add_argument("--archive", type=Path, default=None, help="append the records (and labels) here as JSONL first")
+    prune.add_argument("--batch", type=int, default=2000, help="records per transaction")
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune.set_defaults(func=cmd_db_prune)
 
     ingest = commands.add_parser("ingest", help="ingest documents into a RAG collection", add_help=False)
     ingest.set_defaults(func=cmd_delegated, delegated="ingest")

@@ -71,15 +71,18 @@ def test_label_feedback_precision_recall_and_best_threshold() -> None:
     assert best["threshold"] == pytest.approx(0.45) and best["f1"] == pytest.approx(6 / 7, abs=1e-4)
 
     # Groundedness: low scores are hits. Perfectly separable at 0.5.
-    grounded = [LabelledScore(f"g{i}", "hallucination" if s < 0.5 else "ok", s < 0.4, s) for i, s in
-                enumerate([0.1, 0.3, 0.45, 0.7, 0.9])]
+    grounded = [
+        LabelledScore(f"g{i}", "hallucination" if s < 0.5 else "ok", s < 0.4, s)
+        for i, s in enumerate([0.1, 0.3, 0.45, 0.7, 0.9])
+    ]
     g = metrics.label_feedback("groundedness", grounded, current_threshold=0.4)
     assert g["recall"] == pytest.approx(2 / 3) and g["precision"] == 1.0
     assert g["best_threshold"]["f1"] == 1.0 and 0.45 <= g["best_threshold"]["threshold"] < 0.7
 
     # Input guards: no positive label, so precision only.
-    inj = metrics.label_feedback("injection", [LabelledScore("i1", "false_positive", True, 0.6),
-                                               LabelledScore("i2", "other", True, 0.9)])
+    inj = metrics.label_feedback(
+        "injection", [LabelledScore("i1", "false_positive", True, 0.6), LabelledScore("i2", "other", True, 0.9)]
+    )
     assert inj["precision"] == 0.5 and inj["recall"] is None
 
 

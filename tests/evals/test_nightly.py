@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from evals import store
 from evals.dataset import RunOptions, load_dataset
@@ -18,9 +19,9 @@ from evals.nightly import EXIT_DRIFT, EXIT_PASSED, EXIT_REGRESSED, evaluate_data
 from gateway.cli import main as gateway_main
 from gateway.db import audit_records, review_labels
 from gateway.services import Services
+from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
-from tests.helpers import audit_rows
 
 SAMPLE = Path(__file__).resolve().parents[2] / "evals" / "datasets" / "sample.jsonl"
 
@@ -31,8 +32,13 @@ def _write(path: Path, lines: list[dict[str, object]]) -> Path:
 
 
 @pytest.fixture
-async def services(tmp_path: Path, fake_backend: FakeBackendThread) -> AsyncIterator[Services]:
-    settings = make_settings(tmp_path, fake_backend.url, sample_corpus=True)
+def eval_settings(tmp_path: Path, fake_backend: FakeBackendThread) -> Settings:
+    return make_settings(tmp_path, fake_backend.url, sample_corpus=True)
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Services]:
+    """Services started on the test's own event loop."""
     svc = Services(settings)
     await svc.start()
     try:
@@ -41,7 +47,12 @@ async def services(tmp_path: Path, fake_backend: FakeBackendThread) -> AsyncIter
         await svc.stop()
 
 
-async def test_sample_set_runs_through_the_pipeline_and_is_stored(services: Services) -> None:
+async def test_sample_set_runs_through_the_pipeline_and_is_stored(eval_settings: Settings) -> None:
+    async with running(eval_settings) as services:
+        await _test_sample_set_runs_through_the_pipeline_and_is_stored(services)
+
+
+async def _test_sample_set_runs_through_the_pipeline_and_is_stored(services: Services) -> None:
     items = load_dataset(SAMPLE)
     assert len(items) >= 25
     summary = await evaluate_dataset(services, items, name="sample", options=RunOptions(progress=False))
@@ -66,8 +77,9 @@ async def test_sample_set_runs_through_the_pipeline_and_is_stored(services: Serv
     assert listed[0]["id"] == summary["run_id"] and listed[0]["items"] == len(items)
     assert listed[0]["report_path"] == summary["report"]
 
-    await services.audit.flush() if hasattr(services.audit, "flush") else None
-    rows = audit_rows(services.settings, api_key_id="eval")
+    async with services.engine.connect() as conn:
+        result = await conn.execute(select(audit_records).where(audit_records.c.api_key_id == "eval"))
+        rows = [dict(r._mapping) for r in result]
     assert len(rows) == len(items)
     assert {r["request_id"] for r in rows} == {i["request_id"] for i in run["items"]}
     assert sum(r["status"] == "blocked" for r in rows) == len(blocked)
@@ -80,17 +92,30 @@ def test_cli_regression_exits_non_zero_and_writes_a_self_contained_report(
     monkeypatch.setenv("GATEWAY_SAMPLE_CORPUS", "false")
     monkeypatch.delenv("GATEWAY_BACKEND", raising=False)
     questions = [("What colour is the sky?", "The sky is blue."), ("How many legs has a cat?", "A cat has four legs.")]
-    good = _write(tmp_path / "set.jsonl", [{"question": q, "reference": r, "fake": {"answer": r}} for q, r in questions])
-    argv = ["eval", "run", "--dataset", str(good), "--data-dir", str(tmp_path / "data"), "--backend", fake_backend.url,
-            "--no-progress", "--json"]
+    lines: list[dict[str, object]] = [{"question": q, "reference": r, "fake": {"answer": r}} for q, r in questions]
+    good = _write(tmp_path / "set.jsonl", lines)
+    argv = [
+        "eval",
+        "run",
+        "--dataset",
+        str(good),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--backend",
+        fake_backend.url,
+        "--no-progress",
+        "--json",
+    ]
 
     assert gateway_main(argv) == EXIT_PASSED
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["metrics"]["exact_match"] == 1.0 and first["metrics"]["pass_rate"] == 1.0
 
     # Same name, wrong answers now: correctness falls far beyond the tolerance.
-    _write(good, [{"question": q, "reference": r, "fake": {"answer": "Purple elephants dance at noon."}}
-                  for q, r in questions])
+    _write(
+        good,
+        [{"question": q, "reference": r, "fake": {"answer": "Purple elephants dance at noon."}} for q, r in questions],
+    )
     assert gateway_main(argv) == EXIT_REGRESSED
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["status"] == "regressed"
@@ -112,7 +137,7 @@ def test_cli_regression_exits_non_zero_and_writes_a_self_contained_report(
 
 def _row(i: int, created: datetime, prompt: str, answer: str, passages: list[tuple[str, float]]) -> dict[str, object]:
     return {
-        "request_id": f"req-{created:%H%M%S}-{i}",
+        "request_id": f"req-{created:%d%H%M%S}-{i}",
         "created_at": created,
         "finished_at": created,
         "api_key_id": "key_test",
@@ -122,32 +147,67 @@ def _row(i: int, created: datetime, prompt: str, answer: str, passages: list[tup
         "http_status": 200,
         "request_json": json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}),
         "response_text": answer,
-        "passages_json": json.dumps([
-            {"collection": "docs", "document": f"doc-{k}", "chunk_id": f"doc-{k}#0", "title": "t", "source": "s",
-             "score": score, "rank": k + 1, "text": text}
-            for k, (text, score) in enumerate(passages)
-        ]),
+        "passages_json": json.dumps(
+            [
+                {
+                    "collection": "docs",
+                    "document": f"doc-{k}",
+                    "chunk_id": f"doc-{k}#0",
+                    "title": "t",
+                    "source": "s",
+                    "score": score,
+                    "rank": k + 1,
+                    "text": text,
+                }
+                for k, (text, score) in enumerate(passages)
+            ]
+        ),
     }
 
 
-async def test_traffic_rescoring_flags_drift_and_scores_guards_against_labels(services: Services) -> None:
+async def test_traffic_rescoring_flags_drift_and_scores_guards_against_labels(eval_settings: Settings) -> None:
+    async with running(eval_settings) as services:
+        await _test_traffic_rescoring_flags_drift_and_scores_guards_against_labels(services)
+
+
+async def _test_traffic_rescoring_flags_drift_and_scores_guards_against_labels(services: Services) -> None:
     now = datetime.now(UTC)
     passage = "The KR-200 robot vacuum costs 449 EUR and runs for 140 minutes on the quiet setting."
     rows = []
     for i in range(40):  # previous window: on-topic questions, grounded answers, strong retrieval
         created = now - timedelta(hours=30) + timedelta(minutes=i)
-        rows.append(_row(i, created, f"How much does the KR-200 vacuum cost, question {i}?",
-                         "The KR-200 robot vacuum costs 449 EUR.", [(passage, 0.80 + (i % 10) / 100)]))
+        rows.append(
+            _row(
+                i,
+                created,
+                f"How much does the KR-200 vacuum cost, question {i}?",
+                "The KR-200 robot vacuum costs 449 EUR.",
+                [(passage, 0.80 + (i % 10) / 100)],
+            )
+        )
     for i in range(40):  # current window: other topics, unsupported answers, weak retrieval
         created = now - timedelta(hours=6) + timedelta(minutes=i)
-        rows.append(_row(i, created, f"Tell me about volcano eruptions on planet Zorg number {i}",
-                         f"Zorg volcano {i} erupted in 1873 killing 4000 dragons near Qwerty City.",
-                         [(passage, 0.31 + (i % 10) / 100)]))
+        rows.append(
+            _row(
+                i,
+                created,
+                f"Tell me about volcano eruptions on planet Zorg number {i}",
+                f"Zorg volcano {i} erupted in 1873 killing 4000 dragons near Qwerty City.",
+                [(passage, 0.31 + (i % 10) / 100)],
+            )
+        )
     async with services.engine.begin() as conn:
         await conn.execute(insert(audit_records), rows)
         # Reviewers: the unsupported answers are hallucinations, half the grounded ones are ok.
-        labels = [{"request_id": r["request_id"], "label": "hallucination" if "Zorg" in str(r["response_text"])
-                   else "ok", "reviewer": "key_rev", "created_at": now - timedelta(hours=1)} for r in rows[20:60]]
+        labels = [
+            {
+                "request_id": r["request_id"],
+                "label": "hallucination" if "Zorg" in str(r["response_text"]) else "ok",
+                "reviewer": "key_rev",
+                "created_at": now - timedelta(hours=1),
+            }
+            for r in rows[20:60]
+        ]
         await conn.execute(insert(review_labels), labels)
 
     summary = await evaluate_traffic(services, since="24h", now=now)
@@ -169,7 +229,7 @@ async def test_traffic_rescoring_flags_drift_and_scores_guards_against_labels(se
 
     run = await store.get_run(services.engine, summary["run_id"], with_items=True)
     assert run is not None and run["kind"] == "traffic" and len(run["items"]) == 40
-    assert Path(run["report_path"]).is_file()
+    assert run["report_path"] == summary["report"]
     # Nothing changed in the logs: a second run finds the same drift but no regression against the first.
     again = await evaluate_traffic(services, since="24h", now=now)
     assert again["comparison"]["previous_run"] == summary["run_id"] and not again["comparison"]["regressed"]
