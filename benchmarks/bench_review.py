@@ -36,7 +36,10 @@ def fill(path: Path, records: int) -> None:
     sql = ("INSERT INTO audit_records (request_id, created_at, finished_at, api_key_id, endpoint, model, stream, "
            "status, http_status, request_json, response_text, blocked_by, flagged_by, groundedness, toxicity, "
            "total_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
-    words = "vacuum battery robot warranty cleaner mop charger app schedule map room filter".split()
+    words = [
+        "vacuum", "battery", "robot", "warranty", "cleaner", "mop", "charger", "app", "schedule", "map", "room",
+        "filter",
+    ]  # fmt: skip
     batch = []
     for _i in range(records):
         created = (now - timedelta(seconds=rng.uniform(0, 30 * 86400))).strftime("%Y-%m-%d %H:%M:%S.%f")

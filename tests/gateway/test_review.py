@@ -181,3 +181,38 @@ def test_export_jsonl_and_csv(review: Review) -> None:
     table = list(csv.DictReader(io.StringIO(review.browser().get("/review/export?format=csv").text)))
     assert len(table) == 2 and table[0]["note"] == "n, with comma"
     assert review.api.get("/api/review/export", params={"format": "xml"}).status_code == 400
+
+
+def test_eval_runs_are_listed_and_their_reports_open(review: Review) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from gateway.db import create_engine, eval_runs
+
+    report = review.settings.data_dir / "reports" / "dataset-1.html"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("<html><body><h1>Nightly report</h1></body></html>")
+
+    async def add_run() -> None:
+        engine = create_engine(review.settings.database_url)
+        async with engine.begin() as conn:
+            await conn.execute(
+                eval_runs.insert().values(
+                    kind="dataset",
+                    name="sample.jsonl",
+                    started_at=datetime.now(UTC),
+                    status="passed",
+                    metrics_json='{"pass_rate": 0.93}',
+                    report_path=str(report),
+                )  # fmt: skip
+            )
+        await engine.dispose()
+
+    asyncio.run(add_run())
+    b = review.browser()
+    listing = b.get("/review/evals").text
+    assert "sample.jsonl" in listing and "pass_rate=0.93" in listing
+    run_id = review.api.get("/api/review/evals").json()["data"][0]["id"]
+    opened = b.get(f"/review/evals/{run_id}/report")
+    assert opened.status_code == 200 and "Nightly report" in opened.text
+    assert b.get("/review/evals/999/report").status_code == 404
