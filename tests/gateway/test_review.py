@@ -204,7 +204,7 @@ def test_eval_runs_are_listed_and_their_reports_open(review: Review) -> None:
                     status="passed",
                     metrics_json='{"pass_rate": 0.93}',
                     report_path=str(report),
-                )  # fmt: skip
+                )
             )
         await engine.dispose()
 
