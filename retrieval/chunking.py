@@ -108,8 +108,9 @@ class _Piece:
 class Chunker:
     """Splits a `Document` into `Chunk`s; see the module docstring for the rules."""
 
-    def __init__(self, counter: TokenCounter, options: ChunkingOptions | None = None,
-                 max_tokens: int | None = None) -> None:
+    def __init__(
+        self, counter: TokenCounter, options: ChunkingOptions | None = None, max_tokens: int | None = None
+    ) -> None:
         self.counter = counter
         self.options = options or ChunkingOptions()
         if max_tokens is not None and self.options.chunk_tokens + PREFIX_TOKENS > max_tokens:

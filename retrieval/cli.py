@@ -25,19 +25,37 @@ from retrieval.loaders import iter_files
 
 def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = "Ingest files and folders (.txt .md .html .pdf .jsonl) into a collection."
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="files or folders to ingest (with --delete: document ids or paths)")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="files or folders to ingest (with --delete: document ids or paths)"
+    )
     parser.add_argument("--collection", required=True, help="collection name (letters, digits, _ - .)")
-    parser.add_argument("--delete", action="store_true",
-                        help="remove the documents named by PATH (ids, paths, or folder prefixes)")
-    parser.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
-                        help=f"chunk size in embedding-model tokens (default {DEFAULT_CHUNK_TOKENS})")
-    parser.add_argument("--overlap-tokens", type=int, default=DEFAULT_OVERLAP_TOKENS,
-                        help=f"tokens shared by consecutive chunks (default {DEFAULT_OVERLAP_TOKENS})")
-    parser.add_argument("--index-type", choices=INDEX_KINDS, default="auto",
-                        help="FAISS index type; auto picks by collection size (default auto)")
-    parser.add_argument("--embedding-model", default=None, metavar="PATH_OR_NAME",
-                        help="sentence-transformers model folder or name (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--delete", action="store_true", help="remove the documents named by PATH (ids, paths, or folder prefixes)"
+    )
+    parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        help=f"chunk size in embedding-model tokens (default {DEFAULT_CHUNK_TOKENS})",
+    )
+    parser.add_argument(
+        "--overlap-tokens",
+        type=int,
+        default=DEFAULT_OVERLAP_TOKENS,
+        help=f"tokens shared by consecutive chunks (default {DEFAULT_OVERLAP_TOKENS})",
+    )
+    parser.add_argument(
+        "--index-type",
+        choices=INDEX_KINDS,
+        default="auto",
+        help="FAISS index type; auto picks by collection size (default auto)",
+    )
+    parser.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="sentence-transformers model folder or name (default: bundled all-MiniLM-L6-v2)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -70,8 +88,12 @@ def run_ingest(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, embedder: Embedder, chunking: ChunkingOptions) -> IngestReport:
     data_dir = Path(args.data_dir)
     ingestor = await Ingestor.open(
-        data_dir, getattr(args, "database", None), embedder, chunking=chunking,
-        index_config=IndexConfig(kind=args.index_type), progress=not args.no_progress and sys.stderr.isatty(),
+        data_dir,
+        getattr(args, "database", None),
+        embedder,
+        chunking=chunking,
+        index_config=IndexConfig(kind=args.index_type),
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     try:
         paths = [Path(p) for p in args.paths]

@@ -86,8 +86,10 @@ def normalise_database_url(url: str | URL) -> URL:
         return parsed.set(drivername="sqlite+aiosqlite")
     if backend == "postgresql":
         return parsed.set(drivername="postgresql+asyncpg")
-    raise ValueError(f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
-                     "use sqlite:///PATH or postgresql://...")
+    raise ValueError(
+        f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
+        "use sqlite:///PATH or postgresql://..."
+    )
 
 
 def create_engine(url: str | URL) -> AsyncEngine:
@@ -148,8 +150,14 @@ class MetadataRepository:
                 q = query if batch is None else query.where(rag_documents.c.document_id.in_(batch))
                 for row in (await conn.execute(q)).mappings():
                     out[row["document_id"]] = DocumentRow(
-                        row["collection"], row["document_id"], row["title"], row["source"],
-                        row["content_hash"], row["chunking"], row["embedding_model"], row["chunk_count"],
+                        row["collection"],
+                        row["document_id"],
+                        row["title"],
+                        row["source"],
+                        row["content_hash"],
+                        row["chunking"],
+                        row["embedding_model"],
+                        row["chunk_count"],
                         row["updated_at"],
                     )
         return out
@@ -157,7 +165,8 @@ class MetadataRepository:
     async def chunk_count(self, collection: str) -> int:
         async with self.engine.connect() as conn:
             result = await conn.execute(
-                select(func.count()).select_from(rag_chunks).where(rag_chunks.c.collection == collection))
+                select(func.count()).select_from(rag_chunks).where(rag_chunks.c.collection == collection)
+            )
             return int(result.scalar_one())
 
     async def chunks(self, collection: str, document_id: str) -> list[dict[str, Any]]:
@@ -170,8 +179,9 @@ class MetadataRepository:
         async with self.engine.connect() as conn:
             return [dict(row) for row in (await conn.execute(query)).mappings()]
 
-    async def replace_documents(self, collection: str, items: Sequence[tuple[Document, Sequence[Chunk]]], *,
-                                chunking: str, embedding_model: str) -> None:
+    async def replace_documents(
+        self, collection: str, items: Sequence[tuple[Document, Sequence[Chunk]]], *, chunking: str, embedding_model: str
+    ) -> None:
         """Insert or replace each document and all of its chunks."""
         if not items:
             return
@@ -179,21 +189,41 @@ class MetadataRepository:
         async with self.engine.begin() as conn:
             await self._delete(conn, collection, [doc.id for doc, _ in items])
             for document, chunks in items:
-                result = await conn.execute(rag_documents.insert().values(
-                    collection=collection, document_id=document.id, title=document.title,
-                    source=document.source, format=document.format, content_hash=document.content_hash,
-                    chunking=chunking, embedding_model=embedding_model, chunk_count=len(chunks),
-                    meta=dict(document.metadata), created_at=now, updated_at=now,
-                ))
+                result = await conn.execute(
+                    rag_documents.insert().values(
+                        collection=collection,
+                        document_id=document.id,
+                        title=document.title,
+                        source=document.source,
+                        format=document.format,
+                        content_hash=document.content_hash,
+                        chunking=chunking,
+                        embedding_model=embedding_model,
+                        chunk_count=len(chunks),
+                        meta=dict(document.metadata),
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
                 assert result.inserted_primary_key is not None
                 pk = result.inserted_primary_key[0]
                 if chunks:
-                    await conn.execute(rag_chunks.insert(), [
-                        {"document_pk": pk, "collection": collection, "chunk_id": c.chunk_id,
-                         "position": c.position, "heading_path": list(c.heading_path), "text": c.text,
-                         "token_count": c.token_count, "content_hash": c.content_hash}
-                        for c in chunks
-                    ])
+                    await conn.execute(
+                        rag_chunks.insert(),
+                        [
+                            {
+                                "document_pk": pk,
+                                "collection": collection,
+                                "chunk_id": c.chunk_id,
+                                "position": c.position,
+                                "heading_path": list(c.heading_path),
+                                "text": c.text,
+                                "token_count": c.token_count,
+                                "content_hash": c.content_hash,
+                            }
+                            for c in chunks
+                        ],
+                    )
 
     async def delete_documents(self, collection: str, document_ids: Sequence[str]) -> int:
         """Delete the documents and their chunks; returns how many documents were deleted."""
@@ -207,10 +237,14 @@ class MetadataRepository:
         for i in range(0, len(ids), 500):
             batch = ids[i : i + 500]
             pks = select(rag_documents.c.id).where(
-                rag_documents.c.collection == collection, rag_documents.c.document_id.in_(batch))
+                rag_documents.c.collection == collection, rag_documents.c.document_id.in_(batch)
+            )
             # chunks first: not every SQLite connection has foreign keys (and so cascades) on
             await conn.execute(delete(rag_chunks).where(rag_chunks.c.document_pk.in_(pks)))
-            result = await conn.execute(delete(rag_documents).where(
-                rag_documents.c.collection == collection, rag_documents.c.document_id.in_(batch)))
+            result = await conn.execute(
+                delete(rag_documents).where(
+                    rag_documents.c.collection == collection, rag_documents.c.document_id.in_(batch)
+                )
+            )
             deleted += result.rowcount or 0
         return deleted

@@ -60,12 +60,14 @@ class SentenceTransformerEmbedder(Embedder):
     loads in the executor) or `SentenceTransformerEmbedder.load_sync(...)` from a script.
     """
 
-    def __init__(self, model: Any, name: str, *, batch_size: int = 64,
-                 executor: Executor | None = None) -> None:
+    def __init__(self, model: Any, name: str, *, batch_size: int = 64, executor: Executor | None = None) -> None:
         self._model = model
         self.name = name
-        dimension = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") \
+        dimension = (
+            model.get_embedding_dimension()
+            if hasattr(model, "get_embedding_dimension")
             else model.get_sentence_embedding_dimension()
+        )
         self.dimension = int(dimension)
         # [CLS] and [SEP] take two of the model's positions
         self.max_tokens = int(model.max_seq_length) - 2
@@ -92,8 +94,14 @@ class SentenceTransformerEmbedder(Embedder):
         return str(model), str(model)
 
     @classmethod
-    def load_sync(cls, model: str | Path | None = None, *, batch_size: int = 64,
-                  executor: Executor | None = None, torch_threads: int | None = None) -> SentenceTransformerEmbedder:
+    def load_sync(
+        cls,
+        model: str | Path | None = None,
+        *,
+        batch_size: int = 64,
+        executor: Executor | None = None,
+        torch_threads: int | None = None,
+    ) -> SentenceTransformerEmbedder:
         """Load the model. `torch_threads` sets torch's (process-wide) intra-op thread count;
         None leaves it alone. One thread is steadier when other processes share the cores."""
         from sentence_transformers import SentenceTransformer
@@ -106,13 +114,19 @@ class SentenceTransformerEmbedder(Embedder):
         return cls(SentenceTransformer(target, device="cpu"), name, batch_size=batch_size, executor=executor)
 
     @classmethod
-    async def load(cls, model: str | Path | None = None, *, batch_size: int = 64,
-                   executor: Executor | None = None, torch_threads: int | None = None) -> SentenceTransformerEmbedder:
+    async def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        batch_size: int = 64,
+        executor: Executor | None = None,
+        torch_threads: int | None = None,
+    ) -> SentenceTransformerEmbedder:
         """`load_sync` off the event loop (in `executor` when given)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            executor, lambda: cls.load_sync(model, batch_size=batch_size, executor=executor,
-                                            torch_threads=torch_threads)
+            executor,
+            lambda: cls.load_sync(model, batch_size=batch_size, executor=executor, torch_threads=torch_threads),
         )
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
@@ -120,8 +134,11 @@ class SentenceTransformerEmbedder(Embedder):
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         vectors = self._model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True,
-            normalize_embeddings=True, show_progress_bar=False,
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
@@ -159,10 +176,50 @@ class HashingEmbedder(Embedder):
     _WORD = re.compile(r"[a-z0-9]+")
     _STOP = frozenset(
         {
-            "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "how", "i", "in",
-            "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what", "when",
-            "where", "which", "who", "why", "will", "with", "do", "does", "did", "can", "you", "your", "my",
-            "our", "we"
+            "a",
+            "an",
+            "and",
+            "are",
+            "as",
+            "at",
+            "be",
+            "by",
+            "for",
+            "from",
+            "has",
+            "have",
+            "how",
+            "i",
+            "in",
+            "is",
+            "it",
+            "its",
+            "of",
+            "on",
+            "or",
+            "that",
+            "the",
+            "this",
+            "to",
+            "was",
+            "were",
+            "what",
+            "when",
+            "where",
+            "which",
+            "who",
+            "why",
+            "will",
+            "with",
+            "do",
+            "does",
+            "did",
+            "can",
+            "you",
+            "your",
+            "my",
+            "our",
+            "we",
         }
     )
 
@@ -215,8 +272,7 @@ def create_embedder(model: str | Path | None = None, *, executor: Executor | Non
     return SentenceTransformerEmbedder.load_sync(model, executor=executor)
 
 
-async def create_embedder_async(model: str | Path | None = None, *,
-                                executor: Executor | None = None) -> Embedder:
+async def create_embedder_async(model: str | Path | None = None, *, executor: Executor | None = None) -> Embedder:
     """Like `create_embedder`, with the model loaded off the event loop."""
     if model is not None and str(model).strip().lower().startswith("hashing"):
         return create_embedder(model)

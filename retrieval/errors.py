@@ -1,11 +1,11 @@
 """The retrieval package's error tree.
 
-    RetrievalError                 base class: anything this package raises on purpose
-    ├── UnknownCollection          a search or delete named a collection that has no index
-    ├── InvalidCollectionName      a collection name that cannot be used as a folder name
-    ├── EmbeddingMismatch          a collection was built with another embedding model
-    ├── IndexCorrupt               an index folder on disk could not be read
-    └── LoaderError                one file could not be turned into documents (ingest skips it)
+RetrievalError                 base class: anything this package raises on purpose
+├── UnknownCollection          a search or delete named a collection that has no index
+├── InvalidCollectionName      a collection name that cannot be used as a folder name
+├── EmbeddingMismatch          a collection was built with another embedding model
+├── IndexCorrupt               an index folder on disk could not be read
+└── LoaderError                one file could not be turned into documents (ingest skips it)
 """
 
 from __future__ import annotations

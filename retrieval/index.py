@@ -124,8 +124,9 @@ class FaissIndex:
             nlist = config.ivf_nlist or ivf_nlist_for(n)
             ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             # train on a sample: k-means cost grows with points, quality barely beyond ~64 per cell
-            sample = vectors if n <= nlist * 64 else vectors[
-                np.random.default_rng(0).choice(n, nlist * 64, replace=False)]
+            sample = (
+                vectors if n <= nlist * 64 else vectors[np.random.default_rng(0).choice(n, nlist * 64, replace=False)]
+            )
             ivf.train(sample)
             nprobe = config.ivf_nprobe or ivf_nprobe_for(nlist)
             index = ivf

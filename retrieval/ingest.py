@@ -57,11 +57,18 @@ class IngestReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "collection": self.collection, "files_seen": self.files_seen,
-            "documents_seen": self.documents_seen, "ingested": self.ingested,
-            "unchanged": self.unchanged, "deleted": self.deleted, "chunks": self.chunks,
-            "total_chunks": self.total_chunks, "index_type": self.index_type, "version": self.version,
-            "seconds": round(self.seconds, 3), "chunks_per_s": round(self.chunks_per_s, 1),
+            "collection": self.collection,
+            "files_seen": self.files_seen,
+            "documents_seen": self.documents_seen,
+            "ingested": self.ingested,
+            "unchanged": self.unchanged,
+            "deleted": self.deleted,
+            "chunks": self.chunks,
+            "total_chunks": self.total_chunks,
+            "index_type": self.index_type,
+            "version": self.version,
+            "seconds": round(self.seconds, 3),
+            "chunks_per_s": round(self.chunks_per_s, 1),
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
         }
 
@@ -90,9 +97,17 @@ class Ingestor:
     Open with `await Ingestor.open(data_dir, database_url, embedder)` and `await aclose()`.
     """
 
-    def __init__(self, data_dir: Path, repository: MetadataRepository, embedder: Embedder, *,
-                 chunking: ChunkingOptions | None = None, index_config: IndexConfig | None = None,
-                 progress: bool = False, owns_engine: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        repository: MetadataRepository,
+        embedder: Embedder,
+        *,
+        chunking: ChunkingOptions | None = None,
+        index_config: IndexConfig | None = None,
+        progress: bool = False,
+        owns_engine: bool = False,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.repository = repository
         self.embedder = embedder
@@ -102,8 +117,7 @@ class Ingestor:
         self._owns_engine = owns_engine
 
     @classmethod
-    async def open(cls, data_dir: Path, database_url: str | None, embedder: Embedder,
-                   **kwargs: Any) -> Ingestor:
+    async def open(cls, data_dir: Path, database_url: str | None, embedder: Embedder, **kwargs: Any) -> Ingestor:
         """Connect to the database (None: SQLite at DATA_DIR/gateway.db) and create the tables."""
         engine = create_engine(database_url or default_database_url(data_dir))
         await create_tables(engine)
@@ -165,8 +179,13 @@ class Ingestor:
             for document in documents:
                 row = in_sql.get(document.id)
                 digest = document.content_hash
-                if (row is not None and row.content_hash == digest and row.chunking == fingerprint
-                        and row.embedding_model == self.embedder.name and in_index.get(document.id) == digest):
+                if (
+                    row is not None
+                    and row.content_hash == digest
+                    and row.chunking == fingerprint
+                    and row.embedding_model == self.embedder.name
+                    and in_index.get(document.id) == digest
+                ):
                     report.unchanged += 1
                 else:
                     changed.append(document)
@@ -185,14 +204,14 @@ class Ingestor:
             replaced = {d.id for d in changed}
             records, old_vectors, document_hashes = _without(snapshot, replaced, self.embedder.dimension)
             # only additions: the live index covers the kept rows as they are and can be extended
-            base = snapshot.index if snapshot is not None and not replaced & set(snapshot.records.document_id) \
-                else None
+            base = snapshot.index if snapshot is not None and not replaced & set(snapshot.records.document_id) else None
             records = records.extend(_records(chunks))
             all_vectors = np.concatenate([old_vectors, vectors]) if len(old_vectors) else vectors
             document_hashes.update({d.id: d.content_hash for d in changed})
             await self._publish(collection, records, all_vectors, document_hashes, report, base=base)
             await self.repository.replace_documents(
-                collection, chunked, chunking=fingerprint, embedding_model=self.embedder.name)
+                collection, chunked, chunking=fingerprint, embedding_model=self.embedder.name
+            )
             report.ingested = len(changed)
             report.chunks = len(chunks)
         finally:
@@ -221,23 +240,36 @@ class Ingestor:
 
     async def _live_snapshot(self, collection: str) -> storage.Snapshot | None:
         try:
-            snapshot = await asyncio.to_thread(
-                storage.load_snapshot, self.data_dir, collection, with_vectors=True)
+            snapshot = await asyncio.to_thread(storage.load_snapshot, self.data_dir, collection, with_vectors=True)
         except UnknownCollection:
             return None
         if snapshot.embedding_model != self.embedder.name:
             raise EmbeddingMismatch(collection, snapshot.embedding_model, self.embedder.name)
         return snapshot
 
-    async def _publish(self, collection: str, records: storage.ChunkRecords, vectors: np.ndarray,
-                       documents: dict[str, str], report: IngestReport,
-                       base: FaissIndex | None = None) -> None:
+    async def _publish(
+        self,
+        collection: str,
+        records: storage.ChunkRecords,
+        vectors: np.ndarray,
+        documents: dict[str, str],
+        report: IngestReport,
+        base: FaissIndex | None = None,
+    ) -> None:
         if self.progress:
             print(f"building the index of {len(records)} chunks ...", file=sys.stderr)
         version = await asyncio.to_thread(
-            storage.write_snapshot, self.data_dir, collection, records=records, vectors=vectors,
-            embedding_model=self.embedder.name, dimension=self.embedder.dimension, documents=documents,
-            config=self.index_config, chunking=self.chunker.fingerprint, base=base,
+            storage.write_snapshot,
+            self.data_dir,
+            collection,
+            records=records,
+            vectors=vectors,
+            embedding_model=self.embedder.name,
+            dimension=self.embedder.dimension,
+            documents=documents,
+            config=self.index_config,
+            chunking=self.chunker.fingerprint,
+            base=base,
         )
         report.version = version
         report.total_chunks = len(records)
@@ -311,16 +343,21 @@ def _unique(documents: Iterable[Document], report: IngestReport) -> list[Documen
 
 def _records(chunks: Sequence[Chunk]) -> storage.ChunkRecords:
     return storage.ChunkRecords(
-        chunk_id=[c.chunk_id for c in chunks], document_id=[c.document_id for c in chunks],
-        position=[c.position for c in chunks], title=[c.title for c in chunks],
-        source=[c.source for c in chunks], text=[c.text for c in chunks],
-        heading_path=[list(c.heading_path) for c in chunks], content_hash=[c.content_hash for c in chunks],
+        chunk_id=[c.chunk_id for c in chunks],
+        document_id=[c.document_id for c in chunks],
+        position=[c.position for c in chunks],
+        title=[c.title for c in chunks],
+        source=[c.source for c in chunks],
+        text=[c.text for c in chunks],
+        heading_path=[list(c.heading_path) for c in chunks],
+        content_hash=[c.content_hash for c in chunks],
         token_count=[c.token_count for c in chunks],
     )
 
 
-def _without(snapshot: storage.Snapshot | None, document_ids: set[str],
-             dimension: int) -> tuple[storage.ChunkRecords, np.ndarray, dict[str, str]]:
+def _without(
+    snapshot: storage.Snapshot | None, document_ids: set[str], dimension: int
+) -> tuple[storage.ChunkRecords, np.ndarray, dict[str, str]]:
     """The live version's rows, vectors and document hashes minus `document_ids`."""
     if snapshot is None:
         return storage.ChunkRecords(), np.zeros((0, dimension), dtype=np.float32), {}

@@ -157,9 +157,7 @@ def parse_markdown(text: str) -> tuple[str | None, list[Block]]:
 
 def load_markdown(path: Path, doc_id: str) -> list[Document]:
     title, blocks = parse_markdown(_read_text(path))
-    return [
-        Document(doc_id, title or _pretty_stem(path), str(path), _require_text(blocks), format="markdown")
-    ]
+    return [Document(doc_id, title or _pretty_stem(path), str(path), _require_text(blocks), format="markdown")]
 
 
 # --- HTML -----------------------------------------------------------------------------------

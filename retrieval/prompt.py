@@ -47,8 +47,7 @@ def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, Sequence):
-        texts = [part.get("text", "") for part in content
-                 if isinstance(part, Mapping) and part.get("type") == "text"]
+        texts = [part.get("text", "") for part in content if isinstance(part, Mapping) and part.get("type") == "text"]
         return "\n".join(t for t in texts if isinstance(t, str))
     return str(content)
 
@@ -59,8 +58,9 @@ def needs_history(turn: str) -> bool:
     return len(words) < SHORT_TURN_WORDS or bool(_ANAPHORA.search(turn) or _FOLLOW_UP_START.search(turn))
 
 
-def retrieval_query(messages: Sequence[Mapping[str, Any]], *, history_turns: int = HISTORY_TURNS,
-                    max_chars: int = MAX_QUERY_CHARS) -> str:
+def retrieval_query(
+    messages: Sequence[Mapping[str, Any]], *, history_turns: int = HISTORY_TURNS, max_chars: int = MAX_QUERY_CHARS
+) -> str:
     """The text to embed for retrieval (see the module docstring for the rule); "" if no user turn."""
     user_turns = [message_text(m.get("content")).strip() for m in messages if m.get("role") == "user"]
     user_turns = [t for t in user_turns if t]
@@ -83,8 +83,9 @@ def format_passages(hits: Sequence[Hit]) -> str:
     return "\n\n".join(blocks)
 
 
-def build_rag_messages(messages: Sequence[Mapping[str, Any]], hits: Sequence[Hit], *,
-                       instruction: str = DEFAULT_INSTRUCTION) -> list[dict[str, Any]]:
+def build_rag_messages(
+    messages: Sequence[Mapping[str, Any]], hits: Sequence[Hit], *, instruction: str = DEFAULT_INSTRUCTION
+) -> list[dict[str, Any]]:
     """A copy of `messages` with the passages and the instruction in the system message.
 
     With no hits the messages come back unchanged (copied): what to do then is the

@@ -35,9 +35,13 @@ def _built_with(data_dir: Path, collection: str) -> str | None:
         return ""  # unreadable: treat as built by something else, so it is rebuilt
 
 
-async def ensure_sample_collection(data_dir: Path, database_url: str | None = None,
-                                   embedder: Embedder | None = None, *,
-                                   collection: str = SAMPLE_COLLECTION) -> IngestReport | None:
+async def ensure_sample_collection(
+    data_dir: Path,
+    database_url: str | None = None,
+    embedder: Embedder | None = None,
+    *,
+    collection: str = SAMPLE_COLLECTION,
+) -> IngestReport | None:
     """Ingest the sample corpus into `collection` unless it already exists (built with `embedder`).
 
     Returns the ingest report, or None when there was nothing to do. Pass the gateway's
@@ -54,13 +58,22 @@ async def ensure_sample_collection(data_dir: Path, database_url: str | None = No
         async with ingestor:
             if existing_model is not None:
                 # only the shipped sample is rebuilt like this: operators' collections never are
-                logger.warning("sample collection %r was built with %r; rebuilding it with %r",
-                               collection, existing_model, active.name)
+                logger.warning(
+                    "sample collection %r was built with %r; rebuilding it with %r",
+                    collection,
+                    existing_model,
+                    active.name,
+                )
                 await ingestor.drop_collection(collection)
             report = await ingestor.ingest_paths(collection, [SAMPLE_DOCUMENTS_DIR])
     finally:
         if own:
             await active.aclose()
-    logger.info("sample collection %r: %d documents, %d chunks in %.1f s", collection,
-                report.ingested, report.total_chunks, report.seconds)
+    logger.info(
+        "sample collection %r: %d documents, %d chunks in %.1f s",
+        collection,
+        report.ingested,
+        report.total_chunks,
+        report.seconds,
+    )
     return report

@@ -34,8 +34,17 @@ from retrieval.index import FaissIndex, IndexConfig
 FORMAT_VERSION = 1
 POINTER = "CURRENT"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_RECORD_FIELDS = ("chunk_id", "document_id", "position", "title", "source", "text",
-                  "heading_path", "content_hash", "token_count")
+_RECORD_FIELDS = (
+    "chunk_id",
+    "document_id",
+    "position",
+    "title",
+    "source",
+    "text",
+    "heading_path",
+    "content_hash",
+    "token_count",
+)
 
 
 def validate_collection_name(name: str) -> str:
@@ -132,8 +141,9 @@ def pointer_signature(coll_dir: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def load_snapshot(data_dir: Path, collection: str, *, with_vectors: bool = False,
-                  version: str | None = None) -> Snapshot:
+def load_snapshot(
+    data_dir: Path, collection: str, *, with_vectors: bool = False, version: str | None = None
+) -> Snapshot:
     """Load the live version (or `version`). Raises UnknownCollection / IndexCorrupt."""
     coll_dir = collection_dir(data_dir, collection)
     for attempt in range(3):
@@ -145,9 +155,12 @@ def load_snapshot(data_dir: Path, collection: str, *, with_vectors: bool = False
             manifest = json.loads((folder / "manifest.json").read_text())
             records = ChunkRecords.from_json(json.loads((folder / "chunks.json").read_text()))
             params = manifest.get("index_params", {})
-            index = FaissIndex.load(folder / "index.faiss", manifest["index_type"],
-                                    ef_search=int(params.get("ef_search", 64)),
-                                    nprobe=int(params.get("nprobe", 16)))
+            index = FaissIndex.load(
+                folder / "index.faiss",
+                manifest["index_type"],
+                ef_search=int(params.get("ef_search", 64)),
+                nprobe=int(params.get("nprobe", 16)),
+            )
             vectors = np.load(folder / "vectors.npy") if with_vectors else None
         except FileNotFoundError:
             # a writer removed this version between our reading CURRENT and the folder; retry
@@ -179,10 +192,20 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def write_snapshot(data_dir: Path, collection: str, *, records: ChunkRecords, vectors: np.ndarray,
-                   embedding_model: str, dimension: int, documents: Mapping[str, str],
-                   config: IndexConfig | None = None, chunking: str = "",
-                   keep_versions: int = 2, base: FaissIndex | None = None) -> str:
+def write_snapshot(
+    data_dir: Path,
+    collection: str,
+    *,
+    records: ChunkRecords,
+    vectors: np.ndarray,
+    embedding_model: str,
+    dimension: int,
+    documents: Mapping[str, str],
+    config: IndexConfig | None = None,
+    chunking: str = "",
+    keep_versions: int = 2,
+    base: FaissIndex | None = None,
+) -> str:
     """Build the index and publish a new version atomically; returns its name.
 
     `base`, when given, is an index over the first `base.size` rows of `vectors` (the live
@@ -198,8 +221,13 @@ def write_snapshot(data_dir: Path, collection: str, *, records: ChunkRecords, ve
     if vectors.shape[0] != len(records):
         raise ValueError(f"{vectors.shape[0]} vectors for {len(records)} chunks")
     kind = config.resolve(len(records))
-    if (base is not None and base.kind == kind and kind in ("flat", "hnsw")
-            and base.size <= len(records) and base.dimension == dimension):
+    if (
+        base is not None
+        and base.kind == kind
+        and kind in ("flat", "hnsw")
+        and base.size <= len(records)
+        and base.dimension == dimension
+    ):
         base.add(vectors[base.size :])
         base.ef_search = config.hnsw_ef_search
         index, how = base, "extended"
@@ -215,8 +243,12 @@ def write_snapshot(data_dir: Path, collection: str, *, records: ChunkRecords, ve
         "dimension": dimension,
         "index_type": index.kind,
         "index_build": how,
-        "index_params": {"ef_search": index.ef_search, "nprobe": index.nprobe,
-                         "hnsw_m": config.hnsw_m, "hnsw_ef_construction": config.hnsw_ef_construction},
+        "index_params": {
+            "ef_search": index.ef_search,
+            "nprobe": index.nprobe,
+            "hnsw_m": config.hnsw_m,
+            "hnsw_ef_construction": config.hnsw_ef_construction,
+        },
         "chunking": chunking,
         "count": len(records),
         "documents": dict(documents),

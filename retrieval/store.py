@@ -72,13 +72,13 @@ class CollectionStore:
         """Names of the collections that have an index on disk."""
         return storage.list_collections(self.data_dir)
 
-    async def search(self, collection: str, query_text: str, top_k: int = 4,
-                     min_score: float = 0.0) -> list[Hit]:
+    async def search(self, collection: str, query_text: str, top_k: int = 4, min_score: float = 0.0) -> list[Hit]:
         """The `top_k` best chunks scoring at least `min_score` (cosine), best first."""
         return (await self.search_detailed(collection, query_text, top_k, min_score)).hits
 
-    async def search_detailed(self, collection: str, query_text: str, top_k: int = 4,
-                              min_score: float = 0.0) -> SearchOutcome:
+    async def search_detailed(
+        self, collection: str, query_text: str, top_k: int = 4, min_score: float = 0.0
+    ) -> SearchOutcome:
         snapshot = await self._snapshot(collection)
         self._check_model(snapshot)
         started = time.perf_counter()
@@ -88,12 +88,14 @@ class CollectionStore:
         done = time.perf_counter()
         return SearchOutcome(hits, snapshot.version, (embedded - started) * 1e3, (done - embedded) * 1e3)
 
-    async def search_vector(self, collection: str, vector: np.ndarray, top_k: int = 4,
-                            min_score: float = 0.0) -> list[Hit]:
+    async def search_vector(
+        self, collection: str, vector: np.ndarray, top_k: int = 4, min_score: float = 0.0
+    ) -> list[Hit]:
         """Search with a ready query vector (shape (dim,) or (1, dim))."""
         snapshot = await self._snapshot(collection)
-        return await self._search_snapshot(snapshot, np.asarray(vector, dtype=np.float32).reshape(1, -1),
-                                           top_k, min_score)
+        return await self._search_snapshot(
+            snapshot, np.asarray(vector, dtype=np.float32).reshape(1, -1), top_k, min_score
+        )
 
     async def info(self, collection: str) -> dict[str, Any]:
         """Version, size, index type and embedding model of the live version."""
@@ -112,8 +114,7 @@ class CollectionStore:
     async def refresh(self, collection: str) -> str:
         """Load the live version now (waiting for it); returns its name."""
         snapshot = await self._load(collection)
-        self._states[collection] = _State(snapshot, storage.pointer_signature(self._dir(collection)),
-                                          time.monotonic())
+        self._states[collection] = _State(snapshot, storage.pointer_signature(self._dir(collection)), time.monotonic())
         return snapshot.version
 
     async def aclose(self) -> None:
@@ -177,8 +178,9 @@ class CollectionStore:
             snapshot = await self._load(collection)
         except (RetrievalError, OSError) as exc:
             # keep serving the version we have; the next check tries again
-            logger.warning("collection %r: new version not loaded, keeping %s: %s",
-                           collection, state.snapshot.version, exc)
+            logger.warning(
+                "collection %r: new version not loaded, keeping %s: %s", collection, state.snapshot.version, exc
+            )
             return
         finally:
             state.pending = None
@@ -186,8 +188,9 @@ class CollectionStore:
         state.signature = signature
         logger.info("collection %r: now serving %s (%d chunks)", collection, snapshot.version, snapshot.index.size)
 
-    async def _search_snapshot(self, snapshot: storage.Snapshot, vector: np.ndarray, top_k: int,
-                               min_score: float) -> list[Hit]:
+    async def _search_snapshot(
+        self, snapshot: storage.Snapshot, vector: np.ndarray, top_k: int, min_score: float
+    ) -> list[Hit]:
         if top_k <= 0 or snapshot.index.size == 0:
             return []
         loop = asyncio.get_running_loop()
@@ -198,14 +201,16 @@ class CollectionStore:
         for score, row in zip(scores[0].tolist(), ids[0].tolist(), strict=True):
             if row < 0 or score < min_score:
                 continue
-            hits.append(Hit(
-                collection=snapshot.collection,
-                document_id=records.document_id[row],
-                chunk_id=records.chunk_id[row],
-                title=records.title[row],
-                source=records.source[row],
-                text=records.text[row],
-                score=float(score),
-                rank=len(hits) + 1,
-            ))
+            hits.append(
+                Hit(
+                    collection=snapshot.collection,
+                    document_id=records.document_id[row],
+                    chunk_id=records.chunk_id[row],
+                    title=records.title[row],
+                    source=records.source[row],
+                    text=records.text[row],
+                    score=float(score),
+                    rank=len(hits) + 1,
+                )
+            )
         return hits
