@@ -55,6 +55,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
 
 
+async def _failed(engine: Any, run_id: int, kind: str, name: str, exc: BaseException) -> dict[str, Any]:
+    """Mark the run failed and say why; interruptions (Ctrl-C, cancellation) still propagate."""
+    await store.finish_run(engine, run_id, status="failed", metrics={"error": str(exc)})
+    if not isinstance(exc, Exception):
+        raise exc
+    log.exception("%s eval %s failed", kind, run_id)
+    return {
+        "run_id": run_id,
+        "kind": kind,
+        "name": name,
+        "status": "failed",
+        "exit_code": EXIT_FAILED,
+        "error": f"{type(exc).__name__}: {exc}",
+    }
+
+
 def configure_run_parser(parser: argparse.ArgumentParser) -> None:
     """Options of `gateway eval run`."""
     parser.add_argument("--dataset", type=Path, required=True, metavar="FILE.jsonl", help="the eval set")
@@ -241,18 +257,7 @@ async def evaluate_dataset(
         )
         return summary
     except BaseException as exc:
-        await store.finish_run(engine, run_id, status="failed", metrics={"error": str(exc)})
-        if not isinstance(exc, Exception):
-            raise
-        log.exception("eval run %s failed", run_id)
-        return {
-            "run_id": run_id,
-            "kind": "dataset",
-            "name": name,
-            "status": "failed",
-            "exit_code": EXIT_FAILED,
-            "error": f"{type(exc).__name__}: {exc}",
-        }
+        return await _failed(engine, run_id, "dataset", name, exc)
 
 
 def _paths(services: Services, kind: str, run_id: int) -> tuple[Path, Path]:
@@ -456,18 +461,7 @@ async def evaluate_traffic(
         )
         return summary
     except BaseException as exc:
-        await store.finish_run(engine, run_id, status="failed", metrics={"error": str(exc)})
-        if not isinstance(exc, Exception):
-            raise
-        log.exception("traffic eval %s failed", run_id)
-        return {
-            "run_id": run_id,
-            "kind": "traffic",
-            "name": name,
-            "status": "failed",
-            "exit_code": EXIT_FAILED,
-            "error": f"{type(exc).__name__}: {exc}",
-        }
+        return await _failed(engine, run_id, "traffic", name, exc)
 
 
 def _traffic_html(

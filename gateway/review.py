@@ -23,6 +23,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Redirect, Stream, Template
 
+from evals import store as eval_store
 from gateway.auth import KeyInfo
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound, PermissionDenied
 from gateway.review_store import LABELS, Filters
@@ -234,21 +235,13 @@ async def evals_page(request: Request[Any, Any, Any], services: NamedDependency[
     key, csrf = who
     return Template(
         "review/evals.html",
-        context={"key": key, "csrf": csrf, "runs": await _eval_runs(services), "title": "Eval runs"},
+        context={
+            "key": key,
+            "csrf": csrf,
+            "runs": await eval_store.list_runs(services.engine, 200),
+            "title": "Eval runs",
+        },
     )
-
-
-async def _eval_runs(services: Services) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-
-    from gateway.db import eval_runs
-
-    query = select(eval_runs).order_by(eval_runs.c.started_at.desc(), eval_runs.c.id.desc()).limit(200)
-    async with services.engine.connect() as conn:
-        rows = [dict(r._mapping) for r in await conn.execute(query)]
-    for row in rows:
-        row["metrics"] = msgspec.json.decode(row["metrics_json"]) if row.get("metrics_json") else {}
-    return rows
 
 
 @get("/review/evals/{run_id:int}/report", include_in_schema=False)
@@ -256,7 +249,7 @@ async def eval_report(
     request: Request[Any, Any, Any], run_id: FromPath[int], services: NamedDependency[Services]
 ) -> Response[Any]:
     await _reviewer(request, services, write=False)
-    run = next((r for r in await _eval_runs(services) if r["id"] == run_id), None)
+    run = await eval_store.get_run(services.engine, run_id)
     path = Path(run["report_path"]) if run and run.get("report_path") else None
     if path is None or not await asyncio.to_thread(path.is_file):
         raise NotFound(f"no report for eval run {run_id}")
@@ -324,10 +317,7 @@ async def api_export(request: Request[Any, Any, Any], services: NamedDependency[
 @get("/api/review/evals")
 async def api_evals(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
     await _reviewer(request, services, write=False)
-    runs = await _eval_runs(services)
-    for run in runs:
-        run.pop("metrics_json", None)
-    return _json({"data": runs})
+    return _json({"data": await eval_store.list_runs(services.engine, 200)})
 
 
 REVIEW_ROUTES = [

@@ -145,8 +145,19 @@ class ReviewStore:
 
     async def page(self, filters: Filters, *, before: str | None = None, limit: int = 50) -> dict[str, Any]:
         """One page, newest first; `next` is the cursor of the following page (None at the end)."""
-        limit = max(1, min(limit, 500))
         query = filters.apply(select(*_LIST_COLUMNS))
+        rows, next_cursor = await self._keyset(query, before, limit)
+        if rows:
+            labels = await self._labels([r["request_id"] for r in rows])
+            for r in rows:
+                r["labels"] = labels.get(r["request_id"], [])
+        return {"data": rows, "next": next_cursor}
+
+    async def _keyset(
+        self, query: Select[Any], before: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first from the cursor on; returns the rows and the next page's cursor (or None)."""
+        limit = max(1, min(limit, 500))
         if before:
             moment, ident = decode_cursor(before)
             c = audit_records.c
@@ -156,11 +167,7 @@ class ReviewStore:
             rows = [_plain(r) for r in await conn.execute(query)]
         more = len(rows) > limit
         rows = rows[:limit]
-        if rows:
-            labels = await self._labels([r["request_id"] for r in rows])
-            for r in rows:
-                r["labels"] = labels.get(r["request_id"], [])
-        return {"data": rows, "next": encode_cursor(rows[-1]) if more and rows else None}
+        return rows, encode_cursor(rows[-1]) if more and rows else None
 
     async def _labels(self, request_ids: list[str]) -> dict[str, list[str]]:
         query = select(review_labels.c.request_id, review_labels.c.label).where(
@@ -220,18 +227,11 @@ class ReviewStore:
             or_(c.blocked_by.is_not(None), c.flagged_by.is_not(None), c.request_id < threshold),
             c.request_id.not_in(labelled),
         )
-        if before:
-            moment, ident = decode_cursor(before)
-            query = query.where(or_(c.created_at < moment, and_(c.created_at == moment, c.id < ident)))
-        query = query.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1)
-        async with self.engine.connect() as conn:
-            rows = [_plain(r) for r in await conn.execute(query)]
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, next_cursor = await self._keyset(query, before, limit)
         for r in rows:
             r["labels"] = []
             r["reason"] = "blocked" if r["blocked_by"] else "flagged" if r["flagged_by"] else "sample"
-        return {"data": rows, "next": encode_cursor(rows[-1]) if more and rows else None}
+        return {"data": rows, "next": next_cursor}
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.connect() as conn:
