@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,13 +52,16 @@ class GatewayServer:
 
     def __enter__(self) -> GatewayServer:
         self._thread.start()
-        for _ in range(500):
+        # Start-up loads models (MiniLM, the toxicity scorer) and may ingest the sample corpus:
+        # seconds normally, longer on a machine busy with vLLM.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
             if self._server.started:
                 return self
             if not self._thread.is_alive():
                 raise RuntimeError("the gateway failed to start")
             threading.Event().wait(0.02)
-        raise RuntimeError("the gateway did not start in 10 s")
+        raise RuntimeError("the gateway did not start in 180 s")
 
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True

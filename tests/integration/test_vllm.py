@@ -25,7 +25,8 @@ MESSAGES = [
 
 @pytest.fixture
 def setup(tmp_path: Path, vllm_url: str) -> Iterator[tuple[GatewayServer, openai.OpenAI, Settings]]:
-    settings = Settings(data_dir=tmp_path, backend=(vllm_url,))
+    # Real models (MiniLM, the toxicity scorer); no sample corpus: these tests do not use RAG.
+    settings = Settings(data_dir=tmp_path, backend=(vllm_url,), sample_corpus=False)
     prepare_database(settings)
     with serving(settings) as (gw, client):
         yield gw, client, settings
