@@ -8,6 +8,8 @@
      +-- PermissionDenied         403    permission_error       insufficient_role
      +-- NotFound                 404    invalid_request_error  not_found / model_not_found
      +-- UpstreamError            502/503/504 or the backend's 4xx, naming the backend
+     +-- RateLimited              429    requests | tokens      rate_limit_exceeded / insufficient_quota
+     +-- LimitsUnavailable        503    server_error           limits_unavailable (Redis down, fail-closed)
 
 Backend errors (`serving.errors`) are translated by `from_serving_error`.
 """
@@ -106,6 +108,22 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "backend_error"
+
+
+class RateLimited(GatewayError):
+    """Over a rate limit or quota (`gateway.limits`); OpenAI's 429, with Retry-After so SDKs retry."""
+
+    status = 429
+    type = "requests"  # or "tokens", as OpenAI says which limit was hit
+    code = "rate_limit_exceeded"  # or "insufficient_quota" for a spent daily or monthly quota
+
+
+class LimitsUnavailable(GatewayError):
+    """The shared limit counters (Redis) cannot be reached and the gateway is set to fail closed."""
+
+    status = 503
+    type = "server_error"
+    code = "limits_unavailable"
 
 
 def from_serving_error(exc: ServingError) -> GatewayError:
