@@ -53,6 +53,7 @@ class VLLMBackend(Backend):
         self.name = url
         self._pool = HTTPPool(url, connect_timeout=connect_timeout, read_timeout=read_timeout)
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._health_path = "/health"
 
     def _translate(self, exc: HTTPError, what: str) -> ServingError:
         if isinstance(exc, ReadTimeout):
@@ -137,12 +138,20 @@ class VLLMBackend(Backend):
         ]
 
     async def health(self) -> bool:
+        """vLLM's `/health`; a server without that route (404/405) is probed through `/v1/models` from then on."""
+        status = await self._probe(self._health_path)
+        if status in (404, 405) and self._health_path == "/health":
+            self._health_path = "/v1/models"  # any OpenAI-compatible server lists its models
+            status = await self._probe(self._health_path)
+        return status == 200
+
+    async def _probe(self, path: str) -> int | None:
         try:
-            resp = await self._pool.request("GET", "/health", None, self._headers, idle_timeout=2.0)
+            resp = await self._pool.request("GET", path, None, self._headers, idle_timeout=2.0)
             await resp.read()
         except HTTPError:
-            return False
-        return resp.status == 200
+            return None
+        return resp.status
 
     async def aclose(self) -> None:
         await self._pool.close()
