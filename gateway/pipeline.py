@@ -238,6 +238,7 @@ class Pipeline:
             return trace, await self._complete(trace, key, body)
         except GatewayError as error:
             trace.fail(error, _status_for(error))
+            error.headers["x-gateway-request-id"] = trace.request_id  # the error names its audit row
             if trace.verdicts:
                 error.extra["gateway"] = trace.gateway_object()
                 error.headers["x-gateway-guards"] = guarding.header(trace.verdicts)
