@@ -107,6 +107,18 @@ review_labels = Table(
     Index("ix_review_labels_label_created", "label", "created_at"),
 )
 
+review_sessions = Table(
+    "review_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True),  # SHA-256 of the session's random id (the cookie holds the id)
+    Column("key_id", String(40), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),  # set by sign-out
+    Index("ix_review_sessions_key", "key_id"),
+    Index("ix_review_sessions_expires", "expires_at"),
+)
+
 eval_runs = Table(
     "eval_runs",
     metadata,

@@ -1,10 +1,16 @@
 """The reviewer web UI (server-rendered pages under /review) and its JSON API (/api/review).
 
 Sign-in is with a `reviewer` or `admin` API key, which buys an HMAC-signed session cookie
-(HttpOnly, SameSite=Lax, 8 hours). Every write carries a CSRF token derived from the session
-(a hidden form field, or the `x-csrf-token` header for API calls made with the cookie); API
-calls with `Authorization: Bearer` need no token, since a browser never sends that header by
-itself. The login form is protected by a double-submit cookie.
+(HttpOnly, SameSite=Lax, 8 hours) backed by a server-side row, so sign-out and key revocation
+end it (`gateway.sessions`). Every write carries a CSRF token derived from the session (a
+hidden form field, or the `x-csrf-token` header for API calls made with the cookie); API calls
+with `Authorization: Bearer` need no token, since a browser never sends that header by itself.
+The login form is protected by a double-submit cookie. In open mode there are no keys: every
+caller is admin, pages open without sign-in under a banner, and browser writes still carry a
+CSRF token.
+
+Pages render whatever an audit row holds: a stored request is whatever a client sent (not JSON,
+JSON of the wrong shape, lone surrogates), so the templates get display-ready values built here.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Stream, Template
 
 from evals import store as eval_store
-from gateway.auth import KeyInfo
+from gateway.auth import OPEN_MODE_KEY, KeyInfo
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound, PermissionDenied
 from gateway.review_store import LABELS, Filters
 from gateway.services import Services
@@ -32,36 +38,54 @@ from gateway.sessions import SESSION_TTL_S
 
 SESSION_COOKIE = "gw_session"
 LOGIN_CSRF_COOKIE = "gw_login_csrf"
+_OPEN_MODE_SESSION = "open-mode"  # what open mode's CSRF token is derived from
+_MAX_RUN_ID = 2**63 - 1
 _encode = msgspec.json.Encoder().encode
 
 
-async def _reviewer(request: Request[Any, Any, Any], services: Services, *, write: bool) -> tuple[KeyInfo, str | None]:
-    """Who is calling: a Bearer key, or the session cookie (whose writes need the CSRF token)."""
+async def _reviewer(request: Request[Any, Any, Any], services: Services, *, write: bool) -> tuple[KeyInfo, str]:
+    """Who is calling, and the CSRF token for the page's forms: a Bearer key, or the session
+    cookie (whose writes need the CSRF token); in open mode, the admin everybody is."""
     authorization = request.headers.get("authorization")
+    if services.settings.open_mode:
+        csrf = services.sessions.csrf(_OPEN_MODE_SESSION)
+        if write and not authorization:
+            await _check_csrf(request, csrf)  # a cross-site form cannot know it, nor send that header
+        return OPEN_MODE_KEY, csrf
     if authorization:
         key = await services.keys.authenticate(authorization)
         key.require("reviewer")
-        return key, None
+        return key, ""
     token = request.cookies.get(SESSION_COOKIE)
-    key_id = services.sessions.verify(token)
-    if key_id is None or token is None:
-        raise AuthenticationFailed("sign in at /review/login, or send 'Authorization: Bearer YOUR_KEY'")
-    session_key = await services.keys.by_id(key_id)
-    if session_key is None:
-        raise AuthenticationFailed("this session's key was revoked; sign in again")
+    session_key = await services.sessions.check(token)
+    if session_key is None or token is None:
+        raise AuthenticationFailed(
+            "sign in at /review/login (sessions end at sign-out, after 8 hours, or when their key is revoked), "
+            "or send 'Authorization: Bearer YOUR_KEY'"
+        )
     session_key.require("reviewer")
+    csrf = services.sessions.csrf(token)
     if write:
-        sent = request.headers.get("x-csrf-token")
-        if sent is None:
-            form = await request.form()
-            sent = form.get("csrf")
-        if not sent or not hmac.compare_digest(str(sent), services.sessions.csrf(token)):
-            raise PermissionDenied("missing or wrong CSRF token", code="csrf_failed")
-    return session_key, services.sessions.csrf(token)
+        await _check_csrf(request, csrf)
+    return session_key, csrf
+
+
+async def _check_csrf(request: Request[Any, Any, Any], expected: str) -> None:
+    sent = request.headers.get("x-csrf-token")
+    if sent is None:
+        form = await request.form()
+        sent = form.get("csrf")
+    if not sent or not hmac.compare_digest(str(sent).encode(), expected.encode()):
+        raise PermissionDenied("missing or wrong CSRF token", code="csrf_failed")
 
 
 def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
     return {k: v for k, v in request.query_params.items() if isinstance(v, str)}
+
+
+def _context(services: Services, key: KeyInfo, csrf: str, **values: Any) -> dict[str, Any]:
+    """What every page's template gets: who is signed in, the CSRF token, open mode."""
+    return {"key": key, "csrf": csrf, "open_mode": services.settings.open_mode, **values}
 
 
 # ------------------------------------------------------------------------------------ pages
@@ -69,7 +93,7 @@ def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
 
 @get("/review/login", include_in_schema=False)
 async def login_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    if services.sessions.verify(request.cookies.get(SESSION_COOKIE)):
+    if services.settings.open_mode or await services.sessions.check(request.cookies.get(SESSION_COOKIE)):
         return Redirect("/review", status_code=303)
     csrf = secrets.token_urlsafe(24)
     response = Template("review/login.html", context={"csrf": csrf, "error": request.query_params.get("error")})
@@ -79,6 +103,8 @@ async def login_page(request: Request[Any, Any, Any], services: NamedDependency[
 
 @post("/review/login", include_in_schema=False, status_code=303)
 async def login(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    if services.settings.open_mode:
+        return Redirect("/review", status_code=303)  # there are no keys to sign in with
     form = await request.form()
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE)
     if not cookie or not hmac.compare_digest(cookie, str(form.get("csrf", ""))):
@@ -91,7 +117,7 @@ async def login(request: Request[Any, Any, Any], services: NamedDependency[Servi
     response = Redirect("/review", status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        services.sessions.issue(key.id),
+        await services.sessions.issue(key.id),
         httponly=True,
         samesite="lax",
         max_age=SESSION_TTL_S,
@@ -105,6 +131,9 @@ async def login(request: Request[Any, Any, Any], services: NamedDependency[Servi
 @post("/review/logout", include_in_schema=False, status_code=303)
 async def logout(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     await _reviewer(request, services, write=True)
+    if services.settings.open_mode:
+        return Redirect("/review", status_code=303)
+    await services.sessions.revoke(request.cookies.get(SESSION_COOKIE))  # the cookie is dead everywhere
     response = Redirect("/review/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -115,7 +144,7 @@ async def _page_or_login(request: Request[Any, Any, Any], services: Services) ->
         key, csrf = await _reviewer(request, services, write=False)
     except AuthenticationFailed:
         return Redirect("/review/login", status_code=303)
-    return key, csrf or ""
+    return key, csrf
 
 
 @get("/review", include_in_schema=False)
@@ -134,8 +163,8 @@ async def list_page(request: Request[Any, Any, Any], services: NamedDependency[S
         next_link = "/review?" + urlencode({**filters.query_string(), "before": page["next"]})
     return Template(
         "review/list.html",
-        context={"key": key, "csrf": csrf, "rows": page["data"], "filters": filters.query_string(),
-                 "next_link": next_link, "elapsed_ms": elapsed_ms, "title": "Requests"},
+        context=_context(services, key, csrf, rows=page["data"], filters=filters.query_string(), next_link=next_link,
+                         elapsed_ms=elapsed_ms, title="Requests"),
     )  # fmt: skip
 
 
@@ -150,22 +179,85 @@ async def queue_page(request: Request[Any, Any, Any], services: NamedDependency[
     next_link = "/review/queue?" + urlencode({"before": page["next"]}) if page["next"] else None
     return Template(
         "review/list.html",
-        context={"key": key, "csrf": csrf, "rows": page["data"], "filters": {}, "next_link": next_link,
-                 "elapsed_ms": None, "title": "Review queue", "queue": True},
+        context=_context(services, key, csrf, rows=page["data"], filters={}, next_link=next_link, elapsed_ms=None,
+                         title="Review queue", queue=True),
     )  # fmt: skip
 
 
-def _highlight(answer: str | None, guards: list[dict[str, Any]] | None) -> list[tuple[str, bool]]:
+def _show(value: Any) -> str:
+    """Any decoded JSON value as text for a page: strings as they are, the rest as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:
+        return _encode(value).decode()
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _records(value: Any) -> list[dict[str, Any]]:
+    """The objects of a stored JSON list; anything else in it is shown as its JSON text."""
+    if not isinstance(value, list):
+        return []
+    return [v if isinstance(v, dict) else {"text": _show(v)} for v in value]
+
+
+def _conversation(body: Any) -> list[dict[str, str]] | None:
+    """A stored request's messages (or prompt) as role and text; None when it has neither in a
+    usable shape, and the page shows the body as it was stored."""
+    if not isinstance(body, dict):
+        return None
+    if isinstance(body.get("messages"), list):
+        return [
+            {"role": _show(m.get("role")), "text": _show(m.get("content"))}
+            if isinstance(m, dict)
+            else {"role": "(not an object)", "text": _show(m)}
+            for m in body["messages"]
+        ]
+    if "prompt" in body and "messages" not in body:
+        return [{"role": "prompt", "text": _show(body["prompt"])}]
+    return None
+
+
+def _passage_rows(value: Any) -> list[dict[str, Any]]:
+    return [
+        {"rank": _show(p.get("rank")), "score": _number(p.get("score")), "title": _show(p.get("title")),
+         "document": _show(p.get("document")), "text": _show(p.get("text"))}
+        for p in _records(value)
+    ]  # fmt: skip
+
+
+def _guard_rows(value: Any) -> list[dict[str, Any]]:
+    return [
+        {"guard": _show(g.get("guard")), "stage": _show(g.get("stage")), "action": _show(g.get("action")),
+         "score": _number(g.get("score")), "reason": _show(g.get("reason")), "ms": _show(g.get("ms"))}
+        for g in _records(value)
+    ]  # fmt: skip
+
+
+def _spans(guards: Any, length: int) -> list[tuple[int, int]]:
+    """The unsupported-sentence spans of the output groundedness verdicts that fit the answer."""
+    out = []
+    for g in _records(guards):
+        if g.get("guard") != "groundedness" or g.get("stage") != "output" or not isinstance(g.get("spans"), list):
+            continue
+        for span in g["spans"]:
+            whole = isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)
+            if whole and 0 <= span[0] < span[1] <= length:
+                out.append((span[0], span[1]))
+    return sorted(out)
+
+
+def _highlight(answer: str | None, guards: Any) -> list[tuple[str, bool]]:
     """The answer cut into (text, unsupported?) pieces from the groundedness verdicts' spans."""
     if not answer:
         return []
-    spans = sorted(
-        (int(s), int(e))
-        for g in guards or []
-        if g.get("guard") == "groundedness" and g.get("stage") == "output"
-        for s, e in g.get("spans") or []
-        if 0 <= int(s) < int(e) <= len(answer)
-    )
+    spans = _spans(guards, len(answer))
     pieces: list[tuple[str, bool]] = []
     at = 0
     for start, end in spans:
@@ -189,12 +281,13 @@ async def detail_page(
         return who
     key, csrf = who
     record = await services.review.record(request_id)
-    messages = record["request"].get("messages") if isinstance(record.get("request"), dict) else None
     return Template(
         "review/detail.html",
-        context={"key": key, "csrf": csrf, "r": record, "messages": messages, "labels": LABELS,
-                 "answer": _highlight(record.get("response_text"), record.get("guards")),
-                 "title": f"Request {request_id[:8]}"},
+        context=_context(services, key, csrf, r=record, messages=_conversation(record.get("request")),
+                         raw_request=_show(record.get("request")), passages=_passage_rows(record.get("passages")),
+                         guards=_guard_rows(record.get("guards")), labels=LABELS,
+                         answer=_highlight(record.get("response_text"), record.get("guards")),
+                         title=f"Request {request_id[:8]}"),
     )  # fmt: skip
 
 
@@ -233,15 +326,13 @@ async def evals_page(request: Request[Any, Any, Any], services: NamedDependency[
     if isinstance(who, Response):
         return who
     key, csrf = who
-    return Template(
-        "review/evals.html",
-        context={
-            "key": key,
-            "csrf": csrf,
-            "runs": await eval_store.list_runs(services.engine, 200),
-            "title": "Eval runs",
-        },
-    )
+    runs = await eval_store.list_runs(services.engine, 200)
+    for run in runs:
+        metrics = run.get("metrics")
+        run["numbers"] = (
+            {str(k): v for k, v in metrics.items() if _number(v) is not None} if isinstance(metrics, dict) else {}
+        )
+    return Template("review/evals.html", context=_context(services, key, csrf, runs=runs, title="Eval runs"))
 
 
 @get("/review/evals/{run_id:int}/report", include_in_schema=False)
@@ -249,11 +340,20 @@ async def eval_report(
     request: Request[Any, Any, Any], run_id: FromPath[int], services: NamedDependency[Services]
 ) -> Response[Any]:
     await _reviewer(request, services, write=False)
-    run = await eval_store.get_run(services.engine, run_id)
-    path = Path(run["report_path"]) if run and run.get("report_path") else None
-    if path is None or not await asyncio.to_thread(path.is_file):
+    run = await eval_store.get_run(services.engine, run_id) if 0 <= run_id <= _MAX_RUN_ID else None
+    report_path = run.get("report_path") if run else None
+    try:
+        path = Path(report_path) if isinstance(report_path, str) and report_path else None
+        body = (
+            await asyncio.to_thread(path.read_bytes)
+            if path is not None and await asyncio.to_thread(path.is_file)
+            else None
+        )
+    except (OSError, ValueError):  # unreadable, or a path no file system accepts (a NUL in it)
+        body = None
+    if body is None:
         raise NotFound(f"no report for eval run {run_id}")
-    return Response(await asyncio.to_thread(path.read_bytes), media_type="text/html")
+    return Response(body, media_type="text/html")
 
 
 # ------------------------------------------------------------------------------------ JSON API

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -20,9 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import audit_records, review_labels
 from gateway.errors import InvalidRequest, NotFound
+from gateway.jsontext import loads_stored, scrub
 
 LABELS = ("ok", "hallucination", "toxic", "false_positive", "bad_retrieval", "other")
-_decode = msgspec.json.Decoder().decode
+_MAX_ROW_ID = 2**63 - 1  # BIGINT; a larger cursor id would overflow the database driver
+_MAX_REQUEST_ID = 40  # audit_records.request_id is String(40): a longer id names no record
+_JSON_COLUMNS = ("request_json", "response_json", "passages_json", "citations_json", "guards_json")
 _LIST_COLUMNS = [
     audit_records.c.id,
     audit_records.c.request_id,
@@ -66,16 +70,19 @@ class Filters:
             if raw is None or raw == "":
                 continue
             try:
+                if "\x00" in raw or len(raw) > 1000:
+                    raise ValueError("must be under 1,000 characters, without NUL")
                 if f.name in ("since", "until"):
-                    moment = datetime.fromisoformat(raw)
-                    values[f.name] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+                    values[f.name] = _utc(datetime.fromisoformat(raw))
                 elif f.name in ("groundedness_below", "toxicity_above"):
                     values[f.name] = float(raw)
+                    if not math.isfinite(values[f.name]):
+                        raise ValueError("must be a finite number")
                 elif f.name == "outcome" and raw not in ("blocked", "flagged"):
                     raise ValueError("must be blocked or flagged")
                 else:
-                    values[f.name] = raw
-            except ValueError as exc:
+                    values[f.name] = scrub(raw)
+            except (ValueError, OverflowError) as exc:
                 raise InvalidRequest(f"bad filter {f.name}={raw!r}: {exc}", param=f.name) from exc
         return cls(**values)
 
@@ -105,14 +112,26 @@ class Filters:
         elif self.outcome == "flagged":
             conditions.append(c.flagged_by.is_not(None))
         if self.guard:
-            conditions.append(or_(c.blocked_by == self.guard, c.flagged_by.contains(self.guard)))
+            # flagged_by is a comma-separated list: match whole names, with LIKE wildcards escaped.
+            g = self.guard
+            conditions.append(
+                or_(
+                    c.blocked_by == g,
+                    c.flagged_by == g,
+                    c.flagged_by.startswith(g + ",", autoescape=True),
+                    c.flagged_by.endswith("," + g, autoescape=True),
+                    c.flagged_by.contains("," + g + ",", autoescape=True),
+                )
+            )
         if self.groundedness_below is not None:
             conditions.append(c.groundedness < self.groundedness_below)
         if self.toxicity_above is not None:
             conditions.append(c.toxicity > self.toxicity_above)
         if self.q:
-            pattern = f"%{self.q}%"
-            conditions.append(or_(c.request_json.like(pattern), c.response_text.like(pattern)))
+            # autoescape: a `%` or `_` in the text is that character, not a wildcard (SQLite and PostgreSQL).
+            conditions.append(
+                or_(c.request_json.contains(self.q, autoescape=True), c.response_text.contains(self.q, autoescape=True))
+            )
         return query.where(and_(*conditions)) if conditions else query
 
 
@@ -121,12 +140,26 @@ def encode_cursor(row: dict[str, Any]) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """The (created_at, id) a page starts below; 400 for anything a page link never carries."""
     try:
+        if len(cursor) > 100:
+            raise ValueError("too long")
         moment, _, ident = cursor.rpartition("|")
-        parsed = datetime.fromisoformat(moment)
-        return parsed, int(ident)
-    except ValueError as exc:
-        raise InvalidRequest(f"bad cursor {cursor!r}", param="before") from exc
+        parsed, row_id = _utc(datetime.fromisoformat(moment)), int(ident)
+        if not 0 <= row_id <= _MAX_ROW_ID:
+            raise ValueError("id out of range")
+        return parsed, row_id
+    except (ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"bad cursor {cursor[:100]!r}: pass the `next` value of a page", param="before") from exc
+
+
+def _utc(moment: datetime) -> datetime:
+    """An aware UTC datetime (naive means UTC): SQLite compares the stored UTC text as written."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _could_be_request_id(request_id: str) -> bool:
+    return 0 < len(request_id) <= _MAX_REQUEST_ID and "\x00" not in request_id
 
 
 def _plain(row: Any) -> dict[str, Any]:
@@ -180,7 +213,9 @@ class ReviewStore:
         return out
 
     async def record(self, request_id: str) -> dict[str, Any]:
-        """One audit record, its JSON columns decoded, with its labels."""
+        """One audit record, its JSON columns decoded (whatever they hold: see `loads_stored`), with its labels."""
+        if not _could_be_request_id(request_id):
+            raise NotFound(f"no request {request_id[:60]!r} in the audit log", param="request_id")
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(audit_records).where(audit_records.c.request_id == request_id))).first()
             if row is None:
@@ -190,13 +225,9 @@ class ReviewStore:
             )
             label_rows = [_plain(r) for r in labels]
         record = _plain(row)
-        for column in ("request_json", "response_json", "passages_json", "citations_json", "guards_json"):
-            raw = record.pop(column)
-            key = column.removesuffix("_json")
-            try:
-                record[key] = _decode(raw) if raw else None
-            except msgspec.DecodeError:
-                record[key] = raw  # a malformed request is stored as it came
+        for column in _JSON_COLUMNS:
+            # A malformed request is stored as it came, and comes back as its text.
+            record[column.removesuffix("_json")] = loads_stored(record.pop(column))
         record["labels"] = label_rows
         return record
 
@@ -205,6 +236,11 @@ class ReviewStore:
             raise InvalidRequest(f"label must be one of {', '.join(LABELS)}; got {label!r}", param="label")
         if note is not None and len(note) > 10_000:
             raise InvalidRequest("the note is longer than 10,000 characters", param="note")
+        if note is not None and "\x00" in note:
+            raise InvalidRequest("the note contains a NUL character", param="note")
+        note = scrub(note) if note is not None else None
+        if not _could_be_request_id(request_id):
+            raise NotFound(f"no request {request_id[:60]!r} in the audit log", param="request_id")
         async with self.engine.begin() as conn:
             exists = (
                 await conn.execute(select(audit_records.c.id).where(audit_records.c.request_id == request_id))
@@ -238,12 +274,16 @@ class ReviewStore:
             total = (await conn.execute(select(func.count()).select_from(review_labels))).scalar_one()
         return {"labels": int(total)}
 
-    async def export(self, fmt: str, label: str | None = None) -> AsyncIterator[bytes]:
-        """Labelled records as JSONL or CSV, streamed in batches (one line per label)."""
+    def export(self, fmt: str, label: str | None = None) -> AsyncIterator[bytes]:
+        """Labelled records as JSONL or CSV, streamed in batches (one line per label). The
+        arguments are checked here, before the first byte, so a bad one is a 400, not a cut download."""
         if fmt not in ("jsonl", "csv"):
             raise InvalidRequest("format must be jsonl or csv", param="format")
         if label is not None and label not in LABELS:
-            raise InvalidRequest(f"label must be one of {', '.join(LABELS)}", param="label")
+            raise InvalidRequest(f"label must be one of {', '.join(LABELS)}; got {label[:60]!r}", param="label")
+        return self._export(fmt, label)
+
+    async def _export(self, fmt: str, label: str | None) -> AsyncIterator[bytes]:
         columns = ["request_id", "label", "note", "reviewer", "labelled_at", "created_at", "model", "status",
                    "blocked_by", "flagged_by", "groundedness", "toxicity", "prompt", "answer"]  # fmt: skip
         if fmt == "csv":
@@ -289,8 +329,12 @@ class ReviewStore:
                 writer = csv.writer(buffer)
                 for r in rows:
                     writer.writerow(["" if r[k] is None else _jsonable(r[k]) for k in columns])
-                yield buffer.getvalue().encode()
+                yield buffer.getvalue().encode("utf-8", "replace")
 
 
 def _jsonable(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return scrub(value) if isinstance(value, str) else value

@@ -39,7 +39,11 @@ class Services:
             backend = Router(
                 [
                     VLLMBackend(
-                        url, connect_timeout=settings.backend_connect_timeout, read_timeout=settings.backend_timeout
+                        url,
+                        connect_timeout=settings.backend_connect_timeout,
+                        read_timeout=settings.backend_timeout,
+                        total_timeout=settings.backend_total_timeout,
+                        max_answer_bytes=settings.max_answer_bytes,
                     )
                     for url in settings.backend
                 ]
@@ -50,11 +54,17 @@ class Services:
             self.engine,
             spool_path=settings.data_dir / "audit-spool.jsonl",
             batch_max=settings.audit_batch_max,
-            sink=sink_for(self.engine, audit_records, sqlite_synchronous=settings.sqlite_synchronous),
+            db_wait_s=settings.audit_db_wait,
+            sink=sink_for(
+                self.engine,
+                audit_records,
+                sqlite_synchronous=settings.sqlite_synchronous,
+                wait_s=settings.audit_db_wait,
+            ),
         )
         self.keys = KeyStore(self.engine)
         self.review = ReviewStore(self.engine)
-        self.sessions = Sessions.for_data_dir(settings.data_dir, settings.session_secret)
+        self.sessions = Sessions.for_data_dir(settings.data_dir, settings.session_secret, self.engine)
         # An invalid policy stops start-up here, with the file, line and problem in the message.
         self.policy = load_policy(settings.policy) if settings.policy else default_policy()
         self.executor = make_executor(settings.guard_workers)
@@ -69,6 +79,7 @@ class Services:
             rag_top_k=settings.rag_top_k,
             rag_min_score=settings.rag_min_score,
             open_mode=settings.open_mode,
+            max_n=settings.max_n,
         )
         self.started_at = time.time()
 
@@ -93,6 +104,7 @@ class Services:
             await self._start_retrieval()
         if isinstance(self.backend, Router):
             await self.backend.refresh()
+            self.backend.start()  # health watch: a backend that comes up later is seen within 1-2 s
         if self.settings.open_mode:
             log.warning("OPEN MODE: no API key is checked; every caller is treated as admin. Local use only.")
 
