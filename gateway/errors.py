@@ -8,6 +8,7 @@
      +-- PermissionDenied         403    permission_error       insufficient_role
      +-- NotFound                 404    invalid_request_error  not_found / model_not_found
      +-- UpstreamError            502/503/504 or the backend's 4xx, naming the backend
+     +-- InternalError            500    server_error           internal_error (a gateway bug; logged)
      +-- RateLimited              429    requests | tokens      rate_limit_exceeded / insufficient_quota
      +-- LimitsUnavailable        503    server_error           limits_unavailable (Redis down, fail-closed)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.errors import (
+    BackendBadAnswer,
     BackendHTTPError,
     BackendTimeout,
     BackendUnavailable,
@@ -126,6 +128,14 @@ class LimitsUnavailable(GatewayError):
     code = "limits_unavailable"
 
 
+class InternalError(GatewayError):
+    """Something the gateway did not expect; the request is still audited and answered in OpenAI's format."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
 def from_serving_error(exc: ServingError) -> GatewayError:
     """Translate a backend failure into what the client sees."""
     if isinstance(exc, NoBackendForModel):
@@ -134,6 +144,8 @@ def from_serving_error(exc: ServingError) -> GatewayError:
         return UpstreamError(exc.message, status=504, code="backend_timeout")
     if isinstance(exc, BackendUnavailable):
         return UpstreamError(exc.message, status=502, code="backend_unavailable")
+    if isinstance(exc, BackendBadAnswer):
+        return UpstreamError(exc.message, status=502, code=exc.code)
     if isinstance(exc, BackendHTTPError):
         if 400 <= exc.status < 500:
             # vLLM's own rejection (bad parameter, context too long, unknown model): pass it on.

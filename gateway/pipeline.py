@@ -8,11 +8,17 @@ Every request leaves exactly one audit row. The client's final bytes (the JSON b
 stream's last event and `[DONE]`) are released only after that row is committed. A stream
 holds back only the event that can be the last one (the one carrying `finish_reason`, or the
 usage event), so tokens flow through as they arrive.
+
+Nothing a client or a backend sends can end a request without its row: a malformed request is
+a 400, an answer of the wrong shape (checked before any field is used) or a stream cut short is
+a 502 (an SSE `error` event once the stream has begun), and anything unforeseen is a logged 500,
+each with its audit row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from base64 import b64encode
@@ -26,13 +32,22 @@ import msgspec
 from gateway import guarding, rag
 from gateway.audit import AuditWriter
 from gateway.auth import OPEN_MODE_KEY, KeyInfo, KeyStore
-from gateway.errors import GatewayError, InputBlocked, InvalidRequest, NotFound, UpstreamError, from_serving_error
-from gateway.validation import decode_body, validate_chat, validate_completion, validate_embeddings
+from gateway.errors import (
+    GatewayError,
+    InputBlocked,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    UpstreamError,
+    from_serving_error,
+)
+from gateway.validation import Limits, decode_body, validate_chat, validate_completion, validate_embeddings
 from guardrails import Guardrails, Passage, StreamChecker, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
 from serving.backend import Backend
-from serving.errors import ServingError
+from serving.errors import BackendBadAnswer, BackendTimeout, ServingError
 
+log = logging.getLogger("gateway")
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 _DONE = b"data: [DONE]\n\n"
@@ -46,7 +61,7 @@ class Endpoint:
     name: str
     path: str
     chat: bool
-    validate: Callable[[dict[str, Any]], None]
+    validate: Callable[[dict[str, Any], Limits], None]
 
 
 CHAT = Endpoint("chat.completions", "/v1/chat/completions", True, validate_chat)
@@ -97,26 +112,27 @@ class Trace:
     def row(self) -> dict[str, Any]:
         total = time.perf_counter() - self.started
         usage = self.usage or {}
+        finish = self.finish_reason
         return {
             "request_id": self.request_id,
             "created_at": self.created_at,
             "finished_at": self.created_at + timedelta(seconds=total),
             "api_key_id": self.api_key_id,
             "endpoint": self.endpoint.name,
-            "model": self.model,
+            "model": self.model[:200] if self.model else self.model,  # the column's width
             "backend": self.backend,
             "stream": self.stream,
             "status": self.status,
             "http_status": self.http_status,
-            "error_code": self.error_code,
+            "error_code": self.error_code[:64] if self.error_code else self.error_code,
             "error_message": self.error_message,
             "request_json": self.request_json,
             "response_text": self.response_text,
             "response_json": self.response_json,
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "total_tokens": usage.get("total_tokens"),
+            "finish_reason": finish[:32] if isinstance(finish, str) else None,
+            "prompt_tokens": _count(usage.get("prompt_tokens")),
+            "completion_tokens": _count(usage.get("completion_tokens")),
+            "total_tokens": _count(usage.get("total_tokens")),
             "gateway_ms": round((total - self.backend_s) * 1000, 3),
             "backend_ms": round(self.backend_s * 1000, 3),
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 3),
@@ -166,6 +182,7 @@ class Pipeline:
         rag_top_k: int = 4,
         rag_min_score: float = 0.3,
         open_mode: bool = False,
+        max_n: int = 16,
     ) -> None:
         self.backend = backend
         self.audit = audit
@@ -176,6 +193,7 @@ class Pipeline:
         self.rag_top_k = rag_top_k
         self.rag_min_score = rag_min_score
         self.open_mode = open_mode
+        self.limits = Limits(max_n=max_n)
         self._active: dict[tuple[str, str | None, str], bool] = {}
 
     def _guarded(self, key: KeyInfo, model: str | None, stage: str) -> bool:
@@ -219,7 +237,7 @@ class Pipeline:
             if isinstance(body.get("model"), str):
                 trace.model = body["model"]
             trace.stream = body.get("stream") is True
-            endpoint.validate(body)
+            endpoint.validate(body, self.limits)
             if endpoint is EMBEDDINGS:
                 return trace, await self._embed(trace, body)
             wanted = rag.resolve(
@@ -244,6 +262,13 @@ class Pipeline:
                 error.headers["x-gateway-guards"] = guarding.header(trace.verdicts)
             await self.record(trace)
             raise
+        except Exception as exc:
+            # A bug, not the client's fault nor the backend's: still one row and an OpenAI error body.
+            log.exception("unexpected error in request %s", trace.request_id)
+            error = InternalError(f"internal gateway error ({type(exc).__name__}); see the gateway log")
+            trace.fail(error, "error")
+            await self.record(trace)
+            raise error from exc
 
     async def _guard_input(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> None:
         """Input guards on the prompt: block (400, no backend call), redact in place, or flag."""
@@ -352,6 +377,11 @@ class Pipeline:
             raise from_serving_error(exc) from exc
         trace.backend_s = time.perf_counter() - began
         trace.backend = self.backend.name
+        problem = _answer_problem(answer, trace.endpoint.chat)
+        if problem is not None:
+            raise UpstreamError(
+                f"backend {trace.backend} sent an invalid answer: {problem}", code="backend_invalid_answer"
+            )
         choices = answer.get("choices") or []
         if choices:
             first = choices[0]
@@ -360,8 +390,7 @@ class Pipeline:
             else:
                 trace.response_text = first.get("text")
             trace.finish_reason = first.get("finish_reason")
-        usage = answer.get("usage")
-        trace.usage = usage if isinstance(usage, dict) else None
+        trace.usage = answer.get("usage")
         if choices and self.output_guarded(key, trace.model):
             await self._guard_answer(trace, key, body, choices)
         answer["gateway"] = trace.gateway_object()
@@ -434,6 +463,7 @@ class Pipeline:
         held: dict[str, Any] | None = None  # the event that may be the last one
         held_content = False  # whether it carries answer text (for time to first token)
         recorded = False
+        stopped = False  # an output guard ended the stream (the rest of the answer is not wanted)
         batch = first
         try:
             try:
@@ -445,6 +475,14 @@ class Pipeline:
                             if out:
                                 yield b"".join(out)
                             raise UpstreamError(_upstream_message(event), code="backend_stream_error")
+                        problem = _event_problem(event, chat)
+                        if problem is not None:
+                            if out:
+                                yield b"".join(out)
+                            raise UpstreamError(
+                                f"backend {trace.backend} sent an invalid event: {problem}",
+                                code="backend_invalid_answer",
+                            )
                         choices = event.get("choices") or []
                         content = False
                         closing = False
@@ -467,6 +505,7 @@ class Pipeline:
                                     yield b"".join(out)
                                 held = self._withhold(trace, event, blocked, chat)
                                 batch = None
+                                stopped = True
                                 break
                             if not event["choices"] and not event.get("usage"):
                                 continue  # everything in it is held back for now
@@ -491,17 +530,30 @@ class Pipeline:
                             yield out[0] if len(out) == 1 else b"".join(out)
                         batch = await anext(upstream, None)
                 trace.backend_s = time.perf_counter() - began
+                if not stopped and (not finishes or not finishes.keys() >= texts.keys()):
+                    # The backend closed the stream cleanly but mid-answer: not a complete answer.
+                    raise UpstreamError(
+                        f"backend {trace.backend} ended the stream before the answer was finished",
+                        code="backend_stream_truncated",
+                    )
+            except GatewayError:
+                trace.backend_s = time.perf_counter() - began
+                raise
             except ServingError as exc:
                 trace.backend_s = time.perf_counter() - began
-                raise UpstreamError(exc.message, code="backend_stream_error") from exc
-            except (msgspec.DecodeError, AttributeError) as exc:
+                raise _mid_stream(exc) from exc
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
                 trace.backend_s = time.perf_counter() - began
                 raise UpstreamError(
                     f"backend {trace.backend} sent a malformed event", code="backend_stream_error"
                 ) from exc
-        except UpstreamError as error:
+            except Exception as exc:
+                trace.backend_s = time.perf_counter() - began
+                log.exception("unexpected error in stream %s", trace.request_id)
+                raise InternalError(f"internal gateway error ({type(exc).__name__}); see the gateway log") from exc
+        except GatewayError as error:
             # Mid-stream failure: the status line is long gone, so say it in the stream itself.
-            trace.fail(error, "backend_error")
+            trace.fail(error, "backend_error" if isinstance(error, UpstreamError) else "error")
             self._summarise(trace, texts, finishes, guard)
             recorded = True
             await self.record(trace)
@@ -647,6 +699,72 @@ class _StreamGuard:
     def released(self, index: int) -> str:
         checker = self._checkers.get(index)
         return checker.released if checker is not None else ""
+
+
+def _mid_stream(exc: ServingError) -> UpstreamError:
+    """A backend failure after the stream began, with the code that says what happened."""
+    if isinstance(exc, BackendTimeout):
+        return UpstreamError(exc.message, status=504, code="backend_timeout")
+    if isinstance(exc, BackendBadAnswer):
+        return UpstreamError(exc.message, code=exc.code)
+    return UpstreamError(exc.message, code="backend_stream_error")
+
+
+def _count(value: object) -> int | None:
+    """A token count for an integer column: a backend's nonsense (text, floats, 10**30) becomes None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None
+
+
+def _choice_problem(choice: object, chat: bool, stream: bool) -> str | None:
+    if not isinstance(choice, dict):
+        return f"a choice is a {type(choice).__name__}, not an object"
+    index = choice.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        return "a choice's index is not an integer"
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        return "a choice's finish_reason is not a string"
+    if chat:
+        where = "delta" if stream else "message"
+        message = choice.get(where)
+        if message is None:
+            return None
+        if not isinstance(message, dict):
+            return f"a choice's {where} is not an object"
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            return f"a choice's {where}.content is not a string"
+        return None
+    text = choice.get("text")
+    if text is not None and not isinstance(text, str):
+        return "a choice's text is not a string"
+    return None
+
+
+def _answer_problem(answer: object, chat: bool, stream: bool = False) -> str | None:
+    """What is wrong with the shape of a backend answer (or stream event) that the gateway reads; None: fine.
+
+    Only the fields the gateway uses are checked; the rest is the backend's business."""
+    if not isinstance(answer, dict):
+        return f"a JSON {type(answer).__name__}, not an object"
+    choices = answer.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list):
+            return "choices is not an array"
+        for choice in choices:
+            problem = _choice_problem(choice, chat, stream)
+            if problem is not None:
+                return problem
+    usage = answer.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return "usage is not an object"
+    return None
+
+
+def _event_problem(event: object, chat: bool) -> str | None:
+    return _answer_problem(event, chat, stream=True)
 
 
 async def _replay(batches: list[list[bytes]]) -> AsyncIterator[list[bytes]]:

@@ -36,6 +36,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     backend_connect_timeout: float = 5.0
     backend_timeout: float = 300.0  # seconds without a byte from the backend
+    backend_total_timeout: float = 600.0  # seconds for a whole backend answer, streamed or not
+    max_answer_bytes: int = 16 * 1024 * 1024  # largest backend answer (JSON body, or a stream's bytes)
+    max_n: int = 16  # most choices (`n`, `best_of`) one request may ask for
     local_vllm_port: int = 8100
     vllm_python: str | None = None
     audit_batch_max: int = 512
@@ -126,8 +129,12 @@ def _validate(settings: Settings) -> Settings:
         raise bad("guard_workers must be at least 1")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
-    if settings.backend_timeout <= 0 or settings.backend_connect_timeout <= 0:
+    if settings.backend_timeout <= 0 or settings.backend_connect_timeout <= 0 or settings.backend_total_timeout <= 0:
         raise bad("backend timeouts must be positive")
+    if settings.max_answer_bytes < 1024:
+        raise bad(f"max_answer_bytes {settings.max_answer_bytes} is below 1024")
+    if settings.max_n < 1:
+        raise bad("max_n must be at least 1")
     if settings.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise bad(f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {settings.sqlite_synchronous!r}")
     for url in settings.backend:

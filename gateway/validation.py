@@ -2,10 +2,15 @@
 
 Only the fields the gateway relies on, and the common sampling parameters, are checked; every
 other field is left exactly as the client sent it and reaches the backend untouched.
+
+Whatever the bytes, the outcome is a parsed body or an `InvalidRequest` (400), never another
+exception: invalid UTF-8 and nesting deeper than `MAX_DEPTH` are rejected here, so nothing
+further down (guards, the encoder that talks to the backend) meets them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -17,6 +22,17 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 _NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 _INTEGERS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_k", "logprobs_count", "best_of")
 _BOOLS = ("stream", "echo")
+MAX_DEPTH = 64  # JSON nesting; far beyond any real request, far below Python's recursion limit
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds from the settings that validation enforces."""
+
+    max_n: int = 16  # most choices (`n`, and `best_of`) one request may ask for
+
+
+DEFAULT_LIMITS = Limits()
 
 
 def _type_name(value: object) -> str:
@@ -33,12 +49,37 @@ def decode_body(raw: bytes) -> dict[str, Any]:
         body = _decode(raw)
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid UTF-8 (byte {exc.start}).", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise _too_deep() from exc
     if not isinstance(body, dict):
         raise InvalidRequest(f"The request body must be a JSON object, not {_type_name(body)}.", code="invalid_json")
+    # Every level of nesting opens a bracket, so a body with few brackets needs no walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth_exceeds(body, MAX_DEPTH):
+        raise _too_deep()
     return body
 
 
-def _check_common(body: dict[str, Any]) -> None:
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.", code="invalid_json")
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (iterative: no recursion to exhaust)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
+
+
+def _check_common(body: dict[str, Any], limits: Limits) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest(
@@ -58,6 +99,14 @@ def _check_common(body: dict[str, Any]) -> None:
         value = body.get(name)
         if isinstance(value, int) and value < 1:
             raise InvalidRequest(f"'{name}' must be at least 1, got {value}", param=name, code="invalid_value")
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if isinstance(value, int) and value > limits.max_n:
+            raise InvalidRequest(
+                f"'{name}' may be at most {limits.max_n} on this gateway (max_n), got {value}",
+                param=name,
+                code="invalid_value",
+            )
     for name in _BOOLS:
         value = body.get(name)
         if value is not None and not isinstance(value, bool):
@@ -79,9 +128,9 @@ def _check_common(body: dict[str, Any]) -> None:
             )
 
 
-def validate_chat(body: dict[str, Any]) -> None:
+def validate_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
     """Check a `/v1/chat/completions` body in place."""
-    _check_common(body)
+    _check_common(body, limits)
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("'messages' is a required property", param="messages", code="missing_messages")
@@ -98,9 +147,10 @@ def validate_chat(body: dict[str, Any]) -> None:
                 f"'{where}' must be an object, not {_type_name(message)}", param=where, code="invalid_type"
             )
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
+            shown = repr(role) if isinstance(role, str) else f"a {_type_name(role)}"
             raise InvalidRequest(
-                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {role!r}",
+                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {shown[:100]}",
                 param=f"{where}.role",
                 code="invalid_role",
             )
@@ -125,9 +175,9 @@ def validate_chat(body: dict[str, Any]) -> None:
             )
 
 
-def validate_completion(body: dict[str, Any]) -> None:
+def validate_completion(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
     """Check a `/v1/completions` body in place."""
-    _check_common(body)
+    _check_common(body, limits)
     prompt = body.get("prompt")
     if prompt is None:
         raise InvalidRequest("'prompt' is a required property", param="prompt", code="missing_prompt")
@@ -147,7 +197,7 @@ def validate_completion(body: dict[str, Any]) -> None:
         )
 
 
-def validate_embeddings(body: dict[str, Any]) -> None:
+def validate_embeddings(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
     """Check a `/v1/embeddings` body: `input` is a string or a non-empty array of strings."""
     model = body.get("model")
     if not isinstance(model, str) or not model:

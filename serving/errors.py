@@ -4,6 +4,8 @@ ServingError
  +-- BackendUnavailable   connection refused, reset or DNS failure: no answer at all (502/503)
  +-- BackendTimeout       the backend accepted the request but did not answer in time (504)
  +-- BackendHTTPError     the backend answered with an error status; its body is kept (4xx/5xx)
+ +-- BackendBadAnswer     the backend answered 200 with something unusable: malformed, too large,
+ |                        or a stream cut short; `code` says which (502)
  +-- NoBackendForModel    no configured backend serves the requested model (404)
 """
 
@@ -34,6 +36,15 @@ class BackendHTTPError(ServingError):
         super().__init__(message, backend=backend)
         self.status = status
         self.body = body
+
+
+class BackendBadAnswer(ServingError):
+    """The backend answered, but the answer cannot be used: `code` is the client-facing error code
+    (`backend_invalid_answer`, `backend_answer_too_large`, `backend_stream_truncated`)."""
+
+    def __init__(self, message: str, *, backend: str | None, code: str) -> None:
+        super().__init__(message, backend=backend)
+        self.code = code
 
 
 class NoBackendForModel(ServingError):

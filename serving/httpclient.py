@@ -6,6 +6,11 @@ costs about 0.3 ms of CPU per call here, a large share of the gateway's whole bu
 client does only what an OpenAI-compatible backend needs: POST/GET with a body, Content-Length
 or chunked responses, incremental body delivery for streams, timeouts, and closing the
 connection when the caller abandons a response (which is how vLLM learns to abort).
+
+Two limits protect the caller from a backend that misbehaves: an idle timeout (no byte for that
+long) and an optional deadline for the whole exchange (a backend that trickles one byte a second
+never trips the idle timeout); `Response.read` also takes a size cap, so a huge answer is cut off
+instead of being buffered whole.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ class ConnectError(HTTPError):
 
 class ReadTimeout(HTTPError):
     """No byte arrived within the read timeout."""
+
+
+class DeadlineExceeded(ReadTimeout):
+    """The response did not finish before the request's deadline."""
+
+
+class BodyTooLarge(HTTPError):
+    """The response body is larger than the caller's limit (the connection is dropped)."""
 
 
 class _Connection(asyncio.Protocol):
@@ -102,12 +115,21 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def _wait(self, idle_timeout: float | None) -> None:
+    async def _wait(self, idle_timeout: float | None, deadline: float | None = None) -> None:
         if self._error is not None:
             raise self._error
+        delay = idle_timeout or None
+        error: HTTPError = ReadTimeout("no data from the backend within the read timeout")
+        if deadline is not None:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise DeadlineExceeded("the backend did not finish within the total time limit")
+            if delay is None or left < delay:
+                delay = left
+                error = DeadlineExceeded("the backend did not finish within the total time limit")
         waiter = self._loop.create_future()
         self._waiter = waiter
-        handle = self._loop.call_later(idle_timeout, self._timeout, waiter) if idle_timeout else None
+        handle = self._loop.call_later(delay, self._timeout, waiter, error) if delay else None
         try:
             await waiter
         finally:
@@ -115,9 +137,9 @@ class _Connection(asyncio.Protocol):
             if handle is not None:
                 handle.cancel()
 
-    def _timeout(self, waiter: asyncio.Future[None]) -> None:
+    def _timeout(self, waiter: asyncio.Future[None], error: HTTPError) -> None:
         if not waiter.done():
-            waiter.set_exception(ReadTimeout("no data from the backend within the read timeout"))
+            waiter.set_exception(error)
 
     def begin(self, request: bytes) -> None:
         assert self.transport is not None
@@ -129,14 +151,17 @@ class _Connection(asyncio.Protocol):
         self.headers_done = self.complete = self.keep_alive = False
         self.transport.write(request)
 
-    async def read_headers(self, idle_timeout: float | None) -> None:
+    async def read_headers(self, idle_timeout: float | None, deadline: float | None = None) -> None:
         while not self.headers_done:
-            await self._wait(idle_timeout)
+            await self._wait(idle_timeout, deadline)
 
-    async def iter_body(self, idle_timeout: float | None) -> AsyncIterator[bytes]:
+    async def iter_body(self, idle_timeout: float | None, deadline: float | None = None) -> AsyncIterator[bytes]:
         chunks = self._chunks
         while True:
             if chunks:
+                if deadline is not None and self._loop.time() >= deadline:
+                    # A backend that never pauses long enough to reach `_wait` still ends here.
+                    raise DeadlineExceeded("the backend did not finish within the total time limit")
                 # Everything that arrived since the last look goes out as one piece, so a burst
                 # of small events is parsed, checked and forwarded in one go.
                 data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
@@ -145,7 +170,7 @@ class _Connection(asyncio.Protocol):
                 continue
             if self.complete:
                 return
-            await self._wait(idle_timeout)
+            await self._wait(idle_timeout, deadline)
 
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
@@ -156,21 +181,35 @@ class _Connection(asyncio.Protocol):
 class Response:
     """A response whose body is read (or streamed) once; `close()` returns or drops the connection."""
 
-    def __init__(self, pool: HTTPPool, connection: _Connection, idle_timeout: float | None) -> None:
+    def __init__(
+        self, pool: HTTPPool, connection: _Connection, idle_timeout: float | None, deadline: float | None = None
+    ) -> None:
         self._pool = pool
         self._connection = connection
         self._timeout = idle_timeout
+        self._deadline = deadline
         self.status = connection.status
         self.headers = connection.headers
         self._done = False
 
-    async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.iter_chunks()]
+    async def read(self, max_bytes: int | None = None) -> bytes:
+        """The whole body; over `max_bytes` the connection is dropped and `BodyTooLarge` raised."""
+        parts: list[bytes] = []
+        size = 0
+        chunks = self.iter_chunks()
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise BodyTooLarge(f"the response body is larger than {max_bytes} bytes")
+                parts.append(chunk)
+        finally:
+            await chunks.aclose()  # on an early exit this drops the connection
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._connection.iter_body(self._timeout):
+            async for chunk in self._connection.iter_body(self._timeout, self._deadline):
                 yield chunk
         except BaseException:
             self.close()
@@ -238,8 +277,11 @@ class HTTPPool:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         idle_timeout: float | None = -1.0,
+        deadline: float | None = None,
     ) -> Response:
-        """Send a request and wait for the status line and headers."""
+        """Send a request and wait for the status line and headers.
+
+        `deadline` (the event loop's clock) bounds the whole exchange, headers and body."""
         read_timeout = self.read_timeout if idle_timeout == -1.0 else idle_timeout
         raw = self._request_bytes(method, path, body, headers)
         while True:
@@ -251,7 +293,7 @@ class HTTPPool:
             connection.used = True
             connection.begin(raw)
             try:
-                await connection.read_headers(read_timeout)
+                await connection.read_headers(read_timeout, deadline)
             except HTTPError:
                 connection.abort()
                 if reused and not connection.headers_done:
@@ -260,7 +302,7 @@ class HTTPPool:
             except BaseException:
                 connection.abort()
                 raise
-            return Response(self, connection, read_timeout)
+            return Response(self, connection, read_timeout, deadline)
 
     def _release(self, connection: _Connection) -> None:
         if connection.closed or not connection.complete or not connection.keep_alive:
