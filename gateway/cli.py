@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.httpserver import GatewayHttpToolsProtocol
     from gateway.migrate import upgrade
     from serving.local import LocalVLLM, stop_process
 
@@ -73,41 +75,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         _bootstrap_admin_key(settings)
 
-    local = None
-    if not settings.backend:
-        local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
-        log_path = settings.data_dir / "vllm.log"
-        print(
-            f"no --backend given: starting the local CPU vLLM on {local.url} (log: {log_path}); "
-            "the first start takes 1-3 minutes",
-            flush=True,
-        )
-        process = local.start(log_path)
-        try:
-            local.wait_ready(process)
-        except BaseException:
-            stop_process(process)
-            raise
-        print(f"local vLLM ready on {local.url} serving {local.model_name}", flush=True)
-        settings = settings.replace(backend=(local.url,))
-        if settings.rag and settings.sample_corpus and not settings.alias:
-            # The embedded default answers grounded questions out of the box.
-            settings = settings.replace(alias=(f"{local.model_name}-rag=sample:{local.model_name}",))
-    else:
-        process = None
+    # From here on a local vLLM may run as our child: SIGTERM and SIGINT unwind (SystemExit instead
+    # of a silent death, even where SIGINT was inherited as ignored), so the `finally` below stops
+    # the child on every way out.
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, _exit_on_signal)
+    process = None
     try:
+        if not settings.backend:
+            local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
+            log_path = settings.data_dir / "vllm.log"
+            print(
+                f"no --backend given: starting the local CPU vLLM on {local.url} (log: {log_path}); "
+                "the first start takes 1-3 minutes",
+                flush=True,
+            )
+            process = local.start(log_path)
+            local.wait_ready(process)
+            print(f"local vLLM ready on {local.url} serving {local.model_name}", flush=True)
+            settings = settings.replace(backend=(local.url,))
+            if settings.rag and settings.sample_corpus and not settings.alias:
+                # The embedded default answers grounded questions out of the box.
+                settings = settings.replace(alias=(f"{local.model_name}-rag=sample:{local.model_name}",))
         app = create_app(settings)
         print(
             f"gateway listening on http://{settings.host}:{settings.port} "
             f"(backends: {', '.join(settings.backend)}; database: {_safe_url(settings.database_url)})",
             flush=True,
         )
+        # uvicorn handles SIGTERM and SIGINT while it serves, shuts down gracefully, then raises the
+        # signal again, which lands in `_exit_on_signal`.
         uvicorn.run(
             app,
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=GatewayHttpToolsProtocol,
             access_log=False,
             log_level="warning",
             backlog=4096,
@@ -118,8 +122,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     finally:
         if process is not None:
+            # A second Ctrl-C or SIGTERM must not cut the clean-up short (vLLM holds ~1 GB and a port).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop_process(process)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _safe_url(url: str) -> str:

@@ -7,6 +7,7 @@ prepares the model folder once under `DATA_DIR/models/`, and runs the OpenAI API
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,20 +99,26 @@ class LocalVLLM:
         return env
 
     def start(self, log_path: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start vLLM in the background (its own process group, so it can be stopped as a whole)."""
+        """Start vLLM in the background, in its own process group so it can be stopped as a whole.
+
+        On Linux the child also gets SIGTERM when the thread that started it dies, even by SIGKILL
+        (PR_SET_PDEATHSIG), so a gateway that is killed outright leaves no vLLM behind. Call it
+        from the thread that lives as long as the server (the main thread, in `gateway serve`).
+        """
         self.prepare()
-        if log_path is None:
+        output = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+        try:
             return subprocess.Popen(
                 self.command(),
                 env=self.environment(),
-                stdout=subprocess.DEVNULL,
+                stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
-        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            return subprocess.Popen(
-                self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        finally:
+            if log_path is not None:
+                output.close()  # type: ignore[union-attr]  # the child keeps its own copy of the descriptor
 
     def wait_ready(self, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 600.0) -> None:
         """Poll `/health` until it answers 200; fail early if the process dies."""
@@ -132,6 +140,27 @@ class LocalVLLM:
         self.prepare()
         print(f"starting vLLM (CPU) with {self.model_name} on {self.url}; first start takes 1-3 min", flush=True)
         os.execve(self.command()[0], self.command(), self.environment())
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when its parent dies (Linux); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            os._exit(1)
+
+    return set_death_signal
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
