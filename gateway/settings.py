@@ -42,6 +42,7 @@ class Settings:
     local_vllm_port: int = 8100
     vllm_python: str | None = None
     audit_batch_max: int = 512
+    audit_db_wait: float = 2.0  # seconds an audit write waits for a locked or unreachable database, then spools
     policy: Path | None = None  # guardrails policy (TOML); none: every guard on with its defaults
     rag: bool = True  # load the embedding model and serve retrieval and /v1/embeddings
     embedding_model: str | None = None  # none: the bundled all-MiniLM-L6-v2; "hashing": the fake
@@ -129,6 +130,8 @@ def _validate(settings: Settings) -> Settings:
         raise bad("guard_workers must be at least 1")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
+    if settings.audit_db_wait <= 0:
+        raise bad("audit_db_wait must be positive")
     if settings.backend_timeout <= 0 or settings.backend_connect_timeout <= 0 or settings.backend_total_timeout <= 0:
         raise bad("backend timeouts must be positive")
     if settings.max_answer_bytes < 1024:
