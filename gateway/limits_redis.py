@@ -1,0 +1,314 @@
+"""The Redis-backed limiter: counters shared by every gateway replica, one round trip per check.
+
+All of a request's checks (key rpm, tpm reservation, concurrency, day and month quotas, model
+rpm and in-flight) run in one Lua script (EVALSHA): Redis runs a script atomically, so two
+replicas can never both take the last slot. The script first evaluates every check without
+writing, and writes only when all pass, so a refused request costs nothing against the others.
+
+Redis unreachable: `fail="open"` serves the request unchecked (counted, and logged at most
+every 10 s); `fail="closed"` answers 503 `limits_unavailable`. After a failure the limiter
+skips Redis for one second instead of paying a timeout on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.errors import LimitsUnavailable
+from gateway.limits import (
+    FAIL_MODES,
+    Admission,
+    Clock,
+    Limiter,
+    ModelLimits,
+    _Check,
+    _headers,
+    _refusal,
+    _worst,
+)
+
+log = logging.getLogger("gateway.limits")
+
+# KEYS: one per check. ARGV: now_ms, member, lease_ms, then per check: kind, limit, cost, aux.
+# Returns {status, then per check: ok, remaining, reset_ms, retry_ms}; status 1 admitted (state
+# written), 0 refused, 2 only the model's in-flight slots are full (the caller may wait).
+ACQUIRE = """
+local now = tonumber(ARGV[1])
+local member = ARGV[2]
+local lease = tonumber(ARGV[3])
+local out = {0}
+local writes = {}
+local refused, queued = false, false
+for i = 1, #KEYS do
+  local b = 3 + (i - 1) * 4
+  local kind, limit, cost, aux = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local key = KEYS[i]
+  local ok, remaining, reset, retry = 1, 0, 0, 0
+  if kind == 'g' then
+    local interval = 60000 / limit
+    local tat = tonumber(redis.call('GET', key))
+    if tat == nil or tat < now then tat = now end
+    local new = tat + cost * interval
+    local ahead = new - now
+    if ahead > 60001 then  -- 1 ms of slack for float sums, as in process
+      ok = 0
+      retry = ahead - 60000
+      remaining = math.floor((60001 - (tat - now)) / interval)
+      reset = tat - now
+    else
+      remaining = math.floor((60001 - ahead) / interval)
+      reset = ahead
+      writes[i] = new
+    end
+  elseif kind == 'c' or kind == 'm' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local count = redis.call('ZCARD', key)
+    remaining = limit - count - 1
+    if count >= limit then ok = 0; retry = 1000 else writes[i] = true end
+  else
+    local used = tonumber(redis.call('GET', key) or '0')
+    remaining = limit - used - cost
+    reset = aux
+    if used + cost > limit then ok = 0; retry = aux else writes[i] = true end
+  end
+  if ok == 0 then
+    if kind == 'm' then queued = true else refused = true end
+  end
+  out[#out + 1] = ok
+  out[#out + 1] = remaining
+  out[#out + 1] = math.ceil(reset)
+  out[#out + 1] = math.ceil(retry)
+end
+if refused then return out end
+if queued then out[1] = 2; return out end
+for i = 1, #KEYS do
+  local b = 3 + (i - 1) * 4
+  local kind, cost, aux = ARGV[b + 1], tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  if kind == 'g' then
+    redis.call('SET', KEYS[i], string.format('%.17g', writes[i]), 'PX', math.ceil(writes[i] - now) + 1000)
+  elseif kind == 'c' or kind == 'm' then
+    redis.call('ZADD', KEYS[i], now + lease, member)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(lease) + 1000)
+  else
+    redis.call('INCRBY', KEYS[i], cost)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(aux) + 86400000)
+  end
+end
+out[1] = 1
+return out
+"""
+
+# KEYS: what the admission holds. ARGV: now_ms, member, token delta, then per key: kind, limit.
+RELEASE = """
+local now = tonumber(ARGV[1])
+local member = ARGV[2]
+local delta = tonumber(ARGV[3])
+for i = 1, #KEYS do
+  local kind, limit = ARGV[3 + (i - 1) * 2 + 1], tonumber(ARGV[3 + (i - 1) * 2 + 2])
+  local key = KEYS[i]
+  if kind == 'g' then
+    if delta ~= 0 then
+      local interval = 60000 / limit
+      local tat = tonumber(redis.call('GET', key))
+      if delta > 0 then
+        if tat == nil or tat < now then tat = now end
+        tat = tat + delta * interval
+      elseif tat ~= nil then
+        tat = tat + delta * interval
+      end
+      if tat ~= nil then
+        if tat > now then
+          redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil(tat - now) + 1000)
+        else
+          redis.call('DEL', key)
+        end
+      end
+    end
+  elseif kind == 'c' or kind == 'm' then
+    redis.call('ZREM', key, member)
+  elseif delta ~= 0 and redis.call('EXISTS', key) == 1 then
+    if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+  end
+end
+return 1
+"""
+
+
+class RedisLimiter(Limiter):
+    """Limits shared by all replicas through one Redis server."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        models: Mapping[str, ModelLimits] | None = None,
+        *,
+        fail: str = "open",
+        clock: Clock = time.time,
+        prefix: str = "gw:lim:",
+        timeout_s: float = 0.5,
+        lease_s: float = 900.0,
+        poll_s: float = 0.025,
+        retry_after_failure_s: float = 1.0,
+        max_connections: int = 16,
+    ) -> None:
+        if fail not in FAIL_MODES:
+            raise ValueError(f"limits fail mode must be 'open' or 'closed', not {fail!r}")
+        super().__init__(models, clock=clock, lease_s=lease_s)
+        self.url = url
+        self.fail = fail
+        self.prefix = prefix
+        self.poll_s = poll_s
+        self._pause_s = retry_after_failure_s
+        # No client-side retries: a down Redis must cost one short timeout, not several.
+        # A bounded pool: a burst of requests queues for a connection instead of opening hundreds.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=max(2.0, timeout_s),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._redis = Redis.from_pool(pool)  # closing the client closes the pool
+        self._acquire_script = self._redis.register_script(ACQUIRE)
+        self._release_script = self._redis.register_script(RELEASE)
+        self._down_until = 0.0
+        self._logged_at = -math.inf
+        self._waiting: dict[str, int] = {}
+        self.failures = 0  # Redis calls that failed
+        self.unchecked = 0  # requests served without a check (fail-open)
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._redis.ping()
+            await self._redis.script_load(ACQUIRE)
+            await self._redis.script_load(RELEASE)
+            state = "reachable"
+        except RedisError as exc:
+            self._failed(exc)
+            state = f"NOT reachable ({exc})"
+        log.warning(
+            "limits: counters in Redis at %s (%s); when Redis is unreachable the gateway fails %s%s",
+            self._safe_url(),
+            state,
+            self.fail,
+            " (serves unchecked requests)" if self.fail == "open" else " (answers 503 limits_unavailable)",
+        )
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        ok = time.monotonic() >= self._down_until
+        return {
+            "backend": self.kind,
+            "url": self._safe_url(),
+            "ok": ok,
+            "fail_mode": self.fail,
+            "failures": self.failures,
+            "unchecked": self.unchecked,
+            "refused": self.refused,
+            "last_error": self.last_error,
+            "models": sorted(self.models),
+        }
+
+    def _safe_url(self) -> str:
+        kwargs = self._redis.connection_pool.connection_kwargs
+        return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._down_until = time.monotonic() + self._pause_s
+        if time.monotonic() - self._logged_at >= 10:
+            self._logged_at = time.monotonic()
+            log.error("limits: Redis at %s failed (%s); failing %s", self._safe_url(), self.last_error, self.fail)
+
+    def _unavailable(self, exc: Exception | None) -> Admission:
+        if exc is not None:
+            self._failed(exc)
+        if self.fail == "closed":
+            raise LimitsUnavailable(
+                "Rate limits cannot be checked right now (the limit store is unreachable); try again shortly.",
+                headers={"retry-after": "1"},
+            )
+        self.unchecked += 1
+        return Admission(id="unchecked", degraded=True, released=True)
+
+    async def _acquire(
+        self, key_id: str, model: str | None, checks: list[_Check], reserved: int, now_ms: float
+    ) -> Admission:
+        if time.monotonic() < self._down_until:
+            return self._unavailable(None)
+        member = secrets.token_hex(8)
+        keys = [self.prefix + c.key for c in checks]
+        args: list[Any] = [f"{now_ms:.3f}", member, f"{self.lease_ms:.0f}"]
+        for c in checks:
+            args += (c.kind, c.limit, c.cost, f"{c.aux:.0f}")
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        try:
+            while True:
+                try:
+                    result = await self._acquire_script(keys=keys, args=args)
+                except RedisError as exc:
+                    return self._unavailable(exc)
+                states = []
+                failures = []
+                for i, check in enumerate(checks):
+                    ok, remaining, reset, retry = result[1 + 4 * i : 5 + 4 * i]
+                    states.append((int(remaining), float(reset)))
+                    if not int(ok) and check.kind != "m":
+                        failures.append((float(retry), check))
+                headers = _headers(checks, states)
+                status = int(result[0])
+                if status == 1:
+                    undo = tuple(c for c in checks if c.kind != "g" or c.what == "tpm")
+                    return Admission(id=member, reserved=reserved, headers=headers, undo=undo)
+                if status == 0:
+                    retry, check = _worst(failures)
+                    raise _refusal(check, retry, headers, key_id, model)
+                # Only the model's in-flight slots are full: wait in this replica's bounded queue.
+                assert model is not None
+                flight = next(c for c in checks if c.kind == "m")
+                caps = self.models[model]
+                if deadline is None:
+                    if self._waiting.get(model, 0) >= caps.max_queue or caps.queue_timeout <= 0:
+                        raise _refusal(flight, 1000, headers, key_id, model, f"the queue of {caps.max_queue} is full")
+                    self._waiting[model] = self._waiting.get(model, 0) + 1
+                    deadline = loop.time() + caps.queue_timeout
+                if loop.time() >= deadline:
+                    raise _refusal(flight, 1000, headers, key_id, model, f"waited {caps.queue_timeout:g} s")
+                await asyncio.sleep(min(self.poll_s, max(0.0, deadline - loop.time())))
+                args[0] = f"{self.clock() * 1000:.3f}"
+        finally:
+            if deadline is not None and model is not None:
+                self._waiting[model] -= 1
+
+    async def _release(self, admission: Admission, token_delta: int, now_ms: float) -> None:
+        if admission.degraded or not admission.undo:
+            return
+        keys = [self.prefix + c.key for c in admission.undo]
+        args: list[Any] = [f"{now_ms:.3f}", admission.id, token_delta]
+        for c in admission.undo:
+            args += (c.kind, c.limit)
+        try:
+            await self._release_script(keys=keys, args=args)
+        except RedisError as exc:
+            # Leases expire on their own; a lost token correction only errs by one request's tokens.
+            self._failed(exc)
