@@ -91,6 +91,12 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
     Column("default_collection", String(64)),  # RAG collection used when a request names none
+    # Limits (gateway.limits); NULL means no limit. Read with the key, so a change applies within its cache TTL.
+    Column("rpm", Integer),
+    Column("tpm", BigInteger),
+    Column("max_concurrent", Integer),
+    Column("tokens_per_day", BigInteger),
+    Column("tokens_per_month", BigInteger),
 )
 
 
