@@ -2,7 +2,9 @@
 
 One line per item: `question` (required), and optionally `reference`, `documents`, `collection`,
 `model`, `expect` and `id`. Every other field goes into the request body unchanged (for example
-`temperature`, `max_tokens`, or the fake backend's `"fake": {"answer": ...}`).
+`temperature`, `max_tokens`, or the fake backend's `"fake": {"answer": ...}`). An item without
+`max_tokens` (or `max_completion_tokens`) gets `RunOptions.max_tokens` (the `eval_max_tokens`
+setting, 256 by default): a small model left unbounded may write until its context is full.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class RunOptions:
     concurrency: int = 4
     similarity_threshold: float = 0.7  # semantic similarity at or above which an answer counts as correct
     progress: bool = True
+    max_tokens: int | None = 256  # for items that set no max_tokens; None: the backend's own limit
 
 
 async def run_items(services: Services, items: Sequence[EvalItem], options: RunOptions) -> list[dict[str, Any]]:
@@ -133,6 +136,9 @@ async def run_items(services: Services, items: Sequence[EvalItem], options: RunO
         async with limit:
             try:
                 return await _run_one(services, item, options, default_model)
+            except Exception as exc:  # one broken item is that item's error, never the whole run's
+                return {"position": item.position, "input": item.as_input(), "output_text": "", "scores": {},
+                        "latency_ms": None, "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
             finally:
                 bar.update(1)
 
@@ -150,6 +156,8 @@ def _body(item: EvalItem, options: RunOptions, default_model: str | None) -> dic
     body: dict[str, Any] = {**item.extra, "model": item.model or default_model, "messages": messages}
     body.pop("stream", None)  # scored on the complete answer; the stream path is the live suite's job
     body.pop("stream_options", None)
+    if options.max_tokens is not None and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = options.max_tokens
     collection = item.collection or (options.collection if item.model is None else None)
     if collection and "rag" not in body:
         rag: dict[str, Any] = {"collection": collection}

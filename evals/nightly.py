@@ -51,7 +51,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="relative growth of p50/p95 latency that counts as a regression (default 0.5)",
     )
     parser.add_argument("--name", default=None, help="run name compared across runs (default: from the input)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress messages or bar on stderr")
     parser.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
 
 
@@ -79,6 +79,12 @@ def configure_run_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--min-score", type=float, default=None)
     parser.add_argument("--concurrency", type=int, default=4, help="items in flight at once (default 4)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens for items that set none (default: the eval_max_tokens setting, 256)",
+    )
     parser.add_argument(
         "--similarity-threshold",
         type=float,
@@ -125,8 +131,16 @@ def run_traffic(args: argparse.Namespace) -> int:
     return _main(args, _traffic)
 
 
+def _progress(args: argparse.Namespace, message: str) -> None:
+    """A line on stderr about what the run is doing, unless --no-progress."""
+    if not getattr(args, "no_progress", False):
+        print(f"gateway eval: {message}", file=sys.stderr, flush=True)
+
+
 def _main(args: argparse.Namespace, job: Any) -> int:
     try:
+        if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
+            raise ValueError("--max-tokens must be at least 1")
         settings = build_settings(args)
         if getattr(args, "since", None) is not None:
             traffic.parse_window(args.since)
@@ -146,6 +160,7 @@ def _main(args: argparse.Namespace, job: Any) -> int:
 
 
 async def _with_services(settings: Settings, args: argparse.Namespace, job: Any) -> dict[str, Any]:
+    _progress(args, f"starting: database, guard models{', embedding model' if settings.rag else ''}")
     services = Services(settings)
     await services.start()
     try:
@@ -173,6 +188,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 async def _dataset(services: Services, args: argparse.Namespace) -> dict[str, Any]:
     items: list[ds.EvalItem] = args.items
     name = args.name or Path(args.dataset).name
+    max_tokens = args.max_tokens or services.settings.eval_max_tokens
     config = {
         "dataset": str(args.dataset),
         "items": len(items),
@@ -182,6 +198,7 @@ async def _dataset(services: Services, args: argparse.Namespace) -> dict[str, An
         "tolerance": args.tolerance,
         "latency_margin": args.latency_margin,
         "similarity_threshold": args.similarity_threshold,
+        "max_tokens": max_tokens,
         "policy": str(services.settings.policy) if services.settings.policy else None,
     }
     options = ds.RunOptions(
@@ -192,6 +209,12 @@ async def _dataset(services: Services, args: argparse.Namespace) -> dict[str, An
         concurrency=args.concurrency,
         similarity_threshold=args.similarity_threshold,
         progress=not args.no_progress,
+        max_tokens=max_tokens,
+    )
+    _progress(
+        args,
+        f"{len(items)} items against {', '.join(services.settings.backend)} "
+        f"(max_tokens {max_tokens} unless an item sets its own, {args.concurrency} at a time)",
     )
     return await evaluate_dataset(
         services,
@@ -363,6 +386,7 @@ async def _traffic(services: Services, args: argparse.Namespace) -> dict[str, An
         name=args.name,
         tolerance=args.tolerance,
         latency_margin=args.latency_margin,
+        progress=not args.no_progress,
     )
 
 
@@ -376,8 +400,10 @@ async def evaluate_traffic(
     now: datetime | None = None,
     tolerance: float = 0.05,
     latency_margin: float = 0.5,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Re-score two windows of traffic, measure drift and label feedback, store, compare and report."""
+    """Re-score two windows of traffic, measure drift and label feedback, store, compare and report.
+    A row the guards cannot re-score is left out and counted (`rescore_errors`), never fatal."""
     assert services.rails is not None, "call services.start() first"
     engine = services.engine
     window = traffic.parse_window(since)
@@ -397,13 +423,19 @@ async def evaluate_traffic(
         previous_rows = await traffic.load_rows(engine, now - 2 * window, now - window, limit)
         labelled_rows = await traffic.load_labelled(engine, now - traffic.parse_window(labels_since), limit)
         rails = services.rails
-        current = await traffic.rescore_all(rails, current_rows)
-        previous = await traffic.rescore_all(rails, previous_rows)
-        labelled_scored = await traffic.rescore_all(rails, [row for row, _ in labelled_rows])
-        labelled = list(zip(labelled_scored, [label for _, label in labelled_rows], strict=True))
+        total = len(current_rows) + len(previous_rows) + len(labelled_rows)
+        with traffic.progress_bar(total, enabled=progress) as bar:
+            current = await traffic.rescore_all(rails, current_rows, bar=bar)
+            previous = await traffic.rescore_all(rails, previous_rows, bar=bar)
+            labelled_scored = await traffic.rescore_all(rails, [row for row, _ in labelled_rows], bar=bar)
+        failed = sum(r is None for r in (*current, *previous, *labelled_scored))
+        current = [r for r in current if r is not None]
+        previous = [r for r in previous if r is not None]
+        labelled = [(r, label) for r, (_, label) in zip(labelled_scored, labelled_rows, strict=True) if r is not None]
         drift = await traffic.drift_report(previous, current, services.embedder)
         feedback = traffic.label_feedback(labelled, traffic.current_thresholds(rails))
         summary_metrics = traffic.summarise(current, previous, drift, feedback, len(labelled))
+        summary_metrics["rescore_errors"] = failed
         items = [
             {
                 "position": i,

@@ -12,9 +12,9 @@ from sqlalchemy import desc, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import eval_items, eval_runs
+from gateway.jsontext import loads_stored
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 
 def dumps(value: Any) -> str:
@@ -22,7 +22,8 @@ def dumps(value: Any) -> str:
 
 
 def _loads(text: str | None) -> Any:
-    return None if text is None else _decode(text)
+    """Stored JSON as written by this module; a row edited or damaged by hand still loads (as its text)."""
+    return loads_stored(text)
 
 
 async def create_run(engine: AsyncEngine, kind: str, name: str, config: dict[str, Any]) -> int:

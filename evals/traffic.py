@@ -4,14 +4,22 @@ and check the guards against reviewer labels.
 A window `--since 24h` is [now - 24h, now); the previous window is the 24 hours before it.
 Drift is measured per signal with PSI (bins: the previous window's deciles) and the two-sample
 Kolmogorov-Smirnov test; see `evals.metrics.drift` for the thresholds.
+
+Logged rows hold whatever clients sent, rejected requests included: bodies that are not JSON,
+of the wrong shape, or with lone surrogates (`"\ud800"`). They are read with
+`gateway.jsontext.loads_stored` and reduced to the messages the guards can read; a row that
+still fails to re-score is logged and left out, so no client can stop the nightly run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
+import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,13 +27,16 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tqdm import tqdm
 
 from evals import metrics
 from gateway import guarding
 from gateway.db import audit_records, review_labels
+from gateway.jsontext import loads_stored, scrub
 from guardrails import Guardrails, Passage, Verdict
 from retrieval import Embedder
 
+log = logging.getLogger("gateway.eval")
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _COLUMNS = (
@@ -102,27 +113,54 @@ class Rescored:
         return self.outcome.label != self.logged.label
 
 
+def _content(content: Any) -> str | list[dict[str, str]] | None:
+    """Message content in a shape the guards read: a string, or text parts; None if neither."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [
+            {"type": "text", "text": p["text"]}
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        ]
+        return parts or None
+    return None
+
+
 def _messages(row: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        body = json.loads(row["request_json"] or "{}")
-    except json.JSONDecodeError:
-        return []
+    """The logged request's messages (or prompt) as the guards read them; [] when it has none."""
+    body = loads_stored(row.get("request_json"))
     if not isinstance(body, dict):
         return []
     if isinstance(body.get("messages"), list):
-        return [m for m in body["messages"] if isinstance(m, dict)]
+        out = []
+        for m in body["messages"]:
+            content = _content(m.get("content")) if isinstance(m, dict) else None
+            if content is not None:
+                role = m.get("role")
+                out.append({"role": role if isinstance(role, str) else "user", "content": content})
+        return out
     prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = " ".join(p for p in prompt if isinstance(p, str))
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return []
 
 
 def _passages(row: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        records = json.loads(row["passages_json"] or "[]")
-    except json.JSONDecodeError:
-        return []
+    records = loads_stored(row.get("passages_json"))
     return [p for p in records if isinstance(p, dict)] if isinstance(records, list) else []
+
+
+def _optional_text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _score(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
@@ -131,17 +169,18 @@ async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
     records = _passages(row)
     prompt = guarding.last_user_text(messages) or ""
     key, model = row.get("api_key_id"), row.get("model")
+    answer = row.get("response_text")
+    answer = scrub(answer) if isinstance(answer, str) else None
     verdicts: list[Verdict] = []
     blocked_input = False
     if messages:
         result = await rails.check_input(messages, (), key, model)
         verdicts.extend(result.verdicts)
         blocked_input = result.blocked_by is not None
-    answer = row.get("response_text")
     if answer and not blocked_input:
         passages = [
-            Passage(id=str(p.get("chunk_id", i)), text=str(p.get("text", "")), title=p.get("title"),
-                    source=p.get("source"))
+            Passage(id=str(p.get("chunk_id", i)), text=p["text"] if isinstance(p.get("text"), str) else "",
+                    title=_optional_text(p.get("title")), source=_optional_text(p.get("source")))
             for i, p in enumerate(records)
         ]  # fmt: skip
         output = await rails.check_output(answer, passages, key, model, prompt or None)
@@ -162,16 +201,39 @@ async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
         hits=hits,
         outcome=metrics.Outcome(block, flagged),
         logged=metrics.Outcome(row.get("blocked_by"), logged_flags),
-        retrieval_scores=[float(p["score"]) for p in records if isinstance(p.get("score"), int | float)],
+        retrieval_scores=[s for s in (_score(p.get("score")) for p in records) if s is not None],
     )
 
 
-async def rescore_all(rails: Guardrails, rows: Sequence[dict[str, Any]], concurrency: int = 8) -> list[Rescored]:
+@contextmanager
+def progress_bar(total: int, *, enabled: bool) -> Iterator[tqdm]:  # type: ignore[type-arg]
+    """A progress bar on stderr for re-scoring (disabled: a silent one)."""
+    bar = tqdm(total=total, desc="rescore", unit="row", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+async def rescore_all(
+    rails: Guardrails,
+    rows: Sequence[dict[str, Any]],
+    concurrency: int = 8,
+    bar: tqdm | None = None,  # type: ignore[type-arg]
+) -> list[Rescored | None]:
+    """Every row re-scored, in order; None for a row that could not be (logged with its request id)."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(row: dict[str, Any]) -> Rescored:
+    async def one(row: dict[str, Any]) -> Rescored | None:
         async with limit:
-            return await rescore(rails, row)
+            try:
+                return await rescore(rails, row)
+            except Exception:
+                log.exception("could not re-score request %s; left out of this run", row.get("request_id"))
+                return None
+            finally:
+                if bar is not None:
+                    bar.update(1)
 
     return list(await asyncio.gather(*(one(r) for r in rows)))
 

@@ -21,7 +21,7 @@ import secrets
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -298,7 +298,7 @@ async def label_form(
     key, _ = await _reviewer(request, services, write=True)
     form = await request.form()
     await services.review.add_label(request_id, str(form.get("label", "")), str(form.get("note") or "") or None, key.id)
-    return Redirect(f"/review/requests/{request_id}", status_code=303)
+    return Redirect("/review/requests/" + quote(request_id, safe=""), status_code=303)
 
 
 @get("/review/export", include_in_schema=False)

@@ -52,6 +52,7 @@ class Settings:
     alias: tuple[str, ...] = ()  # "NAME=COLLECTION:MODEL": model NAME means RAG on COLLECTION with MODEL
     session_secret: str | None = None  # signs reviewer sessions; none: a random one kept in DATA_DIR
     review_sample_rate: float = 0.02  # share of unflagged requests that also enter the review queue
+    eval_max_tokens: int = 256  # `max_tokens` of eval items that set none (a small model may not stop by itself)
     guard_workers: int = 2  # threads for model work (toxicity, embeddings), shared by all requests
     sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     log_level: str = "info"
@@ -124,6 +125,10 @@ def _validate(settings: Settings) -> Settings:
             raise bad(f"alias {entry!r} must look like NAME=COLLECTION:MODEL")
     if not 0.0 <= settings.review_sample_rate <= 1.0:
         raise bad(f"review_sample_rate {settings.review_sample_rate} is outside 0-1")
+    if settings.session_secret is not None and len(settings.session_secret) < 16:
+        raise bad("session_secret must be at least 16 characters (unset: a random one is kept in DATA_DIR)")
+    if settings.eval_max_tokens < 1:
+        raise bad("eval_max_tokens must be at least 1")
     if not 1 <= settings.rag_top_k <= 50:
         raise bad(f"rag_top_k {settings.rag_top_k} is outside 1-50")
     if settings.guard_workers < 1:
