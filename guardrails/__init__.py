@@ -14,7 +14,17 @@ from guardrails.base import (
     Verdict,
     make_executor,
 )
-from guardrails.engine import Guardrails, InputResult, OutputResult, PassageResult, StreamChecker, StreamStep
+from guardrails.engine import (
+    Guardrails,
+    InputResult,
+    InputText,
+    OutputResult,
+    PassageResult,
+    StreamChecker,
+    StreamStep,
+    message_texts,
+    structured_text,
+)
 from guardrails.errors import GuardBlocked, GuardrailsError, PolicyError, ScorerUnavailable
 from guardrails.policy import Policy, RequestPolicy, default_policy, load_policy, parse_policy
 from guardrails.toxicity import (
@@ -36,6 +46,7 @@ __all__ = [
     "Guardrails",
     "GuardrailsError",
     "InputResult",
+    "InputText",
     "OutputResult",
     "Passage",
     "PassageResult",
@@ -53,5 +64,7 @@ __all__ = [
     "default_policy",
     "load_policy",
     "make_executor",
+    "message_texts",
     "parse_policy",
+    "structured_text",
 ]

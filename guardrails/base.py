@@ -111,10 +111,21 @@ class GuardSettings:
     action: HitAction = "block"
     message: str = "The request was blocked by a content policy."
     thresholds: Mapping[str, float] = field(default_factory=dict)
-    roles: frozenset[str] = frozenset({"user"})
+    #: Which texts an input guard reads, by message role (plus "request" for texts outside the
+    #: messages: tool definitions, response_format schemas, ...). None: all of them.
+    roles: frozenset[str] | None = None
     stages: frozenset[Stage] = frozenset({"input"})
     passages: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def reads(self, role: str) -> bool:
+        """Whether an input guard with these settings checks texts of `role`."""
+        return self.roles is None or role in self.roles
+
+
+#: Texts longer than this (characters) are checked in the shared guard executor rather than on
+#: the event loop: about a millisecond of pure-Python work for the keyword or injection guard.
+OFFLOAD_CHARS = 2_000
 
 
 def make_executor(max_workers: int = 2) -> ThreadPoolExecutor:
@@ -165,7 +176,19 @@ class Guard(abc.ABC):
     async def check(self, ctx: GuardContext) -> Verdict:
         """Check `ctx.text` and say what the policy wants done about it."""
 
+    @property
+    def inert(self) -> bool:
+        """True when this guard, as configured, can never find anything (e.g. no terms listed)."""
+        return False
+
     # Helpers shared by every guard -----------------------------------------------------------
+
+    async def offload(self, fn: Callable[[str], T], text: str) -> T:
+        """`fn(text)`: inline for a short text, in the shared executor for a long one (a thread
+        hop costs more than checking a message, but a long text must not stall the loop)."""
+        if len(text) <= OFFLOAD_CHARS:
+            return fn(text)
+        return await self.resources.run_blocking(fn, text)
 
     def allow(self, ctx: GuardContext, score: float, started: float, **details: Any) -> Verdict:
         return Verdict(

@@ -102,16 +102,120 @@ def _first_block(verdicts: Iterable[Verdict]) -> Verdict | None:
     return next((v for v in verdicts if v.action == "block"), None)
 
 
-def _text_parts(content: Any) -> list[tuple[Any, str]]:
-    """(key, text) pairs of a message's content: a string, or OpenAI content parts."""
-    if isinstance(content, str):
-        return [(None, content)]
-    parts = []
-    if isinstance(content, list):
-        for i, part in enumerate(content):
-            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append((i, part["text"]))
-    return parts
+@dataclass(frozen=True, slots=True)
+class InputText:
+    """One client-controlled text the backend will read, and where it is in the request.
+
+    `field` names it for verdicts and errors (`messages[2].tool_calls[0].function.arguments`).
+    `path` says where a redaction goes back into the message list; None for a text that cannot
+    be rewritten in place (JSON arguments, schemas, names): there a redact action blocks."""
+
+    text: str
+    role: str
+    field: str
+    path: tuple[Any, ...] | None = None
+
+
+#: Content-part types whose text the backend reads (as vLLM does), and the key holding it.
+TEXT_PART_KEYS: Mapping[str, str] = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+    "tool_reference": "name",
+}
+#: Per-message string fields the backend reads: those that may be rewritten, and those that may not.
+_REWRITABLE_FIELDS = ("reasoning", "reasoning_content")
+_FIXED_FIELDS = ("name", "tool_call_id", "task")
+
+
+def structured_text(value: Any) -> str:
+    """Every string in a JSON value (object keys too), one per line: how a guard reads a schema
+    or tool definition. Iterative, so deep nesting costs no recursion."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            for k, v in reversed(list(item.items())):
+                stack.append(v)
+                stack.append(k)
+        elif isinstance(item, list | tuple):
+            stack.extend(reversed(item))
+    return "\n".join(x for x in out if isinstance(x, str))
+
+
+def message_texts(messages: Sequence[Mapping[str, Any]], where: str = "messages") -> list[InputText]:
+    """Every text of OpenAI-style chat messages that the backend reads, whatever the role:
+    content (a string, or text-like content parts), reasoning, name, tool-call names and
+    arguments, legacy function calls, tool_call_id, and a developer message's tools."""
+    texts: list[InputText] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            continue
+        role = str(msg.get("role", "user"))
+        base = f"{where}[{i}]"
+        content = msg.get("content")
+        if isinstance(content, str):
+            texts.append(InputText(content, role, f"{base}.content", (i, "content")))
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, str):
+                    texts.append(InputText(part, role, f"{base}.content[{j}]", (i, "content", j)))
+                elif isinstance(part, Mapping) and (key := TEXT_PART_KEYS.get(str(part.get("type")))):
+                    value = part.get(key)
+                    if isinstance(value, str):
+                        path = (i, "content", j, key) if key != "name" else None
+                        texts.append(InputText(value, role, f"{base}.content[{j}].{key}", path))
+        for key in _REWRITABLE_FIELDS:
+            if isinstance(value := msg.get(key), str):
+                texts.append(InputText(value, role, f"{base}.{key}", (i, key)))
+        for key in _FIXED_FIELDS:
+            if isinstance(value := msg.get(key), str):
+                texts.append(InputText(value, role, f"{base}.{key}"))
+        calls = msg.get("tool_calls")
+        for j, call in enumerate(calls if isinstance(calls, list) else ()):
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                for key in ("name", "arguments"):
+                    value = function.get(key)
+                    if value is not None:
+                        text = value if isinstance(value, str) else structured_text(value)
+                        texts.append(InputText(text, role, f"{base}.tool_calls[{j}].function.{key}"))
+        legacy = msg.get("function_call")
+        if isinstance(legacy, Mapping):
+            for key in ("name", "arguments"):
+                value = legacy.get(key)
+                if value is not None:
+                    text = value if isinstance(value, str) else structured_text(value)
+                    texts.append(InputText(text, role, f"{base}.function_call.{key}"))
+        if msg.get("tools") is not None:
+            texts.append(InputText(structured_text(msg["tools"]), role, f"{base}.tools"))
+    return texts
+
+
+def _write_back(messages: list[dict[str, Any]], path: tuple[Any, ...], text: str) -> None:
+    target: Any = messages
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = text
+
+
+def _located(verdict: Verdict, item: InputText) -> Verdict:
+    """A hit, with where it was found; a redaction of a text that cannot be rewritten blocks."""
+    fields = _fields(verdict)
+    fields["details"] = {**verdict.details, "field": item.field}
+    if verdict.action == "redact" and item.path is None:
+        fields.update(
+            action="block",
+            allowed=False,
+            redacted_text=None,
+            reason=f"{verdict.reason} (in {item.field}, which cannot be redacted in place)",
+        )
+    return Verdict(**fields)
 
 
 class Guardrails:
@@ -187,36 +291,49 @@ class Guardrails:
 
     # ---------------------------------------------------------------- input
 
+    def input_guards(self, api_key_id: str | None = None, model: str | None = None, role: str = "user") -> list[str]:
+        """Names of the input guards that would check a text of `role` (inert ones left out)."""
+        guards = self._build(api_key_id, model)
+        return [
+            name
+            for name, g in guards.items()
+            if "input" in g.settings.stages and g.settings.reads(role) and not g.inert
+        ]
+
     async def check_input(
         self,
         messages: Sequence[Mapping[str, Any]],
         passages: Sequence[Passage] = (),
         api_key_id: str | None = None,
         model: str | None = None,
+        extra: Sequence[InputText] = (),
     ) -> InputResult:
-        """Run the input guards on every message whose role they cover (and on `passages`)."""
+        """Run the input guards on every text of `messages` the backend reads (see
+        `message_texts`) whose role they cover, on `extra` texts (request fields outside the
+        messages; never rewritten), and on `passages`."""
         guards = self._build(api_key_id, model)
-        masks = self._masks(guards)
-        out_messages = [copy.deepcopy(dict(m)) for m in messages]
+        input_guards = [g for g in guards.values() if "input" in g.settings.stages]
         jobs = []
-        for mi, msg in enumerate(out_messages):
-            role = str(msg.get("role", "user"))
-            active = [g for g in guards.values() if "input" in g.settings.stages and role in g.settings.roles]
-            if not active:
-                continue
-            for part_key, text in _text_parts(msg.get("content")):
-                ctx = GuardContext(stage="input", text=text, role=role, api_key_id=api_key_id, model=model)
-                jobs.append((mi, part_key, text, self._run(active, ctx)))
-        results = await asyncio.gather(*(j[3] for j in jobs))
+        for item in (*message_texts(messages), *extra):
+            active = [g for g in input_guards if g.settings.reads(item.role)]
+            if active:
+                ctx = GuardContext(stage="input", text=item.text, role=item.role, api_key_id=api_key_id, model=model)
+                jobs.append((item, self._run(active, ctx)))
+        results = await asyncio.gather(*(j[1] for j in jobs))
         verdicts: list[Verdict] = []
-        for (mi, part_key, text, _), vs in zip(jobs, results, strict=True):
+        out_messages: list[dict[str, Any]] | None = None
+        masks: dict[str, str] | None = None
+        for (item, _), vs in zip(jobs, results, strict=True):
+            if any(v.hit for v in vs):
+                vs = [_located(v, item) if v.hit else v for v in vs]
             verdicts.extend(vs)
-            if any(v.action == "redact" for v in vs):
-                redacted = _apply_redactions(text, vs, masks)
-                if part_key is None:
-                    out_messages[mi]["content"] = redacted
-                else:
-                    out_messages[mi]["content"][part_key]["text"] = redacted
+            if item.path is not None and any(v.action == "redact" for v in vs):
+                if out_messages is None:
+                    out_messages = [copy.deepcopy(dict(m)) for m in messages]
+                    masks = self._masks(guards)
+                _write_back(out_messages, item.path, _apply_redactions(item.text, vs, masks or {}))
+        if out_messages is None:
+            out_messages = [dict(m) for m in messages]  # nothing redacted: shallow copies suffice
         blocked = _first_block(verdicts)
         kept: tuple[Passage, ...] = tuple(passages)
         dropped: tuple[str, ...] = ()

@@ -11,6 +11,7 @@ lies inside one of its matches. Spans always refer to the original text.
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ import ahocorasick
 
 from guardrails.base import Guard, GuardContext, Span, Verdict, register
 from guardrails.errors import PolicyError
-from guardrails.normalize import View, collapse, fold_char, normalize_term, word_views
+from guardrails.normalize import View, collapse, fold_text, normalize_term, squash, word_views
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,13 @@ def load_term_file(path: str | Path) -> list[Term]:
     return parse_terms(content.splitlines(), str(p))
 
 
+#: A term split across words (`zor blax`, `zorb-lax`) is caught when it has at least this many
+#: characters and at most this many pieces: short terms split in two are too often two real
+#: words ("an al").
+SPLIT_MIN_CHARS = 5
+SPLIT_MAX_PIECES = 3
+
+
 class _Automaton:
     """Collapsed term patterns (with boundary spaces) -> [(term, run lengths)]."""
 
@@ -93,11 +101,16 @@ class _Automaton:
         for pattern, values in entries.items():
             self.automaton.add_word(pattern, (len(pattern), values))
         self.size = len(entries)
+        # whether any term can be found split across words (the squashed view is then needed)
+        self.splittable = any(" " not in p and len(p) >= SPLIT_MIN_CHARS for p in entries)
         if self.size:
             self.automaton.make_automaton()
 
-    def find(self, view: View) -> list[tuple[str, int, int]]:
-        """(term, view start, view stop) for each verified match in a collapsed view."""
+    def find(self, view: View, split: bool = False) -> list[tuple[str, int, int]]:
+        """(term, view start, view stop) for each verified match in a collapsed view.
+
+        With `split`, `view` is a squashed view and only matches across 2..SPLIT_MAX_PIECES
+        words count (whole-word matches come from the word view)."""
         if not self.size:
             return []
         found = []
@@ -105,6 +118,12 @@ class _Automaton:
             start = last - length + 1
             if not (view.start_ok[start] and view.end_ok[last]):
                 continue  # inside a word: no Scunthorpe hits
+            if split:
+                if length < SPLIT_MIN_CHARS or view.piece is None:
+                    continue
+                pieces = 1 + sum(view.piece[start + 1 : last + 1])
+                if not 2 <= pieces <= SPLIT_MAX_PIECES:
+                    continue
             text_runs = view.runs[start : last + 1]
             for term, runs in values:
                 # each character must repeat at least as often as in the term ("ass" != "as")
@@ -112,6 +131,23 @@ class _Automaton:
                     found.append((term, start, last + 1))
                     break
         return found
+
+
+class _Spans:
+    """Original-text spans, for "is this span inside one of them" in O(log n)."""
+
+    def __init__(self, spans: Iterable[tuple[int, int]]) -> None:
+        ordered = sorted(spans)
+        self.starts = [s for s, _ in ordered]
+        self.reach: list[int] = []  # the furthest end among the spans that start at or before
+        furthest = -1
+        for _, e in ordered:
+            furthest = max(furthest, e)
+            self.reach.append(furthest)
+
+    def covers(self, span: tuple[int, int]) -> bool:
+        i = bisect.bisect_right(self.starts, span[0])
+        return i > 0 and self.reach[i - 1] >= span[1]
 
 
 class KeywordMatcher:
@@ -124,41 +160,41 @@ class KeywordMatcher:
         self.term_count = len(terms)
 
     def find(self, text: str) -> list[KeywordMatch]:
-        """Every term match in `text`, as spans of the original text, allowlist applied."""
-        matches: dict[tuple[int, int], str] = {}
-        allowed_spans: list[tuple[int, int]] = []
+        """Every term match in `text`, as spans of the original text, allowlist applied.
+
+        Linear in the text (one pass per view, an Aho-Corasick automaton each), plus whatever
+        the operator's `re:` regexes cost."""
+        if not self.term_count:
+            return []  # nothing listed: no normalisation either
+        found: list[tuple[str, tuple[int, int]]] = []
+        allowed: list[tuple[int, int]] = []
         for wview in word_views(text):
-            cview = collapse(wview)
-            allowed = [(s, e) for _, s, e in self.allow.find(cview)]
-            for term, start, stop in self.terms.find(cview):
-                if any(a <= start and stop <= b for a, b in allowed):
-                    continue
-                span = cview.original_span(start, stop)
-                if span:
-                    matches.setdefault(span, term)
-            allowed_spans.extend(s for a, b in allowed if (s := cview.original_span(a, b)))
+            views = [(collapse(wview), False)]
+            if self.terms.splittable:
+                views.append((collapse(squash(wview)), True))
+            for view, split in views:
+                for _, s, e in self.allow.find(view, split):
+                    if span := view.original_span(s, e):
+                        allowed.append(span)
+                for term, s, e in self.terms.find(view, split):
+                    if span := view.original_span(s, e):
+                        found.append((term, span))
         if self.regexes:
-            folded, index = fold_with_index(text)
+            folded, starts, ends = fold_text(text)
             for source, rx in self.regexes:
                 for m in rx.finditer(folded):
-                    if m.end() <= m.start():
-                        continue
-                    span = (index[m.start()], index[m.end() - 1] + 1)
-                    if any(a <= span[0] and span[1] <= b for a, b in allowed_spans):
-                        continue
-                    matches.setdefault(span, "re:" + source)
-        return [KeywordMatch(term, s, e) for (s, e), term in sorted(matches.items())]
-
-
-def fold_with_index(text: str) -> tuple[str, list[int]]:
-    """`simple_fold` of `text` with, per output character, its original index."""
-    chars: list[str] = []
-    index: list[int] = []
-    for i, c in enumerate(text):
-        for ch in c.lower() if c.isascii() else fold_char(c):
-            chars.append(ch)
-            index.append(i)
-    return "".join(chars), index
+                    if m.end() > m.start():
+                        found.append(("re:" + source, (starts[m.start()], ends[m.end() - 1])))
+        inside = _Spans(allowed)
+        out: list[KeywordMatch] = []
+        furthest = -1
+        # by start, longest first: a match inside a longer one ("bad word" in "bad word phrase")
+        # adds nothing
+        for term, (s, e) in sorted(found, key=lambda f: (f[1][0], -f[1][1])):
+            if e > furthest and not inside.covers((s, e)):
+                out.append(KeywordMatch(term, s, e))
+                furthest = e
+        return out
 
 
 @register
@@ -200,10 +236,16 @@ class KeywordGuard(Guard):
             resources.cache[key] = matcher
         self.matcher: KeywordMatcher = matcher
 
+    @property
+    def inert(self) -> bool:
+        """No terms listed: this guard can never find anything."""
+        return not self.matcher.term_count
+
     async def check(self, ctx: GuardContext) -> Verdict:
-        # Pure Python, well under a millisecond for a message: runs on the loop, no executor hop.
+        # Well under a millisecond for a message: on the loop. A long text goes to the shared
+        # guard executor so the event loop (and /healthz) keeps answering meanwhile.
         started = time.perf_counter()
-        found = self.matcher.find(ctx.text)
+        found = await self.offload(self.matcher.find, ctx.text)
         if not found:
             return self.allow(ctx, 0.0, started)
         spans: tuple[Span, ...] = tuple((m.start, m.end) for m in found)

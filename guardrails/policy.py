@@ -25,7 +25,10 @@ from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityConfig
 
 EmptyRetrieval = Literal["answer_without_passages", "refuse"]
 EMPTY_RETRIEVAL: tuple[EmptyRetrieval, ...] = ("answer_without_passages", "refuse")
-ROLES = frozenset({"user", "system", "tool", "assistant", "developer", "function"})
+#: Message roles an input guard may be limited to; "request" stands for the texts outside the
+#: messages (tool and function definitions, response_format and guided-decoding schemas, a
+#: chat_template, documents, a completion's suffix); "all" (the default) for every one of them.
+ROLES = frozenset({"user", "system", "tool", "assistant", "developer", "function", "request", "all"})
 _COMMON_GUARD_KEYS = frozenset({"enabled", "action", "message", "roles", "stages", "passages", "thresholds"})
 _TOP_KEYS = frozenset({"version", "defaults", "scorers", "guards", "overrides"})
 _DEFAULT_KEYS = frozenset({"on_empty_retrieval", "refusal_message"})
@@ -211,11 +214,18 @@ def _settings(name: str, layers: list[Mapping[str, Any]], base_dir: Path) -> Gua
         action=merged.get("action", cls.default_action),
         message=merged.get("message", cls.default_message),
         thresholds=thresholds,
-        roles=frozenset(merged.get("roles", ["user"])),
+        roles=_roles(merged.get("roles")),
         stages=frozenset(cast(list[Stage], merged.get("stages", sorted(cls.default_stages)))),
         passages=bool(merged.get("passages", cls.default_passages)),
         options=options,
     )
+
+
+def _roles(value: list[str] | None) -> frozenset[str] | None:
+    """The roles an input guard reads: None (every text the backend reads) unless limited."""
+    if value is None or "all" in value:
+        return None
+    return frozenset(value)
 
 
 def _resolve(policy: Policy, layers: list[Mapping[str, Any]], loc: _KeyLocator) -> RequestPolicy:
