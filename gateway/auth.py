@@ -3,21 +3,35 @@
 Keys are 256-bit random secrets, so a fast hash is safe (no dictionary to guess from) and costs
 about a microsecond per request. Verified keys are cached for `cache_ttl_s`, so a revoked key
 stops working within that time without a database read on every request.
+
+When the database cannot be reached, a key seen before is judged by its last known state (a
+revocation made meanwhile applies once the database answers again), and a key never seen is
+answered 503 `database_unavailable`, in OpenAI's error format. After a failed lookup the store
+waits `retry_s` before asking the database again, so an outage does not cost every request a
+connection attempt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import api_keys
-from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
+from gateway.limits import LIMIT_COLUMNS, KeyLimits, key_limits_from_row
+
+log = logging.getLogger("gateway.auth")
+# What a key lookup raises when the database is down, refusing connections or unreachable.
+_UNAVAILABLE = (SQLAlchemyError, OSError, TimeoutError)
 
 ROLES = ("client", "reviewer", "admin")
 KEY_PREFIX = "sk-gw-"
@@ -31,6 +45,7 @@ class KeyInfo:
     name: str | None
     role: str
     default_collection: str | None = None
+    limits: KeyLimits | None = None  # rate limits and quotas (gateway.limits); None: unlimited
 
     def require(self, *roles: str) -> None:
         if self.role != "admin" and self.role not in roles:
@@ -40,6 +55,20 @@ class KeyInfo:
 OPEN_MODE_KEY = KeyInfo(id="open", name="open mode", role="admin")
 
 
+class KeyDatabaseUnavailable(GatewayError):
+    """The key database cannot be reached and this key was never seen: the client may retry."""
+
+    status = 503
+    type = "server_error"
+    code = "database_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The gateway cannot check this API key right now: its database is unavailable. Retry shortly.",
+            headers={"retry-after": "5"},
+        )
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -47,20 +76,30 @@ def hash_key(key: str) -> str:
 class KeyStore:
     """Creates and verifies keys against the `api_keys` table."""
 
-    def __init__(self, engine: AsyncEngine, *, cache_ttl_s: float = 30.0, cache_max: int = 10_000) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, cache_ttl_s: float = 30.0, cache_max: int = 10_000, retry_s: float = 1.0
+    ) -> None:
         self._engine = engine
-        self._ttl = cache_ttl_s
+        self.cache_ttl_s = cache_ttl_s
         self._cache_max = cache_max
+        self.retry_s = retry_s
+        # digest (or "id:" + key id) -> (fresh until, info); an entry past its time is the last known state
         self._cache: dict[str, tuple[float, KeyInfo | None]] = {}
+        self._down_until = 0.0  # no database lookups before this time (monotonic), after one failed
 
     async def create(
-        self, role: str, name: str | None = None, default_collection: str | None = None
+        self,
+        role: str,
+        name: str | None = None,
+        default_collection: str | None = None,
+        limits: KeyLimits | None = None,
     ) -> tuple[KeyInfo, str]:
         """Make a key; returns its info and the secret, which is not stored and is shown once."""
         if role not in ROLES:
             raise InvalidRequest(f"unknown role {role!r}; choose one of {', '.join(ROLES)}", param="role")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        info = KeyInfo(id="key_" + secrets.token_hex(6), name=name, role=role, default_collection=default_collection)
+        limits = limits if limits is not None and limits.active else None
+        info = KeyInfo("key_" + secrets.token_hex(6), name, role, default_collection, limits)
         async with self._engine.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
@@ -71,6 +110,7 @@ class KeyStore:
                     prefix=secret[: len(KEY_PREFIX) + 4],
                     created_at=datetime.now(UTC),
                     default_collection=default_collection,
+                    **(limits or KeyLimits()).columns(),
                 )
             )
         return info, secret
@@ -82,7 +122,15 @@ class KeyStore:
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=datetime.now(UTC))
             )
-        self._cache.clear()
+        # This process forgets the key at once (others within their cache time); other keys keep their state.
+        self._cache = {k: v for k, v in self._cache.items() if v[1] is None or v[1].id != key_id}
+        return bool(result.rowcount)
+
+    async def update_limits(self, key_id: str, limits: KeyLimits) -> bool:
+        """Set a key's limits (None fields: no limit); every replica applies them within its cache TTL."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(**limits.columns()))
+        self._cache = {k: v for k, v in self._cache.items() if v[1] is None or v[1].id != key_id}
         return bool(result.rowcount)
 
     async def count(self) -> int:
@@ -99,6 +147,7 @@ class KeyStore:
                     api_keys.c.prefix,
                     api_keys.c.created_at,
                     api_keys.c.revoked_at,
+                    *(api_keys.c[name] for name in LIMIT_COLUMNS),
                 ).order_by(api_keys.c.created_at)
             )
             return [dict(row._mapping) for row in result]
@@ -114,48 +163,79 @@ class KeyStore:
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer YOUR_KEY'.")
         digest = hash_key(key)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is None or cached[0] < now:
-            info = await self._lookup(digest)
-            if len(self._cache) >= self._cache_max:
-                self._cache.clear()  # bounded: a flood of wrong keys cannot grow memory
-            self._cache[digest] = (now + (self._ttl if info else 2.0), info)
-        else:
-            info = cached[1]
+        info = await self._cached(digest, lambda: self._lookup(digest))
         if info is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         return info
 
     async def by_id(self, key_id: str) -> KeyInfo | None:
         """A live key by its id (sessions carry the id, not the secret); cached like `authenticate`."""
+        return await self._cached("id:" + key_id, lambda: self._lookup_id(key_id))
+
+    async def _cached(self, cache_key: str, lookup: Callable[[], Awaitable[KeyInfo | None]]) -> KeyInfo | None:
         now = time.monotonic()
-        cached = self._cache.get("id:" + key_id)
+        cached = self._cache.get(cache_key)
         if cached is not None and cached[0] >= now:
             return cached[1]
+        if now < self._down_until:
+            return self._last_known(cached)
+        try:
+            info = await lookup()
+        except _UNAVAILABLE as exc:
+            if not self._down_until:
+                log.error("key database unavailable, serving keys from their last known state: %s", exc)
+            self._down_until = now + self.retry_s
+            return self._last_known(cached)
+        if self._down_until:
+            log.warning("key database reachable again")
+            self._down_until = 0.0
+        if len(self._cache) >= self._cache_max:
+            self._evict(now)
+        # A wrong key is remembered briefly: a flood of them cannot make each one a database read.
+        self._cache[cache_key] = (now + (self.cache_ttl_s if info else min(2.0, self.cache_ttl_s)), info)
+        return info
+
+    @staticmethod
+    def _last_known(cached: tuple[float, KeyInfo | None] | None) -> KeyInfo | None:
+        if cached is None:
+            raise KeyDatabaseUnavailable()
+        return cached[1]
+
+    def _evict(self, now: float) -> None:
+        """Bounded memory: drop wrong keys and stale entries first, the live keys' state only if that is not enough."""
+        self._cache = {k: v for k, v in self._cache.items() if v[1] is not None and v[0] >= now}
+        if len(self._cache) >= self._cache_max:
+            self._cache.clear()
+
+    async def _lookup_id(self, key_id: str) -> KeyInfo | None:
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(api_keys.c.id, api_keys.c.name, api_keys.c.role, api_keys.c.default_collection).where(
-                        api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)
-                    )
+                    select(*_KEY_COLUMNS).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 )
             ).first()
-        info = None if row is None else KeyInfo(row.id, row.name, row.role, row.default_collection)
-        if len(self._cache) >= self._cache_max:
-            self._cache.clear()
-        self._cache["id:" + key_id] = (now + self._ttl, info)
-        return info
+        return None if row is None else _key_info(row)
 
     async def _lookup(self, digest: str) -> KeyInfo | None:
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(api_keys.c.id, api_keys.c.name, api_keys.c.role, api_keys.c.default_collection).where(
-                        api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None)
-                    )
+                    select(*_KEY_COLUMNS).where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
                 )
             ).first()
         if row is None:
             return None
-        return KeyInfo(id=row.id, name=row.name, role=row.role, default_collection=row.default_collection)
+        return _key_info(row)
+
+
+_KEY_COLUMNS = (
+    api_keys.c.id,
+    api_keys.c.name,
+    api_keys.c.role,
+    api_keys.c.default_collection,
+    *(api_keys.c[name] for name in LIMIT_COLUMNS),
+)
+
+
+def _key_info(row: object) -> KeyInfo:
+    return KeyInfo(row.id, row.name, row.role, row.default_collection, key_limits_from_row(row))  # type: ignore[attr-defined]
