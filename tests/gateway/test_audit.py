@@ -506,3 +506,31 @@ def test_wrong_keys_over_http_get_their_401_and_bounded_rows(gateway: GatewaySer
     assert [r["error_code"] for r in rows].count("invalid_api_key") == 10
     (summary,) = [r for r in rows if r["error_code"] == "unauthorized_aggregated"]
     assert msgspec.json.decode(summary["response_json"])["count"] == 4 and summary["client_ip"] == "127.0.0.1"
+
+
+@pytest.mark.postgres
+def test_hostile_bodies_are_audited_in_postgresql_and_a_poisoned_spool_does_not_stop_start_up(
+    tmp_path: Path, pg_url: str, fake_backend: FakeBackendThread
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, backend=(fake_backend.url,), database=pg_url, embedding_model="hashing", sample_corpus=False
+    )
+    key_id, key = create_key(settings, "client")
+    left_over = row(request_json='{"content":"a\x00b"}', model="m" * 201, prompt_tokens=10**30, api_key_id=key_id)
+    (tmp_path / "audit-spool.jsonl").write_bytes(spool_lines([left_over]))  # what the old writer left behind
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    url = "/v1/chat/completions"
+    with GatewayServer(settings) as gw, httpx.Client(base_url=gw.url, headers=headers) as http:  # started: no exit
+        nul = http.post(url, content=b'{"model":"fake-model","messages":[{"role":"user","content":"a\x00b"}]}')
+        long_model = http.post(url, json={"model": "m" * 201, "messages": [{"role": "user", "content": "x"}]})
+        fine = http.post(url, json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]})
+        assert gw.services.audit.spooled == 0
+    assert (nul.status_code, long_model.status_code, fine.status_code) == (400, 404, 200)
+    rows = {r["request_id"]: r for r in audit_rows(settings, api_key_id=key_id)}
+    answered = [a.headers["x-gateway-request-id"] for a in (nul, long_model, fine)]
+    assert sorted(rows) == sorted([*answered, left_over["request_id"]])
+    assert "a\ufffdb" in str(rows[answered[0]]["request_json"])
+    assert len(str(rows[answered[1]]["model"])) == 200 and rows[answered[1]]["http_status"] == 404
+    assert rows[left_over["request_id"]]["model"] == "m" * 188 + TRUNCATED
+    assert rows[left_over["request_id"]]["prompt_tokens"] is None
+    assert not (tmp_path / "audit-spool.jsonl").exists()
