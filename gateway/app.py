@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response
@@ -25,27 +27,59 @@ log = logging.getLogger("gateway")
 _encode = msgspec.json.Encoder().encode
 
 
-def _error_response(status: int, message: str, kind: str, code: str | None) -> Response[bytes]:
+REQUEST_ID_HEADER = "x-gateway-request-id"
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _error_response(
+    status: int, message: str, kind: str, code: str | None, headers: Mapping[str, str] | None = None
+) -> Response[bytes]:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return Response(_encode(body), status_code=status, media_type="application/json")
+    headers = {**(headers or {}), REQUEST_ID_HEADER: _new_request_id()}
+    return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def _gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
-    return Response(_encode(exc.body()), status_code=exc.status, media_type="application/json", headers=exc.headers)
+    # A pipeline error carries its audit row's id already; any other gets a fresh one.
+    headers = exc.headers if REQUEST_ID_HEADER in exc.headers else {**exc.headers, REQUEST_ID_HEADER: _new_request_id()}
+    return Response(_encode(exc.body()), status_code=exc.status, media_type="application/json", headers=headers)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 400: "invalid_request"}
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
+    """Litestar's own errors (no route, wrong method, bad Content-Type, validation) in OpenAI's body."""
     status = exc.status_code
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return _error_response(status, str(exc.detail), kind, _HTTP_CODES.get(status, f"http_{status}"))
+    message = str(exc.detail)
+    if isinstance(exc.extra, list) and exc.extra:  # validation errors: say which parameter and why
+        message = f"{message}: " + "; ".join(
+            f"{e.get('key', '?')}: {e.get('message', '')}" if isinstance(e, dict) else str(e) for e in exc.extra
+        )
+    # Keep the exception's headers (405's `Allow`, for one).
+    return _error_response(status, message, kind, _HTTP_CODES.get(status, f"http_{status}"), exc.headers)
 
 
 def _unexpected_error(request: Request, exc: Exception) -> Response[bytes]:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(500, "internal gateway error; see the gateway log", "server_error", "internal_error")
+
+
+def _ensure_request_id(response: Response[Any]) -> Response[Any]:
+    """Every response carries `x-gateway-request-id`; pipeline routes set the audit row's id themselves."""
+    if REQUEST_ID_HEADER not in response.headers:
+        response.headers[REQUEST_ID_HEADER] = _new_request_id()
+    return response
 
 
 def create_app(settings: Settings, *, backend: Backend | None = None) -> Litestar:
@@ -69,6 +103,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             HTTPException: _http_error,
             Exception: _unexpected_error,
         },
+        after_request=_ensure_request_id,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,

@@ -12,7 +12,7 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
 from gateway import guarding
-from gateway.errors import RequestTooLarge
+from gateway.errors import GatewayError, RequestTooLarge
 from gateway.pipeline import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from gateway.services import Services
 
@@ -98,12 +98,30 @@ async def healthz() -> Response[bytes]:
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
+async def _is_admin(request: Request[Any, Any, Any], services: Services) -> bool:
+    """Open mode, or a live admin key; a missing or wrong key is simply not admin (probes send none)."""
+    if services.settings.open_mode:
+        return True
+    authorization = request.headers.get("authorization")
+    if not authorization:
+        return False
+    try:
+        key = await services.keys.authenticate(authorization)
+    except GatewayError:
+        return False
+    return key.role == "admin"
+
+
 @get("/readyz")
-async def readyz(services: NamedDependency[Services]) -> Response[bytes]:
+async def readyz(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
+    """200 or 503 for probes; the details (policy, backend URLs, collections) only for admins."""
     started = time.perf_counter()
     ready, report = await services.readiness()
+    status = 200 if ready else 503
+    if not await _is_admin(request, services):
+        return Response(_encode({"status": report["status"]}), status_code=status, media_type="application/json")
     report["checked_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    return Response(_encode(report), status_code=200 if ready else 503, media_type="application/json")
+    return Response(_encode(report), status_code=status, media_type="application/json")
 
 
 ROUTES = [chat_completions, completions, embeddings, list_models, healthz, readyz]

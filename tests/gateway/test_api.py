@@ -343,7 +343,8 @@ def test_unreachable_backend_is_502_naming_it(tmp_path) -> None:
             assert caught.value.status_code == 502
             assert f"127.0.0.1:{port}" in caught.value.body["message"]
             assert caught.value.body["code"] == "backend_unavailable"
-        ready = httpx.get(gw.url + "/readyz")
+        _, admin = create_key(settings, "admin")
+        ready = httpx.get(gw.url + "/readyz", headers={"authorization": f"Bearer {admin}"})  # details: admins only
     assert ready.status_code == 503 and ready.json()["backends"][0]["healthy"] is False
     rows = audit_rows(settings)
     assert [r["status"] for r in rows] == ["backend_error", "backend_error"]
@@ -398,9 +399,12 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_is_logged(tmp_path, s
     assert 0 < len(row["response_text"].split()) < 60  # what had been generated before the client left
 
 
-def test_health_and_readiness(gateway: GatewayServer) -> None:
+def test_health_and_readiness(gateway: GatewayServer, settings: Settings) -> None:
+    from tests.helpers import create_key
+
     assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
-    ready = httpx.get(gateway.url + "/readyz")
+    _, admin = create_key(settings, "admin")
+    ready = httpx.get(gateway.url + "/readyz", headers={"authorization": f"Bearer {admin}"})  # details: admins only
     assert ready.status_code == 200
     report = ready.json()
     assert report["status"] == "ready" and report["database"]["ok"] is True

@@ -20,7 +20,7 @@ import pytest
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
-from tests.helpers import GatewayServer, audit_rows, serving
+from tests.helpers import GatewayServer, audit_rows, create_key, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,6 +57,12 @@ def rag_gateway(
     ingest(settings, "products", docs)
     with serving(settings) as (gw, client):
         yield gw, client, settings
+
+
+def admin_readyz(gw: GatewayServer, settings: Settings) -> dict:
+    """`/readyz` with its details, which only an admin key sees."""
+    _, admin = create_key(settings, "admin")
+    return httpx.get(gw.url + "/readyz", headers={"authorization": f"Bearer {admin}"}).json()
 
 
 def backend_saw(fake: FakeBackendThread) -> list[dict]:
@@ -102,8 +108,8 @@ def test_model_alias_maps_to_collection_and_backend_model(
 
 
 def test_sample_corpus_is_there_out_of_the_box(rag_gateway: tuple[GatewayServer, openai.OpenAI, Settings]) -> None:
-    gw, client, _ = rag_gateway
-    assert "sample" in httpx.get(gw.url + "/readyz").json()["retrieval"]["collections"]
+    gw, client, settings = rag_gateway
+    assert "sample" in admin_readyz(gw, settings)["retrieval"]["collections"]
     reply = client.chat.completions.create(
         model="fake-model",
         messages=[{"role": "user", "content": "What is the warranty period?"}],
@@ -227,7 +233,7 @@ def test_a_new_index_is_picked_up_without_restart(
 
 def test_embeddings_endpoint(rag_gateway: tuple[GatewayServer, openai.OpenAI, Settings]) -> None:
     gw, client, settings = rag_gateway
-    name = httpx.get(gw.url + "/readyz").json()["retrieval"]["embedding_model"]
+    name = admin_readyz(gw, settings)["retrieval"]["embedding_model"]
     result = client.embeddings.create(model=name, input=["a red apple", "a red apple", "tax law"])
     vectors = [d.embedding for d in result.data]
     assert len(vectors) == 3 and len(vectors[0]) == 384 and result.usage.prompt_tokens > 0
