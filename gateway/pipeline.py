@@ -37,10 +37,13 @@ from gateway.errors import (
     InputBlocked,
     InternalError,
     InvalidRequest,
+    LimitsUnavailable,
     NotFound,
+    RateLimited,
     UpstreamError,
     from_serving_error,
 )
+from gateway.limits import UNLIMITED, Admission, Limiter, estimate_tokens, release_after, tokens_used
 from gateway.validation import Limits, decode_body, validate_chat, validate_completion, validate_embeddings
 from guardrails import Guardrails, Passage, StreamChecker, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
@@ -98,6 +101,7 @@ class Trace:
     hits: list[Hit] = field(default_factory=list)  # the passages the model saw
     retrieval: dict[str, Any] | None = None
     refusal: dict[str, Any] | None = None  # the gateway's own answer (empty retrieval, policy "refuse")
+    rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the key's limits, for the answer
 
     @property
     def passages(self) -> tuple[Passage, ...]:
@@ -158,6 +162,10 @@ class Trace:
 
 
 def _status_for(error: GatewayError) -> str:
+    if isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, LimitsUnavailable):
+        return "limits_unavailable"
     if isinstance(error, InputBlocked):
         return "blocked"
     if error.status in (401, 403):
@@ -183,6 +191,7 @@ class Pipeline:
         rag_min_score: float = 0.3,
         open_mode: bool = False,
         max_n: int = 16,
+        limiter: Limiter | None = None,
     ) -> None:
         self.backend = backend
         self.audit = audit
@@ -194,6 +203,7 @@ class Pipeline:
         self.rag_min_score = rag_min_score
         self.open_mode = open_mode
         self.limits = Limits(max_n=max_n)
+        self.limiter = limiter  # rate limits and quotas (gateway.limits); None: none at all
         self._active: dict[tuple[str, str | None, str], bool] = {}
 
     def _guarded(self, key: KeyInfo, model: str | None, stage: str) -> bool:
@@ -227,6 +237,7 @@ class Pipeline:
 
         In-process callers (the nightly eval runner) pass `key` and skip HTTP authentication."""
         trace = Trace(endpoint, client_ip)
+        admission = UNLIMITED
         try:
             if key is None:
                 key = OPEN_MODE_KEY if self.open_mode else await self.keys.authenticate(authorization)
@@ -238,6 +249,8 @@ class Pipeline:
                 trace.model = body["model"]
             trace.stream = body.get("stream") is True
             endpoint.validate(body, self.limits)
+            if self.limiter is not None:
+                admission = await self._admit(trace, key, len(raw))
             if endpoint is EMBEDDINGS:
                 return trace, await self._embed(trace, body)
             wanted = rag.resolve(
@@ -252,10 +265,15 @@ class Pipeline:
             if wanted is not None:
                 await self._retrieve(trace, key, body, wanted)
             if trace.stream:
-                return trace, await self._open_stream(trace, key, body)
+                stream = await self._open_stream(trace, key, body)
+                if admission is not UNLIMITED:  # the stream gives the admission back when it ends
+                    stream, admission = self._release_after(trace, stream, admission), UNLIMITED
+                return trace, stream
             return trace, await self._complete(trace, key, body)
         except GatewayError as error:
             trace.fail(error, _status_for(error))
+            if trace.rate_headers:
+                error.headers.update(trace.rate_headers)
             error.headers["x-gateway-request-id"] = trace.request_id  # the error names its audit row
             if trace.verdicts:
                 error.extra["gateway"] = trace.gateway_object()
@@ -265,10 +283,35 @@ class Pipeline:
         except Exception as exc:
             # A bug, not the client's fault nor the backend's: still one row and an OpenAI error body.
             log.exception("unexpected error in request %s", trace.request_id)
-            error = InternalError(f"internal gateway error ({type(exc).__name__}); see the gateway log")
+            error = InternalError(
+                f"internal gateway error ({type(exc).__name__}); see the gateway log",
+                headers={"x-gateway-request-id": trace.request_id},
+            )
             trace.fail(error, "error")
             await self.record(trace)
             raise error from exc
+        finally:
+            if admission is not UNLIMITED:
+                await self._release(trace, admission)
+
+    async def _admit(self, trace: Trace, key: KeyInfo, body_bytes: int) -> Admission:
+        """Rate limits and quotas: one check (one Redis round trip when shared); raises RateLimited."""
+        assert self.limiter is not None
+        admission = await self.limiter.acquire(key, trace.model, estimate_tokens(body_bytes))
+        if admission.headers:
+            trace.rate_headers = admission.headers
+        return admission
+
+    def _tokens_used(self, trace: Trace, admission: Admission) -> int:
+        return tokens_used(admission, trace.usage, trace.response_text, trace.backend is not None)
+
+    async def _release(self, trace: Trace, admission: Admission) -> None:
+        assert self.limiter is not None
+        await asyncio.shield(self.limiter.release(admission, self._tokens_used(trace, admission)))
+
+    def _release_after(self, trace: Trace, stream: AsyncIterator[bytes], admission: Admission) -> AsyncIterator[bytes]:
+        assert self.limiter is not None
+        return release_after(stream, self.limiter, admission, lambda: self._tokens_used(trace, admission))
 
     async def _guard_input(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> None:
         """Input guards on the prompt: block (400, no backend call), redact in place, or flag."""

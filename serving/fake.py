@@ -7,6 +7,18 @@ prompt. A request may steer it through an extension field that the gateway passe
 untouched, `"fake": {"status": 400, "message": "...", "delay_ms": 10, "answer": "text"}`.
 `GET /fake/requests` returns the bodies it received; `GET /fake/stats` counts finished and
 aborted streams, so tests can see that the gateway cancelled an upstream request.
+
+Misbehaviour on request, for tests of what the gateway does with a broken backend (all in the
+same `fake` field):
+
+- `"body": VALUE`: answer 200 with VALUE as the JSON body, whatever it is (an array, bad choices).
+- `"raw": "TEXT"`: answer 200 with exactly these bytes (UTF-8) as the body (invalid JSON).
+- `"events": [VALUE or "TEXT", ...]`: a stream of exactly these events (TEXT is sent verbatim
+  after `data: `), then `[DONE]` unless `"done": false`.
+- `"pad_bytes": N`: the answer's text carries N more bytes, in one event when streamed.
+- `"cut_after": K`: a stream ends cleanly after K events, with no finish_reason and no `[DONE]`.
+- `"trickle_ms": MS` (with `"trickle_after": K`): after K events (or, not streaming, at once)
+  the rest of the answer goes out one byte every MS milliseconds.
 """
 
 from __future__ import annotations
@@ -159,6 +171,8 @@ class FakeBackend:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
         if "status" in steer:
             return _error(int(steer["status"]), str(steer.get("message", "fake error")))
+        if "body" in steer or "raw" in steer or "events" in steer:
+            return await self._verbatim(request, body, steer)
         delay = float(steer.get("delay_ms", self.config.delay_ms)) / 1000.0
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         n_tokens = self.config.answer_tokens if max_tokens is None else min(int(max_tokens), self.config.answer_tokens)
@@ -172,6 +186,8 @@ class FakeBackend:
             finish = "stop"
         else:
             answers = [_answer(prompt, n_tokens, i) for i in range(n)]
+        if steer.get("pad_bytes"):
+            answers = [[*a[:-1], a[-1] + " " + "x" * int(steer["pad_bytes"])] for a in answers]
         completion_tokens = sum(len(a) for a in answers)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -201,9 +217,48 @@ class FakeBackend:
                 ]
                 obj = "text_completion"
             payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": usage}
+            if steer.get("trickle_ms"):
+                pause = float(steer["trickle_ms"])
+                return await self._trickle(request, [_encode(payload)], 0, pause, "application/json")
             self.stats["completed"] += 1
             return web.Response(body=_encode(payload), content_type="application/json")
-        return await self._stream(request, body, chat, rid, created, model, answers, finish, usage)
+        return await self._stream(request, body, chat, rid, created, model, answers, finish, usage, steer)
+
+    async def _verbatim(self, request: web.Request, body: dict[str, Any], steer: dict[str, Any]) -> web.StreamResponse:
+        """Answer exactly what the request asked for (see the module docstring)."""
+        self.stats["completed"] += 1
+        if "raw" in steer:
+            return web.Response(body=str(steer["raw"]).encode(), content_type="application/json")
+        if "body" in steer:
+            return web.Response(body=_encode(steer["body"]), content_type="application/json")
+        events = [e.encode() if isinstance(e, str) else _encode(e) for e in steer["events"]]
+        if steer.get("done", True):
+            events.append(b"[DONE]")
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(b"data: " + event + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _trickle(
+        self, request: web.Request, parts: list[bytes], after: int, pause_ms: float, content_type: str
+    ) -> web.StreamResponse:
+        """Send `after` parts at once, then the rest one byte every `pause_ms`, until done or abandoned."""
+        resp = web.StreamResponse(headers={"content-type": content_type})
+        await resp.prepare(request)
+        try:
+            for part in parts[:after]:
+                await resp.write(part)
+            for byte in b"".join(parts[after:]):
+                await asyncio.sleep(pause_ms / 1000.0)
+                await resp.write(bytes((byte,)))
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stats["aborted"] += 1
+            raise
+        self.stats["completed"] += 1
+        return resp
 
     async def _stream(
         self,
@@ -216,10 +271,17 @@ class FakeBackend:
         answers: list[list[str]],
         finish: str,
         usage: dict[str, int],
+        steer: dict[str, Any],
     ) -> web.StreamResponse:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        if steer.get("trickle_ms") or steer.get("cut_after") is not None:
+            events = self._events(body, chat, rid, created, model, answers, finish, usage)
+            if steer.get("cut_after") is not None:
+                events = events[: int(steer["cut_after"])]  # no finish_reason, no [DONE]
+            after = int(steer.get("trickle_after", 0))
+            return await self._trickle(request, events, after, float(steer.get("trickle_ms", 0)), "text/event-stream")
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         pause = 1.0 / self.config.tokens_per_s if self.config.tokens_per_s > 0 else 0.0
 
@@ -276,6 +338,33 @@ class FakeBackend:
             raise
         self.stats["completed"] += 1
         return resp
+
+    @staticmethod
+    def _events(
+        body: dict[str, Any],
+        chat: bool,
+        rid: str,
+        created: int,
+        model: str,
+        answers: list[list[str]],
+        finish: str,
+        usage: dict[str, int],
+    ) -> list[bytes]:
+        """The whole stream as a list of SSE events, one token per event (for the misbehaving modes)."""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        out = []
+        for i, tokens in enumerate(answers):
+            for step, token in enumerate(tokens):
+                last = step == len(tokens) - 1
+                piece: dict[str, Any] = {"delta": {"content": token}} if chat else {"text": token}
+                choice = {"index": i, **piece, "logprobs": None, "finish_reason": finish if last else None}
+                payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+                out.append(b"data: " + _encode(payload) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+            out.append(b"data: " + _encode(payload) + b"\n\n")
+        out.append(b"data: [DONE]\n\n")
+        return out
 
 
 async def start_fake(
