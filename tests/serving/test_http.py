@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
-from serving.httpclient import ConnectError, HTTPPool, ReadTimeout
+from serving.errors import BackendBadAnswer
+from serving.httpclient import BodyTooLarge, ConnectError, DeadlineExceeded, HTTPPool, ReadTimeout
+from serving.vllm import VLLMBackend
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -182,3 +188,123 @@ async def test_abandoning_a_stream_closes_the_connection() -> None:
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_body_over_the_cap_raises_and_drops_the_connection() -> None:
+    dropped = asyncio.Event()
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+        if await reader.read() == b"":  # the client hung up instead of reading the rest
+            dropped.set()
+
+    server, url = await serve(big)
+    pool = HTTPPool(url)
+    try:
+        resp = await pool.request("GET", "/big")
+        with pytest.raises(BodyTooLarge):
+            await resp.read(max_bytes=10_000)
+        await asyncio.wait_for(dropped.wait(), 3)
+        assert pool._idle == []
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_deadline_stops_a_backend_that_trickles_faster_than_the_idle_timeout() -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        while True:  # one byte every 20 ms, for ever
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    server, url = await serve(trickle)
+    pool = HTTPPool(url, read_timeout=5.0)
+    loop = asyncio.get_running_loop()
+    try:
+        resp = await pool.request("GET", "/slow", deadline=loop.time() + 0.3)
+        received = b""
+        with pytest.raises(DeadlineExceeded):
+            async for chunk in resp.iter_chunks():
+                received += chunk
+        assert received.startswith(b"x")  # it was answering, just never finishing
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+# --- the SSE parser of the vLLM backend, fed chunk by chunk ------------------------------------
+
+
+class _ChunkedResponse:
+    """Stands in for `Response`: a 200 whose body arrives in the given chunks."""
+
+    status = 200
+    headers = ()
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+        self.closed = False
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+
+    async def read(self, max_bytes: int | None = None) -> bytes:
+        return b"".join(self._chunks)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def parse(chunks: list[bytes], **options: Any) -> list[bytes]:
+    """The event payloads `VLLMBackend.stream` yields for a body arriving in these chunks."""
+    backend = VLLMBackend("http://backend.invalid", **options)
+    response = _ChunkedResponse(chunks)
+
+    async def request(*args: object, **kwargs: object) -> _ChunkedResponse:
+        return response
+
+    backend._pool.request = request  # type: ignore[assignment,method-assign]
+    events = [payload async for batch in backend.stream("/v1/chat/completions", {}) for payload in batch]
+    assert response.closed
+    return events
+
+
+_SSE = b'data: {"a": 1}\n\ndata: {"b": "x\\ny"}\n\n: a comment\n\ndata:{"c": 3}\n\ndata: [DONE]\n\n'
+_SSE_EVENTS = [b'{"a": 1}', b'{"b": "x\\ny"}', b'{"c": 3}']
+
+
+@hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@hypothesis.given(cuts=st.lists(st.integers(min_value=1, max_value=len(_SSE) - 1), unique=True, max_size=12))
+def test_sse_events_are_the_same_however_the_body_is_chunked(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(_SSE)]
+    chunks = [_SSE[a:b] for a, b in itertools.pairwise(bounds)]
+    assert asyncio.run(parse(chunks)) == _SSE_EVENTS
+
+
+async def test_one_huge_event_in_small_chunks_is_parsed_in_linear_time() -> None:
+    # 16 MiB in 4 KiB chunks: re-joining and re-scanning the whole buffer on every chunk (the
+    # old parser) copies and scans ~32 GiB here and takes minutes; scanning only the new bytes
+    # takes a fraction of a second.
+    text = b"y" * (16 * 1024 * 1024)
+    body = b'data: {"t": "' + text + b'"}\n\ndata: [DONE]\n\n'
+    chunks = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+    [event] = await parse(chunks, max_answer_bytes=len(body))
+    assert len(event) == len(text) + 9
+
+
+async def test_stream_without_done_or_over_the_cap_is_a_bad_answer() -> None:
+    with pytest.raises(BackendBadAnswer) as cut:
+        await parse([b'data: {"a": 1}\n\n'])
+    assert cut.value.code == "backend_stream_truncated"
+    assert await parse([b'data: {"a": 1}\n\ndata: [DONE]']) == [b'{"a": 1}']  # a last event without its blank line
+    with pytest.raises(BackendBadAnswer) as big:
+        await parse([b"data: " + b"z" * 2000 + b"\n\n", b"data: [DONE]\n\n"], max_answer_bytes=1024)
+    assert big.value.code == "backend_answer_too_large"
