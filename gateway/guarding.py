@@ -1,8 +1,13 @@
 """How the pipeline applies the guardrails and reports their verdicts.
 
-Which texts are checked (the chat messages, or a completion prompt as one user message),
-how input redactions go back into the request body, and how verdicts are summarised for the
-audit row, the response's `gateway.guards` and the `x-gateway-*` headers.
+Which texts are checked: every client-controlled text the backend reads. The chat messages
+(every role; content, text-like parts, names, tool calls: `guardrails.message_texts`), or a
+completion prompt as user messages; and, as role "request", the fields outside the messages
+(tool and function definitions, response_format and guided-decoding schemas, a chat_template
+and its kwargs, documents, a completion's suffix). A prompt given as token ids (or embeddings)
+has no text to check: it is refused while an input guard reads user text. How input
+redactions go back into the request body, and how verdicts are summarised for the audit row,
+the response's `gateway.guards` and the `x-gateway-*` headers.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from guardrails import Verdict
+from guardrails import InputText, Verdict, structured_text
 
 _encode = msgspec.json.Encoder().encode
 _SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
@@ -29,6 +34,53 @@ def checked_messages(chat: bool, body: dict[str, Any]) -> list[dict[str, Any]] |
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return [{"role": "user", "content": p} for p in prompt]
     return None
+
+
+#: Request fields outside the messages that the backend reads as text (vLLM renders tools and
+#: documents into the prompt, and guided decoding follows the schemas). Checked, never rewritten.
+REQUEST_TEXT_FIELDS = (
+    "tools",
+    "functions",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "chat_template",
+    "chat_template_kwargs",
+    "documents",
+    "suffix",
+)
+
+
+def request_texts(body: dict[str, Any]) -> list[InputText]:
+    """The texts of the request's own fields (role "request"); a structure becomes one text."""
+    texts = []
+    for name in REQUEST_TEXT_FIELDS:
+        value = body.get(name)
+        if value is not None:
+            texts.append(InputText(value if isinstance(value, str) else structured_text(value), "request", name))
+    return texts
+
+
+def unreadable_prompt(chat: bool, body: dict[str, Any]) -> str | None:
+    """The field holding a prompt with no text to check (token ids, embeddings), if any."""
+    if chat:
+        return None
+    if body.get("prompt_embeds") is not None:
+        return "prompt_embeds"
+    return "prompt" if checked_messages(chat, body) is None else None
+
+
+def blocked_param(chat: bool, body: dict[str, Any], verdict: Verdict) -> str:
+    """The request field a blocking verdict is about, for the error's `param`."""
+    field = str(verdict.details.get("field") or ("messages" if chat else "prompt"))
+    if chat or not field.startswith("messages["):
+        return field
+    if isinstance(body.get("prompt"), str):
+        return "prompt"
+    return "prompt" + field[len("messages") :].split(".", 1)[0]
 
 
 def put_back(chat: bool, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:

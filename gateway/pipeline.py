@@ -314,14 +314,28 @@ class Pipeline:
         return release_after(stream, self.limiter, admission, lambda: self._tokens_used(trace, admission))
 
     async def _guard_input(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> None:
-        """Input guards on the prompt: block (400, no backend call), redact in place, or flag."""
+        """Input guards on every text the backend reads (all message fields, tools, schemas):
+        block (400, no backend call), redact in place, or flag. A prompt of token ids has no
+        text: 400 `token_prompt_not_checked` while an input guard reads user text."""
         if self.rails is None or not self._guarded(key, trace.model, "input"):
             return
         chat = trace.endpoint.chat
         messages = guarding.checked_messages(chat, body)
-        if messages is None:
+        unreadable = guarding.unreadable_prompt(chat, body)
+        if unreadable is not None:
+            names = self.rails.input_guards(key.id, trace.model, "user")
+            if names:
+                raise InvalidRequest(
+                    f"'{unreadable}' is given as token ids or embeddings, which the input guard(s) "
+                    f"{', '.join(names)} cannot check; send the prompt as text.",
+                    param=unreadable,
+                    code="token_prompt_not_checked",
+                )
+            messages = None  # no guard reads it: the request fields are still checked
+        extra = guarding.request_texts(body)
+        if messages is None and not extra:
             return
-        result = await self.rails.check_input(messages, (), key.id, trace.model)
+        result = await self.rails.check_input(messages or [], (), key.id, trace.model, extra)
         trace.verdicts.extend(result.verdicts)
         if result.blocked_by is not None:
             verdict = result.blocked_by

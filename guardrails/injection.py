@@ -9,6 +9,14 @@ same rules; an instruction to decode-and-obey is a signal of its own.
 
 Rules look for instructions aimed at the assistant (verb + what it should drop or reveal),
 not for topic words, so "ignore the noise in this data" or "what is a system prompt?" pass.
+An instruction rule does not count where its match is negated ("never ignore previous
+instructions", "do not reveal your system prompt": what system prompts say), reported ("if a
+user asks you to ignore your instructions, refuse") or aimed at a third party ("ignore previous
+instructions from your doctor").
+
+Linear in the text: the folded text has whitespace runs collapsed, every quantifier in a rule
+is bounded (`{0,4}`, not `*`; a test checks), so a match attempt looks at a bounded window;
+payload finders are single character-class runs; exemptions look at bounded windows.
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from guardrails.base import Guard, GuardContext, Span, Verdict, register
-from guardrails.normalize import simple_fold
+from guardrails.normalize import fold_text
 
-_W = r"(?:\W+\w+){0,%d}?\W+"  # up to N words in between
+_W = r"(?:\W{1,16}\w{1,40}){0,%d}?\W{1,16}"  # up to N words in between (bounded: see module doc)
 
 
 def _gap(n: int) -> str:
@@ -55,11 +63,11 @@ _QUALIFIER = (
     r"previous|preceding|pre-prompt|starting)"
 )
 _SECRET_OBJ = (
-    r"(?:(?:the|full|complete|exact|entire|all|of|whole)\s+)*"
+    r"(?:(?:the|full|complete|exact|entire|all|of|whole)\s{1,4}){0,4}"
     + _QUALIFIER
-    + r"\s+(?:(?:"
+    + r"\s{1,4}(?:(?:"
     + _QUALIFIER
-    + r"|full|complete|exact|entire)\s+)*"
+    + r"|full|complete|exact|entire)\s{1,4}){0,4}"
     r"(?:prompt|instructions?|message|rules|directives|guidelines|configuration)"
 )
 
@@ -72,7 +80,8 @@ class Rule:
 
 
 def _r(name: str, weight: float, pattern: str) -> Rule:
-    return Rule(name, weight, re.compile(pattern, re.IGNORECASE | re.DOTALL))
+    # the text is folded (lower case) before matching: no IGNORECASE needed
+    return Rule(name, weight, re.compile(pattern, re.DOTALL))
 
 
 RULES: tuple[Rule, ...] = (
@@ -87,23 +96,23 @@ RULES: tuple[Rule, ...] = (
         "drop_safety",
         0.75,
         r"\b(?:ignore|disregard|forget|bypass|override|disable|turn off|switch off|"
-        r"remove|without|no|free of|unbound by|not bound by)\b" + _gap(3) + _SAFETY + r"\s+" + _SAFETY_NOUN,
+        r"remove|without|no|free of|unbound by|not bound by)\b" + _gap(3) + _SAFETY + r"\s{1,4}" + _SAFETY_NOUN,
     ),
     _r(
         "stop_following",
         0.7,
-        r"\b(?:stop|quit|cease|no longer|don'?t|do not|never)\s+(?:following|obeying|"
-        r"follow|obey|listening to|adhering to|abiding by)\s+(?:any of\s+)?(?:your|those|these|the above|the previous|"
-        r"the system'?s?)\s+(?:\w+\s+)?" + _RULE_NOUN + r"\b",
+        r"\b(?:stop|quit|cease|no longer|don'?t|do not|never)\s{1,4}(?:following|obeying|"
+        r"follow|obey|listening to|adhering to|abiding by)\s{1,4}(?:any of\s{1,4})?"
+        r"(?:your|those|these|the above|the previous|the system'?s?)\s{1,4}(?:\w{1,40}\s{1,4})?" + _RULE_NOUN + r"\b",
     ),
-    _r("new_instructions", 0.6, r"\b(?:new|updated|real|actual|true)\s+(?:system\s+)?instructions?\s*:"),
+    _r("new_instructions", 0.6, r"\b(?:new|updated|real|actual|true)\s{1,4}(?:system\s{1,4})?instructions?\s{0,4}:"),
     _r("from_now_on", 0.35, r"\bfrom now on\b" + _gap(4) + r"\b(?:you|respond|answer|act|reply|ignore)\b"),
     # --- system prompt / secret extraction
     _r("reveal_prompt", 0.85, _REVEAL_VERB + _gap(4) + _SECRET_OBJ + r"\b"),
     _r(
         "text_above",
         0.6,
-        _REVEAL_VERB + _gap(4) + r"(?:written|said|stated|everything|anything)\s+"
+        _REVEAL_VERB + _gap(4) + r"(?:written|said|stated|everything|anything)\s{1,4}"
         r"(?:above|before) (?:this|my) (?:line|message|text|prompt)\b",
     ),
     _r(
@@ -129,7 +138,7 @@ RULES: tuple[Rule, ...] = (
     _r(
         "reveal_secret_bare",
         0.35,
-        _REVEAL_VERB + _gap(3) + r"(?:the\s+|all\s+|any\s+)?(?:secrets?|credentials?|"
+        _REVEAL_VERB + _gap(3) + r"(?:the\s{1,4}|all\s{1,4}|any\s{1,4})?(?:secrets?|credentials?|"
         r"passwords?)\b",
     ),
     _r(
@@ -143,42 +152,42 @@ RULES: tuple[Rule, ...] = (
     _r(
         "dan",
         0.85,
-        r"\b(?:you are|you're|act as|become|pretend to be|roleplay as)\s+(?:now\s+)?(?:a\s+)?dan\b|"
+        r"\b(?:you are|you're|act as|become|pretend to be|roleplay as)\s{1,4}(?:now\s{1,4})?(?:a\s{1,4})?dan\b|"
         r"\bdan\b" + _gap(3) + r"(?:can do anything|do anything now)",
     ),
     _r(
         "unrestricted_persona",
         0.8,
         r"\b(?:you are|you're|act as|pretend|imagine|roleplay|behave|answer|respond|"
-        r"reply|as if)\b" + _gap(6) + r"(?:no|without|zero|free of|free from)\s+(?:any\s+)?"
+        r"reply|as if)\b" + _gap(6) + r"(?:no|without|zero|free of|free from)\s{1,4}(?:any\s{1,4})?"
         r"(?:restrictions|limits|limitations|filters?|rules|guidelines|censorship|morals|ethics|boundaries)",
     ),
     _r(
         "unrestricted_adjective",
         0.75,
-        r"\b(?:you are|you're|act as|pretend to be|become)\s+(?:now\s+)?(?:an?\s+)?"
+        r"\b(?:you are|you're|act as|pretend to be|become)\s{1,4}(?:now\s{1,4})?(?:an?\s{1,4})?"
         r"(?:unrestricted|unfiltered|uncensored|jailbroken|evil|amoral|unethical|unaligned)\b",
     ),
     _r(
         "developer_mode",
         0.7,
         r"\b(?:enable|enter|activate|switch to|switch into|turn on|unlock|simulate|"
-        r"you are in|you're in|now in)\b" + _gap(2) + r"(?:developer|god|debug|sudo|admin|jailbreak|dan)\s+mode\b",
+        r"you are in|you're in|now in)\b" + _gap(2) + r"(?:developer|god|debug|sudo|admin|jailbreak|dan)\s{1,4}mode\b",
     ),
     _r("you_are_now", 0.3, r"\byou are now\b"),
     # --- delimiter / fake role markup
     _r(
         "fake_role_tag",
         0.45,
-        r"</?\s*(?:system|assistant|user|developer|im_start|im_end|s)\s*>|<\|im_(?:start|end)\|>|"
-        r"\[/?inst\]|^\s*#{2,}\s*(?:system|instruction)|\bbegin (?:system|new) prompt\b",
+        r"</?\s{0,4}(?:system|assistant|user|developer|im_start|im_end|s)\s{0,4}>|<\|im_(?:start|end)\|>|"
+        r"\[/?inst\]|^\s{0,4}#{2,8}\s{0,4}(?:system|instruction)|\bbegin (?:system|new) prompt\b",
     ),
     # --- indirect injection (in documents, e-mails, web pages)
     _r(
         "hidden_comment_instruction",
         0.6,
-        r"<!--[^>]*\b(?:important|instruction|assistant|ai|model|llm|ignore|"
-        r"when (?:summari[sz]ing|answering|reading))\b[^>]*-->",
+        r"<!--[^>]{0,200}?\b(?:important|instruction|assistant|ai|model|llm|ignore|"
+        r"when (?:summari[sz]ing|answering|reading))\b",
     ),
     _r(
         "when_summarizing",
@@ -190,11 +199,12 @@ RULES: tuple[Rule, ...] = (
     _r(
         "addressed_to_ai",
         0.5,
-        r"(?:^|[.!?:>\n]\s*)(?:note to (?:the )?|attention,?\s*|dear\s+)?"
-        r"(?:ai|assistant|language model|llm|chatbot|model)s?\s*[,:]\s*(?:you\s+)?(?:must|should|please)?\s*"
+        r"(?:^|[.!?:>\n]\s{0,4})(?:note to (?:the )?|attention,?\s{0,4}|dear\s{1,4})?"
+        r"(?:ai|assistant|language model|llm|chatbot|model)s?\s{0,4}[,:]\s{0,4}(?:you\s{1,4})?"
+        r"(?:must|should|please)?\s{0,4}"
         r"(?:ignore|disregard|forget|approve|execute|run|send|forward|delete)\b",
     ),
-    _r("approve_without", 0.4, r"\b(?:approve|merge|accept|grant|authori[sz]e)\s+(?:this|the|my)\b"),
+    _r("approve_without", 0.4, r"\b(?:approve|merge|accept|grant|authori[sz]e)\s{1,4}(?:this|the|my)\b"),
     # --- tool / agency misuse
     _r(
         "tool_without_approval",
@@ -203,30 +213,80 @@ RULES: tuple[Rule, ...] = (
         + _gap(3)
         + r"(?:tool|function|api|plugin|action)\b"
         + _gap(4)
-        + r"(?:without|skipping|bypassing)\s+(?:any\s+|the\s+|user\s+)?"
+        + r"(?:without|skipping|bypassing)\s{1,4}(?:any\s{1,4}|the\s{1,4}|user\s{1,4})?"
         + r"(?:approval|confirmation|asking|consent|review|permission)",
     ),
     _r(
         "sql_injection",
         0.75,
-        r"['\"]?\s*;\s*(?:drop|delete|truncate|alter|insert|update)\s+(?:table|from|into|database)\b|"
-        r"\bor\s+'?1'?\s*=\s*'?1\b|;\s*--",
+        r";\s{0,4}(?:drop|delete|truncate|alter|insert|update)\s{1,4}(?:table|from|into|database)\b|"
+        r"\bor\s{1,4}'?1'?\s{0,4}=\s{0,4}'?1\b|;\s{0,4}--",
     ),
-    _r("shell_injection", 0.7, r"(?:;|&&|\|\|?|`|\$\()\s*(?:rm\s+-rf|curl\s|wget\s|nc\s|bash\s|sh\s|chmod\s)"),
+    _r("shell_injection", 0.7, r"(?:;|&&|\|\|?|`|\$\()\s{0,4}(?:rm\s{1,4}-rf|curl\s|wget\s|nc\s|bash\s|sh\s|chmod\s)"),
     # --- encoded payloads
     _r(
         "decode_and_obey",
         0.6,
         r"\b(?:decode|decipher|decrypt|translate|convert|apply|reverse|unscramble|rot13|base64)\b"
         + _gap(8)
-        + r"\b(?:(?:follow|comply|obey|execute|act on|carry out)(?:\s+with)?\s*(?::|\bit\b|\bthem\b|"
+        + r"\b(?:(?:follow|comply|obey|execute|act on|carry out)(?:\s{1,4}with)?\s{0,4}(?::|\bit\b|\bthem\b|"
         r"\bthat\b|\bthe (?:decoded|result|resulting|hidden|instructions?|text|message))|do (?:what|as) it says)",
     ),
 )
 
-_BASE64 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
-_HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}[\s:]?){12,}\b")
-_URL_ESCAPES = re.compile(r"(?:%[0-9a-fA-F]{2}){6,}")
+#: Instruction rules, and which exemptions apply to them (see the module docstring).
+_NEGATABLE = frozenset(
+    {
+        "override_previous",
+        "override_instructions",
+        "drop_safety",
+        "reveal_prompt",
+        "text_above",
+        "reveal_secret",
+        "reveal_secret_bare",
+        "developer_mode",
+        "tool_without_approval",
+        "decode_and_obey",
+    }
+)
+_REPORTABLE = _NEGATABLE | {"stop_following", "unrestricted_adjective", "unrestricted_persona", "dan"}
+_THIRD_PARTY_TARGET = frozenset({"override_previous", "override_instructions", "stop_following"})
+
+_ADVERB = r"(?:ever|really|just|simply|blindly|completely|fully|entirely|actually|try to|attempt to)"
+#: "never ignore", "do not reveal", "you must not disclose", "shouldn't ever share"
+_NEGATED = re.compile(r"(?:\bnever|\bnot|n't|\bno longer)\s(?:" + _ADVERB + r"\s)?$")
+#: "if a user asks you to ...", "when someone tells you to ..."
+_REPORTED = re.compile(
+    r"\b(?:if|when|whenever|should)\s(?:the\s|a\s|any\s|some\s)?(?:users?|someone|anyone|somebody|people|they|"
+    r"he|she|customers?|clients?|visitors?|a message|the text|a document|input)\s(?:\w{1,20}\s){0,2}"
+    r"(?:asks?|tells?|says?|tries|try|attempts?|wants?|requests?|instructs?|orders?|demands?)\s"
+    r"(?:\w{1,20}\s){0,3}$"
+)
+#: "... instructions from your doctor", "... the rules of the game"
+_THIRD_PARTY = re.compile(
+    r"\s(?:from|of|by|given by|issued by)\s(?:your|my|his|her|their|our|the|a|an)\s"
+    r"(?!system\b|developers?\b|creators?\b|admins?\b|administrators?\b|operators?\b|programmers?\b|openai\b|"
+    r"anthropic\b|model\b|ai\b|assistant\b|owners?\b|makers?\b|trainers?\b|company\b|prompt\b)\w{1,30}"
+)
+
+
+def _exempt(rule: str, text: str, start: int, end: int) -> bool:
+    """Whether a match of an instruction rule is not an instruction to the assistant."""
+    before = text[max(0, start - 80) : start]
+    if rule in _NEGATABLE and _NEGATED.search(before[-40:]):
+        return True
+    if rule in _REPORTABLE and _REPORTED.search(before):
+        return True
+    return rule in _THIRD_PARTY_TARGET and _THIRD_PARTY.match(text, end, end + 60) is not None
+
+
+# Payload finders: single character-class runs (each character is looked at once), then
+# checked in Python.
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{16,}=*")
+_HEX_RUN = re.compile(r"\b[0-9a-fA-F]{2}(?:[\s:]?[0-9a-fA-F]{2})+")
+_URL_ESCAPES = re.compile(r"(?:%[0-9a-fA-F]{2})+")
+_HEX_SEPARATORS = re.compile(r"[\s:]")
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
 def _printable(raw: bytes) -> str | None:
@@ -242,27 +302,38 @@ def _printable(raw: bytes) -> str | None:
 def decoded_payloads(text: str) -> list[tuple[str, str, Span]]:
     """(encoding, decoded text, span in `text`) for each decodable payload; rot13 of the whole."""
     found: list[tuple[str, str, Span]] = []
-    for m in _BASE64.finditer(text):
+    for m in _BASE64_RUN.finditer(text):
         chunk = m.group()
-        if chunk.isalpha() and (chunk.islower() or chunk.isupper()):
+        start = m.start()
+        if (start and (text[start - 1].isalnum() or text[start - 1] in "+/")) or chunk.count("=") > 2:
+            continue  # part of a longer token, or not base64 padding
+        body = chunk.rstrip("=")
+        if body.isalpha() and (body.islower() or body.isupper()):
             continue  # a long plain word, not base64
         try:
-            raw = base64.b64decode(chunk + "=" * (-len(chunk) % 4), validate=True)
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
         except (binascii.Error, ValueError):
             continue
         decoded = _printable(raw)
         if decoded:
             found.append(("base64", decoded, m.span()))
-    for m in _HEX.finditer(text):
+    for m in _HEX_RUN.finditer(text):
+        start, end = m.span()
+        if (start and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum()):
+            continue  # inside a word
+        digits = _HEX_SEPARATORS.sub("", m.group())
+        if len(digits) < 24:
+            continue
         try:
-            raw = bytes.fromhex(re.sub(r"[\s:]", "", m.group()))
+            raw = bytes.fromhex(digits)
         except ValueError:
             continue
         decoded = _printable(raw)
         if decoded:
             found.append(("hex", decoded, m.span()))
     for m in _URL_ESCAPES.finditer(text):
-        found.append(("url", urllib.parse.unquote(m.group()), m.span()))
+        if len(m.group()) >= 18:  # six escapes or more
+            found.append(("url", urllib.parse.unquote(m.group()), m.span()))
     found.append(("rot13", codecs.decode(text, "rot_13"), (0, len(text))))
     return found
 
@@ -284,23 +355,35 @@ class InjectionFinding:
 def _scan(folded: str) -> dict[str, tuple[float, Span]]:
     hits: dict[str, tuple[float, Span]] = {}
     for rule in RULES:
-        m = rule.pattern.search(folded)
-        if m:
+        if rule.name in _REPORTABLE or rule.name in _THIRD_PARTY_TARGET:
+            for m in rule.pattern.finditer(folded):
+                if not _exempt(rule.name, folded, m.start(), m.end()):
+                    hits[rule.name] = (rule.weight, m.span())
+                    break
+        elif m := rule.pattern.search(folded):
             hits[rule.name] = (rule.weight, m.span())
     return hits
 
 
+def _fold(text: str) -> tuple[str, list[int], list[int]]:
+    """The folded text (see `guardrails.normalize.fold_text`) with whitespace runs collapsed to
+    one character, and per character the original span it came from."""
+    folded, starts, ends = fold_text(text)
+    if _WHITESPACE_RUN.search(folded) is None:
+        return folded, starts, ends
+    keep = [i for i, c in enumerate(folded) if not (c.isspace() and i and folded[i - 1].isspace())]
+    return "".join(folded[i] for i in keep), [starts[i] for i in keep], [ends[i] for i in keep]
+
+
 def score_injection(text: str) -> InjectionFinding:
-    """Score `text` for prompt-injection; spans refer to `text` (folding keeps positions
-    for the common case; when it does not, the whole text is the span)."""
-    folded = simple_fold(text)
-    same_length = len(folded) == len(text)
+    """Score `text` for prompt-injection; spans refer to `text`."""
+    folded, starts, ends = _fold(text)
     hits = _scan(folded)
-    spans: list[Span] = [s for _, s in hits.values()] if same_length else []
+    spans: list[Span] = [(starts[s], ends[e - 1]) for _, (s, e) in hits.values() if e > s]
     names = list(hits)
     weights = [w for w, _ in hits.values()]
     for encoding, decoded, span in decoded_payloads(text):
-        inner = _scan(simple_fold(decoded))
+        inner = _scan(_fold(decoded)[0])
         # an encoded payload that itself carries an instruction is at least as bad as plain text
         for name, (weight, _) in inner.items():
             if encoding == "rot13" and name in hits:
@@ -328,9 +411,10 @@ class InjectionGuard(Guard):
     option_keys: ClassVar[dict[str, str]] = {"mask": "redaction mask"}
 
     async def check(self, ctx: GuardContext) -> Verdict:
-        # A few dozen compiled regexes over one message: well under a millisecond, on the loop.
+        # A few dozen compiled regexes over one message: well under a millisecond, on the loop;
+        # a long text goes to the shared guard executor so the loop keeps answering.
         started = time.perf_counter()
-        finding = score_injection(ctx.text)
+        finding = await self.offload(score_injection, ctx.text)
         threshold = self.thresholds["score"]
         if finding.score < threshold:
             return self.allow(ctx, finding.score, started, rules=list(finding.rules))

@@ -23,3 +23,23 @@ def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_review_sessions_migration_downgrades_and_upgrades_again(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from gateway.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'roundtrip.db'}"
+    upgrade(url)
+    command.downgrade(alembic_config(url), "0003")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert "review_sessions" not in inspect(conn).get_table_names()
+        upgrade(url)
+        with engine.connect() as conn:
+            assert "review_sessions" in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
