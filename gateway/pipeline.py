@@ -343,9 +343,9 @@ class Pipeline:
             raise InputBlocked(
                 result.message or f"The request was blocked by the {verdict.guard} guard: {verdict.reason}",
                 guard=verdict.guard,
-                param="messages" if chat else "prompt",
+                param=guarding.blocked_param(chat, body, verdict),
             )
-        if any(v.action == "redact" for v in result.verdicts):
+        if messages is not None and any(v.action == "redact" for v in result.verdicts):
             guarding.put_back(chat, body, result.messages)
 
     async def _embed(self, trace: Trace, body: dict[str, Any]) -> bytes:
