@@ -11,7 +11,8 @@ things (`is_refusal`):
 
 - the database is unreachable (down, locked, refusing connections): the writer retries for at
   most `db_wait_s`, then appends the batch to a JSONL spool file with fsync and resolves the
-  futures. Until a commit succeeds again each batch gets a single try. After the next
+  futures. Until a commit succeeds again, a batch tries the database once at most every
+  `probe_interval_s` and otherwise goes straight to the spool. After the next
   successful commit a background task replays the spool into SQL (also at start-up), in chunks,
   skipping request ids already there, so the live path never waits for it;
 - the database refused some rows (bad data): the batch is split in halves until the good rows
@@ -69,6 +70,7 @@ class AuditWriter:
         retries: int = 3,
         retry_delay_s: float = 0.2,
         db_wait_s: float = 2.0,
+        probe_interval_s: float = 0.25,
         dead_letter_path: Path | None = None,
         failed_auth: FailedAuthAllowance | None = None,
     ) -> None:
@@ -81,6 +83,7 @@ class AuditWriter:
         self._retries = max(retries, 1)
         self._retry_delay_s = retry_delay_s
         self._db_wait_s = db_wait_s
+        self._probe_interval_s = probe_interval_s
         self._shape = RowShape(audit_records)
         self._failed_auth = failed_auth if failed_auth is not None else FailedAuthAllowance()
         self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] = asyncio.Queue()
@@ -91,6 +94,8 @@ class AuditWriter:
         self._spool_waiting = False  # rows wait in the spool for the next replay
         self._next_replay_at = 0.0
         self._down = False  # the last commit found the database unreachable: one try per batch
+        self._next_try = 0.0  # while down, batches before this time go straight to the spool
+        self._spooled_while_down = 0
         self.committed = 0
         self.spooled = 0
         self.batches = 0
@@ -121,6 +126,10 @@ class AuditWriter:
         if self._replay_task is not None:
             with contextlib.suppress(Exception):
                 await self._replay_task
+        if self._spool_waiting:  # one last try, bounded: what it cannot store waits for the next start
+            self._next_try = 0.0
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.replay_spool(), timeout=3 * max(self._db_wait_s, 1.0))
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -176,9 +185,11 @@ class AuditWriter:
             await self._spool(unreachable)
 
     async def _spool(self, rows: list[dict[str, Any]]) -> None:
-        log.error("database unavailable: spooling %d audit rows to %s", len(rows), self._spool_path)
+        if not self._spooled_while_down:
+            log.error("audit database unavailable: spooling audit rows to %s until it is back", self._spool_path)
         await asyncio.to_thread(self._append, self._spool_path, rows, None)
         self.spooled += len(rows)
+        self._spooled_while_down += len(rows)
 
     async def _commit(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store rows; returns those left unstored because the database is unreachable.
@@ -187,6 +198,8 @@ class AuditWriter:
         if not rows:
             return []
         started = time.monotonic()
+        if self._down and started < self._next_try:
+            return rows  # the database was just found down: do not make this batch wait on it again
         attempt = 0
         while True:
             try:
@@ -200,6 +213,7 @@ class AuditWriter:
                     if not self._down:
                         log.error("audit database unreachable: %s", _one_line(exc))
                     self._down = True
+                    self._next_try = time.monotonic() + self._probe_interval_s
                     return rows
                 await asyncio.sleep(self._retry_delay_s * attempt)
             else:
@@ -207,7 +221,8 @@ class AuditWriter:
                 self.batches += 1
                 if self._down:
                     self._down = False
-                    log.warning("audit database reachable again")
+                    log.warning("audit database reachable again; %d rows were spooled", self._spooled_while_down)
+                    self._spooled_while_down = 0
                 return []
         return await self._split(rows, refusal)
 

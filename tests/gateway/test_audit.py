@@ -409,7 +409,8 @@ async def test_a_locked_sqlite_file_spools_after_the_configured_wait(tmp_path: P
     url = await asyncio.to_thread(sqlite_url, tmp_path)
     spool = tmp_path / "spool.jsonl"
     engine = create_engine(url)
-    writer = AuditWriter(engine, spool_path=spool, sink=sink_for(engine, audit_records, wait_s=0.2), db_wait_s=0.2)
+    sink = sink_for(engine, audit_records, wait_s=0.2)
+    writer = AuditWriter(engine, spool_path=spool, sink=sink, db_wait_s=0.2, probe_interval_s=0)
     await writer.start()
     holder = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
