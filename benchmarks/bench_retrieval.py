@@ -239,6 +239,7 @@ async def bench_end_to_end(embedder: Any, n: int, n_queries: int) -> dict[str, A
 async def bench_ingest(embedder: Any) -> list[dict[str, Any]]:
     """Chunks/s for a real ingest (load, chunk, embed, index, SQL) of the sample corpus + HaluEval."""
     from evals.retrieval import halueval_corpus
+    from gateway.migrate import upgrade
     from retrieval.embedders import HashingEmbedder
     from retrieval.ingest import Ingestor
     from retrieval.sample import SAMPLE_DOCUMENTS_DIR
@@ -248,7 +249,7 @@ async def bench_ingest(embedder: Any) -> list[dict[str, Any]]:
     out = []
     for model in (embedder, HashingEmbedder()):
         with tempfile.TemporaryDirectory() as scratch:
-            ingestor = await Ingestor.open(Path(scratch), None, model)
+            ingestor = await Ingestor.open(Path(scratch), None, model, ensure_schema=upgrade)
             async with ingestor:
                 report = await ingestor.ingest_paths("sample", [SAMPLE_DOCUMENTS_DIR])
                 out.append({"corpus": "sample", "embedder": model.name, **_ingest_row(report)})

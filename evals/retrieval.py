@@ -155,8 +155,10 @@ def halueval_corpus(path: Path, limit: int | None = None) -> tuple[list[Document
 async def run_halueval(
     path: Path, embedder: Embedder, work_dir: Path, limit: int | None = None
 ) -> tuple[dict[str, Any], RetrievalEvalResult]:
+    from gateway.migrate import upgrade  # the gateway's migrations own the schema, rag_ tables included
+
     documents, questions = halueval_corpus(path, limit)
-    ingestor = await Ingestor.open(work_dir, None, embedder)
+    ingestor = await Ingestor.open(work_dir, None, embedder, ensure_schema=upgrade)
     async with ingestor:
         report = await ingestor.ingest_documents("halueval", documents)
     store = CollectionStore(work_dir, embedder)

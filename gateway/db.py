@@ -1,14 +1,13 @@
-"""The gateway's SQL schema and engine: audit records and API keys, SQLite or PostgreSQL.
+"""The gateway's SQL schema: audit records, API keys, reviews and evals, SQLite or PostgreSQL.
 
 Text columns hold JSON encoded by msgspec (faster than the JSON type's json.dumps, and the
 same on both databases). Columns that reviewers filter on (status, model, key, guard
 outcomes, scores) are plain indexed columns so paging stays fast at millions of rows.
+Engines come from the project's one factory, `retrieval.engine` (re-exported here), so the
+gateway and retrieval open the shared database with the same URL rules and SQLite pragmas.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -22,10 +21,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    event,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from retrieval.engine import async_url as async_url
+from retrieval.engine import create_engine as create_engine
 
 metadata = MetaData(
     naming_convention={
@@ -156,40 +155,3 @@ eval_items = Table(
     Column("error", Text),
     Index("ix_eval_items_run", "run_id", "position"),
 )
-
-
-def async_url(url: str) -> str:
-    """Normalise a database URL to its async driver: aiosqlite for SQLite, asyncpg for PostgreSQL."""
-    try:
-        parsed = make_url(url)
-    except Exception as exc:  # SQLAlchemy raises ArgumentError, and ValueError for bad ports
-        raise ValueError(f"cannot parse database URL {url!r}: {exc}") from exc
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
-    elif backend in {"postgresql", "postgres"}:
-        parsed = parsed.set(drivername="postgresql+asyncpg")
-    else:
-        raise ValueError(f"unsupported database {backend!r} in {url!r}: use sqlite:/// or postgresql://")
-    return parsed.render_as_string(hide_password=False)
-
-
-def create_engine(url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10) -> AsyncEngine:
-    """An async engine; SQLite gets WAL, a busy timeout and the chosen durability level."""
-    url = async_url(url)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-
-        return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

@@ -4,7 +4,8 @@
                    [--index-type auto|flat|hnsw|ivf] [--embedding-model PATH_OR_NAME] [--json]
 
 The top-level CLI sets `args.data_dir` (a Path) and `args.database` (a URL, or None for SQLite
-at DATA_DIR/gateway.db).
+at DATA_DIR/gateway.db), and brings the database's schema up to date (Alembic) before it calls
+`run_ingest`; a caller that does not passes `ensure_schema` (see `Ingestor.open`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from retrieval.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS, Chu
 from retrieval.embedders import Embedder, create_embedder
 from retrieval.errors import RetrievalError
 from retrieval.index import INDEX_KINDS, IndexConfig
-from retrieval.ingest import Ingestor, IngestReport
+from retrieval.ingest import Ingestor, IngestReport, SchemaHook
 from retrieval.loaders import iter_files
 
 
@@ -60,7 +61,7 @@ def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run_ingest(args: argparse.Namespace) -> int:
+def run_ingest(args: argparse.Namespace, *, ensure_schema: SchemaHook | None = None) -> int:
     """Run `gateway ingest`; returns the exit status (0 ok, 1 nothing ingested or error, 2 usage)."""
     try:
         chunking = ChunkingOptions(args.chunk_tokens, args.overlap_tokens)
@@ -73,7 +74,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         print(f"gateway ingest: cannot load embedding model {args.embedding_model!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(_run(args, embedder, chunking))
+        report = asyncio.run(_run(args, embedder, chunking, ensure_schema))
     except (RetrievalError, ValueError) as exc:
         print(f"gateway ingest: {exc}", file=sys.stderr)
         return 1
@@ -85,23 +86,24 @@ def run_ingest(args: argparse.Namespace) -> int:
     return 1 if nothing_done and report.skipped else 0
 
 
-async def _run(args: argparse.Namespace, embedder: Embedder, chunking: ChunkingOptions) -> IngestReport:
-    data_dir = Path(args.data_dir)
-    ingestor = await Ingestor.open(
-        data_dir,
-        getattr(args, "database", None),
-        embedder,
-        chunking=chunking,
-        index_config=IndexConfig(kind=args.index_type),
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+async def _run(
+    args: argparse.Namespace, embedder: Embedder, chunking: ChunkingOptions, ensure_schema: SchemaHook | None
+) -> IngestReport:
     try:
-        paths = [Path(p) for p in args.paths]
-        if args.delete:
-            return await ingestor.delete_documents(args.collection, _delete_targets(args.paths))
-        return await ingestor.ingest_paths(args.collection, paths)
+        ingestor = await Ingestor.open(
+            Path(args.data_dir),
+            getattr(args, "database", None),
+            embedder,
+            chunking=chunking,
+            index_config=IndexConfig(kind=args.index_type),
+            progress=not args.no_progress and sys.stderr.isatty(),
+            ensure_schema=ensure_schema,
+        )
+        async with ingestor:
+            if args.delete:
+                return await ingestor.delete_documents(args.collection, _delete_targets(args.paths))
+            return await ingestor.ingest_paths(args.collection, [Path(p) for p in args.paths])
     finally:
-        await ingestor.aclose()
         await embedder.aclose()
 
 

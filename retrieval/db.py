@@ -1,9 +1,10 @@
-"""Chunk metadata in SQL (SQLAlchemy 2 Core, async drivers).
+"""The SQL catalogue of the collections: the `rag_` tables and their repository (SQLAlchemy Core).
 
-`metadata` holds the package's own tables (prefixed `rag_`) so the gateway's Alembic setup
-can include it next to its own: `target_metadata = [gateway_metadata, retrieval.db.metadata]`.
 The index folder carries what a search needs; SQL is the catalogue: which documents a
 collection holds with which content hash, and their chunks, for operators and reports.
+The gateway's Alembic migrations own the schema (`target_metadata = [gateway_metadata,
+retrieval.db.metadata]`); this module never creates tables. Engines come from
+`retrieval.engine`, the project's one engine factory.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -27,12 +27,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     delete,
-    event,
     func,
+    inspect,
     select,
 )
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from retrieval.documents import Chunk, Document
 
@@ -74,46 +73,11 @@ rag_chunks = Table(
 )
 
 
-def default_database_url(data_dir: Path) -> str:
-    return f"sqlite+aiosqlite:///{Path(data_dir) / 'gateway.db'}"
-
-
-def normalise_database_url(url: str | URL) -> URL:
-    """Use the async drivers: sqlite -> sqlite+aiosqlite, postgres(ql) -> postgresql+asyncpg."""
-    parsed = make_url(str(url).replace("postgres://", "postgresql://", 1)) if isinstance(url, str) else url
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return parsed.set(drivername="sqlite+aiosqlite")
-    if backend == "postgresql":
-        return parsed.set(drivername="postgresql+asyncpg")
-    raise ValueError(
-        f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
-        "use sqlite:///PATH or postgresql://..."
-    )
-
-
-def create_engine(url: str | URL) -> AsyncEngine:
-    """An async engine for `url` (normalised); SQLite gets foreign keys and a busy timeout."""
-    normalised = normalise_database_url(url)
-    if normalised.get_backend_name() == "sqlite":
-        database = normalised.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(normalised, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        return engine
-    return create_async_engine(normalised, pool_pre_ping=True)
-
-
-async def create_tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+async def missing_tables(engine: AsyncEngine) -> list[str]:
+    """The `rag_` tables the database lacks (empty when its schema is up to date for retrieval)."""
+    async with engine.connect() as conn:
+        present = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+    return sorted(set(metadata.tables) - present)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ RetrievalError                 base class: anything this package raises on purpo
 ├── InvalidCollectionName      a collection name that cannot be used as a folder name
 ├── EmbeddingMismatch          a collection was built with another embedding model
 ├── IndexCorrupt               an index folder on disk could not be read
+├── SchemaMissing              the database lacks the rag_ tables (run `gateway db upgrade`)
 └── LoaderError                one file could not be turned into documents (ingest skips it)
 """
 
@@ -49,6 +50,18 @@ class EmbeddingMismatch(RetrievalError):
 
 class IndexCorrupt(RetrievalError):
     """An index version on disk is missing files or cannot be parsed."""
+
+
+class SchemaMissing(RetrievalError):
+    """The database lacks tables retrieval writes to: its schema is older than this code's."""
+
+    def __init__(self, database: str, tables: list[str]) -> None:
+        super().__init__(
+            f"database {database} has no table {', '.join(tables)}: bring its schema up to date with "
+            "`gateway db upgrade` (the gateway's Alembic migrations own the schema)"
+        )
+        self.database = database
+        self.tables = tables
 
 
 class LoaderError(RetrievalError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +23,19 @@ import numpy as np
 
 from retrieval import storage
 from retrieval.chunking import Chunker, ChunkingOptions
-from retrieval.db import MetadataRepository, create_engine, create_tables, default_database_url
+from retrieval.db import MetadataRepository, missing_tables
 from retrieval.documents import Chunk, Document, Skipped
 from retrieval.embedders import Embedder
-from retrieval.errors import EmbeddingMismatch, UnknownCollection
+from retrieval.engine import async_url, create_engine, default_database_url, normalise_database_url
+from retrieval.errors import EmbeddingMismatch, SchemaMissing, UnknownCollection
 from retrieval.index import FaissIndex, IndexConfig
 from retrieval.loaders import iter_files
 
 EMBED_BATCH = 256
+
+SchemaHook = Callable[[str], None]
+"""Brings a database's schema up to date, given its URL; called in a worker thread
+(`gateway.migrate.upgrade` is one: Alembic runs its own event loop)."""
 
 
 @dataclass
@@ -117,10 +122,33 @@ class Ingestor:
         self._owns_engine = owns_engine
 
     @classmethod
-    async def open(cls, data_dir: Path, database_url: str | None, embedder: Embedder, **kwargs: Any) -> Ingestor:
-        """Connect to the database (None: SQLite at DATA_DIR/gateway.db) and create the tables."""
-        engine = create_engine(database_url or default_database_url(data_dir))
-        await create_tables(engine)
+    async def open(
+        cls,
+        data_dir: Path,
+        database_url: str | None,
+        embedder: Embedder,
+        *,
+        ensure_schema: SchemaHook | None = None,
+        **kwargs: Any,
+    ) -> Ingestor:
+        """Connect to the database (None: SQLite at DATA_DIR/gateway.db), which must hold the rag_ tables.
+
+        The schema belongs to the gateway's Alembic migrations, which this package cannot import:
+        a caller that may meet an old or empty database passes `ensure_schema` (the gateway CLI
+        runs the upgrade itself first). A database still without the tables raises SchemaMissing.
+        """
+        url = async_url(database_url or default_database_url(data_dir))
+        if ensure_schema is not None:
+            await asyncio.to_thread(ensure_schema, url)
+        engine = create_engine(url)
+        try:
+            missing = await missing_tables(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        if missing:
+            await engine.dispose()
+            raise SchemaMissing(str(normalise_database_url(url)), missing)
         return cls(data_dir, MetadataRepository(engine), embedder, owns_engine=True, **kwargs)
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from retrieval import storage
 from retrieval.embedders import Embedder, create_embedder_async
-from retrieval.ingest import Ingestor, IngestReport
+from retrieval.ingest import Ingestor, IngestReport, SchemaHook
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,14 @@ async def ensure_sample_collection(
     embedder: Embedder | None = None,
     *,
     collection: str = SAMPLE_COLLECTION,
+    ensure_schema: SchemaHook | None = None,
 ) -> IngestReport | None:
     """Ingest the sample corpus into `collection` unless it already exists (built with `embedder`).
 
     Returns the ingest report, or None when there was nothing to do. Pass the gateway's
     embedder so the model is not loaded twice (None loads the default model off the loop).
-    `database_url` None means SQLite at DATA_DIR/gateway.db.
+    `database_url` None means SQLite at DATA_DIR/gateway.db; its schema must be up to date, or
+    `ensure_schema` given (see `Ingestor.open`).
     """
     existing_model = _built_with(Path(data_dir), collection)
     if existing_model is not None and (embedder is None or existing_model == embedder.name):
@@ -54,7 +56,7 @@ async def ensure_sample_collection(
     own = embedder is None
     active = embedder or await create_embedder_async()
     try:
-        ingestor = await Ingestor.open(Path(data_dir), database_url, active)
+        ingestor = await Ingestor.open(Path(data_dir), database_url, active, ensure_schema=ensure_schema)
         async with ingestor:
             if existing_model is not None:
                 # only the shipped sample is rebuilt like this: operators' collections never are

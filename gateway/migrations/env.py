@@ -26,7 +26,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_engine(config.get_main_option("sqlalchemy.url") or "")
+    # foreign keys off: SQLite's batch ALTER drops and re-creates tables, which would cascade
+    engine = create_engine(config.get_main_option("sqlalchemy.url") or "", sqlite_foreign_keys=False)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -3,11 +3,16 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
-from retrieval.db import MetadataRepository, create_engine, create_tables, metadata, normalise_database_url
+from retrieval.db import MetadataRepository, metadata
 from retrieval.documents import Chunk
+from retrieval.embedders import HashingEmbedder
+from retrieval.engine import async_url, create_engine, normalise_database_url
+from retrieval.errors import SchemaMissing
+from retrieval.ingest import Ingestor
 from tests.retrieval.conftest import make_doc
+from tests.retrieval.schema import create_rag_tables_async
 
 
 @pytest.mark.parametrize(
@@ -26,8 +31,55 @@ def test_urls_are_normalised_to_async_drivers(given: str, expected: str) -> None
 
 
 def test_unsupported_database_is_refused() -> None:
-    with pytest.raises(ValueError, match="unsupported database URL"):
-        normalise_database_url("mysql://u@h/db")
+    with pytest.raises(ValueError, match="unsupported database URL") as caught:
+        normalise_database_url("mysql://u:secret@h/db")
+    assert "secret" not in str(caught.value)
+    with pytest.raises(ValueError, match="cannot parse database URL"):
+        async_url("postgresql://u@h:notaport/db")
+
+
+def test_async_url_keeps_the_password_for_the_driver() -> None:
+    assert async_url("postgres://u:p%40ss@h/db") == "postgresql+asyncpg://u:p%40ss@h/db"
+
+
+async def test_sqlite_connections_get_the_shared_pragmas(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = create_engine(f"sqlite:///{tmp_path / 'deep' / 'p.db'}", sqlite_synchronous="full")
+    try:
+        async with engine.connect() as conn:
+            got = {
+                name: (await conn.execute(text(f"PRAGMA {name}"))).scalar_one()
+                for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+            }
+    finally:
+        await engine.dispose()
+    assert got == {"journal_mode": "wal", "synchronous": 2, "busy_timeout": 30000, "foreign_keys": 1}
+    with pytest.raises(ValueError, match="sqlite_synchronous"):
+        create_engine("sqlite:///x.db", sqlite_synchronous="SOMETIMES")
+
+
+def test_the_gateway_uses_this_one_factory() -> None:
+    import gateway.db
+    import retrieval.engine
+
+    assert gateway.db.create_engine is retrieval.engine.create_engine
+    assert gateway.db.async_url is retrieval.engine.async_url
+
+
+async def test_ingestor_refuses_a_database_without_the_schema(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SchemaMissing, match="gateway db upgrade") as caught:
+        await Ingestor.open(tmp_path, None, HashingEmbedder(64))
+    assert caught.value.tables == ["rag_chunks", "rag_documents"]
+
+
+async def test_ingestor_brings_the_schema_up_through_alembic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A batch ingest against a fresh database: the hook is the same upgrade `gateway db upgrade` runs."""
+    from gateway.migrate import upgrade
+
+    async with await Ingestor.open(tmp_path, None, HashingEmbedder(64), ensure_schema=upgrade) as ingestor:
+        report = await ingestor.ingest_documents("kb", [make_doc("a", "alpha text")])
+        async with ingestor.repository.engine.connect() as conn:
+            revision = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+    assert report.ingested == 1 and revision
 
 
 def test_tables_are_prefixed() -> None:
@@ -41,8 +93,8 @@ def _chunks(doc_id: str, texts: list[str]) -> list[Chunk]:
 async def _exercise(url: str, collection: str) -> None:
     engine = create_engine(url)
     try:
-        await create_tables(engine)
-        await create_tables(engine)  # idempotent
+        await create_rag_tables_async(url)
+        await create_rag_tables_async(url)  # idempotent
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
         assert {"rag_documents", "rag_chunks"} <= set(names)

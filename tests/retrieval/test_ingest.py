@@ -16,6 +16,7 @@ from retrieval.errors import EmbeddingMismatch, InvalidCollectionName, UnknownCo
 from retrieval.ingest import Ingestor
 from retrieval.store import CollectionStore
 from tests.retrieval.conftest import make_doc
+from tests.retrieval.schema import create_rag_tables
 
 
 class CountingEmbedder(HashingEmbedder):
@@ -38,7 +39,7 @@ def _write_corpus(root: Path) -> None:
 
 
 async def _open(data_dir: Path, url: str, embedder: HashingEmbedder) -> Ingestor:
-    return await Ingestor.open(data_dir, url, embedder)
+    return await Ingestor.open(data_dir, url, embedder, ensure_schema=create_rag_tables)
 
 
 async def _sql_counts(ingestor: Ingestor, collection: str) -> tuple[int, int]:
@@ -202,7 +203,7 @@ def test_cli_ingest_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "flat",
         "--json",
     )
-    assert run_ingest(args) == 0
+    assert run_ingest(args, ensure_schema=create_rag_tables) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["ingested"] == 3 and summary["files_seen"] == 4
     assert summary["skipped"][0]["reason"].startswith("unreadable PDF")
@@ -212,7 +213,7 @@ def test_cli_ingest_and_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str
     args = _cli_args(
         tmp_path, str(docs / "tea.html"), "--collection", "kb", "--delete", "--embedding-model", "hashing-128"
     )
-    assert run_ingest(args) == 0
+    assert run_ingest(args, ensure_schema=create_rag_tables) == 0
     capsys.readouterr()
     assert set(storage.load_snapshot(tmp_path / "data", "kb").documents) == {"walrus.md", "volcano.txt"}
 
@@ -230,14 +231,14 @@ def test_cli_reports_a_bad_option(tmp_path: Path, capsys: pytest.CaptureFixture[
         "--overlap-tokens",
         "90",
     )
-    assert run_ingest(args) == 2
+    assert run_ingest(args, ensure_schema=create_rag_tables) == 2
     assert "overlap_tokens" in capsys.readouterr().err
 
 
 def test_cli_nothing_ingestable_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "x.docx").write_bytes(b"PK")
     args = _cli_args(tmp_path, str(tmp_path / "x.docx"), "--collection", "kb", "--embedding-model", "hashing")
-    assert run_ingest(args) == 1
+    assert run_ingest(args, ensure_schema=create_rag_tables) == 1
     assert "unsupported file type .docx" in capsys.readouterr().err
     assert storage.list_collections(tmp_path / "data") == []
 
@@ -248,7 +249,11 @@ async def test_large_ingest_switches_index_type(data_dir: Path, database_url: st
     embedder = HashingEmbedder(32)
     documents = [make_doc(f"d{i}", f"document {i} about topic {i % 97} and item {i % 13}") for i in range(1200)]
     ingestor = await Ingestor.open(
-        data_dir, database_url, embedder, index_config=IndexConfig(flat_max=1000, ivf_min=10_000)
+        data_dir,
+        database_url,
+        embedder,
+        ensure_schema=create_rag_tables,
+        index_config=IndexConfig(flat_max=1000, ivf_min=10_000),
     )
     async with ingestor:
         report = await ingestor.ingest_documents("big", documents)
@@ -289,7 +294,11 @@ async def test_additions_extend_an_hnsw_index_changes_rebuild_it(
     embedder = HashingEmbedder(64)
     documents = [make_doc(f"d{i}", f"document {i} about topic {i % 97}") for i in range(300)]
     ingestor = await Ingestor.open(
-        data_dir, database_url, embedder, index_config=IndexConfig(flat_max=100, ivf_min=10_000)
+        data_dir,
+        database_url,
+        embedder,
+        ensure_schema=create_rag_tables,
+        index_config=IndexConfig(flat_max=100, ivf_min=10_000),
     )
     async with ingestor:
         await ingestor.ingest_documents("kb", documents)

@@ -21,6 +21,7 @@ from retrieval.loaders import iter_files
 from retrieval.sample import SAMPLE_DOCUMENTS_DIR, SAMPLE_QUESTIONS, ensure_sample_collection
 from retrieval.store import CollectionStore
 from tests.retrieval.conftest import make_doc
+from tests.retrieval.schema import create_rag_tables
 
 
 def test_sample_corpus_loads_cleanly_and_questions_point_at_real_documents() -> None:
@@ -38,10 +39,10 @@ def test_sample_corpus_loads_cleanly_and_questions_point_at_real_documents() -> 
 
 async def test_ensure_sample_collection_runs_once(tmp_path: Path) -> None:
     embedder = HashingEmbedder(512)
-    first = await ensure_sample_collection(tmp_path, None, embedder)
+    first = await ensure_sample_collection(tmp_path, None, embedder, ensure_schema=create_rag_tables)
     assert first is not None and first.ingested >= 12 and first.skipped == []
     assert (tmp_path / "gateway.db").is_file()
-    assert await ensure_sample_collection(tmp_path, None, embedder) is None
+    assert await ensure_sample_collection(tmp_path, None, embedder, ensure_schema=create_rag_tables) is None
     store = CollectionStore(tmp_path, embedder)
     hits = await store.search("sample", "Kestrel Care extended warranty price", top_k=3)
     assert hits[0].document_id == "policies/warranty.md"
@@ -50,7 +51,7 @@ async def test_ensure_sample_collection_runs_once(tmp_path: Path) -> None:
 
 async def test_metrics_are_computed_from_document_ranks(tmp_path: Path) -> None:
     embedder = HashingEmbedder(512)
-    async with await Ingestor.open(tmp_path, None, embedder) as ingestor:
+    async with await Ingestor.open(tmp_path, None, embedder, ensure_schema=create_rag_tables) as ingestor:
         await ingestor.ingest_documents(
             "kb",
             [
@@ -91,7 +92,7 @@ def test_halueval_corpus_shape(tmp_path: Path) -> None:
 def test_eval_cli_with_a_collection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import asyncio
 
-    asyncio.run(ensure_sample_collection(tmp_path, None, HashingEmbedder(384)))
+    asyncio.run(ensure_sample_collection(tmp_path, None, HashingEmbedder(384), ensure_schema=create_rag_tables))
     parser = argparse.ArgumentParser()
     configure_parser(parser)
     args = parser.parse_args(
@@ -111,7 +112,7 @@ def test_eval_cli_with_a_collection(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.slow
 async def test_minilm_finds_the_sample_answers(tmp_path: Path, minilm: SentenceTransformerEmbedder) -> None:
     """The shipped corpus and labels with the real model: the quality bar the README quotes."""
-    report = await ensure_sample_collection(tmp_path, None, minilm)
+    report = await ensure_sample_collection(tmp_path, None, minilm, ensure_schema=create_rag_tables)
     assert report is not None
     store = CollectionStore(tmp_path, minilm)
     result = await evaluate(store, "sample", load_questions(SAMPLE_QUESTIONS))
@@ -121,14 +122,17 @@ async def test_minilm_finds_the_sample_answers(tmp_path: Path, minilm: SentenceT
 
 
 async def test_sample_is_rebuilt_for_another_embedding_model(tmp_path: Path) -> None:
-    assert await ensure_sample_collection(tmp_path, None, HashingEmbedder(512)) is not None
-    report = await ensure_sample_collection(tmp_path, None, HashingEmbedder(256))
+    assert (
+        await ensure_sample_collection(tmp_path, None, HashingEmbedder(512), ensure_schema=create_rag_tables)
+        is not None
+    )
+    report = await ensure_sample_collection(tmp_path, None, HashingEmbedder(256), ensure_schema=create_rag_tables)
     assert report is not None and report.ingested >= 12
     store = CollectionStore(tmp_path, HashingEmbedder(256))
     hits = await store.search("sample", "Kestrel Care extended warranty price", top_k=1)
     assert hits[0].document_id == "policies/warranty.md"
     await store.aclose()
-    assert await ensure_sample_collection(tmp_path, None, HashingEmbedder(256)) is None
+    assert await ensure_sample_collection(tmp_path, None, HashingEmbedder(256), ensure_schema=create_rag_tables) is None
 
 
 def test_eval_cli_halueval_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from retrieval.errors import RetrievalError, UnknownCollection
 from retrieval.ingest import Ingestor
 from retrieval.store import CollectionStore
 from tests.retrieval.conftest import make_doc
+from tests.retrieval.schema import create_rag_tables
 
 ANIMALS = [
     make_doc("walrus", "Walruses live in the Arctic and eat clams."),
@@ -21,7 +22,7 @@ ANIMALS = [
 
 
 async def _ingest(data_dir: Path, database_url: str, embedder: HashingEmbedder, collection: str, docs) -> None:
-    async with await Ingestor.open(data_dir, database_url, embedder) as ingestor:
+    async with await Ingestor.open(data_dir, database_url, embedder, ensure_schema=create_rag_tables) as ingestor:
         await ingestor.ingest_documents(collection, docs)
 
 
