@@ -1,4 +1,4 @@
-"""The vector index seam and its FAISS implementation.
+"""The FAISS vector index: its types, their thresholds, and building, searching and saving one.
 
 All indexes score by inner product over unit vectors (= cosine similarity). The type follows
 the collection's size unless configured (`IndexConfig.kind`); the thresholds and parameters
@@ -17,9 +17,9 @@ executor. FAISS releases the GIL while it searches.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,9 +53,6 @@ class IndexConfig:
             return "ivf" if n >= 1_000 else "flat"
         return "hnsw"
 
-    def with_kind(self, kind: str) -> IndexConfig:
-        return replace(self, kind=kind)
-
 
 def ivf_nlist_for(n: int) -> int:
     """About 2·sqrt(n) cells, at least 1 and with at least 39 training points per cell."""
@@ -65,21 +62,6 @@ def ivf_nlist_for(n: int) -> int:
 def ivf_nprobe_for(nlist: int) -> int:
     """A quarter of the lists (at least 32): what the benchmark needed for recall@10 >= 0.95."""
     return max(1, min(nlist, max(32, nlist // 4)))
-
-
-class VectorIndex(Protocol):
-    """What a collection needs from an index: search, size, persistence."""
-
-    kind: str
-
-    @property
-    def size(self) -> int: ...
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return (scores, row ids), each of shape (len(queries), k); missing ids are -1."""
-        ...
-
-    def save(self, path: Path) -> None: ...
 
 
 class FaissIndex:

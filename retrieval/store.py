@@ -88,15 +88,6 @@ class CollectionStore:
         done = time.perf_counter()
         return SearchOutcome(hits, snapshot.version, (embedded - started) * 1e3, (done - embedded) * 1e3)
 
-    async def search_vector(
-        self, collection: str, vector: np.ndarray, top_k: int = 4, min_score: float = 0.0
-    ) -> list[Hit]:
-        """Search with a ready query vector (shape (dim,) or (1, dim))."""
-        snapshot = await self._snapshot(collection)
-        return await self._search_snapshot(
-            snapshot, np.asarray(vector, dtype=np.float32).reshape(1, -1), top_k, min_score
-        )
-
     async def info(self, collection: str) -> dict[str, Any]:
         """Version, size, index type and embedding model of the live version."""
         snapshot = await self._snapshot(collection)
