@@ -75,8 +75,10 @@ def _unexpected_error(request: Request, exc: Exception) -> Response[bytes]:
     return _error_response(500, "internal gateway error; see the gateway log", "server_error", "internal_error")
 
 
-def _ensure_request_id(response: Response[Any]) -> Response[Any]:
-    """Every response carries `x-gateway-request-id`; pipeline routes set the audit row's id themselves."""
+async def _ensure_request_id(response: Response[Any]) -> Response[Any]:
+    """Every response carries `x-gateway-request-id`; pipeline routes set the audit row's id themselves.
+
+    Async on purpose: Litestar runs a sync hook in a worker thread."""
     if REQUEST_ID_HEADER not in response.headers:
         response.headers[REQUEST_ID_HEADER] = _new_request_id()
     return response
