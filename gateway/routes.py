@@ -36,6 +36,8 @@ async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: 
         headers["x-gateway-guards"] = guarding.header(trace.verdicts)
     if trace.blocked:
         headers["x-gateway-blocked-by"] = trace.blocked["guard"]
+    if trace.rate_headers:
+        headers.update(trace.rate_headers)
     if isinstance(result, bytes):
         headers["x-gateway-backend-ms"] = f"{trace.backend_s * 1000:.1f}"
         return Response(result, media_type="application/json", headers=headers)

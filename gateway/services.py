@@ -14,6 +14,7 @@ from gateway.audit import AuditWriter
 from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
 from gateway.db import audit_records, create_engine
+from gateway.limits import build_limiter, parse_model_limits
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
 from gateway.review_store import ReviewStore
@@ -71,6 +72,13 @@ class Services:
         self.rails: Guardrails | None = None
         self.embedder: Embedder | None = None
         self.store: CollectionStore | None = None
+        # Key limits come with each key; model limits from the settings; counters in Redis when given.
+        self.limiter = build_limiter(
+            settings.redis,
+            parse_model_limits(settings.model_limits),
+            fail=settings.limits_fail,
+            prefix=settings.redis_prefix,
+        )
         self.pipeline = Pipeline(
             self.backend,
             self.audit,
@@ -80,6 +88,7 @@ class Services:
             rag_min_score=settings.rag_min_score,
             open_mode=settings.open_mode,
             max_n=settings.max_n,
+            limiter=self.limiter,
         )
         self.started_at = time.time()
 
@@ -87,6 +96,7 @@ class Services:
         # Alembic runs its own event loop, so it gets a thread of its own.
         await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
+        await self.limiter.start()
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
         self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
         self.pipeline.rails = self.rails
@@ -139,6 +149,7 @@ class Services:
 
     async def stop(self) -> None:
         await self.audit.stop()
+        await self.limiter.aclose()
         if self.store is not None:
             await self.store.aclose()
         await self.backend.aclose()
@@ -172,6 +183,7 @@ class Services:
             "models": models,
             "audit": {"pending": self.audit.pending, "committed": self.audit.committed, "spooled": self.audit.spooled},
             "open_mode": self.settings.open_mode,
+            "limits": self.limiter.describe(),
             "guardrails": self.rails.describe() if self.rails else None,
             "retrieval": {
                 "embedding_model": self.embedder.name,

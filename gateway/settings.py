@@ -56,6 +56,10 @@ class Settings:
     guard_workers: int = 2  # threads for model work (toxicity, embeddings), shared by all requests
     sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also a power cut
     log_level: str = "info"
+    redis: str | None = None  # redis://HOST:PORT/DB: limit counters shared by replicas; none: in process
+    limits_fail: str = "open"  # Redis unreachable: "open" serves unchecked, "closed" answers 503
+    redis_prefix: str = "gw:lim:"  # key prefix in Redis, so several gateways can share one server
+    model_limits: tuple[str, ...] = ()  # "MODEL:FIELD=VALUE" (a [model_limits.MODEL] table in the file)
 
     @property
     def database_url(self) -> str:
@@ -100,6 +104,10 @@ def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
             return Path(str(value)).expanduser()
         if annotation == "Path | None":
             return Path(str(value)).expanduser() if value not in (None, "") else None
+        if name == "model_limits" and isinstance(value, dict):
+            from gateway.limits import model_limit_entries
+
+            return model_limit_entries(value)
         if annotation == "tuple[str, ...]":
             items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
             return tuple(str(v).strip() for v in items if str(v).strip())
@@ -145,6 +153,16 @@ def _validate(settings: Settings) -> Settings:
         raise bad("max_n must be at least 1")
     if settings.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise bad(f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {settings.sqlite_synchronous!r}")
+    if settings.limits_fail not in ("open", "closed"):
+        raise bad(f"limits_fail must be 'open' or 'closed', not {settings.limits_fail!r}")
+    if settings.redis is not None and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise bad(f"redis URL {settings.redis!r} must start with redis://, rediss:// or unix://")
+    from gateway.limits import parse_model_limits
+
+    try:
+        parse_model_limits(settings.model_limits)
+    except ValueError as exc:
+        raise bad(str(exc)) from exc
     for url in settings.backend:
         if not url.startswith(("http://", "https://")):
             raise bad(f"backend URL {url!r} must start with http:// or https://")
