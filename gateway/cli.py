@@ -15,6 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.limits_cli import (
+    add_limit_flags,
+    cmd_keys_update,
+    cmd_usage,
+    configure_usage_parser,
+    limits_from_args,
+    limits_text,
+)
 from gateway.settings import Settings, SettingsError, load_settings
 
 Command = Callable[[argparse.Namespace], int]
@@ -56,6 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend or None,
         open_mode=True if args.open else None,
         policy=args.policy,
+        redis=args.redis,
+        limits_fail=args.limits_fail,
         alias=args.alias or None,
     )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -202,14 +212,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     async def go() -> tuple[Any, str]:
         engine = create_engine(settings.database_url)
         try:
-            return await KeyStore(engine).create(args.role, args.name, args.collection)
+            return await KeyStore(engine).create(args.role, args.name, args.collection, limits_from_args(args))
         finally:
             await engine.dispose()
 
     info, secret = _run_async(go())
     print(secret)
     print(
-        f"created key {info.id} (role {info.role}{', name ' + info.name if info.name else ''}); "
+        f"created key {info.id} (role {info.role}{', name ' + info.name if info.name else ''}; "
+        f"{info.limits.describe() if info.limits else 'no limits'}); "
         "the secret above is not stored and will not be shown again",
         file=sys.stderr,
     )
@@ -233,7 +244,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
     for row in _run_async(go()):
         state = "revoked" if row["revoked_at"] else "active"
-        print(f"{row['id']}\t{row['role']}\t{state}\t{row['prefix']}...\t{row['name'] or ''}")
+        print(f"{row['id']}\t{row['role']}\t{state}\t{row['prefix']}...\t{row['name'] or ''}\t{limits_text(row)}")
     return 0
 
 
@@ -343,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--alias", action="append", metavar="NAME=COLLECTION:MODEL", help="a model name that means RAG; repeatable"
     )
     serve.add_argument("--open", action="store_true", help="no API keys (local use only; announced loudly)")
+    serve.add_argument("--redis", default=None, metavar="URL", help="Redis for limit counters shared by replicas")
+    serve.add_argument("--limits-fail", choices=["open", "closed"], default=None, help="when Redis is unreachable")
     serve.set_defaults(func=cmd_serve)
 
     backend = commands.add_parser("backend", help="run an LLM backend").add_subparsers(
@@ -378,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(revoke)
     revoke.add_argument("key_id")
     revoke.set_defaults(func=cmd_keys_revoke)
+    add_limit_flags(create)
+    update = keys.add_parser("update", help="change a key's limits (0: no limit)")
+    _common(update)
+    update.add_argument("key_id")
+    add_limit_flags(update)
+    update.set_defaults(func=lambda args: cmd_keys_update(args, _settings(args)))
+    usage = commands.add_parser("usage", help="requests, tokens, blocks, limits and latency from the audit log")
+    _common(usage)
+    configure_usage_parser(usage)
+    usage.set_defaults(func=lambda args: cmd_usage(args, _settings(args)))
 
     db = commands.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
     up = db.add_parser("upgrade", help="apply the schema migrations")
