@@ -21,6 +21,7 @@ from gateway.review import REVIEW_ROUTES
 from gateway.routes import ROUTES
 from gateway.services import Services
 from gateway.settings import Settings
+from gateway.usage_routes import USAGE_ROUTES
 from serving.backend import Backend
 
 log = logging.getLogger("gateway")
@@ -97,7 +98,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             await services.stop()
 
     app = Litestar(
-        route_handlers=[*ROUTES, *REVIEW_ROUTES],
+        route_handlers=[*ROUTES, *REVIEW_ROUTES, *USAGE_ROUTES],
         template_config=TemplateConfig(directory=Path(__file__).with_name("templates"), engine=JinjaTemplateEngine),
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers={

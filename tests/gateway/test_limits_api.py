@@ -26,7 +26,7 @@ from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
 from tests.gateway.test_limits import REDIS_URL, Clock, _drop_prefix, needs_redis
-from tests.helpers import GatewayServer, audit_rows
+from tests.helpers import GatewayServer, audit_rows, create_key
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hello there, how are you?"}]}
 
@@ -276,3 +276,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
             return True
         done.wait(0.1)
     return False
+
+
+def test_usage_table_for_admins(settings: Settings) -> None:
+    key_id, secret = limited_key(settings, rpm=1)
+    _, admin = create_key(settings, "admin", "boss")
+    _, reviewer = create_key(settings, "reviewer", "ana")
+    with GatewayServer(settings) as gw, httpx.Client(base_url=gw.url) as client:
+        freeze(gw, Clock())
+        for _ in range(3):
+            client.post("/v1/chat/completions", json=CHAT, headers=auth(secret))
+        figures = client.get("/api/usage", params={"by": "key"}, headers=auth(admin)).json()
+        row = next(r for r in figures["rows"] if r["group"] == key_id)
+        assert (row["requests"], row["ok"], row["rate_limited"], row["name"]) == (3, 1, 2, "limited")
+        page = client.get("/review/usage?since=1h&by=model", headers=auth(admin))
+        assert page.status_code == 200 and "<td>fake-model</td>" in page.text.replace("\n", "")
+        assert client.get("/review/usage", headers=auth(reviewer)).status_code == 403
+        assert client.get("/api/usage", headers=auth(reviewer)).status_code == 403
+        bad = client.get("/api/usage", params={"since": "soon"}, headers=auth(admin))
+        assert bad.status_code == 400 and "'soon'" in bad.json()["error"]["message"]

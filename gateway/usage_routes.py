@@ -1,0 +1,59 @@
+"""The usage table for admins: `/review/usage` (a page in the reviewer UI) and `/api/usage` (JSON).
+
+The same figures as `gateway usage`, from the audit log; reviewer sign-in, admin role only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.di import NamedDependency
+from litestar.response import Template
+
+from gateway.errors import InvalidRequest
+from gateway.review import _context, _page_or_login, _reviewer
+from gateway.services import Services
+from gateway.usage import COLUMNS, GROUPINGS, UsageRow, parse_since, usage
+
+_encode = msgspec.json.Encoder().encode
+
+
+async def _figures(request: Request[Any, Any, Any], services: Services) -> tuple[str, str, list[UsageRow]]:
+    since_text = request.query_params.get("since") or "24h"
+    by = request.query_params.get("by") or "key"
+    if by not in GROUPINGS:
+        raise InvalidRequest(f"by {by!r}: choose one of {', '.join(GROUPINGS)}", param="by")
+    try:
+        since = parse_since(since_text)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="since") from exc
+    return since_text, by, await usage(services.engine, since, by)
+
+
+@get("/review/usage", include_in_schema=False)
+async def usage_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    who = await _page_or_login(request, services)
+    if isinstance(who, Response):
+        return who
+    key, csrf = who
+    key.require("admin")
+    since, by, rows = await _figures(request, services)
+    return Template(
+        "review/usage.html",
+        context=_context(services, key, csrf, rows=rows, since=since, by=by, groupings=GROUPINGS, columns=COLUMNS,
+                         title="Usage"),
+    )  # fmt: skip
+
+
+@get("/api/usage")
+async def api_usage(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
+    key, _ = await _reviewer(request, services, write=False)
+    key.require("admin")
+    since, by, rows = await _figures(request, services)
+    body = {"since": since, "by": by, "rows": [row.public() for row in rows]}
+    return Response(_encode(body), media_type="application/json")
+
+
+USAGE_ROUTES = [usage_page, api_usage]
