@@ -168,9 +168,8 @@ def test_hpa_targets_the_gateway_deployment(docs: list[dict[str, Any]]) -> None:
 
 
 def test_pdb_and_service_select_exactly_the_gateway_pods(docs: list[dict[str, Any]]) -> None:
-    pod_label_sets = {
-        f"{d['kind']}/{d['metadata']['name']}": pod_labels(d) for d in docs if d["kind"] in ("Deployment", "Job", "CronJob")
-    }
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "Job", "CronJob")]
+    pod_label_sets = {f"{d['kind']}/{d['metadata']['name']}": pod_labels(d) for d in workloads}
     gateway_pods = pod_labels(gateway_deployment(docs))
     assert matches(gateway_deployment(docs)["spec"]["selector"]["matchLabels"], gateway_pods)
     pdb = one(docs, "PodDisruptionBudget", "gateway")
