@@ -532,12 +532,11 @@ class Pipeline:
                             if out:
                                 yield b"".join(out)
                             raise UpstreamError(_upstream_message(event), code="backend_stream_error")
-                        problem = _event_problem(event, chat)
-                        if problem is not None:
+                        if not _well_formed_event(event, chat):
                             if out:
                                 yield b"".join(out)
                             raise UpstreamError(
-                                f"backend {trace.backend} sent an invalid event: {problem}",
+                                f"backend {trace.backend} sent an invalid event: {_event_problem(event, chat)}",
                                 code="backend_invalid_answer",
                             )
                         choices = event.get("choices") or []
@@ -822,6 +821,33 @@ def _answer_problem(answer: object, chat: bool, stream: bool = False) -> str | N
 
 def _event_problem(event: object, chat: bool) -> str | None:
     return _answer_problem(event, chat, stream=True)
+
+
+def _well_formed_event(event: object, chat: bool) -> bool:
+    """`_event_problem(event, chat) is None`, in one call: it runs for every event of every stream.
+
+    `type(x) is` on purpose: decoded JSON has no subclasses, and it keeps `True` from passing for an int."""
+    if type(event) is not dict:
+        return False
+    choices = event.get("choices")
+    if choices is not None:
+        if type(choices) is not list:
+            return False
+        for choice in choices:
+            if type(choice) is not dict or type(choice.get("index", 0)) is not int:
+                return False
+            finish = choice.get("finish_reason")
+            if finish is not None and type(finish) is not str:
+                return False
+            part = choice.get("delta") if chat else choice
+            if part is not None:
+                if type(part) is not dict:
+                    return False
+                text = part.get("content") if chat else part.get("text")
+                if text is not None and type(text) is not str:
+                    return False
+    usage = event.get("usage")
+    return usage is None or type(usage) is dict
 
 
 async def _replay(batches: list[list[bytes]]) -> AsyncIterator[list[bytes]]:

@@ -20,13 +20,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from gateway.pipeline import _event_problem, _well_formed_event
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread, FakeConfig
 from tests.conftest import make_settings
 from tests.helpers import GatewayServer, audit_rows, create_key
 
 FUZZ = hypothesis_settings(
-    max_examples=100,
+    max_examples=100,  # per fuzzer: about 10 s each on a busy 2-core machine
     deadline=None,
     derandomize=True,
     database=None,
@@ -197,3 +198,10 @@ def test_fuzz_backend_streams(target: Target) -> None:
 
     one()
     target.assert_one_row_each()
+
+
+@FUZZ
+@given(event=st.one_of(stream_event, answers), chat=st.booleans())
+def test_fast_event_check_agrees_with_the_explaining_one(event: Any, chat: bool) -> None:
+    # The relay runs the one-call check on every event, and the explaining one only to word the error.
+    assert _well_formed_event(event, chat) is (_event_problem(event, chat) is None)
