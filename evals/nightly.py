@@ -425,13 +425,13 @@ async def evaluate_traffic(
         rails = services.rails
         total = len(current_rows) + len(previous_rows) + len(labelled_rows)
         with traffic.progress_bar(total, enabled=progress) as bar:
-            current = await traffic.rescore_all(rails, current_rows, bar=bar)
-            previous = await traffic.rescore_all(rails, previous_rows, bar=bar)
-            labelled_scored = await traffic.rescore_all(rails, [row for row, _ in labelled_rows], bar=bar)
-        failed = sum(r is None for r in (*current, *previous, *labelled_scored))
-        current = [r for r in current if r is not None]
-        previous = [r for r in previous if r is not None]
-        labelled = [(r, label) for r, (_, label) in zip(labelled_scored, labelled_rows, strict=True) if r is not None]
+            current_or_none = await traffic.rescore_all(rails, current_rows, bar=bar)
+            previous_or_none = await traffic.rescore_all(rails, previous_rows, bar=bar)
+            labelled_or_none = await traffic.rescore_all(rails, [row for row, _ in labelled_rows], bar=bar)
+        failed = sum(r is None for r in (*current_or_none, *previous_or_none, *labelled_or_none))
+        current = [r for r in current_or_none if r is not None]
+        previous = [r for r in previous_or_none if r is not None]
+        labelled = [(r, label) for r, (_, label) in zip(labelled_or_none, labelled_rows, strict=True) if r is not None]
         drift = await traffic.drift_report(previous, current, services.embedder)
         feedback = traffic.label_feedback(labelled, traffic.current_thresholds(rails))
         summary_metrics = traffic.summarise(current, previous, drift, feedback, len(labelled))

@@ -206,7 +206,7 @@ async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
 
 
 @contextmanager
-def progress_bar(total: int, *, enabled: bool) -> Iterator[tqdm]:  # type: ignore[type-arg]
+def progress_bar(total: int, *, enabled: bool) -> Iterator[tqdm]:
     """A progress bar on stderr for re-scoring (disabled: a silent one)."""
     bar = tqdm(total=total, desc="rescore", unit="row", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
     try:
@@ -219,7 +219,7 @@ async def rescore_all(
     rails: Guardrails,
     rows: Sequence[dict[str, Any]],
     concurrency: int = 8,
-    bar: tqdm | None = None,  # type: ignore[type-arg]
+    bar: tqdm | None = None,
 ) -> list[Rescored | None]:
     """Every row re-scored, in order; None for a row that could not be (logged with its request id)."""
     limit = asyncio.Semaphore(concurrency)
