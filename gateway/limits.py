@@ -183,6 +183,11 @@ class Admission:
     degraded: bool = False  # fail-open: Redis was down, nothing was checked
     released: bool = False
 
+    @property
+    def holds_slot(self) -> bool:
+        """Whether it holds a concurrency or in-flight slot (which the next request may be waiting for)."""
+        return self.model is not None or any(c.kind in ("c", "m") for c in self.undo)
+
 
 UNLIMITED = Admission(id="unlimited", released=True)  # shared; releasing it does nothing
 
@@ -288,6 +293,7 @@ class Limiter(ABC):
         self.clock = clock
         self.lease_ms = lease_s * 1000
         self.refused = 0
+        self._pending: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         """Connect and announce (a no-op in process)."""
@@ -369,6 +375,27 @@ class Limiter(ABC):
 
     @abstractmethod
     async def _release(self, admission: Admission, token_delta: int, now_ms: float) -> None: ...
+
+    def release_soon(self, admission: Admission, actual_tokens: int) -> None:
+        """`release` without waiting for it: the answer need not wait for a Redis round trip."""
+        if admission.released:
+            return
+        task = asyncio.ensure_future(self.release(admission, actual_tokens))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def finish(self, admission: Admission, actual_tokens: int) -> None:
+        """End of a request: wait for the release only when it gives back a slot, so that a client's
+        next request finds it free; a token correction alone goes in the background."""
+        if admission.holds_slot:
+            await asyncio.shield(self.release(admission, actual_tokens))
+        else:
+            self.release_soon(admission, actual_tokens)
+
+    async def drain(self) -> None:
+        """Wait for releases still on their way (tests; shutdown)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
 
 def _gcra(tat: float | None, now: float, limit: int, cost: int) -> tuple[bool, float, float, int, float]:
@@ -516,6 +543,14 @@ class InProcessLimiter(Limiter):
     async def _release(self, admission: Admission, token_delta: int, now_ms: float) -> None:
         self.release_now(admission, token_delta, now_ms)
 
+    async def finish(self, admission: Admission, actual_tokens: int) -> None:
+        self.release_soon(admission, actual_tokens)
+
+    def release_soon(self, admission: Admission, actual_tokens: int) -> None:
+        if not admission.released:  # no I/O here: release at once
+            admission.released = True
+            self.release_now(admission, actual_tokens - admission.reserved, self.clock() * 1000)
+
     def release_now(self, admission: Admission, token_delta: int, now_ms: float) -> None:
         for check in admission.undo:
             if check.kind == "g" and token_delta:
@@ -550,7 +585,7 @@ async def release_after(
         async for chunk in stream:
             yield chunk
     finally:
-        await asyncio.shield(limiter.release(admission, used()))
+        await limiter.finish(admission, used())
 
 
 def build_limiter(

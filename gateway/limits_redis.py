@@ -20,7 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -158,7 +158,7 @@ class RedisLimiter(Limiter):
         fail: str = "open",
         clock: Clock = time.time,
         prefix: str = "gw:lim:",
-        timeout_s: float = 0.5,
+        timeout_s: float = 1.0,
         lease_s: float = 900.0,
         poll_s: float = 0.025,
         retry_after_failure_s: float = 1.0,
@@ -172,18 +172,16 @@ class RedisLimiter(Limiter):
         self.prefix = prefix
         self.poll_s = poll_s
         self._pause_s = retry_after_failure_s
-        # No client-side retries: a down Redis must cost one short timeout, not several.
-        # A bounded pool: a burst of requests queues for a connection instead of opening hundreds.
-        pool = BlockingConnectionPool.from_url(
+        # A burst of requests queues here for one of `max_connections` connections instead of opening
+        # hundreds (a semaphore costs far less per call than redis-py's BlockingConnectionPool).
+        self._gate = asyncio.Semaphore(max_connections)
+        self._redis = Redis.from_url(
             url,
-            max_connections=max_connections,
-            timeout=max(2.0, timeout_s),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 0),  # no client-side retries: a down Redis costs one short timeout
             health_check_interval=0,
         )
-        self._redis = Redis.from_pool(pool)  # closing the client closes the pool
         self._acquire_script = self._redis.register_script(ACQUIRE)
         self._release_script = self._redis.register_script(RELEASE)
         self._down_until = 0.0
@@ -211,6 +209,7 @@ class RedisLimiter(Limiter):
         )
 
     async def aclose(self) -> None:
+        await self.drain()
         await self._redis.aclose()
 
     def describe(self) -> dict[str, Any]:
@@ -265,7 +264,8 @@ class RedisLimiter(Limiter):
         try:
             while True:
                 try:
-                    result = await self._acquire_script(keys=keys, args=args)
+                    async with self._gate:
+                        result = await self._acquire_script(keys=keys, args=args)
                 except RedisError as exc:
                     return self._unavailable(exc)
                 states = []
@@ -308,7 +308,8 @@ class RedisLimiter(Limiter):
         for c in admission.undo:
             args += (c.kind, c.limit)
         try:
-            await self._release_script(keys=keys, args=args)
+            async with self._gate:
+                await self._release_script(keys=keys, args=args)
         except RedisError as exc:
             # Leases expire on their own; a lost token correction only errs by one request's tokens.
             self._failed(exc)

@@ -307,7 +307,7 @@ class Pipeline:
 
     async def _release(self, trace: Trace, admission: Admission) -> None:
         assert self.limiter is not None
-        await asyncio.shield(self.limiter.release(admission, self._tokens_used(trace, admission)))
+        await self.limiter.finish(admission, self._tokens_used(trace, admission))
 
     def _release_after(self, trace: Trace, stream: AsyncIterator[bytes], admission: Admission) -> AsyncIterator[bytes]:
         assert self.limiter is not None

@@ -136,8 +136,16 @@ def test_stream_tokens_are_counted_when_it_ends(settings: Settings, include_usag
             assert used_by_stream > estimate
 
 
-def test_concurrency_released_on_client_disconnect(settings: Settings, slow_backend: FakeBackendThread) -> None:
-    settings = settings.replace(backend=(slow_backend.url,))
+@pytest.fixture(params=["in-process", pytest.param("redis", marks=needs_redis)])
+def shared(request: pytest.FixtureRequest, redis_prefix: str) -> dict[str, Any]:
+    """Settings changes for each limiter: counters in process, or in the real Redis."""
+    return {"redis": REDIS_URL, "redis_prefix": redis_prefix} if request.param == "redis" else {}
+
+
+def test_concurrency_released_on_client_disconnect(
+    settings: Settings, slow_backend: FakeBackendThread, shared: dict[str, Any]
+) -> None:
+    settings = settings.replace(backend=(slow_backend.url,), **shared)
     _, secret = limited_key(settings, max_concurrent=1)
     with GatewayServer(settings) as gw, httpx.Client(base_url=gw.url, headers=auth(secret), timeout=30) as client:
         with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as stream:
@@ -149,7 +157,8 @@ def test_concurrency_released_on_client_disconnect(settings: Settings, slow_back
         assert wait_for(lambda: client.post("/v1/chat/completions", json=CHAT).status_code == 200)
 
 
-def test_concurrency_released_on_backend_errors(settings: Settings) -> None:
+def test_concurrency_released_on_backend_errors(settings: Settings, shared: dict[str, Any]) -> None:
+    settings = settings.replace(**shared)
     _, secret = limited_key(settings, max_concurrent=1)
     failing = {**CHAT, "fake": {"status": 500, "message": "boom"}}
     broken_stream = {**CHAT, "stream": True, "fake": {"events": [{"error": {"message": "died"}}]}}
