@@ -25,6 +25,7 @@ any state (no Redis round trip).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import secrets
@@ -158,17 +159,24 @@ def model_limit_entries(table: Mapping[str, Any]) -> tuple[str, ...]:
 # -- admissions ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class _Check:
     """One limit evaluated at admission. kind: g (GCRA per minute), c (concurrency lease),
-    q (quota counter), m (model in-flight lease; full means "wait", not "refuse")."""
+    q (quota counter), m (model in-flight lease; full means "wait", not "refuse").
 
-    kind: str
-    key: str
-    limit: int
-    cost: int = 1
-    aux: float = 0.0  # quotas: ms until the counter's period ends
-    what: str = ""  # rpm, tpm, max_concurrent, tokens_per_day, tokens_per_month, model_rpm, model_in_flight
+    A plain slotted class: one is built per limit per request, and this is the cheapest to build."""
+
+    __slots__ = ("aux", "cost", "key", "kind", "limit", "what")
+
+    def __init__(self, kind: str, key: str, limit: int, cost: int = 1, aux: float = 0.0, what: str = "") -> None:
+        self.kind = kind
+        self.key = key
+        self.limit = limit
+        self.cost = cost
+        self.aux = aux  # quotas: ms until the counter's period ends
+        self.what = what  # rpm, tpm, max_concurrent, tokens_per_day, tokens_per_month, model_rpm, model_in_flight
+
+    def __repr__(self) -> str:
+        return f"_Check({self.kind!r}, {self.key!r}, {self.limit}, {self.cost}, {self.aux}, {self.what!r})"
 
 
 @dataclass(slots=True, eq=False)
@@ -294,6 +302,12 @@ class Limiter(ABC):
         self.lease_ms = lease_s * 1000
         self.refused = 0
         self._pending: set[asyncio.Future[None]] = set()
+        self._periods: tuple[int, tuple[str, float, str, float]] | None = None
+        self._ids = itertools.count()
+        self._instance = secrets.token_hex(4)  # admission ids are unique across replicas
+
+    def _new_id(self) -> str:
+        return f"{self._instance}{next(self._ids):x}"
 
     async def start(self) -> None:
         """Connect and announce (a no-op in process)."""
@@ -323,19 +337,15 @@ class Limiter(ABC):
             if limits.max_concurrent:
                 checks.append(_Check("c", prefix + "conc", limits.max_concurrent, what="max_concurrent"))
             if limits.tokens_per_day or limits.tokens_per_month:
-                moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+                day, day_end, month, month_end = self._period(now_ms)
                 if limits.tokens_per_day:
-                    day_ms = 86_400_000.0
-                    left = day_ms - now_ms % day_ms
                     checks.append(
-                        _Check("q", f"{prefix}day:{moment:%Y%m%d}", limits.tokens_per_day, reserved, left,
+                        _Check("q", f"{prefix}day:{day}", limits.tokens_per_day, reserved, day_end - now_ms,
                                "tokens_per_day")
                     )  # fmt: skip
                 if limits.tokens_per_month:
-                    nxt = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
-                    left = nxt.timestamp() * 1000 - now_ms
                     checks.append(
-                        _Check("q", f"{prefix}mon:{moment:%Y%m}", limits.tokens_per_month, reserved, left,
+                        _Check("q", f"{prefix}mon:{month}", limits.tokens_per_month, reserved, month_end - now_ms,
                                "tokens_per_month")
                     )  # fmt: skip
         if model is not None:
@@ -346,6 +356,20 @@ class Limiter(ABC):
                 if caps.max_in_flight:
                     checks.append(_Check("m", f"m:{model}:flight", caps.max_in_flight, what="model_in_flight"))
         return checks, reserved
+
+    def _period(self, now_ms: float) -> tuple[str, float, str, float]:
+        """(day tag, day end ms, month tag, month end ms) in UTC, computed once a day."""
+        day_number = int(now_ms // 86_400_000)
+        cached = self._periods
+        if cached is None or cached[0] != day_number:
+            moment = datetime.fromtimestamp(day_number * 86_400, UTC)
+            following = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+            cached = self._periods = (
+                day_number,
+                (moment.strftime("%Y%m%d"), (day_number + 1) * 86_400_000.0, moment.strftime("%Y%m"),
+                 following.timestamp() * 1000),
+            )  # fmt: skip
+        return cached[1]
 
     async def acquire(self, key: KeyInfo, model: str | None, prompt_tokens: int) -> Admission:
         """Admit the request or raise RateLimited (429) / LimitsUnavailable (503)."""
@@ -522,7 +546,7 @@ class InProcessLimiter(Limiter):
         if failures:
             retry, check = _worst(failures)
             raise _refusal(check, retry, headers, key_id, model)
-        admission = Admission(id=secrets.token_hex(8), reserved=reserved, headers=headers)
+        admission = Admission(id=self._new_id(), reserved=reserved, headers=headers)
         undo = []
         for check, new in updates:
             if check.kind == "g":
