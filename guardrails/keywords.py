@@ -114,17 +114,18 @@ class _Automaton:
         if not self.size:
             return []
         found = []
+        start_ok, end_ok = view.start_ok, view.end_ok
         for last, (length, values) in self.automaton.iter(view.text):
             start = last - length + 1
-            if not (view.start_ok[start] and view.end_ok[last]):
+            if not (start_ok[start] and end_ok[last]):
                 continue  # inside a word: no Scunthorpe hits
             if split:
                 if length < SPLIT_MIN_CHARS or view.piece is None:
                     continue
-                pieces = 1 + sum(view.piece[start + 1 : last + 1])
+                pieces = 1 + int(view.piece[start + 1 : last + 1].sum())
                 if not 2 <= pieces <= SPLIT_MAX_PIECES:
                     continue
-            text_runs = view.runs[start : last + 1]
+            text_runs = view.runs[start : last + 1].tolist()
             for term, runs in values:
                 # each character must repeat at least as often as in the term ("ass" != "as")
                 if all(t >= r for t, r in zip(text_runs, runs, strict=True)):

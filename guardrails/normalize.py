@@ -34,8 +34,11 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from guardrails.confusables import CONFUSABLES
 
@@ -153,76 +156,223 @@ def fold_char(c: str) -> str:
     return "".join(HOMOGLYPHS.get(ch) or CONFUSABLES.get(ch, ch) for ch in s)
 
 
-def _decode_escapes(text: str) -> list[tuple[str, int, int]]:
-    """(character, original start, original end) for `text` with HTML character references and
-    UTF-8 percent-escapes decoded once; other characters map to themselves."""
-    units: list[tuple[str, int, int]] = []
-    pos = 0
-    for m in _ENCODED.finditer(text):
-        start, end = m.span()
-        units.extend((text[i], i, i + 1) for i in range(pos, start))
-        pos = end
-        token = m.group()
-        if token[0] == "&":
-            decoded = html.unescape(token)
-            if decoded != token and decoded:
-                units.extend((ch, start, end) for ch in decoded)
-                continue
-        else:
-            raw = bytes.fromhex(token.replace("%", ""))
-            try:
-                decoded = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                decoded = ""
-            if decoded:
-                at = start
-                for ch in decoded:
-                    width = 3 * len(ch.encode("utf-8"))
-                    units.append((ch, at, at + width))
-                    at += width
-                continue
-        units.extend((text[i], i, i + 1) for i in range(start, end))
-    units.extend((text[i], i, i + 1) for i in range(pos, len(text)))
-    return units
+# --- arrays -------------------------------------------------------------------------------------
+# Every step below works on whole numpy arrays (one entry per character), so the cost is a few
+# passes of C code over the text: a 900 KB prompt takes a fraction of a second, not seconds of
+# per-character Python. Python-level work happens once per *distinct* non-ASCII character and
+# once per escape sequence (cached), never per character.
+
+_I64 = np.int64
 
 
-def fold_units(text: str) -> tuple[list[str], list[int], list[int]]:
-    """Decode and fold `text` (steps 0 and 1): the folded characters, and for each the original
-    span [start, end) it came from."""
-    if text.isascii() and "&" not in text and "%" not in text:
-        return list(text.lower()), list(range(len(text))), list(range(1, len(text) + 1))
-    chars: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
-    units = _decode_escapes(text) if ("&" in text or "%" in text) else [(c, i, i + 1) for i, c in enumerate(text)]
-    for c, s, e in units:
-        if c.isascii():
-            chars.append(c.lower())
-            starts.append(s)
-            ends.append(e)
-            continue
-        for ch in fold_char(c):
-            chars.append(ch)
-            starts.append(s)
-            ends.append(e)
-    return chars, starts, ends
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(_I64)
 
 
-def fold_text(text: str) -> tuple[str, list[int], list[int]]:
-    """The folded text (decoded, case, NFKC, accents, invisibles, look-alikes; no leetspeak, no
-    joining) with, per character, the original span it came from."""
-    chars, starts, ends = fold_units(text)
-    return "".join(chars), starts, ends
+def _string(cps: np.ndarray) -> str:
+    return cps.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+
+
+def _ascii_table(pred: Callable[[str], bool]) -> np.ndarray:
+    return np.array([pred(chr(c)) for c in range(128)], dtype=bool)
+
+
+def _prop(cps: np.ndarray, table: np.ndarray, pred: Callable[[str], bool]) -> np.ndarray:
+    """`pred` of every character: a table lookup for ASCII, one call per distinct other one."""
+    wide = cps >= 128
+    out = table[np.where(wide, 0, cps)]
+    if wide.any():
+        distinct, inverse = np.unique(cps[wide], return_inverse=True)
+        out[wide] = np.array([pred(chr(c)) for c in distinct.tolist()], dtype=bool)[inverse]
+    return out
 
 
 def _is_word_char(ch: str) -> bool:
     return ch.isalnum() or ch in LEET_SYMBOLS
 
 
+def _isspace_or_apostrophe(ch: str) -> bool:
+    return ch.isspace() or ch in _APOSTROPHES
+
+
+_WORD = _ascii_table(_is_word_char)
+_ALNUM = _ascii_table(str.isalnum)
+_ALPHA = _ascii_table(str.isalpha)
+_UPPER = _ascii_table(str.isupper)
+_SPACE_LIKE = _ascii_table(_isspace_or_apostrophe)
+_LIST_SEP = _ascii_table(_LIST_SEPARATORS.__contains__)
+_SENT_END = _ascii_table(_SENTENCE_ENDS.__contains__)
+_LOWER = np.array([ord(chr(c).lower()) for c in range(128)], dtype=_I64)
+_BANG, _DOT_CP, _ONE, _SPACE_CP = ord("!"), ord("."), ord("1"), ord(" ")
+
+
+def _leet_table(ambiguous: bool) -> dict[int, int]:
+    table = {ord(k): ord(v) for k, v in {**LEET_DIGITS, **LEET_SYMBOLS}.items()}
+    if ambiguous:
+        table.update({ord(k): ord(v) for k, v in AMBIGUOUS.items()})
+    return table
+
+
+def _leet_lut(ambiguous: bool) -> np.ndarray:
+    table = _leet_table(ambiguous)
+    lut = np.arange(max(table) + 1, dtype=_I64)
+    for src, dst in table.items():
+        lut[src] = dst
+    return lut
+
+
+_LEET_LUT = {amb: _leet_lut(amb) for amb in (False, True)}
+
+
+def _any_between(flags: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Whether `flags[lo[i]:hi[i]]` has a True, for every i."""
+    total = np.concatenate(([0], np.cumsum(flags, dtype=_I64)))
+    return total[hi] > total[lo]
+
+
+def _trailing_run(flags: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Length of the run of True in `flags` that ends at each position in `last`."""
+    positions = np.arange(len(flags), dtype=_I64)
+    last_false = np.maximum.accumulate(np.where(flags, -1, positions))
+    return last - last_false[last]
+
+
+# --- step 0: escapes ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _decode_token_cached(token: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    return _decode_token(token)
+
+
+def _decode_token(token: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """One `_ENCODED` match -> (characters, start and end of each relative to the match)."""
+    size = len(token)
+    if token[0] == "&":
+        decoded = html.unescape(token)
+        if decoded != token and decoded:
+            return decoded, (0,) * len(decoded), (size,) * len(decoded)
+    else:
+        try:
+            decoded = bytes.fromhex(token.replace("%", "")).decode("utf-8")
+        except UnicodeDecodeError:
+            decoded = ""
+        if decoded:
+            if decoded.isascii():
+                return decoded, tuple(range(0, size, 3)), tuple(range(3, size + 1, 3))
+            starts, ends, at = [], [], 0
+            for ch in decoded:
+                starts.append(at)
+                at += 3 * len(ch.encode("utf-8"))
+                ends.append(at)
+            return decoded, tuple(starts), tuple(ends)
+    return token, tuple(range(size)), tuple(range(1, size + 1))
+
+
+def _decode_escapes(text: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """`text` with HTML character references and UTF-8 percent-escapes decoded once, and for
+    each character the original span [start, end) it came from."""
+    pieces: list[str] = []
+    origins: list[int] = []
+    lengths: list[int] = []
+    rel_start: list[int] = []
+    rel_end: list[int] = []
+    pos = 0
+
+    def plain(start: int, end: int) -> None:
+        pieces.append(text[start:end])
+        origins.append(start)
+        lengths.append(end - start)
+        rel_start.extend(range(end - start))
+        rel_end.extend(range(1, end - start + 1))
+
+    for m in _ENCODED.finditer(text):
+        start, end = m.span()
+        if start > pos:
+            plain(pos, start)
+        token = m.group()
+        decoded, starts, ends = _decode_token_cached(token) if len(token) <= 64 else _decode_token(token)
+        pieces.append(decoded)
+        origins.append(start)
+        lengths.append(len(decoded))
+        rel_start.extend(starts)
+        rel_end.extend(ends)
+        pos = end
+    if pos < len(text):
+        plain(pos, len(text))
+    base = np.repeat(np.array(origins, dtype=_I64), np.array(lengths, dtype=_I64))
+    return "".join(pieces), base + np.array(rel_start, dtype=_I64), base + np.array(rel_end, dtype=_I64)
+
+
+# --- step 1: folding ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """A decoded, folded text as arrays: `cps[i]` came from original characters
+    [starts[i], ends[i]); `source` is the original text's code points."""
+
+    cps: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    source: np.ndarray
+
+    @property
+    def text(self) -> str:
+        return _string(self.cps)
+
+
+def fold_array(text: str) -> Folded:
+    """Decode and fold `text` (steps 0 and 1) into arrays."""
+    source = _codepoints(text)
+    if "&" in text or "%" in text:
+        decoded, starts, ends = _decode_escapes(text)
+        cps = _codepoints(decoded)
+    else:
+        cps = source
+        starts = np.arange(len(text), dtype=_I64)
+        ends = starts + 1
+    wide = cps >= 128
+    if not wide.any():
+        return Folded(_LOWER[cps], starts, ends, source)
+    distinct, inverse = np.unique(cps[wide], return_inverse=True)
+    folded = [fold_char(chr(c)) for c in distinct.tolist()]
+    sizes = np.array([len(f) for f in folded], dtype=_I64)
+    if (sizes == 1).all():
+        out = _LOWER[np.where(wide, 0, cps)]
+        out[wide] = np.array([ord(f) for f in folded], dtype=_I64)[inverse]
+        return Folded(out, starts, ends, source)
+    # some characters fold to nothing (invisibles) or to several ("æ" -> "ae"): expand
+    pool = np.concatenate((_LOWER, _codepoints("".join(folded))))
+    offsets = 128 + np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(_I64)
+    first = np.where(wide, 0, cps)
+    first[wide] = offsets[inverse]
+    count = np.ones(len(cps), dtype=_I64)
+    count[wide] = sizes[inverse]
+    source_of = np.repeat(np.arange(len(cps), dtype=_I64), count)
+    begin = np.concatenate(([0], np.cumsum(count)[:-1])).astype(_I64)
+    within = np.arange(len(source_of), dtype=_I64) - begin[source_of]
+    return Folded(pool[first[source_of] + within], starts[source_of], ends[source_of], source)
+
+
+def fold_units(text: str) -> tuple[list[str], list[int], list[int]]:
+    """Decode and fold `text` (steps 0 and 1): the folded characters, and for each the original
+    span [start, end) it came from."""
+    f = fold_array(text)
+    return list(f.text), f.starts.tolist(), f.ends.tolist()
+
+
+def fold_text(text: str) -> tuple[str, list[int], list[int]]:
+    """The folded text (decoded, case, NFKC, accents, invisibles, look-alikes; no leetspeak, no
+    joining) with, per character, the original span it came from."""
+    f = fold_array(text)
+    return f.text, f.starts.tolist(), f.ends.tolist()
+
+
 @dataclass(slots=True)
 class View:
     """A normalised text: `text[i]` came from original characters [index[i], end[i]) (-1 for a
-    separator).
+    separator), as numpy arrays.
 
     `runs[i]` (collapsed views only) is how many times the character repeated. `start_ok[i]` /
     `end_ok[i]` say whether a match may start / end at position i: at word edges, and inside a
@@ -231,132 +381,157 @@ class View:
     """
 
     text: str
-    index: list[int]
-    runs: list[int]
-    end: list[int]
-    start_ok: list[bool]
-    end_ok: list[bool]
-    piece: list[bool] | None = None
+    index: np.ndarray
+    runs: np.ndarray
+    end: np.ndarray
+    start_ok: np.ndarray
+    end_ok: np.ndarray
+    piece: np.ndarray | None = None
+    cps: np.ndarray | None = None
 
     def original_span(self, start: int, stop: int) -> tuple[int, int] | None:
         """Map view positions [start, stop) to an original (start, end), skipping separators."""
-        first = next((i for i in range(start, stop) if self.index[i] >= 0), None)
-        last = next((i for i in range(stop - 1, start - 1, -1) if self.index[i] >= 0), None)
-        if first is None or last is None:
+        real = np.flatnonzero(self.index[start:stop] >= 0)
+        if not len(real):
             return None
-        return self.index[first], self.end[last]
+        return int(self.index[start + real[0]]), int(self.end[start + real[-1]])
 
 
-# (character, original start, original end, True when a joined-in token starts here)
-_Char = tuple[str, int, int, bool]
 # how a token is separated from the one before it
 _PUNCT, _SPACE, _LIST, _DOT = 0, 1, 2, 3
 # the view index of a separator: one a split term may span, or a list / sentence break
 _SOFT, _HARD = -1, -2
 
 
-def _words(text: str) -> tuple[list[list[_Char]], list[int]]:
+@dataclass(slots=True)
+class _Words:
+    """Folded characters grouped into words (step 2): the characters in order, the word each
+    belongs to, whether a joined-in token starts there, and per word its link to the previous."""
+
+    cps: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    soft: np.ndarray
+    word: np.ndarray
+    word_start: np.ndarray
+    word_end: np.ndarray
+    links: np.ndarray
+
+
+def _empty_words() -> _Words:
+    e = np.zeros(0, dtype=_I64)
+    return _Words(e, e, e, np.zeros(0, dtype=bool), e, e, e, e)
+
+
+def _words(text: str) -> _Words:
     """Fold characters and group them into words, re-joining letters split by separators.
 
-    Also returns, per word, how it is linked to the previous one: _DOT (a code identifier,
-    `obj.meth`), _LIST (a list or sentence break: no term spans it) or _SPACE (other)."""
-    chars, starts, ends = fold_units(text)
+    A word's link says how it follows the previous one: _DOT (a code identifier, `obj.meth`),
+    _LIST (a list or sentence break: no term spans it) or _SPACE (other)."""
+    f = fold_array(text)
+    cps = f.cps
+    n = len(cps)
+    is_word = _prop(cps, _WORD, _is_word_char)
+    edge = np.diff(np.concatenate(([False], is_word, [False])).astype(np.int8))
+    tok_start = np.flatnonzero(edge == 1).astype(_I64)
+    tok_stop = np.flatnonzero(edge == -1).astype(_I64)  # exclusive; the gap after starts here
+    if not len(tok_start):
+        return _empty_words()
+    # a trailing "!" is punctuation, not an "i" ("D!" is a single letter): drop it
+    bang = cps == _BANG
+    size = tok_stop - tok_start
+    popped = np.minimum(_trailing_run(bang, tok_stop - 1), size - 1)
+    size -= popped
+    single = size == 1
 
-    tokens: list[list[tuple[str, int, int]]] = []
-    seps: list[int] = []  # per token after the first: _PUNCT, _SPACE, _LIST or _DOT
-    ends_sentence: list[bool] = []  # per token after the first: a sentence end comes before it
-    current: list[tuple[str, int, int]] = []
-    sep_space = sep_list = sep_dot = sep_end = False
-    sep_len = 0
+    gap_lo, gap_hi = tok_stop[:-1], tok_start[1:]
+    sep_list = _any_between(_prop(cps, _LIST_SEP, _LIST_SEPARATORS.__contains__), gap_lo, gap_hi)
+    sep_space = _any_between(_prop(cps, _SPACE_LIKE, _isspace_or_apostrophe), gap_lo, gap_hi)
+    sep_end = _any_between(_prop(cps, _SENT_END, _SENTENCE_ENDS.__contains__), gap_lo, gap_hi) | (popped[:-1] > 0)
+    lone_dot = (gap_hi - gap_lo == 1) & (cps[np.minimum(gap_lo, n - 1)] == _DOT_CP)
+    # ".It" after a full stop starts a sentence; "obj.meth" is one identifier
+    next_upper = _prop(f.source[f.starts[gap_hi]], _UPPER, str.isupper)
+    kind = np.full(len(gap_lo), _PUNCT, dtype=_I64)
+    kind[lone_dot & ~next_upper] = _DOT
+    kind[sep_space] = _SPACE
+    kind[sep_list] = _LIST
+    ends_sentence = sep_end & (kind != _DOT)
+    join = np.where(
+        kind == _LIST,
+        False,
+        np.where(kind == _SPACE, single[:-1] & single[1:], single[:-1] | single[1:]),
+    )
+    link = np.where(kind == _DOT, _DOT, np.where((kind == _LIST) | ends_sentence, _LIST, _SPACE))
+    new_word = np.concatenate(([True], ~join))
+    links = np.concatenate(([_LIST], link))[new_word]
+    word_of_token = np.cumsum(new_word) - 1
 
-    def close(tok: list[tuple[str, int, int]]) -> bool:
-        # a trailing "!" is punctuation, not an "i" ("D!" is a single letter)
-        popped = False
-        while len(tok) > 1 and tok[-1][0] == "!":
-            tok.pop()
-            popped = True
-        tokens.append(tok)
-        return popped
-
-    for k, ch in enumerate(chars):
-        if _is_word_char(ch):
-            if not current and tokens:
-                if sep_list:
-                    seps.append(_LIST)
-                elif sep_space:
-                    seps.append(_SPACE)
-                elif sep_dot and sep_len == 1 and not text[starts[k]].isupper():
-                    seps.append(_DOT)  # "obj.meth"; ".It" after a full stop starts a sentence
-                    sep_end = False
-                else:
-                    seps.append(_PUNCT)
-                ends_sentence.append(sep_end)
-                sep_space = sep_list = sep_dot = sep_end = False
-                sep_len = 0
-            current.append((ch, starts[k], ends[k]))
-        else:
-            if current:
-                sep_end = close(current)
-                current = []
-            if tokens:
-                sep_len += 1
-                # an apostrophe separates like a space: "hell's" is "hell" + "s", not "hells"
-                sep_space = sep_space or ch.isspace() or ch in _APOSTROPHES
-                sep_list = sep_list or ch in _LIST_SEPARATORS
-                sep_end = sep_end or ch in _SENTENCE_ENDS
-                sep_dot = ch == "."
-    if current:
-        close(current)
-
-    words: list[list[_Char]] = []
-    links: list[int] = []
-    for k, tok in enumerate(tokens):
-        if k:
-            sep = seps[k - 1]
-            prev_single = len(tokens[k - 1]) == 1
-            this_single = len(tok) == 1
-            if sep == _LIST:
-                join = False
-            elif sep == _SPACE:
-                join = prev_single and this_single
-            else:
-                join = prev_single or this_single
-            if join:
-                words[-1].extend((ch, s, e, n == 0) for n, (ch, s, e) in enumerate(tok))
-                continue
-            links.append(_DOT if sep == _DOT else _LIST if sep == _LIST or ends_sentence[k - 1] else _SPACE)
-        else:
-            links.append(_LIST)
-        words.append([(ch, s, e, False) for ch, s, e in tok])
-    return words, links
+    # the characters of the (popped) tokens, in order
+    token = np.repeat(np.arange(len(tok_start), dtype=_I64), size)
+    token_first = np.concatenate(([0], np.cumsum(size)[:-1])).astype(_I64)
+    positions = (tok_start - token_first)[token] + np.arange(len(token), dtype=_I64)
+    soft = np.zeros(len(positions), dtype=bool)
+    soft[token_first] = ~new_word
+    word = word_of_token[token]
+    word_first = token_first[new_word]
+    word_end = np.concatenate((word_first[1:], [len(positions)])).astype(_I64)
+    return _Words(cps[positions], f.starts[positions], f.ends[positions], soft, word, word_first, word_end, links)
 
 
-def _leet(word: list[_Char], ambiguous: bool) -> list[_Char]:
-    """Apply leetspeak to a word that contains a letter; drop symbols from one that does not."""
+@dataclass(slots=True)
+class _Leet:
+    """The characters that survive step 3, and the words they make (empty words are gone)."""
+
+    cps_plain: np.ndarray  # with `1` read as `i`
+    cps_ambiguous: np.ndarray | None  # with `1` read as `l`, when some word has both
+    starts: np.ndarray
+    ends: np.ndarray
+    soft: np.ndarray
+    word: np.ndarray  # rank of the (non-empty) word
+    links: np.ndarray  # per non-empty word
+
+
+def _leet(w: _Words) -> _Leet:
+    """Apply leetspeak to words that contain a letter; drop symbols from those that do not."""
+    m = len(w.cps)
+    alpha = _prop(w.cps, _ALPHA, str.isalpha)
+    has_alpha = _any_between(alpha, w.word_start, w.word_end)
     # a trailing "!" is punctuation, not an "i"
-    while word and word[-1][0] == "!":
-        word = word[:-1]
-    if not any(ch.isalpha() for ch, _, _, _ in word):
-        out = []
-        carry = False
-        for ch, s, e, soft in word:
-            if ch.isalnum():
-                out.append((ch, s, e, soft or carry))
-                carry = False
-            else:
-                carry = carry or soft
-        return out
-    mapped: list[_Char] = []
-    for ch, s, e, soft in word:
-        if ambiguous and ch in AMBIGUOUS:
-            mapped.append((AMBIGUOUS[ch], s, e, soft))
-        elif ch in LEET_DIGITS:
-            mapped.append((LEET_DIGITS[ch], s, e, soft))
-        elif ch in LEET_SYMBOLS:
-            mapped.append((LEET_SYMBOLS[ch], s, e, soft))
-        else:
-            mapped.append((ch, s, e, soft))
-    return mapped
+    strip = np.minimum(_trailing_run(w.cps == _BANG, w.word_end - 1), w.word_end - w.word_start)
+    mark = np.bincount(w.word_end - strip, minlength=m + 1) - np.bincount(w.word_end, minlength=m + 1)
+    keep = np.cumsum(mark[:m]) <= 0
+    char_alpha_word = has_alpha[w.word]
+    keep &= char_alpha_word | _prop(w.cps, _ALNUM, str.isalnum)
+    # in a word without letters, a dropped symbol's "joined here" mark passes to the next kept one
+    soft = w.soft.copy()
+    dropped_soft = ~keep & w.soft & ~char_alpha_word
+    if dropped_soft.any():
+        kept = np.flatnonzero(keep)
+        total = np.concatenate(([0], np.cumsum(w.soft, dtype=_I64)))
+        prev = np.concatenate(([-1], kept[:-1]))
+        same_word = np.concatenate(([False], w.word[kept[1:]] == w.word[kept[:-1]]))
+        lo = np.where(same_word, prev + 1, w.word_start[w.word[kept]])
+        soft[kept] = total[kept + 1] > total[lo]
+    kept = np.flatnonzero(keep)
+    cps = w.cps[kept]
+    in_alpha = char_alpha_word[kept]
+    ambiguous = bool((in_alpha & (cps == _ONE)).any())
+    variants = []
+    mapped = in_alpha & (cps < len(_LEET_LUT[False]))
+    for amb in (False, True) if ambiguous else (False,):
+        variants.append(np.where(mapped, _LEET_LUT[amb][np.where(mapped, cps, 0)], cps))
+    word = w.word[kept]
+    present = np.unique(word)
+    rank = np.searchsorted(present, word)
+    return _Leet(
+        variants[0],
+        variants[1] if ambiguous else None,
+        w.starts[kept],
+        w.ends[kept],
+        soft[kept],
+        rank,
+        w.links[present],
+    )
 
 
 def word_views(text: str) -> list[View]:
@@ -364,98 +539,78 @@ def word_views(text: str) -> list[View]:
 
     The view text starts and ends with a space, and words are separated by exactly one.
     """
-    words, links = _words(text)
-    variants = [False]
-    if any(any(ch == "1" for ch, _, _, _ in w) and any(ch.isalpha() for ch, _, _, _ in w) for w in words):
-        variants.append(True)
+    lt = _leet(_words(text))
+    m = len(lt.word)
+    words = len(lt.links)
+    size = m + words + 1
+    pos = 1 + np.arange(m, dtype=_I64) + lt.word  # each earlier word adds its trailing space
+    index = np.full(size, _SOFT, dtype=_I64)
+    end = np.full(size, -1, dtype=_I64)
+    start_ok = np.zeros(size, dtype=bool)
+    end_ok = np.zeros(size, dtype=bool)
+    index[pos] = lt.starts
+    end[pos] = lt.ends
+    if m:
+        first = np.concatenate(([True], lt.word[1:] != lt.word[:-1]))
+        last = np.concatenate((lt.word[1:] != lt.word[:-1], [True]))
+        chained = lt.links == _DOT
+        start_ok[pos] = lt.soft | (first & ~chained[lt.word])
+        end_ok[pos] = last | np.concatenate((lt.soft[1:], [False]))
+        first_pos = pos[first]
+        # a code identifier ("obj.meth"): no match may end inside it, nor start inside it
+        chained_later = np.flatnonzero(chained[1:]) + 1
+        end_ok[first_pos[chained_later] - 2] = False
+        # a list or sentence break before a word: no term spans it
+        index[first_pos[lt.links == _LIST] - 1] = _HARD
     views = []
-    for ambiguous in variants:
-        chars = [" "]
-        index = [-1]
-        end = [-1]
-        start_ok = [False]
-        end_ok = [False]
-        for k, w in enumerate(words):
-            lw = _leet(w, ambiguous)
-            if not lw:
-                continue
-            chained = links[k] == _DOT
-            if chained and len(end_ok) > 1:
-                # a code identifier ("obj.meth"): no match may end inside it, nor start inside it
-                end_ok[-2] = False
-            if links[k] == _LIST:
-                index[-1] = _HARD
-            last = len(lw) - 1
-            for n, (ch, s, e, soft) in enumerate(lw):
-                chars.append(ch)
-                index.append(s)
-                end.append(e)
-                start_ok.append(soft or (n == 0 and not chained))
-                end_ok.append(n == last or lw[n + 1][3])
-            chars.append(" ")
-            index.append(_SOFT)
-            end.append(-1)
-            start_ok.append(False)
-            end_ok.append(False)
-        views.append(View("".join(chars), index, [1] * len(index), end, start_ok, end_ok))
+    for cps in (lt.cps_plain, lt.cps_ambiguous):
+        if cps is None:
+            continue
+        chars = np.full(size, _SPACE_CP, dtype=_I64)
+        chars[pos] = cps
+        views.append(View(_string(chars), index, np.ones(size, dtype=_I64), end, start_ok, end_ok, None, chars))
     return views
 
 
 def collapse(view: View) -> View:
     """Collapse runs of one repeated character; keep each run's length and original extent."""
-    chars: list[str] = []
-    index: list[int] = []
-    runs: list[int] = []
-    end: list[int] = []
-    start_ok: list[bool] = []
-    end_ok: list[bool] = []
-    piece: list[bool] | None = [] if view.piece is not None else None
-    pieces = view.piece or ()
-    rows = zip(view.text, view.index, view.end, view.start_ok, view.end_ok, strict=True)
-    for k, (ch, i, e, so, eo) in enumerate(rows):
-        if chars and chars[-1] == ch:
-            runs[-1] += 1
-            end_ok[-1] = eo
-            if e >= 0:
-                end[-1] = e
-                if index[-1] < 0:
-                    index[-1] = i
-            if piece is not None and pieces[k]:
-                piece[-1] = True
-            continue
-        chars.append(ch)
-        index.append(i)
-        runs.append(1)
-        end.append(e)
-        start_ok.append(so)
-        end_ok.append(eo)
-        if piece is not None:
-            piece.append(pieces[k])
-    return View("".join(chars), index, runs, end, start_ok, end_ok, piece)
+    cps = view.cps if view.cps is not None else _codepoints(view.text)
+    if not len(cps):
+        return view
+    head = np.flatnonzero(np.concatenate(([True], cps[1:] != cps[:-1])))
+    tail = np.concatenate((head[1:] - 1, [len(cps) - 1]))
+    piece = None if view.piece is None else np.maximum.reduceat(view.piece, head)
+    out = cps[head]
+    return View(
+        _string(out),
+        view.index[head],
+        tail - head + 1,
+        view.end[tail],
+        view.start_ok[head],
+        view.end_ok[tail],
+        piece,
+        out,
+    )
 
 
 def squash(view: View) -> View:
     """A word view without its separating spaces, marking where each later word begins: for
     terms split across words (`zor blax`, `zorb-lax`). Apply to the word view, then `collapse`."""
-    chars: list[str] = []
-    index: list[int] = []
-    end: list[int] = []
-    start_ok: list[bool] = []
-    end_ok: list[bool] = []
-    piece: list[bool] = []
-    new_word = False
-    for ch, i, e, so, eo in zip(view.text, view.index, view.end, view.start_ok, view.end_ok, strict=True):
-        if i == _SOFT:
-            new_word = bool(chars)
-            continue
-        chars.append(ch)
-        index.append(i)
-        end.append(e)
-        start_ok.append(so)
-        end_ok.append(eo)
-        piece.append(new_word)
-        new_word = False
-    return View("".join(chars), index, [1] * len(index), end, start_ok, end_ok, piece)
+    cps = view.cps if view.cps is not None else _codepoints(view.text)
+    keep = view.index != _SOFT
+    after_soft = np.concatenate(([False], view.index[:-1] == _SOFT))
+    after_soft[:2] = False
+    out = cps[keep]
+    return View(
+        _string(out),
+        view.index[keep],
+        np.ones(len(out), dtype=_I64),
+        view.end[keep],
+        view.start_ok[keep],
+        view.end_ok[keep],
+        after_soft[keep],
+        out,
+    )
 
 
 def normalize_term(term: str) -> tuple[str, tuple[int, ...]]:
