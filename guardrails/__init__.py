@@ -25,7 +25,7 @@ from guardrails.engine import (
     message_texts,
     structured_text,
 )
-from guardrails.errors import GuardBlocked, GuardrailsError, PolicyError, ScorerUnavailable
+from guardrails.errors import GuardrailsError, PolicyError, ScorerUnavailable
 from guardrails.policy import Policy, RequestPolicy, default_policy, load_policy, parse_policy
 from guardrails.toxicity import (
     DetoxifyScorer,
@@ -39,7 +39,6 @@ __all__ = [
     "GUARDS",
     "DetoxifyScorer",
     "Guard",
-    "GuardBlocked",
     "GuardContext",
     "GuardResources",
     "GuardSettings",

@@ -3,17 +3,12 @@
 GuardrailsError                base class: anything this package raises on purpose
 ├── PolicyError                the policy file (or a term file it names) is invalid:
 │                              the message names the file, the line and the problem
-├── ScorerUnavailable          a configured model (Detoxify checkpoint, ...) cannot be loaded
-└── GuardBlocked               raised by callers that prefer exceptions to results: an
-                               input or output guard blocked; carries the verdict
+└── ScorerUnavailable          a configured model (Detoxify checkpoint, ...) cannot be loaded
+
+A guard that blocks is not an error: its verdict says so (`InputResult.blocked_by`, ...).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from guardrails.base import Verdict
 
 
 class GuardrailsError(Exception):
@@ -33,12 +28,3 @@ class PolicyError(GuardrailsError):
 
 class ScorerUnavailable(GuardrailsError):
     """A configured scorer (e.g. a Detoxify checkpoint) could not be loaded."""
-
-
-class GuardBlocked(GuardrailsError):
-    """A guard blocked the request (stage "input") or the answer (stage "output")."""
-
-    def __init__(self, verdict: Verdict, stage: str) -> None:
-        super().__init__(f"{stage} blocked by guard {verdict.guard!r}: {verdict.reason}")
-        self.verdict = verdict
-        self.stage = stage

@@ -27,8 +27,13 @@ import codecs
 import re
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from re import _constants as _c  # type: ignore[attr-defined]
+from re import _parser  # type: ignore[attr-defined]
+from typing import Any, ClassVar
+
+import ahocorasick
 
 from guardrails.base import Guard, GuardContext, Span, Verdict, register
 from guardrails.normalize import fold_text
@@ -74,14 +79,55 @@ _SECRET_OBJ = (
 
 @dataclass(frozen=True, slots=True)
 class Rule:
+    """One weighted regex. `anchors`: strings of which every match contains one (derived from the
+    regex), so the regex only needs to run near them; `width`: the longest possible match."""
+
     name: str
     weight: float
     pattern: re.Pattern[str]
+    anchors: tuple[str, ...] | None = None
+    width: int = 0
+
+
+_Seq = list[tuple[Any, Any]]
+
+
+def _required(items: _Seq) -> set[str] | None:
+    """A set of strings one of which every match of the parsed sequence `items` contains, or
+    None. Only literal characters are used; any other node (classes, assertions) is skipped."""
+    candidates: list[set[str]] = []
+    run: list[str] = []
+    for op, av in items:
+        if op is _c.LITERAL:
+            run.append(chr(av))
+            continue
+        if run:
+            candidates.append({"".join(run)})
+            run = []
+        found: set[str] | None = None
+        if op is _c.SUBPATTERN:
+            found = _required(list(av[3]))
+        elif op is _c.BRANCH:
+            branches = [_required(list(b)) for b in av[1]]
+            found = None if any(b is None for b in branches) else set().union(*branches)  # type: ignore[arg-type]
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT) and av[0] >= 1:
+            found = _required(list(av[2]))
+        if found:
+            candidates.append(found)
+    if run:
+        candidates.append({"".join(run)})
+    if not candidates:
+        return None
+    # the rarest: longest shortest string, then fewest strings
+    return max(candidates, key=lambda c: (min(map(len, c)), -len(c)))
 
 
 def _r(name: str, weight: float, pattern: str) -> Rule:
     # the text is folded (lower case) before matching: no IGNORECASE needed
-    return Rule(name, weight, re.compile(pattern, re.DOTALL))
+    parsed = _parser.parse(pattern, re.DOTALL)
+    low, high = parsed.getwidth()
+    anchors = _required(list(parsed)) if low > 0 and high < _c.MAXREPEAT else None
+    return Rule(name, weight, re.compile(pattern, re.DOTALL), tuple(sorted(anchors)) if anchors else None, high)
 
 
 RULES: tuple[Rule, ...] = (
@@ -352,16 +398,67 @@ class InjectionFinding:
     spans: tuple[Span, ...]
 
 
+def _anchor_automaton() -> Any:
+    automaton = ahocorasick.Automaton()
+    owners: dict[str, list[int]] = {}
+    for k, rule in enumerate(RULES):
+        for anchor in rule.anchors or ():
+            owners.setdefault(anchor, []).append(k)
+    for anchor, rules in owners.items():
+        automaton.add_word(anchor, (len(anchor), tuple(rules)))
+    automaton.make_automaton()
+    return automaton
+
+
+_ANCHORS = _anchor_automaton()
+
+
+def _anchor_positions(folded: str) -> list[list[int]]:
+    """Per rule, the sorted start positions of its anchors in `folded` (one automaton pass)."""
+    positions: list[list[int]] = [[] for _ in RULES]
+    for last, (length, rules) in _ANCHORS.iter(folded):
+        for k in rules:
+            positions[k].append(last - length + 1)
+    for p in positions:
+        p.sort()
+    return positions
+
+
+def _finditer(rule: Rule, text: str, anchors: list[int]) -> Iterator[re.Match[str]]:
+    """`rule.pattern.finditer(text)`, exactly, but searching only windows around the anchors.
+
+    A match contains an anchor at some `a` and is at most `width` long, so it starts in
+    [a - width, a]; a match attempt there reads at most up to a + width + 1 (a `\b` after the
+    match), so searching text[lo:a + width + 2] gives the very same matches starting up to `a`.
+    """
+    if rule.anchors is None:
+        yield from rule.pattern.finditer(text)
+        return
+    width, size, pos, i = rule.width, len(text), 0, 0
+    while i < len(anchors):
+        first = last = anchors[i]
+        i += 1
+        while i < len(anchors) and anchors[i] - width <= last + width + 2:
+            last = anchors[i]
+            i += 1
+        lo, hi = max(pos, first - width), min(size, last + width + 2)
+        while lo <= last:
+            m = rule.pattern.search(text, lo, hi)
+            if m is None or m.start() > last:
+                break
+            yield m
+            pos = lo = m.end()
+
+
 def _scan(folded: str) -> dict[str, tuple[float, Span]]:
     hits: dict[str, tuple[float, Span]] = {}
-    for rule in RULES:
-        if rule.name in _REPORTABLE or rule.name in _THIRD_PARTY_TARGET:
-            for m in rule.pattern.finditer(folded):
-                if not _exempt(rule.name, folded, m.start(), m.end()):
-                    hits[rule.name] = (rule.weight, m.span())
-                    break
-        elif m := rule.pattern.search(folded):
-            hits[rule.name] = (rule.weight, m.span())
+    anchors = _anchor_positions(folded)
+    for k, rule in enumerate(RULES):
+        exemptible = rule.name in _REPORTABLE or rule.name in _THIRD_PARTY_TARGET
+        for m in _finditer(rule, folded, anchors[k]):
+            if not exemptible or not _exempt(rule.name, folded, m.start(), m.end()):
+                hits[rule.name] = (rule.weight, m.span())
+                break
     return hits
 
 

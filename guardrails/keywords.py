@@ -23,7 +23,7 @@ import ahocorasick
 
 from guardrails.base import Guard, GuardContext, Span, Verdict, register
 from guardrails.errors import PolicyError
-from guardrails.normalize import View, collapse, fold_text, normalize_term, squash, word_views
+from guardrails.normalize import View, collapse, fold_text, normalize_term, plain_view_texts, squash, word_views
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +160,29 @@ class KeywordMatcher:
         self.regexes = [(t.text, re.compile(t.text)) for t in terms if t.regex]
         self.term_count = len(terms)
 
+    def _may_match(self, text: str) -> bool:
+        """False when no listed term can match: for plain text, the automaton finds nothing at
+        all in the view texts (built cheaply, without offsets). Most messages end here."""
+        views = plain_view_texts(text)
+        if views is None or not self.terms.size:
+            return views is None
+        word, squashed = views
+        automaton = self.terms.automaton
+        if next(automaton.iter(word), None) is not None:
+            return True
+        return self.terms.splittable and next(automaton.iter(squashed), None) is not None
+
+    def _regex_matches(self, text: str) -> list[KeywordMatch]:
+        """Matches of the operator's `re:` terms in the folded text, in original offsets."""
+        out: list[KeywordMatch] = []
+        if self.regexes:
+            folded, starts, ends = fold_text(text)
+            for source, rx in self.regexes:
+                for m in rx.finditer(folded):
+                    if m.end() > m.start():
+                        out.append(KeywordMatch("re:" + source, starts[m.start()], ends[m.end() - 1]))
+        return out
+
     def find(self, text: str) -> list[KeywordMatch]:
         """Every term match in `text`, as spans of the original text, allowlist applied.
 
@@ -169,6 +192,8 @@ class KeywordMatcher:
             return []  # nothing listed: no normalisation either
         found: list[tuple[str, tuple[int, int]]] = []
         allowed: list[tuple[int, int]] = []
+        if not self._may_match(text) and not self._regex_matches(text):
+            return []
         for wview in word_views(text):
             views = [(collapse(wview), False)]
             if self.terms.splittable:
@@ -180,12 +205,7 @@ class KeywordMatcher:
                 for term, s, e in self.terms.find(view, split):
                     if span := view.original_span(s, e):
                         found.append((term, span))
-        if self.regexes:
-            folded, starts, ends = fold_text(text)
-            for source, rx in self.regexes:
-                for m in rx.finditer(folded):
-                    if m.end() > m.start():
-                        found.append(("re:" + source, (starts[m.start()], ends[m.end() - 1])))
+        found.extend((m.term, (m.start, m.end)) for m in self._regex_matches(text))
         inside = _Spans(allowed)
         out: list[KeywordMatch] = []
         furthest = -1

@@ -613,6 +613,51 @@ def squash(view: View) -> View:
     )
 
 
+# --- a shortcut for plain text -------------------------------------------------------------------
+
+#: Anything that needs the full pipeline: escapes, digits and leet symbols (leetspeak), `!`.
+_NOT_PLAIN = re.compile(r"[^\x00-\x7f]|[0-9@$!|+&%]")
+_GAP = r"[^a-z,;\n\r]"  # a separator that is not a list break
+_GAP_NO_SPACE = r"[^a-z\s,;'`]"  # ... and not whitespace or an apostrophe (letters joined by punctuation)
+#: Where letters split by separators would be joined again (see `_words`).
+_JOINS = re.compile(
+    rf"(?<![a-z])[a-z]{_GAP}+[a-z](?![a-z])|(?<![a-z])[a-z]{_GAP_NO_SPACE}+[a-z]|[a-z]{_GAP_NO_SPACE}+[a-z](?![a-z])"
+)
+_LETTERS = re.compile(r"([A-Za-z]+)")
+_RUNS = re.compile(r"(.)\1+", re.DOTALL)
+
+
+def _hard_gap(gap: str, next_first: str) -> bool:
+    """Whether the gap before a word is a list or sentence break (a space that stays in the
+    squashed view), for plain text: see `_words`."""
+    if any(c in _LIST_SEPARATORS for c in gap):
+        return True
+    if gap == "." and not next_first.isupper():
+        return False  # a code identifier, "obj.meth"
+    return any(c in _SENTENCE_ENDS for c in gap)
+
+
+def plain_view_texts(text: str) -> tuple[str, str] | None:
+    """For plain ASCII text (no escapes, digits, leet symbols, letters to re-join): the texts of
+    the collapsed word view and the collapsed squashed view, exactly as `word_views`, `squash`
+    and `collapse` make them, in a few regex passes; None for any other text.
+
+    A caller that finds no term in these texts needs nothing else (no offsets, no arrays)."""
+    if _NOT_PLAIN.search(text) or _JOINS.search(text.lower()):
+        return None
+    parts = _LETTERS.split(text)
+    words = parts[1::2]
+    if not words:
+        return " ", ""
+    squashed = [" ", words[0]]
+    for gap, word in zip(parts[2:-1:2], words[1:], strict=True):
+        if _hard_gap(gap, word[0]):
+            squashed.append(" ")
+        squashed.append(word)
+    word_text = (" " + " ".join(words) + " ").lower()
+    return _RUNS.sub(r"\1", word_text), _RUNS.sub(r"\1", "".join(squashed).lower())
+
+
 def normalize_term(term: str) -> tuple[str, tuple[int, ...]]:
     """A term's collapsed form (no surrounding spaces) and its run lengths."""
     view = collapse(word_views(term)[0])
