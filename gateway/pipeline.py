@@ -205,6 +205,7 @@ class Pipeline:
         self.limits = Limits(max_n=max_n)
         self.limiter = limiter  # rate limits and quotas (gateway.limits); None: none at all
         self._active: dict[tuple[str, str | None, str], bool] = {}
+        self.observers: list[Callable[[Trace], None]] = []  # metrics, traces: told once per request, in record
 
     def _guarded(self, key: KeyInfo, model: str | None, stage: str) -> bool:
         """Whether any guard of `stage` is on for this key and model (cached: policies are static)."""
@@ -224,6 +225,12 @@ class Pipeline:
     async def record(self, trace: Trace) -> None:
         """Commit the trace's audit row; shielded so a client that leaves cannot cancel the write."""
         await asyncio.shield(self.audit.submit(trace.row()))
+        self.observe(trace)
+
+    def observe(self, trace: Trace) -> None:
+        """Hand the finished request to the observers (metrics, traces); they never raise."""
+        for observer in self.observers:
+            observer(trace)
 
     async def handle(
         self,
@@ -627,6 +634,7 @@ class Pipeline:
                 trace.backend_s = time.perf_counter() - began
                 self._summarise(trace, texts, finishes, guard)
                 self.audit.submit(trace.row())  # no await: we are being cancelled
+                self.observe(trace)
             raise
         finally:
             aclose = getattr(upstream, "aclose", None)

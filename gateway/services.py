@@ -15,6 +15,7 @@ from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
 from gateway.db import audit_records, create_engine
 from gateway.limits import build_limiter, parse_model_limits
+from gateway.metrics import GatewayMetrics, MetricsServer, build_metrics
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
 from gateway.review_store import ReviewStore
@@ -91,11 +92,19 @@ class Services:
             limiter=self.limiter,
         )
         self.started_at = time.time()
+        # Metrics: one registry per app, fed once per request from Pipeline.record.
+        self.metrics: GatewayMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if settings.metrics != "off" or settings.metrics_port:
+            self.metrics = build_metrics(self)
+            self.pipeline.observers.append(self.metrics.observe)
 
     async def start(self) -> None:
         # Alembic runs its own event loop, so it gets a thread of its own.
         await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
+        if self.metrics is not None and self.settings.metrics_port:
+            self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
         await self.limiter.start()
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
         self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
@@ -148,6 +157,8 @@ class Services:
         )
 
     async def stop(self) -> None:
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.close)
         await self.audit.stop()
         await self.limiter.aclose()
         if self.store is not None:

@@ -60,6 +60,10 @@ class Settings:
     limits_fail: str = "open"  # Redis unreachable: "open" serves unchecked, "closed" answers 503
     redis_prefix: str = "gw:lim:"  # key prefix in Redis, so several gateways can share one server
     model_limits: tuple[str, ...] = ()  # "MODEL:FIELD=VALUE" (a [model_limits.MODEL] table in the file)
+    metrics: str = "admin"  # /metrics on the main port: "admin" (admin key), "open" (anyone) or "off"
+    metrics_port: int = 0  # above 0: /metrics also served, open, on HOST:METRICS_PORT by a second small server
+    log_format: str = "text"  # "json": one JSON object per line, with the request id of the request it is about
+    otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
 
     @property
     def database_url(self) -> str:
@@ -153,6 +157,14 @@ def _validate(settings: Settings) -> Settings:
         raise bad("max_n must be at least 1")
     if settings.sqlite_synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise bad(f"sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA, not {settings.sqlite_synchronous!r}")
+    if settings.metrics not in ("admin", "open", "off"):
+        raise bad(f"metrics must be 'admin', 'open' or 'off', not {settings.metrics!r}")
+    if not 0 <= settings.metrics_port <= 65535:
+        raise bad(f"metrics_port {settings.metrics_port} is outside 0-65535")
+    if settings.log_format not in ("text", "json"):
+        raise bad(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
+    if settings.otlp_endpoint is not None and not settings.otlp_endpoint.startswith(("http://", "https://")):
+        raise bad(f"otlp_endpoint {settings.otlp_endpoint!r} must start with http:// or https://")
     if settings.limits_fail not in ("open", "closed"):
         raise bad(f"limits_fail must be 'open' or 'closed', not {settings.limits_fail!r}")
     if settings.redis is not None and not settings.redis.startswith(("redis://", "rediss://", "unix://")):

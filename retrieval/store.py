@@ -72,6 +72,10 @@ class CollectionStore:
         """Names of the collections that have an index on disk."""
         return storage.list_collections(self.data_dir)
 
+    def loaded(self) -> dict[str, tuple[str, int]]:
+        """collection -> (version, chunks) of the versions loaded in memory now (no disk access)."""
+        return {name: (state.snapshot.version, state.snapshot.index.size) for name, state in list(self._states.items())}
+
     async def search(self, collection: str, query_text: str, top_k: int = 4, min_score: float = 0.0) -> list[Hit]:
         """The `top_k` best chunks scoring at least `min_score` (cosine), best first."""
         return (await self.search_detailed(collection, query_text, top_k, min_score)).hits

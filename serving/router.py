@@ -69,6 +69,14 @@ class Router(Backend):
     def backends(self) -> list[Backend]:
         return [s.backend for s in self._slots]
 
+    def status(self) -> list[tuple[str, bool, int, tuple[str, ...]]]:
+        """(name, up, requests in flight, models) per backend, from what the router knows now (no probe)."""
+        now = time.monotonic()
+        return [
+            (s.backend.name, s.healthy is not False and s.down_until <= now, s.in_flight, tuple(m.id for m in s.models))
+            for s in self._slots
+        ]
+
     async def refresh(self) -> None:
         """Reload every backend's model list; a backend that cannot answer keeps its old list."""
         async with self._refresh_lock:

@@ -1,0 +1,371 @@
+"""Prometheus metrics: per-request figures taken from the finished `Trace`, live gauges read at scrape time.
+
+One `GatewayMetrics` per app (its own `CollectorRegistry`, no module-level state). The pipeline
+calls `observe(trace)` once per request, from `Pipeline.record`, where its outcome is known;
+nothing inside the pipeline's stages touches a metric. Queue depths, backend health, index
+sizes and limiter refusals are read from the live objects by a custom collector when Prometheus
+scrapes, so they cost nothing per request.
+
+Label values never come straight from a client: a model the gateway does not serve is counted as
+"other", a backend it does not know as "other"; guard names and stages come from the code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+log = logging.getLogger("gateway.metrics")
+
+#: Pipeline stages, in order; `total` is the whole request as the client saw it.
+STAGES = (
+    "auth",
+    "input_guards",
+    "embed",
+    "search",
+    "passage_guards",
+    "backend_ttft",
+    "backend_total",
+    "output_guards",
+    "audit_commit",
+    "total",
+)
+OUTCOMES = ("ok", "blocked", "rate_limited", "error", "client_disconnected")
+#: Seconds: 50 us to 10 min, so sub-millisecond steps (auth from cache, keyword guards) resolve.
+STAGE_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000, 2000)
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+SCORED_GUARDS = frozenset({"toxicity", "groundedness"})
+OTHER = "other"
+_MODEL_REFRESH_S = 5.0
+
+
+def outcome(status: str) -> str:
+    """The request's outcome label from the Trace's status (bounded: five values)."""
+    return status if status in OUTCOMES else "error"
+
+
+def status_class(http_status: int) -> str:
+    return f"{http_status // 100}xx" if 100 <= http_status < 600 else "other"
+
+
+class TraceLike(Protocol):
+    """What `observe` reads of a `gateway.pipeline.Trace` (kept structural so tests can fake one)."""
+
+    endpoint: Any
+    model: str | None
+    backend: str | None
+    status: str
+    http_status: int
+    stream: bool
+    started: float
+    usage: dict[str, Any] | None
+    backend_s: float
+    ttft_s: float | None
+    verdicts: list[Any]
+    retrieval: dict[str, Any] | None
+
+
+def stage_seconds(trace: TraceLike, now: float) -> dict[str, float]:
+    """Stage -> seconds for one request: the Trace's own `stages` when it keeps them, else what it has."""
+    stages: dict[str, float] | None = getattr(trace, "stages", None)
+    out = dict(stages) if stages else {}
+    if not stages:
+        if trace.backend is not None or trace.backend_s:
+            out["backend_total"] = trace.backend_s
+        if trace.ttft_s is not None:
+            out["backend_ttft"] = trace.ttft_s
+        retrieval = trace.retrieval or {}
+        if "embed_ms" in retrieval:
+            out["embed"] = float(retrieval["embed_ms"]) / 1000
+            out["search"] = float(retrieval.get("search_ms") or 0.0) / 1000
+        guarded: dict[str, float] = {}
+        for verdict in trace.verdicts:
+            stage = {"input": "input_guards", "output": "output_guards"}.get(verdict.stage, "passage_guards")
+            guarded[stage] = guarded.get(stage, 0.0) + verdict.ms / 1000
+        out.update(guarded)
+    out["total"] = now - trace.started
+    return out
+
+
+@dataclass
+class _Children:
+    """Label children, cached: `labels()` takes a lock and builds a tuple on every call."""
+
+    requests: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    stages: dict[tuple[str, str], Any] = field(default_factory=dict)
+    tokens: dict[tuple[str, str], Any] = field(default_factory=dict)
+    tps: dict[str, Any] = field(default_factory=dict)
+    verdicts: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+
+class GatewayMetrics:
+    """The gateway's metrics in one registry; `observe(trace)` per request, `render()` per scrape."""
+
+    def __init__(
+        self,
+        *,
+        served_models: Callable[[], Iterable[str]] = tuple,
+        known_backends: Callable[[], Iterable[str]] = tuple,
+        live: Callable[[], Iterable[Metric]] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._served_models = served_models
+        self._known_backends = known_backends
+        self._models: frozenset[str] = frozenset()
+        self._backends: frozenset[str] = frozenset()
+        self._models_at = -_MODEL_REFRESH_S
+        self._children = _Children()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests served, by endpoint, model, backend, HTTP status class and outcome.",
+            ["endpoint", "model", "backend", "status_class", "outcome"],
+            registry=r,
+        )
+        self.stage = Histogram(
+            "gateway_request_stage_duration_seconds",
+            "Time spent in each step of the pipeline (stage=total: the whole request).",
+            ["endpoint", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens by model and direction (in: prompt, out: completion).", ["model", "direction"],
+            registry=r,
+        )  # fmt: skip
+        self.tokens_per_s = Histogram(
+            "gateway_stream_tokens_per_second",
+            "Completion tokens per second of backend time, per streamed answer.",
+            ["model"],
+            buckets=TOKENS_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "gateway_guard_verdicts",
+            "Guard verdicts by guard, stage and action (allow, flag, redact, block).",
+            ["guard", "stage", "action"],
+            registry=r,
+        )
+        self.scores = Histogram(
+            "gateway_guard_score",
+            "Scores of the scoring guards (toxicity, groundedness), 0-1.",
+            ["guard"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        if live is not None:
+            r.register(_LiveCollector(live))
+
+    # -- labels ---------------------------------------------------------------------------------
+
+    def _refresh(self, now: float) -> None:
+        self._models_at = now
+        try:
+            self._models = frozenset(self._served_models())
+            self._backends = frozenset(self._known_backends())
+        except Exception:  # a scrape-side helper must never fail a request
+            log.exception("metrics: reading the served models failed")
+
+    def model_label(self, model: str | None, now: float) -> str:
+        if model is None:
+            return "none"
+        if model in self._models:
+            return model
+        if now - self._models_at > _MODEL_REFRESH_S:  # a model loaded since: look again, at most every 5 s
+            self._refresh(now)
+            if model in self._models:
+                return model
+        return OTHER
+
+    def backend_label(self, backend: str | None) -> str:
+        if backend is None:
+            return "none"
+        return backend if backend in self._backends else OTHER
+
+    # -- per request ----------------------------------------------------------------------------
+
+    def observe(self, trace: TraceLike) -> None:
+        """Count one finished request. Never raises: metrics must not fail a request."""
+        try:
+            self._observe(trace)
+        except Exception:
+            log.exception("metrics: observing a request failed")
+
+    def _observe(self, trace: TraceLike) -> None:
+        now = time.perf_counter()
+        c = self._children
+        endpoint = trace.endpoint.name
+        model = self.model_label(trace.model, now)
+        key = (endpoint, model, self.backend_label(trace.backend), status_class(trace.http_status),
+               outcome(trace.status))  # fmt: skip
+        child = c.requests.get(key)
+        if child is None:
+            child = c.requests[key] = self.requests.labels(*key)
+        child.inc()
+        for stage, seconds in stage_seconds(trace, now).items():
+            skey = (endpoint, stage)
+            hist = c.stages.get(skey)
+            if hist is None:
+                hist = c.stages[skey] = self.stage.labels(*skey)
+            hist.observe(seconds)
+        usage = trace.usage
+        if usage:
+            for direction, name in (("in", "prompt_tokens"), ("out", "completion_tokens")):
+                count = usage.get(name)
+                if type(count) is int and count > 0:
+                    tkey = (model, direction)
+                    tokens = c.tokens.get(tkey)
+                    if tokens is None:
+                        tokens = c.tokens[tkey] = self.tokens.labels(*tkey)
+                    tokens.inc(count)
+            completion = usage.get("completion_tokens")
+            if trace.stream and type(completion) is int and completion > 0 and trace.backend_s > 0:
+                tps = c.tps.get(model)
+                if tps is None:
+                    tps = c.tps[model] = self.tokens_per_s.labels(model)
+                tps.observe(completion / trace.backend_s)
+        for verdict in trace.verdicts:
+            vkey = (verdict.guard, verdict.stage, verdict.action)
+            counter = c.verdicts.get(vkey)
+            if counter is None:
+                counter = c.verdicts[vkey] = self.verdicts.labels(*vkey)
+            counter.inc()
+            if verdict.guard in SCORED_GUARDS:
+                score = c.scores.get(verdict.guard)
+                if score is None:
+                    score = c.scores[verdict.guard] = self.scores.labels(verdict.guard)
+                score.observe(verdict.score)
+
+    # -- per scrape -----------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """Gauges read from the live objects at scrape time (zero cost per request)."""
+
+    def __init__(self, live: Callable[[], Iterable[Metric]]) -> None:
+        self._live = live
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self._live()
+        except Exception:
+            log.exception("metrics: reading live gauges failed")
+
+
+def live_metrics(services: Services) -> Iterator[Metric]:
+    """Audit writer, backends, retrieval indexes and limiter, as they are now."""
+    from serving.router import Router
+
+    audit = services.audit
+    yield GaugeMetricFamily("gateway_audit_queue_rows", "Audit rows waiting for the writer.", value=audit.pending)
+    yield CounterMetricFamily(
+        "gateway_audit_rows_committed", "Audit rows committed to the database.", value=audit.committed
+    )
+    yield CounterMetricFamily(
+        "gateway_audit_rows_spooled", "Audit rows written to the spool file (database unreachable).",
+        value=audit.spooled,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "gateway_audit_spool_bytes", "Size of the audit spool waiting for replay.", value=spool_bytes(services)
+    )
+    up = GaugeMetricFamily("gateway_backend_up", "1: healthy and not cooling down.", labels=["backend"])
+    in_flight = GaugeMetricFamily("gateway_backend_in_flight", "Requests in flight per backend.", labels=["backend"])
+    if isinstance(services.backend, Router):
+        for name, ok, busy, _models in services.backend.status():
+            up.add_metric([name], 1.0 if ok else 0.0)
+            in_flight.add_metric([name], busy)
+    yield up
+    yield in_flight
+    chunks = GaugeMetricFamily("gateway_retrieval_index_chunks", "Chunks in the loaded index.", labels=["collection"])
+    version = GaugeMetricFamily(
+        "gateway_retrieval_index_info", "The loaded index version per collection (value 1).",
+        labels=["collection", "version"],
+    )  # fmt: skip
+    if services.store is not None:
+        for collection, (name, size) in services.store.loaded().items():
+            chunks.add_metric([collection], size)
+            version.add_metric([collection, name], 1.0)
+    yield chunks
+    yield version
+    yield CounterMetricFamily(
+        "gateway_rate_limit_rejections", "Requests refused by rate limits or quotas.", value=services.limiter.refused
+    )
+
+
+def spool_bytes(services: Services) -> int:
+    spool = services.settings.data_dir / "audit-spool.jsonl"
+    return sum(_size(p) for p in (spool, spool.with_name(spool.name + ".replaying")))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def served_models(services: Services) -> list[str]:
+    """Model names the gateway serves: the backends' models, the aliases and the embedding model."""
+    from gateway.pipeline import EMBEDDING_MODEL_ALIAS
+    from serving.router import Router
+
+    names = list(services.settings.aliases)
+    if isinstance(services.backend, Router):
+        names += [m for *_, models in services.backend.status() for m in models]
+    if services.embedder is not None:
+        names += [services.embedder.name, EMBEDDING_MODEL_ALIAS]
+    return names
+
+
+def known_backends(services: Services) -> list[str]:
+    from serving.router import Router
+
+    names = [services.backend.name]
+    if isinstance(services.backend, Router):
+        names += [name for name, *_ in services.backend.status()]
+    if services.embedder is not None:
+        names.append("gateway:" + services.embedder.name)
+    return names
+
+
+def build_metrics(services: Services) -> GatewayMetrics:
+    return GatewayMetrics(
+        served_models=lambda: served_models(services),
+        known_backends=lambda: known_backends(services),
+        live=lambda: live_metrics(services),
+    )
+
+
+class MetricsServer:
+    """`/metrics` on a port of its own (settings `metrics_port`): prometheus-client's small HTTP server
+    in one daemon thread, open to anyone who can reach the port (keep it on a private network)."""
+
+    def __init__(self, metrics: GatewayMetrics, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
