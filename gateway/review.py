@@ -19,17 +19,19 @@ import asyncio
 import hmac
 import secrets
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 from litestar.response import Redirect, Stream, Template
 
-from evals import store as eval_store
+from gateway import eval_runs
 from gateway.auth import OPEN_MODE_KEY, KeyInfo
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound, PermissionDenied
 from gateway.review_store import LABELS, Filters
@@ -41,21 +43,33 @@ LOGIN_CSRF_COOKIE = "gw_login_csrf"
 _OPEN_MODE_SESSION = "open-mode"  # what open mode's CSRF token is derived from
 _MAX_RUN_ID = 2**63 - 1
 _encode = msgspec.json.Encoder().encode
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def _reviewer(request: Request[Any, Any, Any], services: Services, *, write: bool) -> tuple[KeyInfo, str]:
-    """Who is calling, and the CSRF token for the page's forms: a Bearer key, or the session
-    cookie (whose writes need the CSRF token); in open mode, the admin everybody is."""
+@dataclass(frozen=True, slots=True)
+class Reviewer:
+    """Who is calling the reviewer UI or API, and the CSRF token the page's forms carry."""
+
+    key: KeyInfo
+    csrf: str
+
+
+async def provide_reviewer(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Reviewer:
+    """The `reviewer` dependency of every reviewer route: a Bearer key, or the session cookie
+    (whose writes, any method but GET/HEAD/OPTIONS, need the CSRF token); in open mode, the admin
+    everybody is. Raises AuthenticationFailed (401; GET pages turn it into a redirect to the
+    sign-in page) or PermissionDenied (403)."""
+    write = request.method not in _SAFE_METHODS
     authorization = request.headers.get("authorization")
     if services.settings.open_mode:
         csrf = services.sessions.csrf(_OPEN_MODE_SESSION)
         if write and not authorization:
             await _check_csrf(request, csrf)  # a cross-site form cannot know it, nor send that header
-        return OPEN_MODE_KEY, csrf
+        return Reviewer(OPEN_MODE_KEY, csrf)
     if authorization:
         key = await services.keys.authenticate(authorization)
         key.require("reviewer")
-        return key, ""
+        return Reviewer(key, "")
     token = request.cookies.get(SESSION_COOKIE)
     session_key = await services.sessions.check(token)
     if session_key is None or token is None:
@@ -67,7 +81,19 @@ async def _reviewer(request: Request[Any, Any, Any], services: Services, *, writ
     csrf = services.sessions.csrf(token)
     if write:
         await _check_csrf(request, csrf)
-    return session_key, csrf
+    return Reviewer(session_key, csrf)
+
+
+def _sign_in_first(_: Request[Any, Any, Any], __: AuthenticationFailed) -> Response[Any]:
+    # An exception handler's answer skips the app's after-request hook: name the request here.
+    return Redirect("/review/login", status_code=303, headers={"x-gateway-request-id": uuid.uuid4().hex})
+
+
+# Options of every reviewer route: the `reviewer` dependency. Pages (GET) also send a caller who
+# is not signed in to the sign-in page; the JSON API and the form posts answer 401/403 in
+# OpenAI's error form.
+REVIEWER = {"dependencies": {"reviewer": Provide(provide_reviewer)}}
+PAGE = {**REVIEWER, "include_in_schema": False, "exception_handlers": {AuthenticationFailed: _sign_in_first}}
 
 
 async def _check_csrf(request: Request[Any, Any, Any], expected: str) -> None:
@@ -83,9 +109,9 @@ def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
     return {k: v for k, v in request.query_params.items() if isinstance(v, str)}
 
 
-def _context(services: Services, key: KeyInfo, csrf: str, **values: Any) -> dict[str, Any]:
+def _context(services: Services, reviewer: Reviewer, **values: Any) -> dict[str, Any]:
     """What every page's template gets: who is signed in, the CSRF token, open mode."""
-    return {"key": key, "csrf": csrf, "open_mode": services.settings.open_mode, **values}
+    return {"key": reviewer.key, "csrf": reviewer.csrf, "open_mode": services.settings.open_mode, **values}
 
 
 # ------------------------------------------------------------------------------------ pages
@@ -128,9 +154,10 @@ async def login(request: Request[Any, Any, Any], services: NamedDependency[Servi
     return response
 
 
-@post("/review/logout", include_in_schema=False, status_code=303)
-async def logout(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    await _reviewer(request, services, write=True)
+@post("/review/logout", include_in_schema=False, status_code=303, **REVIEWER)
+async def logout(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
     if services.settings.open_mode:
         return Redirect("/review", status_code=303)
     await services.sessions.revoke(request.cookies.get(SESSION_COOKIE))  # the cookie is dead everywhere
@@ -139,20 +166,10 @@ async def logout(request: Request[Any, Any, Any], services: NamedDependency[Serv
     return response
 
 
-async def _page_or_login(request: Request[Any, Any, Any], services: Services) -> tuple[KeyInfo, str] | Response[Any]:
-    try:
-        key, csrf = await _reviewer(request, services, write=False)
-    except AuthenticationFailed:
-        return Redirect("/review/login", status_code=303)
-    return key, csrf
-
-
-@get("/review", include_in_schema=False)
-async def list_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    who = await _page_or_login(request, services)
-    if isinstance(who, Response):
-        return who
-    key, csrf = who
+@get("/review", **PAGE)
+async def list_page(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
     params = _params(request)
     filters = Filters.parse(params)
     started = time.perf_counter()
@@ -163,23 +180,21 @@ async def list_page(request: Request[Any, Any, Any], services: NamedDependency[S
         next_link = "/review?" + urlencode({**filters.query_string(), "before": page["next"]})
     return Template(
         "review/list.html",
-        context=_context(services, key, csrf, rows=page["data"], filters=filters.query_string(), next_link=next_link,
+        context=_context(services, reviewer, rows=page["data"], filters=filters.query_string(), next_link=next_link,
                          elapsed_ms=elapsed_ms, title="Requests"),
     )  # fmt: skip
 
 
-@get("/review/queue", include_in_schema=False)
-async def queue_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    who = await _page_or_login(request, services)
-    if isinstance(who, Response):
-        return who
-    key, csrf = who
+@get("/review/queue", **PAGE)
+async def queue_page(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
     params = _params(request)
     page = await services.review.queue(sample_rate=services.settings.review_sample_rate, before=params.get("before"))
     next_link = "/review/queue?" + urlencode({"before": page["next"]}) if page["next"] else None
     return Template(
         "review/list.html",
-        context=_context(services, key, csrf, rows=page["data"], filters={}, next_link=next_link, elapsed_ms=None,
+        context=_context(services, reviewer, rows=page["data"], filters={}, next_link=next_link, elapsed_ms=None,
                          title="Review queue", queue=True),
     )  # fmt: skip
 
@@ -272,18 +287,14 @@ def _highlight(answer: str | None, guards: Any) -> list[tuple[str, bool]]:
     return pieces
 
 
-@get("/review/requests/{request_id:str}", include_in_schema=False)
+@get("/review/requests/{request_id:str}", **PAGE)
 async def detail_page(
-    request: Request[Any, Any, Any], request_id: FromPath[str], services: NamedDependency[Services]
+    request_id: FromPath[str], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
-    who = await _page_or_login(request, services)
-    if isinstance(who, Response):
-        return who
-    key, csrf = who
     record = await services.review.record(request_id)
     return Template(
         "review/detail.html",
-        context=_context(services, key, csrf, r=record, messages=_conversation(record.get("request")),
+        context=_context(services, reviewer, r=record, messages=_conversation(record.get("request")),
                          raw_request=_show(record.get("request")), passages=_passage_rows(record.get("passages")),
                          guards=_guard_rows(record.get("guards")), labels=LABELS,
                          answer=_highlight(record.get("response_text"), record.get("guards")),
@@ -291,19 +302,23 @@ async def detail_page(
     )  # fmt: skip
 
 
-@post("/review/requests/{request_id:str}/labels", include_in_schema=False, status_code=303)
+@post("/review/requests/{request_id:str}/labels", include_in_schema=False, status_code=303, **REVIEWER)
 async def label_form(
-    request: Request[Any, Any, Any], request_id: FromPath[str], services: NamedDependency[Services]
+    request: Request[Any, Any, Any],
+    request_id: FromPath[str],
+    services: NamedDependency[Services],
+    reviewer: NamedDependency[Reviewer],
 ) -> Response[Any]:
-    key, _ = await _reviewer(request, services, write=True)
     form = await request.form()
-    await services.review.add_label(request_id, str(form.get("label", "")), str(form.get("note") or "") or None, key.id)
+    label, note = str(form.get("label", "")), str(form.get("note") or "") or None
+    await services.review.add_label(request_id, label, note, reviewer.key.id)
     return Redirect("/review/requests/" + quote(request_id, safe=""), status_code=303)
 
 
-@get("/review/export", include_in_schema=False)
-async def export_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    await _reviewer(request, services, write=False)
+@get("/review/export", include_in_schema=False, **REVIEWER)
+async def export_page(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
     return _export(request, services)
 
 
@@ -320,40 +335,43 @@ def _export(request: Request[Any, Any, Any], services: Services) -> Response[Any
     )
 
 
-@get("/review/evals", include_in_schema=False)
-async def evals_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    who = await _page_or_login(request, services)
-    if isinstance(who, Response):
-        return who
-    key, csrf = who
-    runs = await eval_store.list_runs(services.engine, 200)
+@get("/review/evals", **PAGE)
+async def evals_page(services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]) -> Response[Any]:
+    runs = await eval_runs.list_runs(services.engine, 200)
     for run in runs:
         metrics = run.get("metrics")
         run["numbers"] = (
             {str(k): v for k, v in metrics.items() if _number(v) is not None} if isinstance(metrics, dict) else {}
         )
-    return Template("review/evals.html", context=_context(services, key, csrf, runs=runs, title="Eval runs"))
+    return Template("review/evals.html", context=_context(services, reviewer, runs=runs, title="Eval runs"))
 
 
-@get("/review/evals/{run_id:int}/report", include_in_schema=False)
+@get("/review/evals/{run_id:int}/report", include_in_schema=False, **REVIEWER)
 async def eval_report(
-    request: Request[Any, Any, Any], run_id: FromPath[int], services: NamedDependency[Services]
+    run_id: FromPath[int], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
-    await _reviewer(request, services, write=False)
-    run = await eval_store.get_run(services.engine, run_id) if 0 <= run_id <= _MAX_RUN_ID else None
+    run = await eval_runs.get_run(services.engine, run_id) if 0 <= run_id <= _MAX_RUN_ID else None
     report_path = run.get("report_path") if run else None
-    try:
-        path = Path(report_path) if isinstance(report_path, str) and report_path else None
-        body = (
-            await asyncio.to_thread(path.read_bytes)
-            if path is not None and await asyncio.to_thread(path.is_file)
-            else None
-        )
-    except (OSError, ValueError):  # unreadable, or a path no file system accepts (a NUL in it)
-        body = None
+    reports = services.settings.data_dir / "reports"
+    body = await asyncio.to_thread(_read_report, reports, report_path) if isinstance(report_path, str) else None
     if body is None:
         raise NotFound(f"no report for eval run {run_id}")
     return Response(body, media_type="text/html")
+
+
+def _read_report(reports: Path, report_path: str) -> bytes | None:
+    """The report file, only if it resolves (links followed) to a file under the reports folder;
+    None for anything else: outside it, missing, unreadable, or a path no file system accepts."""
+    if not report_path:
+        return None
+    try:
+        root = reports.resolve()
+        path = Path(report_path).resolve()  # a relative path is taken from the working folder, as written
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return path.read_bytes()
+    except (OSError, ValueError, RuntimeError):  # a NUL in it, a link loop, a file gone meanwhile
+        return None
 
 
 # ------------------------------------------------------------------------------------ JSON API
@@ -363,9 +381,10 @@ def _json(data: Any, status: int = 200) -> Response[bytes]:
     return Response(_encode(data), status_code=status, media_type="application/json")
 
 
-@get("/api/review/requests")
-async def api_list(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
-    await _reviewer(request, services, write=False)
+@get("/api/review/requests", **REVIEWER)
+async def api_list(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[bytes]:
     params = _params(request)
     try:
         limit = int(params.get("limit", "50"))
@@ -374,19 +393,20 @@ async def api_list(request: Request[Any, Any, Any], services: NamedDependency[Se
     return _json(await services.review.page(Filters.parse(params), before=params.get("before"), limit=limit))
 
 
-@get("/api/review/requests/{request_id:str}")
+@get("/api/review/requests/{request_id:str}", **REVIEWER)
 async def api_detail(
-    request: Request[Any, Any, Any], request_id: FromPath[str], services: NamedDependency[Services]
+    request_id: FromPath[str], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
-    await _reviewer(request, services, write=False)
     return _json(await services.review.record(request_id))
 
 
-@post("/api/review/requests/{request_id:str}/labels", status_code=201)
+@post("/api/review/requests/{request_id:str}/labels", status_code=201, **REVIEWER)
 async def api_label(
-    request: Request[Any, Any, Any], request_id: FromPath[str], services: NamedDependency[Services]
+    request: Request[Any, Any, Any],
+    request_id: FromPath[str],
+    services: NamedDependency[Services],
+    reviewer: NamedDependency[Reviewer],
 ) -> Response[bytes]:
-    key, _ = await _reviewer(request, services, write=True)
     try:
         body = msgspec.json.decode(await request.body())
     except msgspec.DecodeError as exc:
@@ -396,32 +416,35 @@ async def api_label(
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         raise InvalidRequest("note must be a string", param="note")
-    return _json(await services.review.add_label(request_id, str(body.get("label")), note, key.id), 201)
+    return _json(await services.review.add_label(request_id, str(body.get("label")), note, reviewer.key.id), 201)
 
 
-@get("/api/review/queue")
-async def api_queue(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
-    await _reviewer(request, services, write=False)
+@get("/api/review/queue", **REVIEWER)
+async def api_queue(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[bytes]:
     page = await services.review.queue(
         sample_rate=services.settings.review_sample_rate, before=request.query_params.get("before")
     )
     return _json(page)
 
 
-@get("/api/review/export")
-async def api_export(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    await _reviewer(request, services, write=False)
+@get("/api/review/export", **REVIEWER)
+async def api_export(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
     return _export(request, services)
 
 
-@get("/api/review/evals")
-async def api_evals(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
-    await _reviewer(request, services, write=False)
-    return _json({"data": await eval_store.list_runs(services.engine, 200)})
+@get("/api/review/evals", **REVIEWER)
+async def api_evals(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[bytes]:
+    return _json({"data": await eval_runs.list_runs(services.engine, 200)})
 
 
 REVIEW_ROUTES = [
     login_page, login, logout, list_page, queue_page, detail_page, label_form, export_page, evals_page,
     eval_report, api_list, api_detail, api_label, api_queue, api_export, api_evals,
 ]  # fmt: skip
-__all__ = ["REVIEW_ROUTES"]
+__all__ = ["PAGE", "REVIEWER", "REVIEW_ROUTES", "Reviewer", "provide_reviewer"]

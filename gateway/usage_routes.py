@@ -13,7 +13,7 @@ from litestar.di import NamedDependency
 from litestar.response import Template
 
 from gateway.errors import InvalidRequest
-from gateway.review import _context, _page_or_login, _reviewer
+from gateway.review import PAGE, REVIEWER, Reviewer, _context
 from gateway.services import Services
 from gateway.usage import COLUMNS, GROUPINGS, UsageRow, parse_since, usage
 
@@ -32,25 +32,24 @@ async def _figures(request: Request[Any, Any, Any], services: Services) -> tuple
     return since_text, by, await usage(services.engine, since, by)
 
 
-@get("/review/usage", include_in_schema=False)
-async def usage_page(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
-    who = await _page_or_login(request, services)
-    if isinstance(who, Response):
-        return who
-    key, csrf = who
-    key.require("admin")
+@get("/review/usage", **PAGE)
+async def usage_page(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
+    reviewer.key.require("admin")
     since, by, rows = await _figures(request, services)
     return Template(
         "review/usage.html",
-        context=_context(services, key, csrf, rows=rows, since=since, by=by, groupings=GROUPINGS, columns=COLUMNS,
+        context=_context(services, reviewer, rows=rows, since=since, by=by, groupings=GROUPINGS, columns=COLUMNS,
                          title="Usage"),
     )  # fmt: skip
 
 
-@get("/api/usage")
-async def api_usage(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[bytes]:
-    key, _ = await _reviewer(request, services, write=False)
-    key.require("admin")
+@get("/api/usage", **REVIEWER)
+async def api_usage(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[bytes]:
+    reviewer.key.require("admin")
     since, by, rows = await _figures(request, services)
     body = {"since": since, "by": by, "rows": [row.public() for row in rows]}
     return Response(_encode(body), media_type="application/json")

@@ -287,6 +287,37 @@ def test_bad_cursors_run_ids_and_export_labels_are_client_errors(review_settings
                 assert "label must be one of ok, hallucination" in bad.json()["error"]["message"]
 
 
+def test_eval_reports_are_served_only_from_the_reports_folder(review_settings: Settings, tmp_path: Path) -> None:
+    reports = review_settings.data_dir / "reports"
+    reports.mkdir(parents=True)
+    (reports / "dataset-1.html").write_text("<p>the report</p>")
+    outside = tmp_path / "secret.html"
+    outside.write_text("<p>not a report</p>")
+    (reports / "link.html").symlink_to(outside)
+    now = datetime.now(UTC)
+    paths = {
+        "inside": str(reports / "dataset-1.html"),
+        "absolute outside": "/etc/passwd",
+        "climbs out": str(reports / ".." / "secret.html"),
+        "link out": str(reports / "link.html"),
+        "the folder": str(reports),
+    }
+    runs = [{"kind": "dataset", "name": name, "started_at": now, "status": "passed", "report_path": path}
+            for name, path in paths.items()]  # fmt: skip
+    _run(_insert(review_settings.database_url, eval_runs, runs))
+    _, key = create_key(review_settings, "reviewer")
+    with serving(review_settings) as (gw, _client):
+        api = httpx.Client(base_url=gw.url, headers={"authorization": f"Bearer {key}"})
+        with api:
+            ids = {run["name"]: run["id"] for run in api.get("/api/review/evals").json()["data"]}
+            served = api.get(f"/review/evals/{ids['inside']}/report")
+            assert served.status_code == 200 and served.text == "<p>the report</p>"
+            for name in paths.keys() - {"inside"}:
+                refused = api.get(f"/review/evals/{ids[name]}/report")
+                assert refused.status_code == 404, name
+                assert refused.json()["error"]["code"] == "not_found" and "root:" not in refused.text
+
+
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     name = f"gw_review_{uuid.uuid4().hex[:10]}"

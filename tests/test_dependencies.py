@@ -1,0 +1,47 @@
+"""Dependencies point one way (DESIGN.md): `evals` may use everything; `gateway` never imports
+`evals` at module level (its CLI loads eval commands inside a function); `retrieval`,
+`guardrails` and `serving` import neither `gateway` nor `evals`."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "gateway": ("evals",),
+    "retrieval": ("gateway", "evals"),
+    "guardrails": ("gateway", "evals"),
+    "serving": ("gateway", "evals"),
+}
+
+
+def _modules(package: str) -> list[str]:
+    """Every importable module of the package (scripts such as Alembic's migrations are not modules)."""
+    found = [package]
+    for info in pkgutil.walk_packages([str(ROOT / package)], prefix=package + "."):
+        if not any(part == "migrations" for part in info.name.split(".")):
+            found.append(info.name)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_only_what_it_may(package: str) -> None:
+    modules = _modules(package)
+    assert len(modules) > 3, modules
+    script = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    wrong = [m for m in loaded for f in FORBIDDEN[package] if m == f or m.startswith(f + ".")]
+    assert not wrong, f"importing {package} loads {wrong}"
