@@ -8,7 +8,9 @@ processes, then drives both with an aiohttp load generator at several concurrenc
   2. realistic fake (50 ms, and 20 tokens/s when streaming): requests/s through the gateway
      as a share of direct, at concurrency 1, 8, 32, 128;
   3. real CPU vLLM (--vllm URL, or skipped): tokens/s through the gateway vs direct, and time
-     to first token added.
+     to first token added;
+  4. limits (benchmarks/bench_limits.py): the limit check in process and with Redis at
+     concurrency 1 and 32, on the limiter and end to end, against limits off in the same run.
 
 Prints tables; `--json FILE` also writes the figures. Figures are ratios within one run, so
 they hold on a busy machine better than absolute timings do.
@@ -325,7 +327,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per zero-delay measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--vllm", default=None, help="URL of a running vLLM serving smollm2-135m-instruct")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "realistic", "vllm"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "realistic", "vllm", "limits"])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -364,6 +366,14 @@ def main() -> int:
                     f"{r['gateway_ttft_p50_ms']:.1f} ms"
                     f" | **{r['added_ttft_p50_ms']:.1f} ms** |"
                 )
+        if "limits" not in args.skip:
+            # What the limit check adds, in process and with Redis (benchmarks/bench_limits.py).
+            sys.path.insert(0, str(ROOT))
+            from benchmarks.bench_limits import report as limits_report
+            from benchmarks.bench_limits import run_all as limits_run
+
+            report["limits"] = figures = limits_run(args.requests, data_dir)
+            limits_report(figures)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     finally:
