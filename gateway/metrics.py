@@ -12,11 +12,15 @@ Label values never come straight from a client: a model the gateway does not ser
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from gateway.services import Services
 
 log = logging.getLogger("gateway.metrics")
@@ -348,6 +354,8 @@ def live_metrics(services: Services) -> Iterator[Metric]:
             version.add_metric([collection, name], 1.0)
     yield chunks
     yield version
+    if services.evals is not None:
+        yield from services.evals.collect()
     yield CounterMetricFamily(
         "gateway_rate_limit_rejections", "Requests refused by rate limits or quotas.", value=services.limiter.refused
     )
@@ -411,3 +419,83 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+class EvalGauges:
+    """The latest finished nightly run of each kind (dataset, traffic), read from SQL in the background
+    every `every_s` seconds (never during a request or a scrape), shown as gauges."""
+
+    KINDS = ("dataset", "traffic")
+    STATUSES = ("passed", "regressed", "failed")
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[float, str, dict[str, float]]] = {}  # kind -> (finished, status, metrics)
+
+    async def refresh(self, engine: AsyncEngine) -> None:
+        from sqlalchemy import desc, select
+
+        from gateway.db import eval_runs
+
+        latest = {}
+        async with engine.connect() as conn:
+            for kind in self.KINDS:
+                query = (
+                    select(eval_runs.c.finished_at, eval_runs.c.status, eval_runs.c.metrics_json)
+                    .where(eval_runs.c.kind == kind, eval_runs.c.status.in_(self.STATUSES))
+                    .order_by(desc(eval_runs.c.id))
+                    .limit(1)
+                )
+                row = (await conn.execute(query)).first()
+                if row is None or row.finished_at is None:
+                    continue
+                finished = row.finished_at if row.finished_at.tzinfo else row.finished_at.replace(tzinfo=UTC)
+                latest[kind] = (finished.timestamp(), str(row.status), _numbers(row.metrics_json))
+        self.latest = latest
+
+    async def run(self, engine: AsyncEngine, every_s: float = 60.0) -> None:
+        while True:
+            try:
+                await self.refresh(engine)
+            except Exception as exc:  # the database may be down: keep the last figures
+                log.warning("metrics: reading the latest eval runs failed: %s", exc)
+            await asyncio.sleep(every_s)
+
+    def collect(self) -> Iterator[Metric]:
+        when = GaugeMetricFamily(
+            "gateway_eval_last_run_timestamp_seconds", "When the latest nightly run of this kind finished.",
+            labels=["kind"],
+        )  # fmt: skip
+        regressed = GaugeMetricFamily(
+            "gateway_eval_last_run_regressed", "1 when the latest nightly run regressed or drifted, else 0.",
+            labels=["kind"],
+        )  # fmt: skip
+        failed = GaugeMetricFamily(
+            "gateway_eval_last_run_failed", "1 when the latest nightly run could not run.", labels=["kind"]
+        )
+        values = GaugeMetricFamily(
+            "gateway_eval_metric", "The latest nightly run's numeric results.", labels=["kind", "metric"]
+        )
+        for kind, (finished, status, numbers) in list(self.latest.items()):
+            when.add_metric([kind], finished)
+            regressed.add_metric([kind], 1.0 if status == "regressed" else 0.0)
+            failed.add_metric([kind], 1.0 if status == "failed" else 0.0)
+            for name, value in numbers.items():
+                values.add_metric([kind, name], value)
+        yield from (when, regressed, failed, values)
+
+
+def _numbers(text: str | None) -> dict[str, float]:
+    """The top-level numbers of a run's metrics JSON (names come from the eval code, not from clients)."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        str(k)[:64]: float(v)
+        for k, v in list(data.items())[:200]
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }

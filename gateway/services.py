@@ -15,7 +15,7 @@ from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
 from gateway.db import audit_records, create_engine
 from gateway.limits import build_limiter, parse_model_limits
-from gateway.metrics import GatewayMetrics, MetricsServer, build_metrics
+from gateway.metrics import EvalGauges, GatewayMetrics, MetricsServer, build_metrics
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline
 from gateway.review_store import ReviewStore
@@ -95,7 +95,10 @@ class Services:
         # Metrics: one registry per app, fed once per request from Pipeline.record.
         self.metrics: GatewayMetrics | None = None
         self.metrics_server: MetricsServer | None = None
+        self.evals: EvalGauges | None = None  # the latest nightly runs, refreshed in the background
+        self._evals_task: asyncio.Task[None] | None = None
         if settings.metrics != "off" or settings.metrics_port:
+            self.evals = EvalGauges()
             self.metrics = build_metrics(self)
             self.pipeline.observers.append(self.metrics.observe)
 
@@ -105,6 +108,8 @@ class Services:
         await self.audit.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
+        if self.evals is not None:
+            self._evals_task = asyncio.create_task(self.evals.run(self.engine), name="eval-gauges")
         await self.limiter.start()
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
         self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
@@ -157,6 +162,9 @@ class Services:
         )
 
     async def stop(self) -> None:
+        if self._evals_task is not None:
+            self._evals_task.cancel()
+            await asyncio.gather(self._evals_task, return_exceptions=True)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.close)
         await self.audit.stop()

@@ -90,7 +90,7 @@ def test_main_set_has_every_kind(main_docs: list[dict[str, Any]]) -> None:
 def test_probes_hit_readyz_and_healthz_on_the_container_port(docs: list[dict[str, Any]]) -> None:
     container = gateway_container(docs)
     ports = container["ports"]
-    assert [p["containerPort"] for p in ports] == [8000]
+    assert [p["containerPort"] for p in ports] == [8000, 9100]  # the API, and /metrics (GATEWAY_METRICS_PORT)
     names_and_numbers = {p["containerPort"] for p in ports} | {p["name"] for p in ports if "name" in p}
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
