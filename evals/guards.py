@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import guardrails
 from guardrails.base import GuardContext, GuardResources, Passage, make_executor
@@ -33,6 +33,9 @@ from guardrails.groundedness import GroundednessGuard
 from guardrails.injection import score_injection
 from guardrails.policy import Policy, default_policy, load_policy
 from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityScorer, build_scorer
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 BENIGN_PROMPTS = Path(guardrails.__file__).resolve().parent / "benign_prompts.txt"
 
@@ -46,7 +49,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="score the jailbreak-corpus-mini-py prompts plus the bundled benign prompts",
     )
-    parser.add_argument("--policy", metavar="FILE", help="policy TOML (thresholds, scorer config)")
+    parser.add_argument(
+        "--policy", metavar="FILE", help="policy TOML (thresholds, scorer config; default: the policy setting)"
+    )
     parser.add_argument(
         "--limit", type=int, default=None, metavar="N", help="use at most N items per data set (toxicity default: 2000)"
     )
@@ -263,13 +268,15 @@ def _table(title: str, m: dict[str, Any]) -> str:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the requested evaluations; 0 on success, 2 on bad input."""
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """Run the requested evaluations; 0 on success, 2 on bad input. The policy is the `policy`
+    setting (gateway.cli puts `--policy` there); without settings, `--policy` itself."""
     if not (args.groundedness or args.toxicity or args.injection):
         print("eval guards: give --groundedness FILE, --toxicity FILE and/or --injection", file=sys.stderr)
         return 2
+    policy_path = settings.policy if settings is not None else args.policy
     try:
-        policy = load_policy(args.policy) if args.policy else default_policy()
+        policy = load_policy(policy_path) if policy_path else default_policy()
         report: dict[str, Any] = {}
         if args.groundedness:
             g = asyncio.run(

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from typing import Any
 from evals import dataset as ds
 from evals import metrics, report, store, traffic
 from gateway.services import Services
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import Settings
 
 EXIT_PASSED, EXIT_FAILED, EXIT_REGRESSED, EXIT_DRIFT = 0, 1, 3, 4
 log = logging.getLogger("gateway.eval")
@@ -35,9 +34,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--backend",
         action="append",
         metavar="URL",
-        help="OpenAI-compatible backend; repeatable (default: GATEWAY_BACKEND)",
+        help="OpenAI-compatible backend; repeatable (default: the backend setting)",
     )
-    parser.add_argument("--policy", type=Path, default=None, help="guardrails policy file (default: GATEWAY_POLICY)")
+    parser.add_argument("--policy", type=Path, default=None, help="guardrails policy (default: the policy setting)")
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -106,29 +105,15 @@ def configure_traffic_parser(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
-def build_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the top-level CLI's data dir and database, this command's --backend and --policy."""
-    backend = args.backend or os.environ.get("GATEWAY_BACKEND")
-    if not backend:
-        raise SettingsError("no backend: pass --backend URL or set GATEWAY_BACKEND")
-    overrides: dict[str, Any] = {
-        "data_dir": getattr(args, "data_dir", None),
-        "database": getattr(args, "database", None),
-        "config": getattr(args, "config", None),
-        "backend": backend,
-        "policy": args.policy,
-    }
-    return load_settings(overrides)
+def run_dataset(args: argparse.Namespace, settings: Settings) -> int:
+    """Entry point of `gateway eval run`: `args` holds its own options; `--backend` and `--policy`
+    are settings, already in `settings` (gateway.cli builds it)."""
+    return _main(args, settings, _dataset)
 
 
-def run_dataset(args: argparse.Namespace) -> int:
-    """Entry point of `gateway eval run`."""
-    return _main(args, _dataset)
-
-
-def run_traffic(args: argparse.Namespace) -> int:
+def run_traffic(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point of `gateway eval traffic`."""
-    return _main(args, _traffic)
+    return _main(args, settings, _traffic)
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:
@@ -137,18 +122,19 @@ def _progress(args: argparse.Namespace, message: str) -> None:
         print(f"gateway eval: {message}", file=sys.stderr, flush=True)
 
 
-def _main(args: argparse.Namespace, job: Any) -> int:
+def _main(args: argparse.Namespace, settings: Settings, job: Any) -> int:
     try:
         if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
             raise ValueError("--max-tokens must be at least 1")
-        settings = build_settings(args)
+        if not settings.backend:
+            raise ValueError("no backend: pass --backend URL, set GATEWAY_BACKEND, or set backend in the config file")
         if getattr(args, "since", None) is not None:
             traffic.parse_window(args.since)
             traffic.parse_window(args.labels_since)
         if getattr(args, "dataset", None) is not None:
             items = ds.load_dataset(args.dataset)
             args.items = items
-    except (SettingsError, ValueError) as exc:
+    except ValueError as exc:
         print(f"gateway eval: {exc}", file=sys.stderr)
         return EXIT_FAILED
     summary = asyncio.run(_with_services(settings, args, job))

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from retrieval.errors import RetrievalError
 from retrieval.ingest import Ingestor
 from retrieval.loaders import paragraphs
 from retrieval.store import CollectionStore
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 SEARCH_DEPTH = 20
 
@@ -184,18 +187,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--embedding-model",
         default=None,
         metavar="PATH_OR_NAME",
-        help="embedding model (default: the bundled all-MiniLM-L6-v2)",
+        help="embedding model (default: the embedding_model setting, else the bundled all-MiniLM-L6-v2)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--show-misses", action="store_true", help="list questions not found at rank 1")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """Run `gateway eval retrieval`. The data dir and `--embedding-model` are settings
+    (`data_dir`, `embedding_model`); without settings, `args.data_dir` and the flag."""
+    data_dir = settings.data_dir if settings is not None else Path(getattr(args, "data_dir", None) or "data")
+    model = settings.embedding_model if settings is not None else args.embedding_model
     if args.halueval is None and (args.collection is None or args.questions is None):
         print("gateway eval retrieval: give --collection and --questions, or --halueval", file=sys.stderr)
         return 2
     try:
-        output = asyncio.run(_run(args))
+        output = asyncio.run(_run(args, data_dir, model))
     except (RetrievalError, ValueError, OSError) as exc:
         print(f"gateway eval retrieval: {exc}", file=sys.stderr)
         return 1
@@ -221,14 +228,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    embedder = await create_embedder_async(args.embedding_model)
+async def _run(args: argparse.Namespace, data_dir: Path, model: str | None) -> dict[str, Any]:
+    embedder = await create_embedder_async(model)
     try:
         if args.halueval is not None:
             with tempfile.TemporaryDirectory(prefix="halueval-") as scratch:
                 ingest, result = await run_halueval(args.halueval, embedder, Path(scratch), args.limit)
             return {"ingest": ingest, "result": result}
-        data_dir = Path(getattr(args, "data_dir", None) or "data")
         store = CollectionStore(data_dir, embedder)
         try:
             return {"result": await evaluate(store, args.collection, load_questions(args.questions))}

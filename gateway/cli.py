@@ -1,17 +1,23 @@
-"""The `gateway` command: serve, run a backend, manage keys and the database.
+"""The `gateway` command: serve, run a backend, manage keys and the database, ingest, evaluate.
 
-Every option also reads `GATEWAY_<NAME>` from the environment (flags win), and every
-subcommand honours `GATEWAY_DATABASE` and `GATEWAY_DATA_DIR`.
+Every command receives one `Settings` object, built once here with the precedence defaults <
+config file (`--config` / `GATEWAY_CONFIG`) < `GATEWAY_*` environment < flags: a flag whose
+`dest` is a `Settings` field name overrides that setting; the command's other flags stay in its
+`argparse.Namespace`. `parse(argv)` does all of it without running anything (tests use it).
+Commands that live in other packages (ingest, eval) are loaded inside `parse`, never at import:
+this module is the composition root, and `gateway` never imports `evals` at module level.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +29,9 @@ from gateway.limits_cli import (
     limits_from_args,
     limits_text,
 )
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import SETTING_NAMES, Settings, SettingsError, load_settings, open_engine
 
-Command = Callable[[argparse.Namespace], int]
+Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -36,20 +42,30 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
 
 
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    overrides = {"data_dir": args.data_dir, "database": args.database, "config": args.config, **extra}
-    settings = load_settings(overrides)
-    # Subcommands contributed by other packages read these two attributes.
-    args.data_dir = settings.data_dir
-    args.database = settings.database_url
-    return settings
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """The one `Settings` of a command: its flags named like a setting (None: not given) over
+    `environ` (default: the process environment) over the config file over the defaults."""
+    overrides = {name: value for name, value in vars(args).items() if name in SETTING_NAMES}
+    return load_settings(overrides, environ=environ)
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """A parsed command line: the command, its own options, and the settings it runs with."""
+
+    command: Command
+    args: argparse.Namespace
+    settings: Settings
+
+    def run(self) -> int:
+        return int(self.command(self.args, self.settings) or 0)
 
 
 def _run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from gateway.app import create_app
@@ -57,17 +73,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.migrate import upgrade
     from serving.local import LocalVLLM, stop_process
 
-    settings = _settings(
-        args,
-        host=args.host,
-        port=args.port,
-        backend=args.backend or None,
-        open_mode=True if args.open else None,
-        policy=args.policy,
-        redis=args.redis,
-        limits_fail=args.limits_fail,
-        alias=args.alias or None,
-    )
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.policy:
@@ -154,18 +159,14 @@ def _safe_url(url: str) -> str:
 def _bootstrap_admin_key(settings: Settings) -> None:
     """On a database with no keys at all, make one admin key so a new user can start."""
     from gateway.auth import KeyStore
-    from gateway.db import create_engine
 
     async def go() -> str | None:
-        engine = create_engine(settings.database_url)
-        try:
+        async with open_engine(settings) as engine:
             store = KeyStore(engine)
             if await store.count():
                 return None
             _, secret = await store.create("admin", "bootstrap")
             return secret
-        finally:
-            await engine.dispose()
 
     secret = _run_async(go())
     if secret:
@@ -176,18 +177,17 @@ def _bootstrap_admin_key(settings: Settings) -> None:
         )
 
 
-def cmd_backend_local(args: argparse.Namespace) -> int:
+def cmd_backend_local(args: argparse.Namespace, settings: Settings) -> int:
     from serving.local import LocalVLLM
 
-    settings = _settings(args)
-    local = LocalVLLM(settings.data_dir, port=args.port, vllm_python=settings.vllm_python)
+    local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
     if args.prepare_only:
         print(local.prepare())
         return 0
     return local.run_foreground()
 
 
-def cmd_backend_fake(args: argparse.Namespace) -> int:
+def cmd_backend_fake(args: argparse.Namespace, settings: Settings) -> int:
     from serving.fake import FakeConfig, serve_fake
 
     config = FakeConfig(
@@ -197,24 +197,19 @@ def cmd_backend_fake(args: argparse.Namespace) -> int:
         answer_tokens=args.answer_tokens,
         keep_requests=args.keep_requests,
     )
-    serve_fake(config, args.host, args.port)
+    serve_fake(config, args.fake_host, args.fake_port)
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.auth import KeyStore
-    from gateway.db import create_engine
     from gateway.migrate import upgrade
 
-    settings = _settings(args)
     upgrade(settings.database_url)
 
     async def go() -> tuple[Any, str]:
-        engine = create_engine(settings.database_url)
-        try:
+        async with open_engine(settings) as engine:
             return await KeyStore(engine).create(args.role, args.name, args.collection, limits_from_args(args))
-        finally:
-            await engine.dispose()
 
     info, secret = _run_async(go())
     print(secret)
@@ -227,20 +222,15 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_list(args: argparse.Namespace) -> int:
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.auth import KeyStore
-    from gateway.db import create_engine
     from gateway.migrate import upgrade
 
-    settings = _settings(args)
     upgrade(settings.database_url)
 
     async def go() -> list[dict[str, Any]]:
-        engine = create_engine(settings.database_url)
-        try:
+        async with open_engine(settings) as engine:
             return await KeyStore(engine).list()
-        finally:
-            await engine.dispose()
 
     for row in _run_async(go()):
         state = "revoked" if row["revoked_at"] else "active"
@@ -248,18 +238,12 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.auth import KeyStore
-    from gateway.db import create_engine
-
-    settings = _settings(args)
 
     async def go() -> bool:
-        engine = create_engine(settings.database_url)
-        try:
+        async with open_engine(settings) as engine:
             return await KeyStore(engine).revoke(args.key_id)
-        finally:
-            await engine.dispose()
 
     if _run_async(go()):
         print(f"revoked {args.key_id}")
@@ -268,19 +252,19 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
-def cmd_db_upgrade(args: argparse.Namespace) -> int:
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.migrate import upgrade
 
-    settings = _settings(args)
     upgrade(settings.database_url)
     print(f"database at {_safe_url(settings.database_url)} is at the newest revision")
     return 0
 
 
-# Subcommands that live in other packages: (prog, module, configure function, run function).
-# Their parsers are built only when called, so `gateway serve` does not import model code.
+# Subcommands that live in other packages: (prog, module, configure function, command function).
+# Their parsers are built only when called, so `gateway serve` does not import model code; each
+# command function takes (args, settings).
 _DELEGATED = {
-    "ingest": ("gateway ingest", "retrieval.cli", "configure_ingest_parser", "run_ingest"),
+    "ingest": ("gateway ingest", "gateway.cli", "_configure_ingest", "cmd_ingest"),
     "eval guards": ("gateway eval guards", "evals.guards", "configure_parser", "run"),
     "eval retrieval": ("gateway eval retrieval", "evals.retrieval", "configure_parser", "run"),
     "eval run": ("gateway eval run", "evals.nightly", "configure_run_parser", "run_dataset"),
@@ -288,35 +272,39 @@ _DELEGATED = {
 }
 
 
-def cmd_delegated(args: argparse.Namespace) -> int:
-    import importlib
+def _configure_ingest(parser: argparse.ArgumentParser) -> None:
+    from retrieval.cli import configure_ingest_parser
 
-    prog, module_name, configure_name, run_name = _DELEGATED[args.delegated]
+    configure_ingest_parser(parser)  # its --embedding-model is the `embedding_model` setting
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.migrate import upgrade
+    from retrieval.cli import IngestTarget, run_ingest
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)  # the schema (RAG tables included) comes from the migrations
+    target = IngestTarget(settings.data_dir, settings.database_url, settings.embedding_model)
+    return run_ingest(args, target)
+
+
+def _delegated(name: str, argv: list[str]) -> tuple[Command, argparse.Namespace]:
+    """Build the parser of a command that lives in another package, parse its arguments."""
+    prog, module_name, configure_name, run_name = _DELEGATED[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=prog)
-    known = parser._option_string_actions
+    _common(parser)
     getattr(module, configure_name)(parser)
-    for flag, kwargs in (("--data-dir", {"type": Path}), ("--database", {}), ("--config", {"type": Path})):
-        if flag not in known:
-            parser.add_argument(flag, default=None, **kwargs)  # type: ignore[arg-type]
-    sub_args = parser.parse_args(args.rest)
-    settings = _settings(sub_args)
-    if args.delegated == "ingest":
-        from gateway.migrate import upgrade
-
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.database_url)  # the schema (RAG tables included) comes from the migrations
-    return int(getattr(module, run_name)(sub_args) or 0)
+    command: Command = getattr(module, run_name)
+    return command, parser.parse_args(argv)
 
 
-def cmd_db_prune(args: argparse.Namespace) -> int:
+def cmd_db_prune(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from gateway.db import create_engine
     from gateway.migrate import upgrade
     from gateway.retention import prune
 
-    settings = _settings(args)
     if args.older_than < 0:
         print("gateway: --older-than must be zero or more days", file=sys.stderr)
         return 2
@@ -324,11 +312,8 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
 
     async def go() -> Any:
-        engine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-        try:
+        async with open_engine(settings) as engine:
             return await prune(engine, cutoff, batch=args.batch, archive=args.archive, dry_run=args.dry_run)
-        finally:
-            await engine.dispose()
 
     report = _run_async(go())
     verb = "would delete" if args.dry_run else "deleted"
@@ -342,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="A guarded, OpenAI-compatible LLM gateway.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # Flags whose dest is a Settings field (host, port, backend, ...) override that setting.
     serve = commands.add_parser("serve", help="run the gateway (starts a local vLLM when no --backend is given)")
     _common(serve)
     serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
@@ -353,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--alias", action="append", metavar="NAME=COLLECTION:MODEL", help="a model name that means RAG; repeatable"
     )
-    serve.add_argument("--open", action="store_true", help="no API keys (local use only; announced loudly)")
+    serve.add_argument(
+        "--open",
+        dest="open_mode",
+        action="store_true",
+        default=None,
+        help="no API keys (local use only; announced loudly)",
+    )
     serve.add_argument("--redis", default=None, metavar="URL", help="Redis for limit counters shared by replicas")
     serve.add_argument("--limits-fail", choices=["open", "closed"], default=None, help="when Redis is unreachable")
     serve.set_defaults(func=cmd_serve)
@@ -363,13 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local = backend.add_parser("local", help="prepare the bundled SmolLM2 model and run the CPU vLLM in the foreground")
     _common(local)
-    local.add_argument("--port", type=int, default=8100)
+    local.add_argument("--port", dest="local_vllm_port", type=int, default=None, help="listen port (default 8100)")
     local.add_argument("--prepare-only", action="store_true", help="only prepare the model folder")
     local.set_defaults(func=cmd_backend_local)
     fake = backend.add_parser("fake", help="a deterministic OpenAI-compatible fake backend (real HTTP server)")
     _common(fake)
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=8200)
+    fake.add_argument("--host", dest="fake_host", default="127.0.0.1")
+    fake.add_argument("--port", dest="fake_port", type=int, default=8200)
     fake.add_argument("--model", action="append", help="model name to serve (repeatable; default fake-model)")
     fake.add_argument("--delay-ms", type=float, default=0.0, help="delay before the answer / first token")
     fake.add_argument("--tokens-per-s", type=float, default=0.0, help="streaming pace (0: as fast as possible)")
@@ -396,11 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(update)
     update.add_argument("key_id")
     add_limit_flags(update)
-    update.set_defaults(func=lambda args: cmd_keys_update(args, _settings(args)))
+    update.set_defaults(func=cmd_keys_update)
     usage = commands.add_parser("usage", help="requests, tokens, blocks, limits and latency from the audit log")
     _common(usage)
     configure_usage_parser(usage)
-    usage.set_defaults(func=lambda args: cmd_usage(args, _settings(args)))
+    usage.set_defaults(func=cmd_usage)
 
     db = commands.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
     up = db.add_parser("upgrade", help="apply the schema migrations")
@@ -415,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=cmd_db_prune)
 
     ingest = commands.add_parser("ingest", help="ingest documents into a RAG collection", add_help=False)
-    ingest.set_defaults(func=cmd_delegated, delegated="ingest")
+    ingest.set_defaults(delegated="ingest")
     evals = commands.add_parser("eval", help="offline evaluation").add_subparsers(dest="eval_command", required=True)
     for target, text in (
         ("guards", "score the guards on labelled data"),
@@ -424,19 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
         ("traffic", "re-score logged traffic and report drift"),
     ):
         sub = evals.add_parser(target, help=text, add_help=False)
-        sub.set_defaults(func=cmd_delegated, delegated=f"eval {target}")
+        sub.set_defaults(delegated=f"eval {target}")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Invocation:
+    """Parse a command line and build its settings (from `environ`, default the process's).
+    Usage errors exit 2 (argparse); a bad setting raises SettingsError."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    command: Command
     if getattr(args, "delegated", None):
-        args.rest = rest  # parsed by the delegated command's own parser
+        command, args = _delegated(args.delegated, rest)  # parsed by the command's own parser
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    else:
+        command = args.func
+    return Invocation(command, args, settings_from_args(args, environ))
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        return int(args.func(args) or 0)
+        return parse(argv).run()
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

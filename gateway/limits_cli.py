@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.limits import LIMIT_COLUMNS, KeyLimits, parse_limit
+from gateway.settings import Settings, open_engine
 
 _HELP = {
     "rpm": "requests per minute",
@@ -57,10 +58,9 @@ def limits_text(row: dict[str, Any]) -> str:
     return KeyLimits(**{name: row.get(name) for name in LIMIT_COLUMNS}).describe()
 
 
-def cmd_keys_update(args: argparse.Namespace, settings: Any) -> int:
+def cmd_keys_update(args: argparse.Namespace, settings: Settings) -> int:
     """Change a key's limits; unknown key id: exit 1."""
     from gateway.auth import KeyStore
-    from gateway.db import create_engine
     from gateway.migrate import upgrade
 
     upgrade(settings.database_url)
@@ -70,8 +70,7 @@ def cmd_keys_update(args: argparse.Namespace, settings: Any) -> int:
         return 2
 
     async def go() -> KeyLimits | None:
-        engine = create_engine(settings.database_url)
-        try:
+        async with open_engine(settings) as engine:
             store = KeyStore(engine)
             row = next((r for r in await store.list() if r["id"] == args.key_id), None)
             if row is None:
@@ -79,8 +78,6 @@ def cmd_keys_update(args: argparse.Namespace, settings: Any) -> int:
             limits = limits_from_args(args, KeyLimits(**{name: row.get(name) for name in LIMIT_COLUMNS}))
             await store.update_limits(args.key_id, limits)
             return limits
-        finally:
-            await engine.dispose()
 
     limits = asyncio.run(go())
     if limits is None:
@@ -96,9 +93,8 @@ def configure_usage_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def cmd_usage(args: argparse.Namespace, settings: Any) -> int:
+def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
     """Requests, tokens, blocked, rate-limited, errors, p50/p95 latency from the audit log."""
-    from gateway.db import create_engine
     from gateway.migrate import upgrade
     from gateway.usage import format_table, parse_since, usage
 
@@ -110,11 +106,8 @@ def cmd_usage(args: argparse.Namespace, settings: Any) -> int:
     upgrade(settings.database_url)
 
     async def go() -> list[Any]:
-        engine = create_engine(settings.database_url)
-        try:
+        async with open_engine(settings) as engine:
             return await usage(engine, since, args.by)
-        finally:
-            await engine.dispose()
 
     rows = asyncio.run(go())
     if args.json:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -84,6 +88,9 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+SETTING_NAMES = frozenset(f.name for f in fields(Settings))  # a CLI flag with one of these dests overrides it
 
 
 def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
@@ -228,3 +235,16 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
             raise SettingsError(f"unknown setting {name!r}")
         values[name] = _coerce(name, value, kinds[name], f"option --{name.replace('_', '-')}")
     return _validate(Settings(**values))
+
+
+@asynccontextmanager
+async def open_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The audit database's engine for one command: `async with open_engine(settings) as engine:`;
+    disposed on the way out, however the block ends."""
+    from gateway.db import create_engine
+
+    engine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

@@ -3,9 +3,10 @@
     gateway ingest PATH... --collection NAME [--delete] [--chunk-tokens N] [--overlap-tokens N]
                    [--index-type auto|flat|hnsw|ivf] [--embedding-model PATH_OR_NAME] [--json]
 
-The top-level CLI sets `args.data_dir` (a Path) and `args.database` (a URL, or None for SQLite
-at DATA_DIR/gateway.db), and brings the database's schema up to date (Alembic) before it calls
-`run_ingest`; a caller that does not passes `ensure_schema` (see `Ingestor.open`).
+The top-level CLI (gateway.cli) passes an `IngestTarget` built from its settings (data dir,
+database URL, embedding model) and brings the database's schema up to date (Alembic) before it
+calls `run_ingest`; a caller that does not passes `ensure_schema` (see `Ingestor.open`). Plain
+data, so that retrieval never imports the gateway.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS, ChunkingOptions
@@ -22,6 +24,20 @@ from retrieval.errors import RetrievalError
 from retrieval.index import INDEX_KINDS, IndexConfig
 from retrieval.ingest import Ingestor, IngestReport, SchemaHook
 from retrieval.loaders import iter_files
+
+
+@dataclass(frozen=True, slots=True)
+class IngestTarget:
+    """Where ingestion writes and with which model: the parts of the settings it needs."""
+
+    data_dir: Path
+    database: str | None = None  # a SQLAlchemy URL; None: SQLite at DATA_DIR/gateway.db
+    embedding_model: str | None = None  # None: the bundled all-MiniLM-L6-v2; "hashing": the fake
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> IngestTarget:
+        """For callers without settings: `args.data_dir`, `args.database`, `--embedding-model`."""
+        return cls(Path(args.data_dir), getattr(args, "database", None), args.embedding_model)
 
 
 def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
@@ -55,26 +71,30 @@ def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
         "--embedding-model",
         default=None,
         metavar="PATH_OR_NAME",
-        help="sentence-transformers model folder or name (default: bundled all-MiniLM-L6-v2)",
+        help="sentence-transformers model folder or name, or hashing (default: the embedding_model setting, "
+        "else the bundled all-MiniLM-L6-v2)",
     )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run_ingest(args: argparse.Namespace, *, ensure_schema: SchemaHook | None = None) -> int:
+def run_ingest(
+    args: argparse.Namespace, target: IngestTarget | None = None, *, ensure_schema: SchemaHook | None = None
+) -> int:
     """Run `gateway ingest`; returns the exit status (0 ok, 1 nothing ingested or error, 2 usage)."""
+    target = target or IngestTarget.from_args(args)
     try:
         chunking = ChunkingOptions(args.chunk_tokens, args.overlap_tokens)
     except ValueError as exc:
         print(f"gateway ingest: {exc}", file=sys.stderr)
         return 2
     try:
-        embedder = create_embedder(args.embedding_model)
+        embedder = create_embedder(target.embedding_model)
     except (OSError, ValueError) as exc:
-        print(f"gateway ingest: cannot load embedding model {args.embedding_model!r}: {exc}", file=sys.stderr)
+        print(f"gateway ingest: cannot load embedding model {target.embedding_model!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(_run(args, embedder, chunking, ensure_schema))
+        report = asyncio.run(_run(args, target, embedder, chunking, ensure_schema))
     except (RetrievalError, ValueError) as exc:
         print(f"gateway ingest: {exc}", file=sys.stderr)
         return 1
@@ -87,12 +107,16 @@ def run_ingest(args: argparse.Namespace, *, ensure_schema: SchemaHook | None = N
 
 
 async def _run(
-    args: argparse.Namespace, embedder: Embedder, chunking: ChunkingOptions, ensure_schema: SchemaHook | None
+    args: argparse.Namespace,
+    target: IngestTarget,
+    embedder: Embedder,
+    chunking: ChunkingOptions,
+    ensure_schema: SchemaHook | None,
 ) -> IngestReport:
     try:
         ingestor = await Ingestor.open(
-            Path(args.data_dir),
-            getattr(args, "database", None),
+            target.data_dir,
+            target.database,
             embedder,
             chunking=chunking,
             index_config=IndexConfig(kind=args.index_type),
