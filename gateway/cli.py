@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -70,10 +69,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from gateway.app import create_app
     from gateway.httpserver import GatewayHttpToolsProtocol
+    from gateway.logs import configure_logging
     from gateway.migrate import upgrade
     from serving.local import LocalVLLM, stop_process
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.policy:
         from guardrails import load_policy
@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--redis", default=None, metavar="URL", help="Redis for limit counters shared by replicas")
     serve.add_argument("--limits-fail", choices=["open", "closed"], default=None, help="when Redis is unreachable")
+    serve.add_argument("--metrics", choices=["admin", "open", "off"], default=None, help="/metrics on the main port")
+    serve.add_argument("--metrics-port", type=int, default=None, help="also serve /metrics, open, on this port")
+    serve.add_argument("--log-format", choices=["text", "json"], default=None, help="log lines (default text)")
+    serve.add_argument("--otlp-endpoint", default=None, metavar="URL", help="OTLP/HTTP collector for traces")
     serve.set_defaults(func=cmd_serve)
 
     backend = commands.add_parser("backend", help="run an LLM backend").add_subparsers(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from base64 import b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from gateway.errors import (
     from_serving_error,
 )
 from gateway.limits import UNLIMITED, Admission, Limiter, estimate_tokens, release_after, tokens_used
+from gateway.logs import new_request_id
 from gateway.validation import Limits, decode_body, validate_chat, validate_completion, validate_embeddings
 from guardrails import Guardrails, Passage, StreamChecker, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
@@ -78,7 +78,7 @@ class Trace:
 
     endpoint: Endpoint
     client_ip: str | None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_request_id)  # also the id on this request's log lines
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     api_key_id: str | None = None
