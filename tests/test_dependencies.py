@@ -45,3 +45,24 @@ def test_package_imports_only_what_it_may(package: str) -> None:
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     wrong = [m for m in loaded for f in FORBIDDEN[package] if m == f or m.startswith(f + ".")]
     assert not wrong, f"importing {package} loads {wrong}"
+
+
+# Where a package may touch the environment: settings.py builds Settings from GATEWAY_*, and the
+# local vLLM child inherits the parent's environment. Anything else reads settings passed in.
+ENVIRON_ALLOWED = {"gateway/settings.py", "serving/local.py"}
+
+
+def test_no_module_reads_the_environment_for_a_setting() -> None:
+    readers = sorted(
+        str(path.relative_to(ROOT))
+        for package in (*FORBIDDEN, "evals")
+        for path in (ROOT / package).rglob("*.py")
+        if any(word in path.read_text(encoding="utf-8") for word in ("os.environ", "getenv("))
+    )
+    assert set(readers) <= ENVIRON_ALLOWED, readers
+
+
+def test_the_cli_uses_no_argparse_internals() -> None:
+    for package in (*FORBIDDEN, "evals"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "_option_string_actions" not in path.read_text(encoding="utf-8"), path
