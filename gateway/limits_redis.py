@@ -39,11 +39,51 @@ from gateway.limits import (
 
 log = logging.getLogger("gateway.limits")
 
-# KEYS: one per check. ARGV: now_ms, member, lease_ms, and the checks packed as
-# "kind:limit:cost:aux;..." (one string: far cheaper for the client to send than 4 arguments each).
+# Give back what one admission holds: a GCRA token correction (g), a lease (c, m), a quota correction (q).
+_RELEASE_FN = """
+local function release_op(key, kind, limit, delta, member, now)
+  if kind == 'g' then
+    if delta ~= 0 then
+      local interval = 60000 / limit
+      local tat = tonumber(redis.call('GET', key))
+      if delta > 0 then
+        if tat == nil or tat < now then tat = now end
+        tat = tat + delta * interval
+      elseif tat ~= nil then
+        tat = tat + delta * interval
+      end
+      if tat ~= nil then
+        if tat > now then
+          redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil(tat - now) + 1000)
+        else
+          redis.call('DEL', key)
+        end
+      end
+    end
+  elseif kind == 'c' or kind == 'm' then
+    redis.call('ZREM', key, member)
+  elseif delta ~= 0 and redis.call('EXISTS', key) == 1 then
+    if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+  end
+end
+local function release_all(packed, first_key, now)
+  local i = first_key
+  for kind, limit, delta, member in string.gmatch(packed, '(%a):([^:;]+):([^:;]+):([^:;]+)') do
+    release_op(KEYS[i], kind, tonumber(limit), tonumber(delta), member, now)
+    i = i + 1
+  end
+end
+"""
+
+# KEYS: one per check, then one per queued release operation. ARGV: now_ms, member, lease_ms, the
+# checks packed as "kind:limit:cost:aux;..." (one string: far cheaper for the client to send than 4
+# arguments each), and the releases this replica queued since its last call ("kind:limit:delta:member;...").
+# The releases apply first, so a request's own earlier slot is free for its next one.
 # Returns one string "status;ok,remaining,reset_ms,retry_ms;..." with status 1 admitted (state
 # written), 0 refused, 2 only the model's in-flight slots are full (the caller may wait).
-ACQUIRE = """
+ACQUIRE = (
+    _RELEASE_FN
+    + """
 local now = tonumber(ARGV[1])
 local member = ARGV[2]
 local lease = tonumber(ARGV[3])
@@ -51,10 +91,12 @@ local specs = {}
 for kind, limit, cost, aux in string.gmatch(ARGV[4], '(%a):([^:;]+):([^:;]+):([^:;]+)') do
   specs[#specs + 1] = {kind, tonumber(limit), tonumber(cost), tonumber(aux)}
 end
+local n = #specs
+release_all(ARGV[5], n + 1, now)
 local out = {}
 local writes = {}
 local refused, queued = false, false
-for i = 1, #KEYS do
+for i = 1, n do
   local kind, limit, cost, aux = specs[i][1], specs[i][2], specs[i][3], specs[i][4]
   local key = KEYS[i]
   local ok, remaining, reset, retry = 1, 0, 0, 0
@@ -92,7 +134,7 @@ for i = 1, #KEYS do
 end
 if refused then return '0;' .. table.concat(out, ';') end
 if queued then return '2;' .. table.concat(out, ';') end
-for i = 1, #KEYS do
+for i = 1, n do
   local kind, cost, aux = specs[i][1], specs[i][3], specs[i][4]
   if kind == 'g' then
     redis.call('SET', KEYS[i], string.format('%.17g', writes[i]), 'PX', math.ceil(writes[i] - now) + 1000)
@@ -106,43 +148,18 @@ for i = 1, #KEYS do
 end
 return '1;' .. table.concat(out, ';')
 """
+)
 
-# KEYS: what the admission holds. ARGV: now_ms, member, token delta, and "kind:limit;..." per key.
-RELEASE = """
-local now = tonumber(ARGV[1])
-local member = ARGV[2]
-local delta = tonumber(ARGV[3])
-local specs = {}
-for kind, limit in string.gmatch(ARGV[4], '(%a):([^:;]+)') do specs[#specs + 1] = {kind, tonumber(limit)} end
-for i = 1, #KEYS do
-  local kind, limit = specs[i][1], specs[i][2]
-  local key = KEYS[i]
-  if kind == 'g' then
-    if delta ~= 0 then
-      local interval = 60000 / limit
-      local tat = tonumber(redis.call('GET', key))
-      if delta > 0 then
-        if tat == nil or tat < now then tat = now end
-        tat = tat + delta * interval
-      elseif tat ~= nil then
-        tat = tat + delta * interval
-      end
-      if tat ~= nil then
-        if tat > now then
-          redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil(tat - now) + 1000)
-        else
-          redis.call('DEL', key)
-        end
-      end
-    end
-  elseif kind == 'c' or kind == 'm' then
-    redis.call('ZREM', key, member)
-  elseif delta ~= 0 and redis.call('EXISTS', key) == 1 then
-    if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
-  end
-end
+
+# Releases queued by this replica, sent on their own (when no check came along to carry them).
+# KEYS: one per operation. ARGV: now_ms, "kind:limit:delta:member;...".
+RELEASE = (
+    _RELEASE_FN
+    + """
+release_all(ARGV[2], 1, tonumber(ARGV[1]))
 return 1
 """
+)
 
 
 class RedisLimiter(Limiter):
@@ -163,6 +180,7 @@ class RedisLimiter(Limiter):
         poll_s: float = 0.025,
         retry_after_failure_s: float = 1.0,
         max_connections: int = 16,
+        flush_s: float = 0.005,
     ) -> None:
         if fail not in FAIL_MODES:
             raise ValueError(f"limits fail mode must be 'open' or 'closed', not {fail!r}")
@@ -190,6 +208,10 @@ class RedisLimiter(Limiter):
         self._down_until = 0.0
         self._logged_at = -math.inf
         self._waiting: dict[str, int] = {}
+        self.flush_s = flush_s
+        self._release_keys: list[str] = []
+        self._release_ops: list[str] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
         self.failures = 0  # Redis calls that failed
         self.unchecked = 0  # requests served without a check (fail-open)
         self.last_error: str | None = None
@@ -261,7 +283,9 @@ class RedisLimiter(Limiter):
         member = self._new_id()
         keys = [self.prefix + c.key for c in checks]
         packed = ";".join(f"{c.kind}:{c.limit}:{c.cost}:{c.aux:.0f}" for c in checks)
-        args: list[Any] = [f"{now_ms:.3f}", member, f"{self.lease_ms:.0f}", packed]
+        release_keys, release_ops = self._take_releases()
+        args: list[Any] = [f"{now_ms:.3f}", member, f"{self.lease_ms:.0f}", packed, ";".join(release_ops)]
+        keys += release_keys
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         try:
@@ -300,23 +324,62 @@ class RedisLimiter(Limiter):
                     raise _refusal(flight, 1000, headers, key_id, model, f"waited {caps.queue_timeout:g} s")
                 await asyncio.sleep(min(self.poll_s, max(0.0, deadline - loop.time())))
                 args[0] = f"{self.clock() * 1000:.3f}"
+                del keys[len(checks) :]  # the releases went with the first try
+                args[4] = ""
         finally:
             if deadline is not None and model is not None:
                 self._waiting[model] -= 1
 
+    # Releases are queued and ride on this replica's next check (one round trip per request in
+    # steady state); a timer sends what is left after `flush_s` when no check comes along.
+
     async def _release(self, admission: Admission, token_delta: int, now_ms: float) -> None:
+        self._queue(admission, token_delta)
+
+    def release_soon(self, admission: Admission, actual_tokens: int) -> None:
+        if not admission.released:
+            admission.released = True
+            self._queue(admission, actual_tokens - admission.reserved)
+
+    async def finish(self, admission: Admission, actual_tokens: int) -> None:
+        self.release_soon(admission, actual_tokens)
+
+    def _queue(self, admission: Admission, token_delta: int) -> None:
         if admission.degraded or not admission.undo:
             return
-        keys = [self.prefix + c.key for c in admission.undo]
-        args: list[Any] = [
-            f"{now_ms:.3f}",
-            admission.id,
-            token_delta,
-            ";".join(f"{c.kind}:{c.limit}" for c in admission.undo),
-        ]
+        for check in admission.undo:
+            self._release_keys.append(self.prefix + check.key)
+            self._release_ops.append(f"{check.kind}:{check.limit}:{token_delta}:{admission.id}")
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush_soon)
+
+    def _take_releases(self) -> tuple[list[str], list[str]]:
+        keys, ops = self._release_keys, self._release_ops
+        if keys:
+            self._release_keys, self._release_ops = [], []
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        return keys, ops
+
+    def _flush_soon(self) -> None:
+        self._flush_timer = None
+        task = asyncio.ensure_future(self.flush())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Send the queued releases now."""
+        keys, ops = self._take_releases()
+        if not keys:
+            return
         try:
             async with asyncio.timeout(self._timeout), self._gate:
-                await self._release_script(keys=keys, args=args)
+                await self._release_script(keys=keys, args=[f"{self.clock() * 1000:.3f}", ";".join(ops)])
         except (RedisError, TimeoutError) as exc:
-            # Leases expire on their own; a lost token correction only errs by one request's tokens.
+            # Leases expire on their own; a lost token correction only errs by those requests' tokens.
             self._failed(exc)
+
+    async def drain(self) -> None:
+        await self.flush()
+        await super().drain()

@@ -410,3 +410,28 @@ async def test_redis_not_there_at_start(caplog: pytest.LogCaptureFixture) -> Non
             await limiter.acquire(Key("app", KeyLimits(rpm=1)), "m", 1)  # type: ignore[arg-type]
     finally:
         await limiter.aclose()
+
+
+async def test_release_reaches_other_replicas(make: MakeLimiter) -> None:
+    first = make()
+    other = first if isinstance(first, InProcessLimiter) else make()
+    key = Key("app", KeyLimits(max_concurrent=1))
+    admission = await first.acquire(key, "m", 1)  # type: ignore[arg-type]
+    await refused(other, key)
+    await first.finish(admission, 1)  # a Redis replica queues it for its next check, or sends it within flush_s
+    await first.drain()
+    await other.acquire(key, "m", 1)  # type: ignore[arg-type]
+
+
+async def test_queued_release_is_sent_without_another_check(make: MakeLimiter) -> None:
+    first = make()
+    other = first if isinstance(first, InProcessLimiter) else make()
+    key = Key("app", KeyLimits(max_concurrent=1))
+    await first.finish(await first.acquire(key, "m", 1), 1)  # type: ignore[arg-type]
+    for _ in range(200):  # the flush timer sends it; no drain, no further check on `first`
+        try:
+            await other.acquire(key, "m", 1)  # type: ignore[arg-type]
+            return
+        except RateLimited:
+            await asyncio.sleep(0.01)
+    pytest.fail("the release never reached the other replica")
