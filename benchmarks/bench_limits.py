@@ -30,7 +30,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gateway import CHAT, GATEWAY, GUARDS_OFF, Proc, drive, free_port, percentile, start_fake  # noqa: E402
+from benchmarks.bench_gateway import (  # noqa: E402
+    CHAT,
+    GATEWAY,
+    GUARDS_OFF,
+    Proc,
+    cpu_seconds,
+    drive,
+    free_port,
+    percentile,
+    start_fake,
+)
 from gateway.limits import InProcessLimiter, KeyLimits, Limiter  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -88,6 +98,14 @@ async def micro(requests: int) -> dict[str, Any]:
     redis = RedisLimiter(REDIS_URL, prefix=prefix)
     try:
         await redis.start()
+        pings = []
+        for _ in range(requests):  # the floor: one bare round trip to this Redis from this client
+            began = time.perf_counter()
+            await redis._redis.ping()
+            pings.append(time.perf_counter() - began)
+        out["redis PING (floor)"] = {"off_p50_ms": 0.0, "on_p50_ms": percentile(sorted(pings), 50) * 1000,
+                                     "on_p99_ms": percentile(sorted(pings), 99) * 1000, "added_p50_ms": 0.0,
+                                     "with_release_p50_ms": 0.0, "evalsha_per_request": 0.0}  # fmt: skip
         for name, limiter, n in (("in-process", in_process, requests * 5), ("redis", redis, requests)):
             await _time_checks(limiter, limited, 8, 400)  # warm up (connections, script cache)
             for concurrency in (1, 32):
@@ -153,17 +171,24 @@ def end_to_end(requests: int, data_dir: Path, rounds: int = 4) -> dict[str, Any]
                     asyncio.run(drive(endpoint, CHAT, concurrency=8, requests=300, key=key, stream=False))
                 for concurrency in (1, 32):
                     p50 = {"off": [], "on": []}  # type: dict[str, list[float]]
+                    cpu = {"off": 0.0, "on": 0.0}
+                    done = {"off": 0, "on": 0}
                     errors = 0
                     for _ in range(rounds):  # alternate, so drift on a busy machine hits both alike
                         for label, key in (("off", free), ("on", limited)):
                             n = max(requests // rounds, concurrency * 4)
+                            before = cpu_seconds(gw.pid)
                             r = asyncio.run(drive(endpoint, CHAT, concurrency=concurrency, requests=n, key=key,
                                                   stream=False))  # fmt: skip
+                            cpu[label] += cpu_seconds(gw.pid) - before
+                            done[label] += r["requests"]
                             p50[label].append(r["p50_ms"])
                             errors += r["errors"]
                     off, on = sorted(p50["off"])[rounds // 2], sorted(p50["on"])[rounds // 2]
+                    cpu_off, cpu_on = (cpu[k] / max(1, done[k]) * 1000 for k in ("off", "on"))
                     out[f"{name} c={concurrency}"] = {"off_p50_ms": off, "on_p50_ms": on, "added_p50_ms": on - off,
-                                                      "errors": errors}  # fmt: skip
+                                                      "cpu_off_ms": cpu_off, "cpu_on_ms": cpu_on,
+                                                      "added_cpu_ms": cpu_on - cpu_off, "errors": errors}  # fmt: skip
             finally:
                 gw.stop()
     finally:
@@ -183,10 +208,13 @@ def report(figures: dict[str, Any]) -> None:
               f"{r['evalsha_per_request']:.2f} |")  # fmt: skip
     if "end_to_end" in figures:
         print("\n## End to end through the gateway (zero-delay fake, guards off): limited key vs unlimited key")
-        print("| limiter | unlimited p50 | limited p50 | added p50 | errors |")
-        print("|---|---|---|---|---|")
+        print(
+            "| limiter | unlimited p50 | limited p50 | added p50 | CPU/request unlimited | limited | added | errors |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for mode, r in figures["end_to_end"].items():
             print(f"| {mode} | {r['off_p50_ms']:.3f} ms | {r['on_p50_ms']:.3f} ms | **{r['added_p50_ms']:.3f} ms** | "
+                  f"{r['cpu_off_ms']:.3f} ms | {r['cpu_on_ms']:.3f} ms | **{r['added_cpu_ms']:.3f} ms** | "
                   f"{r['errors']} |")  # fmt: skip
 
 
