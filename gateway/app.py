@@ -22,6 +22,7 @@ from gateway.review import REVIEW_ROUTES
 from gateway.routes import ROUTES
 from gateway.services import Services
 from gateway.settings import Settings
+from gateway.tracing import middleware_factory
 from gateway.usage_routes import USAGE_ROUTES
 from serving.backend import Backend
 
@@ -108,6 +109,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             Exception: _unexpected_error,
         },
         after_request=_ensure_request_id,
+        middleware=[middleware_factory(lambda: services.tracer is not None)],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,

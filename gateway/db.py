@@ -72,11 +72,13 @@ audit_records = Table(
     Column("flagged_by", String(200)),
     Column("groundedness", Float),
     Column("toxicity", Float),
+    Column("trace_id", String(32)),  # W3C trace id: from the record to its trace
     Index("ix_audit_records_created_at", "created_at"),
     Index("ix_audit_records_status_created", "status", "created_at"),
     Index("ix_audit_records_model_created", "model", "created_at"),
     Index("ix_audit_records_key_created", "api_key_id", "created_at"),
     Index("ix_audit_records_blocked_created", "blocked_by", "created_at"),
+    Index("ix_audit_records_trace_id", "trace_id"),
 )
 
 api_keys = Table(

@@ -44,6 +44,7 @@ from gateway.errors import (
 )
 from gateway.limits import UNLIMITED, Admission, Limiter, estimate_tokens, release_after, tokens_used
 from gateway.logs import new_request_id
+from gateway.tracing import current_trace_id
 from gateway.validation import Limits, decode_body, validate_chat, validate_completion, validate_embeddings
 from guardrails import Guardrails, Passage, StreamChecker, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
@@ -79,6 +80,7 @@ class Trace:
     endpoint: Endpoint
     client_ip: str | None
     request_id: str = field(default_factory=new_request_id)  # also the id on this request's log lines
+    trace_id: str | None = field(default_factory=current_trace_id)  # W3C trace id (gateway.tracing)
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     api_key_id: str | None = None
@@ -142,6 +144,7 @@ class Trace:
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 3),
             "total_ms": round(total * 1000, 3),
             "client_ip": self.client_ip,
+            "trace_id": self.trace_id,
             **guarding.audit_columns(self.verdicts),
             "passages_json": _encode([rag.passage_record(h) for h in self.hits]).decode() if self.hits else None,
             "citations_json": _encode(citations(self.hits)).decode() if self.hits else None,

@@ -21,6 +21,7 @@ from gateway.pipeline import Pipeline
 from gateway.review_store import ReviewStore
 from gateway.sessions import Sessions
 from gateway.settings import Settings
+from gateway.tracing import RequestTracer
 from guardrails import Guardrails, default_policy, load_policy, make_executor
 from retrieval import CollectionStore, Embedder, create_embedder_async, ensure_sample_collection
 from serving.backend import Backend
@@ -101,6 +102,15 @@ class Services:
             self.evals = EvalGauges()
             self.metrics = build_metrics(self)
             self.pipeline.observers.append(self.metrics.observe)
+        # Traces: off unless an OTLP endpoint is set.
+        self.tracer: RequestTracer | None = None
+        if settings.otlp_endpoint:
+            self.use_tracer(RequestTracer(settings.otlp_endpoint))
+
+    def use_tracer(self, tracer: RequestTracer) -> None:
+        """Record one trace per request with `tracer` (tests pass one with an in-memory exporter)."""
+        self.tracer = tracer
+        self.pipeline.observers.append(tracer.observe)
 
     async def start(self) -> None:
         # Alembic runs its own event loop, so it gets a thread of its own.
@@ -162,6 +172,8 @@ class Services:
         )
 
     async def stop(self) -> None:
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.close)  # flushes the spans still queued
         if self._evals_task is not None:
             self._evals_task.cancel()
             await asyncio.gather(self._evals_task, return_exceptions=True)

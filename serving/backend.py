@@ -9,9 +9,14 @@ is handled, and sent on to the client, in one go.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+
+#: Extra headers for the backend calls of the request running now (the W3C `traceparent`), set by
+#: the gateway per request; a context variable, so concurrent requests never see each other's.
+REQUEST_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("backend_request_headers", default=None)
 
 
 @dataclass(frozen=True, slots=True)

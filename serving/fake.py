@@ -115,6 +115,7 @@ class FakeBackend:
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config or FakeConfig()
         self.requests: deque[dict[str, Any]] = deque(maxlen=self.config.keep_requests)
+        self.traceparents: deque[str | None] = deque(maxlen=self.config.keep_requests)  # W3C header per request
         self.stats = {"requests": 0, "completed": 0, "aborted": 0}
         self._ids = itertools.count(1)
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -126,6 +127,7 @@ class FakeBackend:
                 web.post("/v1/completions", self._completions),
                 web.get("/fake/requests", self._requests),
                 web.get("/fake/stats", self._stats),
+                web.get("/fake/traceparents", self._traceparents),
                 web.post("/fake/reset", self._reset),
             ]
         )
@@ -143,11 +145,15 @@ class FakeBackend:
     async def _requests(self, request: web.Request) -> web.Response:
         return web.Response(body=_encode(list(self.requests)), content_type="application/json")
 
+    async def _traceparents(self, request: web.Request) -> web.Response:
+        return web.Response(body=_encode(list(self.traceparents)), content_type="application/json")
+
     async def _stats(self, request: web.Request) -> web.Response:
         return web.Response(body=_encode(self.stats), content_type="application/json")
 
     async def _reset(self, request: web.Request) -> web.Response:
         self.requests.clear()
+        self.traceparents.clear()
         self.stats.update(requests=0, completed=0, aborted=0)
         return web.Response(body=b"{}", content_type="application/json")
 
@@ -165,6 +171,7 @@ class FakeBackend:
         self.stats["requests"] += 1
         if self.config.keep_requests:
             self.requests.append(body)
+            self.traceparents.append(request.headers.get("traceparent"))
         steer = body.get("fake") if isinstance(body.get("fake"), dict) else {}
         model = body.get("model")
         if model not in self.config.models:

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from serving.backend import Backend, ModelCard
+from serving.backend import REQUEST_HEADERS, Backend, ModelCard
 from serving.errors import BackendBadAnswer, BackendHTTPError, BackendTimeout, BackendUnavailable, ServingError
 from serving.httpclient import (
     BodyTooLarge,
@@ -122,8 +122,12 @@ class VLLMBackend(Backend):
         idle_timeout: float | None = -1.0,
         deadline: float | None = None,
     ) -> Response:
+        headers = self._headers
+        extra = REQUEST_HEADERS.get()
+        if extra:  # the caller's trace context, passed on
+            headers = {**headers, **extra} if headers else dict(extra)
         try:
-            return await self._pool.request(method, path, body, self._headers, idle_timeout, deadline)
+            return await self._pool.request(method, path, body, headers, idle_timeout, deadline)
         except HTTPError as exc:
             raise self._translate(exc, "before answering") from exc
 
