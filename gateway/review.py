@@ -30,6 +30,7 @@ from litestar import Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 from litestar.response import Redirect, Stream, Template
+from litestar.types import ExceptionHandlersMap
 
 from gateway import eval_runs
 from gateway.auth import OPEN_MODE_KEY, KeyInfo
@@ -89,11 +90,11 @@ def _sign_in_first(_: Request[Any, Any, Any], __: AuthenticationFailed) -> Respo
     return Redirect("/review/login", status_code=303, headers={"x-gateway-request-id": uuid.uuid4().hex})
 
 
-# Options of every reviewer route: the `reviewer` dependency. Pages (GET) also send a caller who
-# is not signed in to the sign-in page; the JSON API and the form posts answer 401/403 in
-# OpenAI's error form.
-REVIEWER = {"dependencies": {"reviewer": Provide(provide_reviewer)}}
-PAGE = {**REVIEWER, "include_in_schema": False, "exception_handlers": {AuthenticationFailed: _sign_in_first}}
+# Every reviewer route takes the `reviewer` dependency (`dependencies=REVIEWER`). Pages (GET) also
+# send a caller who is not signed in to the sign-in page (`exception_handlers=SIGN_IN_FIRST`); the
+# JSON API and the form posts answer 401/403 in OpenAI's error form.
+REVIEWER: dict[str, Provide] = {"reviewer": Provide(provide_reviewer)}
+SIGN_IN_FIRST: ExceptionHandlersMap = {AuthenticationFailed: _sign_in_first}
 
 
 async def _check_csrf(request: Request[Any, Any, Any], expected: str) -> None:
@@ -154,7 +155,7 @@ async def login(request: Request[Any, Any, Any], services: NamedDependency[Servi
     return response
 
 
-@post("/review/logout", include_in_schema=False, status_code=303, **REVIEWER)
+@post("/review/logout", include_in_schema=False, status_code=303, dependencies=REVIEWER)
 async def logout(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -166,7 +167,7 @@ async def logout(
     return response
 
 
-@get("/review", **PAGE)
+@get("/review", include_in_schema=False, dependencies=REVIEWER, exception_handlers=SIGN_IN_FIRST)
 async def list_page(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -185,7 +186,7 @@ async def list_page(
     )  # fmt: skip
 
 
-@get("/review/queue", **PAGE)
+@get("/review/queue", include_in_schema=False, dependencies=REVIEWER, exception_handlers=SIGN_IN_FIRST)
 async def queue_page(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -287,7 +288,12 @@ def _highlight(answer: str | None, guards: Any) -> list[tuple[str, bool]]:
     return pieces
 
 
-@get("/review/requests/{request_id:str}", **PAGE)
+@get(
+    "/review/requests/{request_id:str}",
+    include_in_schema=False,
+    dependencies=REVIEWER,
+    exception_handlers=SIGN_IN_FIRST,
+)
 async def detail_page(
     request_id: FromPath[str], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -302,7 +308,7 @@ async def detail_page(
     )  # fmt: skip
 
 
-@post("/review/requests/{request_id:str}/labels", include_in_schema=False, status_code=303, **REVIEWER)
+@post("/review/requests/{request_id:str}/labels", include_in_schema=False, status_code=303, dependencies=REVIEWER)
 async def label_form(
     request: Request[Any, Any, Any],
     request_id: FromPath[str],
@@ -315,7 +321,7 @@ async def label_form(
     return Redirect("/review/requests/" + quote(request_id, safe=""), status_code=303)
 
 
-@get("/review/export", include_in_schema=False, **REVIEWER)
+@get("/review/export", include_in_schema=False, dependencies=REVIEWER)
 async def export_page(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -335,7 +341,7 @@ def _export(request: Request[Any, Any, Any], services: Services) -> Response[Any
     )
 
 
-@get("/review/evals", **PAGE)
+@get("/review/evals", include_in_schema=False, dependencies=REVIEWER, exception_handlers=SIGN_IN_FIRST)
 async def evals_page(services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]) -> Response[Any]:
     runs = await eval_runs.list_runs(services.engine, 200)
     for run in runs:
@@ -346,7 +352,7 @@ async def evals_page(services: NamedDependency[Services], reviewer: NamedDepende
     return Template("review/evals.html", context=_context(services, reviewer, runs=runs, title="Eval runs"))
 
 
-@get("/review/evals/{run_id:int}/report", include_in_schema=False, **REVIEWER)
+@get("/review/evals/{run_id:int}/report", include_in_schema=False, dependencies=REVIEWER)
 async def eval_report(
     run_id: FromPath[int], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -381,7 +387,7 @@ def _json(data: Any, status: int = 200) -> Response[bytes]:
     return Response(_encode(data), status_code=status, media_type="application/json")
 
 
-@get("/api/review/requests", **REVIEWER)
+@get("/api/review/requests", dependencies=REVIEWER)
 async def api_list(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
@@ -393,14 +399,14 @@ async def api_list(
     return _json(await services.review.page(Filters.parse(params), before=params.get("before"), limit=limit))
 
 
-@get("/api/review/requests/{request_id:str}", **REVIEWER)
+@get("/api/review/requests/{request_id:str}", dependencies=REVIEWER)
 async def api_detail(
     request_id: FromPath[str], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
     return _json(await services.review.record(request_id))
 
 
-@post("/api/review/requests/{request_id:str}/labels", status_code=201, **REVIEWER)
+@post("/api/review/requests/{request_id:str}/labels", status_code=201, dependencies=REVIEWER)
 async def api_label(
     request: Request[Any, Any, Any],
     request_id: FromPath[str],
@@ -419,7 +425,7 @@ async def api_label(
     return _json(await services.review.add_label(request_id, str(body.get("label")), note, reviewer.key.id), 201)
 
 
-@get("/api/review/queue", **REVIEWER)
+@get("/api/review/queue", dependencies=REVIEWER)
 async def api_queue(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
@@ -429,14 +435,14 @@ async def api_queue(
     return _json(page)
 
 
-@get("/api/review/export", **REVIEWER)
+@get("/api/review/export", dependencies=REVIEWER)
 async def api_export(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
     return _export(request, services)
 
 
-@get("/api/review/evals", **REVIEWER)
+@get("/api/review/evals", dependencies=REVIEWER)
 async def api_evals(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
@@ -447,4 +453,4 @@ REVIEW_ROUTES = [
     login_page, login, logout, list_page, queue_page, detail_page, label_form, export_page, evals_page,
     eval_report, api_list, api_detail, api_label, api_queue, api_export, api_evals,
 ]  # fmt: skip
-__all__ = ["PAGE", "REVIEWER", "REVIEW_ROUTES", "Reviewer", "provide_reviewer"]
+__all__ = ["REVIEWER", "REVIEW_ROUTES", "SIGN_IN_FIRST", "Reviewer", "provide_reviewer"]

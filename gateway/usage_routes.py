@@ -13,7 +13,7 @@ from litestar.di import NamedDependency
 from litestar.response import Template
 
 from gateway.errors import InvalidRequest
-from gateway.review import PAGE, REVIEWER, Reviewer, _context
+from gateway.review import REVIEWER, SIGN_IN_FIRST, Reviewer, _context
 from gateway.services import Services
 from gateway.usage import COLUMNS, GROUPINGS, UsageRow, parse_since, usage
 
@@ -32,7 +32,7 @@ async def _figures(request: Request[Any, Any, Any], services: Services) -> tuple
     return since_text, by, await usage(services.engine, since, by)
 
 
-@get("/review/usage", **PAGE)
+@get("/review/usage", include_in_schema=False, dependencies=REVIEWER, exception_handlers=SIGN_IN_FIRST)
 async def usage_page(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
@@ -45,7 +45,7 @@ async def usage_page(
     )  # fmt: skip
 
 
-@get("/api/usage", **REVIEWER)
+@get("/api/usage", dependencies=REVIEWER)
 async def api_usage(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
