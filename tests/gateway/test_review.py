@@ -70,6 +70,10 @@ def review(tmp_path: Path, fake_backend: FakeBackendThread) -> Iterator[Review]:
 def test_pages_and_api_need_a_reviewer(review: Review) -> None:
     anonymous = httpx.get(review.gw.url + "/review", follow_redirects=False)
     assert anonymous.status_code in (302, 303) and anonymous.headers["location"] == "/review/login"
+    assert anonymous.headers["x-gateway-request-id"]  # every response names itself, redirects too
+    for page in ("/review/queue", "/review/evals", "/review/requests/x", "/review/usage"):
+        assert httpx.get(review.gw.url + page, follow_redirects=False).headers["location"] == "/review/login"
+    assert httpx.get(review.gw.url + "/review/export").json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(review.gw.url + "/api/review/requests").status_code == 401
     client_key = {"authorization": f"Bearer {review.client.api_key}"}
     denied = httpx.get(review.gw.url + "/api/review/requests", headers=client_key)
