@@ -1,0 +1,366 @@
+"""The reviewer overview (`/review/overview`, `/api/review/overview`): requests, block and flag rates per
+guard, and latency percentiles over the last hours or days, as server-rendered SVG charts.
+
+Everything is aggregated in SQL by time bucket (a few GROUP BY queries over the `created_at`
+index), so the page reads one row per bucket (and guard, and latency bin), not one per record.
+Latency percentiles come from a histogram counted in SQL (fixed bins, CASE), interpolated inside
+the bin as Prometheus does: exact enough for a chart, and the same on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from html import escape
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.di import NamedDependency
+from litestar.response import Template
+from markupsafe import Markup
+from sqlalchemy import Integer, and_, case, cast, extract, func, literal, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
+
+from gateway.db import audit_records
+from gateway.errors import InvalidRequest
+from gateway.review import REVIEWER, SIGN_IN_FIRST, Reviewer, _context
+from gateway.services import Services
+from gateway.usage import parse_since
+
+_encode = msgspec.json.Encoder().encode
+WINDOWS = ("1h", "6h", "24h", "7d", "30d")
+#: Bucket sizes (seconds) to choose from: the smallest that keeps a chart under MAX_BUCKETS points.
+_BUCKET_SIZES = (60, 300, 900, 1800, 3600, 7200, 21600, 43200, 86400, 7 * 86400)
+MAX_BUCKETS = 120
+#: Upper bounds (ms) of the latency bins counted in SQL; the last bin is open.
+LATENCY_BINS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 120_000, 300_000)
+_ERRORS = ("backend_error", "error", "limits_unavailable")
+PERCENTILES = (50, 95, 99)
+
+
+@dataclass(slots=True)
+class Bucket:
+    start: datetime
+    requests: int = 0
+    blocked: int = 0
+    flagged: int = 0
+    errors: int = 0
+    rate_limited: int = 0
+    latency_bins: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BINS_MS) + 1))
+    blocked_by: dict[str, int] = field(default_factory=dict)
+    flagged_by: dict[str, int] = field(default_factory=dict)
+
+    def percentile(self, q: float) -> float | None:
+        return histogram_quantile(q, self.latency_bins)
+
+
+@dataclass(slots=True)
+class Overview:
+    since: datetime
+    until: datetime
+    bucket_s: int
+    buckets: list[Bucket]
+    guards: list[dict[str, Any]]  # per guard: blocked, flagged, their rates over the window
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        n = sum(b.requests for b in self.buckets)
+        bins = [sum(col) for col in zip(*(b.latency_bins for b in self.buckets), strict=True)] if self.buckets else []
+        out: dict[str, Any] = {
+            "requests": n,
+            "blocked": sum(b.blocked for b in self.buckets),
+            "flagged": sum(b.flagged for b in self.buckets),
+            "errors": sum(b.errors for b in self.buckets),
+            "rate_limited": sum(b.rate_limited for b in self.buckets),
+        }
+        for key in ("blocked", "flagged", "errors"):
+            out[f"{key}_rate"] = out[key] / n if n else None
+        for q in PERCENTILES:
+            out[f"p{q}_ms"] = histogram_quantile(q / 100, bins) if bins else None
+        return out
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat(),
+            "until": self.until.isoformat(),
+            "bucket_s": self.bucket_s,
+            "totals": self.totals,
+            "guards": self.guards,
+            "buckets": [
+                {
+                    "start": b.start.isoformat(),
+                    "requests": b.requests,
+                    "blocked": b.blocked,
+                    "flagged": b.flagged,
+                    "errors": b.errors,
+                    "rate_limited": b.rate_limited,
+                    **{f"p{q}_ms": b.percentile(q / 100) for q in PERCENTILES},
+                    "blocked_by": b.blocked_by,
+                    "flagged_by": b.flagged_by,
+                }
+                for b in self.buckets
+            ],
+        }
+
+
+def histogram_quantile(q: float, bins: list[int]) -> float | None:
+    """The q-quantile (0-1) of counts in LATENCY_BINS_MS bins, linear inside the bin; None when empty."""
+    total = sum(bins)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(bins):
+        if count and seen + count >= rank:
+            if i == len(LATENCY_BINS_MS):  # the open bin: its lower bound is all we know
+                return float(LATENCY_BINS_MS[-1])
+            lower = LATENCY_BINS_MS[i - 1] if i else 0.0
+            upper = LATENCY_BINS_MS[i]
+            return lower + (upper - lower) * (rank - seen) / count
+        seen += count
+    return float(LATENCY_BINS_MS[-1])
+
+
+def bucket_size(span_s: float) -> int:
+    for size in _BUCKET_SIZES:
+        if span_s / size <= MAX_BUCKETS:
+            return size
+    return _BUCKET_SIZES[-1]
+
+
+def _epoch_bucket(dialect: str, bucket_s: int) -> ColumnElement[Any]:
+    column = audit_records.c.created_at
+    if dialect == "sqlite":
+        seconds: ColumnElement[Any] = cast(func.strftime("%s", column), Integer)
+        return seconds / literal(bucket_s, Integer)  # integer division on SQLite
+    return cast(func.floor(extract("epoch", column) / bucket_s), Integer)
+
+
+def _latency_bin() -> ColumnElement[Any]:
+    total = audit_records.c.total_ms
+    return case(*((total <= bound, i) for i, bound in enumerate(LATENCY_BINS_MS)), else_=len(LATENCY_BINS_MS))
+
+
+async def overview(engine: AsyncEngine, since: datetime, until: datetime | None = None) -> Overview:
+    """Figures per time bucket between `since` and `until` (now), aggregated in the database."""
+    until = until or datetime.now(UTC)
+    bucket_s = bucket_size(max((until - since).total_seconds(), 1.0))
+    bucket = _epoch_bucket(engine.dialect.name, bucket_s).label("bucket")
+    c = audit_records.c
+    window = and_(c.created_at >= since, c.created_at <= until)
+    counts = (
+        select(
+            bucket,
+            func.count().label("requests"),
+            func.sum(case((c.status == "blocked", 1), else_=0)).label("blocked"),
+            func.sum(case((c.flagged_by.is_not(None), 1), else_=0)).label("flagged"),
+            func.sum(case((c.status.in_(_ERRORS), 1), else_=0)).label("errors"),
+            func.sum(case((c.status == "rate_limited", 1), else_=0)).label("rate_limited"),
+        )
+        .where(window)
+        .group_by(bucket)
+    )
+    latency_bin = _latency_bin().label("bin")
+    latencies = (
+        select(bucket, latency_bin, func.count().label("n"))
+        .where(window, c.total_ms.is_not(None))
+        .group_by(bucket, latency_bin)
+    )
+    blocks = select(bucket, c.blocked_by, func.count().label("n")).where(window, c.blocked_by.is_not(None))
+    flags = select(bucket, c.flagged_by, func.count().label("n")).where(window, c.flagged_by.is_not(None))
+    first = int(since.timestamp()) // bucket_s
+    last = int(until.timestamp()) // bucket_s
+    buckets = {
+        i: Bucket(datetime.fromtimestamp(i * bucket_s, UTC)) for i in range(first, last + 1)
+    }  # empty buckets show as zero
+
+    def at(index: Any) -> Bucket:
+        key = int(index)
+        found = buckets.get(key)
+        if found is None:
+            found = buckets[key] = Bucket(datetime.fromtimestamp(key * bucket_s, UTC))
+        return found
+
+    async with engine.connect() as conn:
+        for row in await conn.execute(counts):
+            b = at(row.bucket)
+            b.requests, b.blocked, b.flagged = int(row.requests), int(row.blocked or 0), int(row.flagged or 0)
+            b.errors, b.rate_limited = int(row.errors or 0), int(row.rate_limited or 0)
+        for row in await conn.execute(latencies):
+            at(row.bucket).latency_bins[int(row.bin)] += int(row.n)
+        for row in await conn.execute(blocks.group_by(bucket, c.blocked_by)):
+            counter = at(row.bucket).blocked_by
+            counter[row.blocked_by] = counter.get(row.blocked_by, 0) + int(row.n)
+        for row in await conn.execute(flags.group_by(bucket, c.flagged_by)):
+            counter = at(row.bucket).flagged_by
+            for guard in str(row.flagged_by).split(","):  # "toxicity,groundedness": one count each
+                if guard.strip():
+                    counter[guard.strip()] = counter.get(guard.strip(), 0) + int(row.n)
+    ordered = [buckets[k] for k in sorted(buckets)]
+    total = sum(b.requests for b in ordered)
+    names = sorted({g for b in ordered for g in (*b.blocked_by, *b.flagged_by)})
+    guards = []
+    for name in names:
+        blocked = sum(b.blocked_by.get(name, 0) for b in ordered)
+        flagged = sum(b.flagged_by.get(name, 0) for b in ordered)
+        guards.append({
+            "guard": name, "blocked": blocked, "flagged": flagged,
+            "block_rate": blocked / total if total else None, "flag_rate": flagged / total if total else None,
+        })  # fmt: skip
+    return Overview(since, until, bucket_s, ordered, guards)
+
+
+# ----------------------------------------------------------------------------------- charts
+
+_COLOURS = ("#1f6feb", "#d1242f", "#bf8700", "#1a7f37", "#8250df", "#0a7f8f", "#cf222e", "#57606a")
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "%":
+        return f"{value * 100:.3g}%"
+    if unit == "ms":
+        return f"{value / 1000:.3g} s" if value >= 1000 else f"{value:.3g} ms"
+    return f"{value:.4g}"
+
+
+def line_chart(
+    title: str, starts: list[datetime], series: dict[str, list[float | None]], unit: str = "", width: int = 760
+) -> Markup:
+    """One SVG chart: a line per series over the buckets; gaps where a value is None."""
+    height, left, right, top, bottom = 220, 64, 12, 26, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [v for vs in series.values() for v in vs if v is not None]
+    peak = max(values, default=0.0)
+    ceiling = _nice_ceiling(peak) if peak > 0 else 1.0
+    n = max(len(starts), 1)
+
+    def x(i: int) -> float:
+        return left + (plot_w * i / (n - 1) if n > 1 else plot_w / 2)
+
+    def y(v: float) -> float:
+        return top + plot_h - plot_h * v / ceiling
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(title)}" class="chart">',
+        f'<text x="{left}" y="16" font-size="13" font-weight="600">{escape(title)}</text>',
+    ]
+    for k in range(5):  # y grid and labels
+        v = ceiling * k / 4
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#e3e6eb"/>')
+        parts.append(
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="11" text-anchor="end" fill="#6b7480">'
+            f"{escape(_fmt(v, unit))}</text>"
+        )
+    step = max(1, math.ceil(n / 6))
+    span = (starts[-1] - starts[0]).total_seconds() if len(starts) > 1 else 0
+    for i in range(0, len(starts), step):  # x labels
+        label = starts[i].strftime("%H:%M" if span <= 2 * 86400 else "%m-%d %H:%M")
+        parts.append(
+            f'<text x="{x(i):.1f}" y="{height - 12}" font-size="11" text-anchor="middle" fill="#6b7480">{label}</text>'
+        )
+    legend_x = left + 200
+    for (name, vs), colour in zip(series.items(), _COLOURS * 4, strict=False):
+        segments: list[list[str]] = [[]]
+        for i, v in enumerate(vs):
+            if v is None:
+                segments.append([])
+            else:
+                segments[-1].append(f"{x(i):.1f},{y(v):.1f}")
+        for points in segments:
+            if len(points) == 1:
+                cx, cy = points[0].split(",")
+                parts.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{colour}"/>')
+            elif points:
+                parts.append(
+                    f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{" ".join(points)}"/>'
+                )
+        parts.append(f'<rect x="{legend_x}" y="7" width="10" height="10" fill="{colour}"/>')
+        parts.append(f'<text x="{legend_x + 14}" y="16" font-size="11">{escape(name)}</text>')
+        legend_x += 24 + 7 * len(name)
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def _nice_ceiling(value: float) -> float:
+    magnitude = 10 ** math.floor(math.log10(value))
+    for factor in (1, 2, 2.5, 5, 10):
+        if value <= factor * magnitude:
+            return factor * magnitude
+    return 10 * magnitude
+
+
+def charts(data: Overview) -> list[Markup]:
+    starts = [b.start for b in data.buckets]
+    rate = lambda part, b: part / b.requests if b.requests else None  # noqa: E731
+    guard_names = [g["guard"] for g in data.guards]
+    return [
+        line_chart(
+            "Requests per bucket",
+            starts,
+            {
+                "all": [float(b.requests) for b in data.buckets],
+                "blocked": [float(b.blocked) for b in data.buckets],
+                "errors": [float(b.errors) for b in data.buckets],
+                "rate limited": [float(b.rate_limited) for b in data.buckets],
+            },
+        ),
+        line_chart(
+            "Block rate per guard",
+            starts,
+            {g: [rate(b.blocked_by.get(g, 0), b) for b in data.buckets] for g in guard_names} or {"none": []},
+            "%",
+        ),
+        line_chart(
+            "Flag rate per guard",
+            starts,
+            {g: [rate(b.flagged_by.get(g, 0), b) for b in data.buckets] for g in guard_names} or {"none": []},
+            "%",
+        ),
+        line_chart(
+            "Latency (total, per request)",
+            starts,
+            {f"p{q}": [b.percentile(q / 100) for b in data.buckets] for q in PERCENTILES},
+            "ms",
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------------- routes
+
+
+async def _figures(request: Request[Any, Any, Any], services: Services) -> tuple[str, Overview]:
+    window = request.query_params.get("window") or "24h"
+    try:
+        since = parse_since(window)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc).replace("--since", "window"), param="window") from exc
+    if since >= datetime.now(UTC) - timedelta(seconds=1):
+        raise InvalidRequest(f"window {window!r} is empty", param="window")
+    return window, await overview(services.engine, since)
+
+
+@get("/review/overview", include_in_schema=False, dependencies=REVIEWER, exception_handlers=SIGN_IN_FIRST)
+async def overview_page(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[Any]:
+    window, data = await _figures(request, services)
+    return Template(
+        "review/overview.html",
+        context=_context(services, reviewer, title="Overview", window=window, windows=WINDOWS, data=data,
+                         totals=data.totals, charts=charts(data)),
+    )  # fmt: skip
+
+
+@get("/api/review/overview", dependencies=REVIEWER)
+async def api_overview(
+    request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[bytes]:
+    window, data = await _figures(request, services)
+    return Response(_encode({"window": window, **data.public()}), media_type="application/json")
+
+
+OVERVIEW_ROUTES = [overview_page, api_overview]

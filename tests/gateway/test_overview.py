@@ -1,0 +1,116 @@
+"""The reviewer overview: figures aggregated in SQL per time bucket, and the page's SVG charts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.db import audit_records, create_engine
+from gateway.overview import LATENCY_BINS_MS, bucket_size, histogram_quantile, overview
+from gateway.settings import Settings
+from tests.helpers import GatewayServer, create_key
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def _row(at: datetime, status: str = "ok", total_ms: float = 10.0, **more: Any) -> dict[str, Any]:
+    return {
+        "request_id": uuid.uuid4().hex,
+        "created_at": at,
+        "finished_at": at + timedelta(milliseconds=total_ms),
+        "endpoint": "chat.completions",
+        "stream": False,
+        "status": status,
+        "http_status": {"ok": 200, "blocked": 400, "rate_limited": 429, "backend_error": 502}.get(status, 200),
+        "total_ms": total_ms,
+        "blocked_by": None,
+        "flagged_by": None,  # every row names every column: an executemany takes the first row's keys
+        **more,
+    }
+
+
+def _insert(settings: Settings, rows: list[dict[str, Any]]) -> None:
+    async def go() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(audit_records.insert(), rows)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def _overview(settings: Settings, since: datetime, until: datetime) -> Any:
+    async def go() -> Any:
+        engine = create_engine(settings.database_url)
+        try:
+            return await overview(engine, since, until)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def test_histogram_quantile_and_bucket_sizes() -> None:
+    bins = [0] * (len(LATENCY_BINS_MS) + 1)
+    bins[LATENCY_BINS_MS.index(10)] = 100  # all between 5 and 10 ms
+    assert histogram_quantile(0.5, bins) == pytest.approx(7.5)
+    assert histogram_quantile(0.99, bins) == pytest.approx(9.95)
+    assert histogram_quantile(0.5, [0] * len(bins)) is None
+    assert bucket_size(3600) == 60 and bucket_size(86400) == 900 and bucket_size(7 * 86400) == 7200
+
+
+def test_figures_per_bucket_and_guard(settings: Settings) -> None:
+    rows = []
+    for minute in range(60):  # one hour: 4 requests a minute
+        at = NOW - timedelta(minutes=60 - minute)
+        rows += [_row(at, total_ms=3.0), _row(at, total_ms=30.0)]
+        rows.append(_row(at, "blocked", 2.0, blocked_by="injection") if minute % 2 else _row(at, "rate_limited", 1.0))
+        rows.append(_row(at, flagged_by="toxicity,groundedness") if minute < 30 else _row(at, "backend_error", 400.0))
+    rows.append(_row(NOW - timedelta(hours=3)))  # outside the window
+    _insert(settings, rows)
+    data = _overview(settings, NOW - timedelta(hours=1), NOW)
+    assert data.bucket_s == 60 and len(data.buckets) == 61
+    totals = data.totals
+    assert totals["requests"] == 240
+    assert (totals["blocked"], totals["flagged"], totals["errors"], totals["rate_limited"]) == (30, 30, 30, 30)
+    assert totals["blocked_rate"] == pytest.approx(0.125)
+    assert 2 <= totals["p50_ms"] <= 5 and 200 <= totals["p99_ms"] <= 500
+    guards = {g["guard"]: g for g in data.guards}
+    assert guards["injection"]["blocked"] == 30 and guards["injection"]["flagged"] == 0
+    assert guards["toxicity"]["flagged"] == guards["groundedness"]["flagged"] == 30
+    first = data.buckets[0]
+    assert first.requests == 4 and first.flagged_by == {"toxicity": 1, "groundedness": 1}
+    assert data.buckets[-1].requests == 0  # the current minute: nothing yet
+
+
+def test_page_and_api(settings: Settings, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    _insert(settings, [_row(now - timedelta(minutes=m), "blocked", 5.0, blocked_by="keywords") for m in range(1, 30)]
+            + [_row(now - timedelta(minutes=m)) for m in range(1, 30)])  # fmt: skip
+    _, reviewer = create_key(settings, "reviewer", "rev")
+    _, client = create_key(settings, "client", "app")
+    with GatewayServer(settings) as gw, httpx.Client(base_url=gw.url) as http:
+        page = http.get("/review/overview?window=6h", headers={"authorization": f"Bearer {reviewer}"})
+        assert page.status_code == 200
+        assert page.text.count("<svg") == 4 and "Block rate per guard" in page.text and "keywords" in page.text
+        assert "<script" not in page.text and "http://" not in page.text.replace(
+            'xmlns="http://www.w3.org/2000/svg"', ""
+        )
+        api = http.get("/api/review/overview?window=1h", headers={"authorization": f"Bearer {reviewer}"}).json()
+        assert api["totals"]["requests"] == 58 and api["totals"]["blocked"] == 29
+        assert api["guards"] == [
+            {"guard": "keywords", "blocked": 29, "flagged": 0, "block_rate": 0.5, "flag_rate": 0.0}
+        ]
+        assert http.get("/api/review/overview", headers={"authorization": f"Bearer {client}"}).status_code == 403
+        bad = http.get("/api/review/overview?window=soon", headers={"authorization": f"Bearer {reviewer}"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "window"
+        signed_out = http.get("/review/overview", follow_redirects=False)
+        assert signed_out.status_code == 303 and signed_out.headers["location"] == "/review/login"
