@@ -225,3 +225,61 @@ def test_observer_is_cheap_enough_to_measure() -> None:
     metrics = GatewayMetrics()
     metrics.observe(_FakeTrace("m"))
     assert total(scrape(metrics.render().decode()), "gateway_requests_total", model="other") == 1
+
+
+def test_a_client_that_leaves_mid_stream_is_counted(tmp_path: Path, slow_backend: FakeBackendThread) -> None:
+    settings = make_settings(tmp_path, slow_backend.url, metrics="open")
+    _, key = create_key(settings)
+    with GatewayServer(settings) as gw:
+        with httpx.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={**CHAT, "stream": True},
+        ) as resp:
+            lines = resp.iter_lines()
+            [next(lines) for _ in range(4)]  # a few tokens, then hang up
+        deadline = time.monotonic() + 10
+        while True:
+            s = scrape(httpx.get(gw.url + "/metrics").text)
+            if total(s, "gateway_requests_total") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert total(s, "gateway_requests_total", outcome="client_disconnected", status_class="4xx") == 1
+
+
+def test_latest_nightly_runs_as_gauges(settings: Settings) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from gateway.db import create_engine, eval_runs
+    from gateway.metrics import EvalGauges
+
+    async def go() -> str:
+        engine = create_engine(settings.database_url)
+        try:
+            now = datetime.now(UTC)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    eval_runs.insert(),
+                    [
+                        {"kind": "dataset", "name": "a.jsonl", "started_at": now, "finished_at": now,
+                         "status": "passed", "metrics_json": '{"pass_rate": 0.5, "note": "x", "n": 4}'},
+                        {"kind": "dataset", "name": "a.jsonl", "started_at": now, "finished_at": now,
+                         "status": "regressed", "metrics_json": '{"pass_rate": 0.25, "drifted": ["a"]}'},
+                        {"kind": "traffic", "name": "24h", "started_at": now, "finished_at": None,
+                         "status": "running", "metrics_json": None},
+                    ],
+                )  # fmt: skip
+            gauges = EvalGauges()
+            await gauges.refresh(engine)
+            metrics = GatewayMetrics(live=gauges.collect)
+            return metrics.render().decode()
+        finally:
+            await engine.dispose()
+
+    s = scrape(asyncio.run(go()))
+    assert total(s, "gateway_eval_last_run_regressed", kind="dataset") == 1
+    assert total(s, "gateway_eval_metric", kind="dataset", metric="pass_rate") == 0.25
+    assert total(s, "gateway_eval_last_run_regressed", kind="traffic") == 0  # a running one is not "latest"
+    assert "traffic" not in {lab.get("kind") for lab, _ in s.get("gateway_eval_last_run_timestamp_seconds", [])}
