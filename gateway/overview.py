@@ -20,7 +20,7 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.response import Template
 from markupsafe import Markup
-from sqlalchemy import Integer, and_, case, cast, extract, func, literal, select
+from sqlalchemy import Integer, and_, case, cast, extract, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -133,10 +133,10 @@ def bucket_size(span_s: float) -> int:
 
 def _epoch_bucket(dialect: str, bucket_s: int) -> ColumnElement[Any]:
     column = audit_records.c.created_at
+    size = literal_column(str(int(bucket_s)), Integer)  # inline, so SELECT and GROUP BY are the same expression
     if dialect == "sqlite":
-        seconds: ColumnElement[Any] = cast(func.strftime("%s", column), Integer)
-        return seconds / literal(bucket_s, Integer)  # integer division on SQLite
-    return cast(func.floor(extract("epoch", column) / bucket_s), Integer)
+        return cast(func.strftime("%s", column), Integer) // size  # integer division
+    return cast(func.floor(extract("epoch", column) / size), Integer)
 
 
 def _latency_bin() -> ColumnElement[Any]:
@@ -187,8 +187,11 @@ async def overview(engine: AsyncEngine, since: datetime, until: datetime | None 
     async with engine.connect() as conn:
         for row in await conn.execute(counts):
             b = at(row.bucket)
-            b.requests, b.blocked, b.flagged = int(row.requests), int(row.blocked or 0), int(row.flagged or 0)
-            b.errors, b.rate_limited = int(row.errors or 0), int(row.rate_limited or 0)
+            b.requests += int(row.requests)
+            b.blocked += int(row.blocked or 0)
+            b.flagged += int(row.flagged or 0)
+            b.errors += int(row.errors or 0)
+            b.rate_limited += int(row.rate_limited or 0)
         for row in await conn.execute(latencies):
             at(row.bucket).latency_bins[int(row.bin)] += int(row.n)
         for row in await conn.execute(blocks.group_by(bucket, c.blocked_by)):

@@ -71,9 +71,17 @@ def test_figures_per_bucket_and_guard(settings: Settings) -> None:
     rows = []
     for minute in range(60):  # one hour: 4 requests a minute
         at = NOW - timedelta(minutes=60 - minute)
-        rows += [_row(at, total_ms=3.0), _row(at, total_ms=30.0)]
-        rows.append(_row(at, "blocked", 2.0, blocked_by="injection") if minute % 2 else _row(at, "rate_limited", 1.0))
-        rows.append(_row(at, flagged_by="toxicity,groundedness") if minute < 30 else _row(at, "backend_error", 400.0))
+        rows += [_row(at, total_ms=3.0), _row(at + timedelta(seconds=13.5), total_ms=30.0)]  # seconds apart
+        rows.append(
+            _row(at + timedelta(seconds=31), "blocked", 2.0, blocked_by="injection")
+            if minute % 2
+            else _row(at + timedelta(seconds=47), "rate_limited", 1.0)
+        )
+        rows.append(
+            _row(at + timedelta(seconds=59.9), flagged_by="toxicity,groundedness")
+            if minute < 30
+            else _row(at + timedelta(seconds=5), "backend_error", 400.0)
+        )
     rows.append(_row(NOW - timedelta(hours=3)))  # outside the window
     _insert(settings, rows)
     data = _overview(settings, NOW - timedelta(hours=1), NOW)

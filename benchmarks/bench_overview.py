@@ -1,0 +1,82 @@
+"""Benchmark: the reviewer overview's queries over a large audit log (SQLite by default).
+
+Fills a fresh database with N synthetic records spread over the last 30 days (a share blocked,
+flagged, failed), then times `gateway.overview.overview` for each window the page offers.
+
+    .venv/bin/python benchmarks/bench_overview.py [--records 1000000] [--database URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway.db import audit_records, create_engine
+from gateway.migrate import upgrade
+from gateway.overview import WINDOWS, overview
+from gateway.usage import parse_since
+
+
+async def fill(url: str, records: int) -> None:
+    engine = create_engine(url)
+    now = datetime.now(UTC)
+    rng = random.Random(7)
+    try:
+        for start in range(0, records, 20_000):
+            rows = []
+            for _ in range(min(20_000, records - start)):
+                at = now - timedelta(seconds=rng.random() * 30 * 86400)
+                roll = rng.random()
+                status = "blocked" if roll < 0.03 else "backend_error" if roll < 0.035 else "ok"
+                total = rng.lognormvariate(3, 1.2)
+                rows.append({
+                    "request_id": uuid.uuid4().hex, "created_at": at, "finished_at": at, "endpoint": "chat.completions",
+                    "stream": False, "status": status, "http_status": 200, "total_ms": total,
+                    "blocked_by": rng.choice(("injection", "keywords", "toxicity")) if status == "blocked" else None,
+                    "flagged_by": "toxicity" if rng.random() < 0.02 else None,
+                })  # fmt: skip
+            async with engine.begin() as conn:
+                await conn.execute(audit_records.insert(), rows)
+    finally:
+        await engine.dispose()
+
+
+async def measure(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        for window in WINDOWS:
+            began = time.perf_counter()
+            data = await overview(engine, parse_since(window))
+            took = time.perf_counter() - began
+            print(f"window {window:>4}: {data.totals['requests']:>9,} records, {len(data.buckets):>3} buckets, "
+                  f"{took * 1000:8.1f} ms")  # fmt: skip
+    finally:
+        await engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--database", default=None, help="an empty database URL (default: a temporary SQLite file)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.database or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        upgrade(url)
+        began = time.perf_counter()
+        asyncio.run(fill(url, args.records))
+        print(f"inserted {args.records:,} records in {time.perf_counter() - began:.0f} s")
+        asyncio.run(measure(url))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
