@@ -268,11 +268,11 @@ def line_chart(
     legend_x = left + 200
     for (name, vs), colour in zip(series.items(), _COLOURS * 4, strict=False):
         segments: list[list[str]] = [[]]
-        for i, v in enumerate(vs):
-            if v is None:
+        for i, value in enumerate(vs):
+            if value is None:
                 segments.append([])
             else:
-                segments[-1].append(f"{x(i):.1f},{y(v):.1f}")
+                segments[-1].append(f"{x(i):.1f},{y(value):.1f}")
         for points in segments:
             if len(points) == 1:
                 cx, cy = points[0].split(",")

@@ -82,15 +82,16 @@ def begin(traceparent: str | None, tracestate: str | None, recording: bool) -> t
         if tracestate:
             headers["tracestate"] = tracestate
         return TraceContext(trace_id, parent_id, None, None, sampled), headers
+    caller: str | None = None
     if parsed is None:
-        trace_id, parent_id, sampled = secrets.token_hex(16), None, True
+        trace_id, sampled = secrets.token_hex(16), True
     else:
-        trace_id, parent_id, sampled = parsed
+        trace_id, caller, sampled = parsed
     span_id, backend_span_id = secrets.token_hex(8), secrets.token_hex(8)
     headers = {"traceparent": f"00-{trace_id}-{backend_span_id}-{'01' if sampled else '00'}"}
     if tracestate and parsed is not None:
         headers["tracestate"] = tracestate
-    return TraceContext(trace_id, parent_id, span_id, backend_span_id, sampled), headers
+    return TraceContext(trace_id, caller, span_id, backend_span_id, sampled), headers
 
 
 def current_trace_id() -> str | None:
