@@ -64,13 +64,14 @@ def _run_async(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+class StartupError(Exception):
+    """`gateway serve` cannot start for a reason the operator can act on; said in one line, exit 1."""
 
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.app import create_app
-    from gateway.httpserver import GatewayHttpToolsProtocol
+    from gateway.httpserver import DrainingServer, server_config
     from gateway.logs import configure_logging
-    from gateway.migrate import upgrade
     from serving.local import LocalVLLM, stop_process
 
     configure_logging(settings.log_level, settings.log_format)
@@ -79,7 +80,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         from guardrails import load_policy
 
         load_policy(settings.policy)  # fail now, not after the minutes a local vLLM takes to start
-    upgrade(settings.database_url)
+    _prepare_database(settings)
     if settings.open_mode:
         print(
             "=" * 72 + "\nWARNING: OPEN MODE - no API keys are checked, every caller is admin.\n"
@@ -92,10 +93,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     # From here on a local vLLM may run as our child: SIGTERM and SIGINT unwind (SystemExit instead
     # of a silent death, even where SIGINT was inherited as ignored), so the `finally` below stops
-    # the child on every way out.
+    # the child on every way out. The exit code: 0 after SIGTERM once every request in flight was
+    # answered (a drain, what Kubernetes asks for); 128+N for a signal that cut something short.
+    server: DrainingServer | None = None
+
+    def exit_on_signal(signum: int, _frame: object) -> None:
+        drained = server is not None and server.drained
+        raise SystemExit(0 if signum == signal.SIGTERM and drained else 128 + signum)
+
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     for signum in previous:
-        signal.signal(signum, _exit_on_signal)
+        signal.signal(signum, exit_on_signal)
     process = None
     try:
         if not settings.backend:
@@ -119,22 +127,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             f"(backends: {', '.join(settings.backend)}; database: {_safe_url(settings.database_url)})",
             flush=True,
         )
-        # uvicorn handles SIGTERM and SIGINT while it serves, shuts down gracefully, then raises the
-        # signal again, which lands in `_exit_on_signal`.
-        uvicorn.run(
-            app,
-            host=settings.host,
-            port=settings.port,
-            loop="uvloop",
-            http=GatewayHttpToolsProtocol,
-            access_log=False,
-            log_level="warning",
-            backlog=4096,
-            timeout_keep_alive=30,
-            proxy_headers=False,  # no proxy in front by default; saves a middleware per request
-            server_header=False,
-            date_header=False,
-        )
+        # uvicorn handles SIGTERM and SIGINT while it serves: it stops accepting, lets requests and
+        # streams in flight finish (up to shutdown_grace), runs the lifespan's shutdown (the audit
+        # queue is committed there), then raises the signal again, which lands in `exit_on_signal`.
+        server = DrainingServer(server_config(app, settings))
+        server.run()
+        if not server.started:
+            print("gateway: start-up failed (the reason is logged above)", file=sys.stderr, flush=True)
+            return 1
     finally:
         if process is not None:
             # A second Ctrl-C or SIGTERM must not cut the clean-up short (vLLM holds ~1 GB and a port).
@@ -146,8 +146,36 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _prepare_database(settings: Settings) -> None:
+    """Reach the database and bring its schema to the newest revision (unless a migration Job owns
+    that: then only check it is there). An unreachable database is a `StartupError`, not a trace."""
+    from gateway.migrate import is_current, upgrade
+
+    where = _safe_url(settings.database_url)
+
+    async def ping() -> None:
+        from sqlalchemy import text
+
+        async with open_engine(settings) as engine, engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    try:
+        _run_async(asyncio.wait_for(ping(), timeout=30))
+    except Exception as exc:  # any driver or network error: what it says, in one line
+        raise StartupError(f"cannot reach the database at {where}: {_one_line(exc)}") from exc
+    if settings.migrate_on_start:
+        upgrade(settings.database_url)
+    elif not is_current(settings.database_url):
+        raise StartupError(
+            f"the database at {where} is not at the newest schema revision and migrate_on_start is off: "
+            "run `gateway db upgrade` (the migration Job) first"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    """A driver error's own message (not SQLAlchemy's SQL and parameters), on one line."""
+    text = str(getattr(exc, "orig", None) or exc) or type(exc).__name__
+    return " ".join(text.split("\n", 1)[0].split())[:300]
 
 
 def _safe_url(url: str) -> str:
@@ -445,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

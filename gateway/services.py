@@ -113,8 +113,9 @@ class Services:
         self.pipeline.observers.append(tracer.observe)
 
     async def start(self) -> None:
-        # Alembic runs its own event loop, so it gets a thread of its own.
-        await asyncio.to_thread(upgrade, self.settings.database_url)
+        if self.settings.migrate_on_start:  # off: a migration Job owns the schema
+            # Alembic runs its own event loop, so it gets a thread of its own.
+            await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)

@@ -68,6 +68,8 @@ class Settings:
     metrics_port: int = 0  # above 0: /metrics also served, open, on HOST:METRICS_PORT by a second small server
     log_format: str = "text"  # "json": one JSON object per line, with the request id of the request it is about
     otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
+    shutdown_grace: float = 30.0  # seconds SIGTERM waits for requests and streams in flight, then cuts them
+    migrate_on_start: bool = True  # `gateway serve` upgrades the schema (false: a migration Job owns it)
 
     @property
     def database_url(self) -> str:
@@ -154,6 +156,8 @@ def _validate(settings: Settings) -> Settings:
         raise bad("guard_workers must be at least 1")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
+    if settings.shutdown_grace < 0:
+        raise bad("shutdown_grace must be zero or more seconds")
     if settings.audit_db_wait <= 0:
         raise bad("audit_db_wait must be positive")
     if settings.backend_timeout <= 0 or settings.backend_connect_timeout <= 0 or settings.backend_total_timeout <= 0:

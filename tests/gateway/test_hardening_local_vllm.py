@@ -144,7 +144,8 @@ def wait_serving(served: Served) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+# SIGTERM is a graceful stop (nothing was in flight, so the drain completes): exit 0; Ctrl-C stays 130.
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_stopping_the_gateway_stops_the_local_vllm(serve: object, signum: int, exit_code: int) -> None:
     served: Served = serve()  # type: ignore[operator]
     child = served.child_pid()
