@@ -21,6 +21,14 @@ things (`is_refusal`):
   the database's error, in the log and in the file. A refused row never reaches the spool, so
   it cannot block the replay or the next start.
 
+Replicas may share one data volume: each writes its own spool (and dead-letter file) under
+`DATA_DIR/spool/`, named after its host, pid and a random part, and holds an exclusive `flock` on
+a lock file of that name while it runs (`ReplicaSpool`). At start-up a replica takes over the
+spool of every replica whose lock it can take (one that died, or stopped with rows unstored):
+it moves those rows into its own spool and replays them. A live replica's lock is held, so two
+replicas never take the same file. The single `DATA_DIR/audit-spool.jsonl` of older versions is
+taken over the same way (locked on itself).
+
 Failed authentications without a key go through `FailedAuthAllowance`: per client address, the
 first few a minute are written in full and the rest are counted into one summary row, so a
 flood of junk cannot fill the database.
@@ -30,13 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import re
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,7 +75,8 @@ class AuditWriter:
         self,
         engine: AsyncEngine,
         *,
-        spool_path: Path,
+        spool_path: Path | None = None,
+        replica_spool: ReplicaSpool | None = None,
         sink: AuditSink | None = None,
         batch_max: int = 512,
         retries: int = 3,
@@ -76,6 +88,13 @@ class AuditWriter:
     ) -> None:
         self._engine = engine
         self._sink = sink or EngineSink(engine, audit_records)
+        # One of the two: a spool file of this writer alone, or this replica's files in a shared folder.
+        self._replica_spool = replica_spool
+        if replica_spool is not None:
+            spool_path = replica_spool.spool_path
+            dead_letter_path = dead_letter_path or replica_spool.dead_letter_path
+        if spool_path is None:
+            raise ValueError("AuditWriter needs a spool_path or a replica_spool")
         self._spool_path = spool_path
         self._replaying_path = spool_path.with_name(spool_path.name + ".replaying")
         self.dead_letter_path = dead_letter_path or spool_path.with_name("audit-dead-letter.jsonl")
@@ -104,7 +123,11 @@ class AuditWriter:
         self.failed_auth_suppressed = 0
 
     async def start(self) -> None:
-        """Start writing; rows left in the spool by an earlier run are replayed in the background."""
+        """Start writing; rows left in the spool by an earlier run are replayed in the background
+        (with a replica spool: also those of every replica that is gone)."""
+        if self._replica_spool is not None:
+            await asyncio.to_thread(self._replica_spool.claim)
+            await asyncio.to_thread(self._replica_spool.adopt, self._append_spooled)
         if self._spool_path.exists() or self._replaying_path.exists():
             self._spool_waiting = True
             self._schedule_replay()
@@ -135,6 +158,8 @@ class AuditWriter:
             await self._task
         self._task = None
         await self._sink.close()
+        if self._replica_spool is not None:  # rows still spooled stay, for the next replica to start
+            await asyncio.to_thread(self._replica_spool.release)
 
     def submit(self, row: dict[str, Any]) -> asyncio.Future[None]:
         """Queue a row; the future resolves when it is committed (or spooled to disk)."""
@@ -153,6 +178,15 @@ class AuditWriter:
     @property
     def pending(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def spool_path(self) -> Path:
+        """This writer's spool file (it may not exist: nothing waits)."""
+        return self._spool_path
+
+    def spool_bytes(self) -> int:
+        """Bytes of this writer's spool waiting for replay (what is being replayed included)."""
+        return sum(_size(path) for path in (self._spool_path, self._replaying_path))
 
     async def _run(self) -> None:
         queue = self._queue
@@ -290,6 +324,17 @@ class AuditWriter:
             if path == self._spool_path:
                 self._spool_waiting = True
 
+    def _append_spooled(self, data: bytes) -> None:
+        """Append whole spool lines taken over from another replica's spool (with fsync)."""
+        if not data.strip():
+            return
+        self._spool_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._spool_lock, open(self._spool_path, "ab") as out:
+            out.write(data if data.endswith(b"\n") else data + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+            self._spool_waiting = True
+
     def _line(self, row: dict[str, Any], reason: str | None) -> bytes:
         for attempt in (row, None):
             value = attempt if attempt is not None else self._shape.scrub(row)  # lone surrogates do not encode
@@ -377,6 +422,123 @@ class AuditWriter:
             await asyncio.sleep(self._failed_auth.window_s)
             for summary in self._failed_auth.due():
                 self._queue.put_nowait((summary, asyncio.get_running_loop().create_future()))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def replica_id() -> str:
+    """A name for this process that no other replica shares: host (the pod's name), pid, random part."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+    return f"{host}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+class ReplicaSpool:
+    """One replica's spool and dead-letter files in a folder that several replicas share.
+
+    While it runs, the replica holds `flock(LOCK_EX)` on `audit-spool.<replica>.lock`; the lock
+    goes when the process does, however it ends. `adopt` takes over the files of every other
+    replica whose lock it can take without waiting, and of the old single spool file `legacy`.
+    (`flock` works across machines on NFSv4, where Linux maps it onto byte-range locks.)
+    """
+
+    PREFIX = "audit-spool."
+    _SUFFIXES = (".jsonl.replaying", ".jsonl", ".lock")
+
+    def __init__(self, directory: Path, *, replica: str | None = None, legacy: Sequence[Path] = ()) -> None:
+        self.directory = directory
+        self.replica = replica or replica_id()
+        self.spool_path = directory / f"{self.PREFIX}{self.replica}.jsonl"
+        self.dead_letter_path = directory / f"audit-dead-letter.{self.replica}.jsonl"
+        self.lock_path = directory / f"{self.PREFIX}{self.replica}.lock"
+        self.legacy = tuple(legacy)  # spool files of versions before per-replica spools
+        self.adopted: list[Path] = []  # spool files taken over from other replicas
+        self._lock_fd: int | None = None
+
+    def claim(self) -> None:
+        """Take this replica's lock (held until `release` or the process ends)."""
+        if self._lock_fd is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RuntimeError(f"the audit spool lock {self.lock_path} is held by another process") from None
+        self._lock_fd = fd
+
+    def others(self) -> list[str]:
+        """Replicas other than this one that left files in the folder."""
+        names = set()
+        for path in self.directory.glob(f"{self.PREFIX}*"):
+            stem = path.name[len(self.PREFIX) :]
+            for suffix in self._SUFFIXES:
+                if stem.endswith(suffix):
+                    names.add(stem[: -len(suffix)])
+                    break
+        names.discard(self.replica)
+        return sorted(names)
+
+    def adopt(self, append: Callable[[bytes], None]) -> int:
+        """Hand the spooled lines of every replica that holds no lock to `append` (into this
+        replica's spool, durably), then delete its files; returns how many spools were taken."""
+        taken = 0
+        for other in self.others():
+            spool = self.directory / f"{self.PREFIX}{other}.jsonl"
+            files = [spool, spool.with_name(spool.name + ".replaying")]
+            if self._take(self.directory / f"{self.PREFIX}{other}.lock", files, append, create=True):
+                taken += 1
+        for spool in self.legacy:
+            files = [spool, spool.with_name(spool.name + ".replaying")]
+            lock = next((f for f in files if f.exists()), None)
+            if lock is not None and self._take(lock, files, append, create=False):
+                taken += 1
+        return taken
+
+    def _take(self, lock: Path, files: list[Path], append: Callable[[bytes], None], *, create: bool) -> bool:
+        try:
+            fd = os.open(lock, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except FileNotFoundError:
+            return False  # another replica took it a moment ago
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # its replica is alive (or another one is taking it over right now)
+            try:
+                if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                    return False  # taken over and deleted while we waited for the lock
+            except FileNotFoundError:
+                return False
+            for path in files:
+                with contextlib.suppress(FileNotFoundError):
+                    data = path.read_bytes()
+                    append(data)  # durable in our spool before the file goes
+                    if data.strip():
+                        self.adopted.append(path)
+            for path in [*files, lock]:
+                path.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Stop holding the lock; with nothing left in this replica's spool, its files go too."""
+        if self._lock_fd is None:
+            return
+        spooled = [p for p in (self.spool_path, self.spool_path.with_name(self.spool_path.name + ".replaying"))
+                   if _size(p)]  # fmt: skip
+        if not spooled:
+            for path in (self.spool_path, self.spool_path.with_name(self.spool_path.name + ".replaying")):
+                path.unlink(missing_ok=True)
+            self.lock_path.unlink(missing_ok=True)  # still ours: deleted before the lock is let go
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
 
 def _one_line(error: BaseException) -> str:

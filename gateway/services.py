@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.audit import AuditWriter
+from gateway.audit import AuditWriter, ReplicaSpool
 from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
 from gateway.db import audit_records, create_engine
@@ -55,7 +55,8 @@ class Services:
         self.engine: AsyncEngine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.audit = AuditWriter(
             self.engine,
-            spool_path=settings.data_dir / "audit-spool.jsonl",
+            # Replicas may share DATA_DIR: each spools to its own file and takes over those of the dead.
+            replica_spool=ReplicaSpool(settings.data_dir / "spool", legacy=[settings.data_dir / "audit-spool.jsonl"]),
             batch_max=settings.audit_batch_max,
             db_wait_s=settings.audit_db_wait,
             sink=sink_for(
