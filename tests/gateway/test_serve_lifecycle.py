@@ -109,3 +109,66 @@ def test_an_unreachable_database_at_start_up_is_one_line_and_exit_1(tmp_path: Pa
     assert len(lines) == 1, done.stderr.decode()
     assert lines[0].startswith(f"gateway: cannot reach the database at postgresql+asyncpg://gateway@127.0.0.1:{closed}")
     assert "Traceback" not in done.stdout.decode()
+
+
+@pytest.mark.slow
+def test_a_stream_longer_than_the_grace_is_cut_audited_and_the_exit_is_not_0(
+    tmp_path: Path, fake_backend: FakeBackendThread
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--open", "--backend", fake_backend.url]
+    command += ["--port", str(port), "--policy", str(GUARDS_OFF)]
+    env = gateway_env(tmp_path, shutdown_grace="1")
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def up() -> bool:
+            assert process.poll() is None, log.read_text()[-3000:]
+            return not refused(url)
+
+        wait_until(up, 90, "the gateway did not start")
+        body = {  # the rest of this stream takes minutes: far past the 1 s of grace
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": "too slow"}],
+            "stream": True,
+            "fake": {"answer": " ".join(["word"] * 200), "trickle_ms": 100, "trickle_after": 1},
+        }
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as answer:
+            request_id = answer.headers["x-gateway-request-id"]
+            chunks = answer.iter_bytes()
+            next(chunks)
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.HTTPError):  # cut: the connection ends before the stream does
+                b"".join(chunks)
+        assert process.wait(60) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    (record,) = audit_rows(Settings(data_dir=tmp_path), request_id=request_id)  # committed on the way out
+    assert record["status"] == "client_disconnected"  # to the pipeline, a cut stream is a stream cut
+
+
+def test_with_migrate_on_start_off_an_unmigrated_database_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--open", "--backend", "http://127.0.0.1:9"]
+    command += ["--port", str(free_port())]
+    env = gateway_env(tmp_path, migrate_on_start="false")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.decode().strip().splitlines() == [
+        f"gateway: the database at sqlite+aiosqlite:///{tmp_path / 'gateway.db'} is not at the newest schema "
+        "revision and migrate_on_start is off: run `gateway db upgrade` (the migration Job) first"
+    ]
+
+
+def test_the_new_settings_are_read_and_checked() -> None:
+    from gateway.settings import SettingsError, load_settings
+
+    settings = load_settings(environ={"GATEWAY_SHUTDOWN_GRACE": "12.5", "GATEWAY_MIGRATE_ON_START": "false"})
+    assert (settings.shutdown_grace, settings.migrate_on_start) == (12.5, False)
+    assert (Settings().shutdown_grace, Settings().migrate_on_start) == (30.0, True)
+    with pytest.raises(SettingsError, match="shutdown_grace"):
+        load_settings(environ={"GATEWAY_SHUTDOWN_GRACE": "-1"})
