@@ -26,8 +26,10 @@ Replicas may share one data volume: each writes its own spool (and dead-letter f
 a lock file of that name while it runs (`ReplicaSpool`). At start-up a replica takes over the
 spool of every replica whose lock it can take (one that died, or stopped with rows unstored):
 it moves those rows into its own spool and replays them. A live replica's lock is held, so two
-replicas never take the same file. The single `DATA_DIR/audit-spool.jsonl` of older versions is
-taken over the same way (locked on itself).
+replicas never take the same file; a running replica looks again every `adopt_interval_s`, so
+the rows of a replica scaled away while the database was down do not wait for the next start.
+The single `DATA_DIR/audit-spool.jsonl` of older versions is taken over the same way (locked on
+itself).
 
 Failed authentications without a key go through `FailedAuthAllowance`: per client address, the
 first few a minute are written in full and the rest are counted into one summary row, so a
@@ -85,11 +87,14 @@ class AuditWriter:
         probe_interval_s: float = 0.25,
         dead_letter_path: Path | None = None,
         failed_auth: FailedAuthAllowance | None = None,
+        adopt_interval_s: float = 60.0,
     ) -> None:
         self._engine = engine
         self._sink = sink or EngineSink(engine, audit_records)
         # One of the two: a spool file of this writer alone, or this replica's files in a shared folder.
         self._replica_spool = replica_spool
+        self._adopt_interval_s = adopt_interval_s
+        self._adopt_task: asyncio.Task[None] | None = None
         if replica_spool is not None:
             spool_path = replica_spool.spool_path
             dead_letter_path = dead_letter_path or replica_spool.dead_letter_path
@@ -127,17 +132,24 @@ class AuditWriter:
         (with a replica spool: also those of every replica that is gone)."""
         if self._replica_spool is not None:
             await asyncio.to_thread(self._replica_spool.claim)
-            await asyncio.to_thread(self._replica_spool.adopt, self._append_spooled)
+            await self.adopt_orphans()
         if self._spool_path.exists() or self._replaying_path.exists():
             self._spool_waiting = True
             self._schedule_replay()
         self._task = asyncio.create_task(self._run(), name="audit-writer")
         self._tally_task = asyncio.create_task(self._flush_tallies(), name="audit-failed-auth")
+        if self._replica_spool is not None:
+            self._adopt_task = asyncio.create_task(self._adopt_periodically(), name="audit-adopt")
 
     async def stop(self) -> None:
         """Write everything still queued (and the failed-authentication summaries), then stop."""
         if self._task is None:
             return
+        if self._adopt_task is not None:
+            self._adopt_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopt_task
+            self._adopt_task = None
         if self._tally_task is not None:
             self._tally_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -323,6 +335,27 @@ class AuditWriter:
             os.fsync(out.fileno())
             if path == self._spool_path:
                 self._spool_waiting = True
+
+    async def adopt_orphans(self) -> int:
+        """Take over the spools of replicas that are gone and replay them; returns how many were taken."""
+        if self._replica_spool is None:
+            return 0
+        before = len(self._replica_spool.adopted)
+        taken = await asyncio.to_thread(self._replica_spool.adopt, self._append_spooled)
+        if taken:
+            names = ", ".join(path.name for path in self._replica_spool.adopted[before:]) or "empty files"
+            log.warning("took over the audit spool of %d replica(s) that are gone: %s", taken, names)
+            if self._task is not None and not self._down:
+                self._schedule_replay()
+        return taken
+
+    async def _adopt_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._adopt_interval_s)
+            try:
+                await self.adopt_orphans()
+            except Exception:  # a shared volume that hiccups must not stop the writer
+                log.exception("looking for the audit spools of gone replicas failed")
 
     def _append_spooled(self, data: bytes) -> None:
         """Append whole spool lines taken over from another replica's spool (with fsync)."""
