@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -17,7 +18,7 @@ from gateway.db import audit_records, create_engine
 from gateway.limits import build_limiter, parse_model_limits
 from gateway.metrics import EvalGauges, GatewayMetrics, MetricsServer, build_metrics
 from gateway.migrate import upgrade
-from gateway.pipeline import Pipeline
+from gateway.pipeline import Pipeline, Trace
 from gateway.review_store import ReviewStore
 from gateway.sessions import Sessions
 from gateway.settings import Settings
@@ -82,17 +83,10 @@ class Services:
             fail=settings.limits_fail,
             prefix=settings.redis_prefix,
         )
-        self.pipeline = Pipeline(
-            self.backend,
-            self.audit,
-            self.keys,
-            aliases=settings.aliases,
-            rag_top_k=settings.rag_top_k,
-            rag_min_score=settings.rag_min_score,
-            open_mode=settings.open_mode,
-            max_n=settings.max_n,
-            limiter=self.limiter,
-        )
+        # Built in start(), once the guardrails and the collection store it is handed exist.
+        self.pipeline: Pipeline
+        # Told once per request, from Pipeline.record: metrics, traces.
+        self.observers: list[Callable[[Trace], None]] = []
         self.started_at = time.time()
         # Metrics: one registry per app, fed once per request from Pipeline.record.
         self.metrics: GatewayMetrics | None = None
@@ -102,7 +96,7 @@ class Services:
         if settings.metrics != "off" or settings.metrics_port:
             self.evals = EvalGauges()
             self.metrics = build_metrics(self)
-            self.pipeline.observers.append(self.metrics.observe)
+            self.observers.append(self.metrics.observe)
         # Traces: off unless an OTLP endpoint is set.
         self.tracer: RequestTracer | None = None
         if settings.otlp_endpoint:
@@ -111,7 +105,7 @@ class Services:
     def use_tracer(self, tracer: RequestTracer) -> None:
         """Record one trace per request with `tracer` (tests pass one with an in-memory exporter)."""
         self.tracer = tracer
-        self.pipeline.observers.append(tracer.observe)
+        self.observers.append(tracer.observe)  # the pipeline shares this list
 
     async def start(self) -> None:
         if self.settings.migrate_on_start:  # off: a migration Job owns the schema
@@ -125,7 +119,6 @@ class Services:
         await self.limiter.start()
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
         self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
-        self.pipeline.rails = self.rails
         described = self.rails.describe()
         enabled = [name for name, g in described["guards"].items() if g["enabled"]]
         scorer = described["toxicity_scorer"] or {}
@@ -138,11 +131,30 @@ class Services:
         )
         if self.settings.rag:
             await self._start_retrieval()
+        self.pipeline = self._build_pipeline()
         if isinstance(self.backend, Router):
             await self.backend.refresh()
             self.backend.start()  # health watch: a backend that comes up later is seen within 1-2 s
         if self.settings.open_mode:
             log.warning("OPEN MODE: no API key is checked; every caller is treated as admin. Local use only.")
+
+    def _build_pipeline(self) -> Pipeline:
+        """The request pipeline over the parts opened so far (guardrails, store: None when off)."""
+        pipeline = Pipeline(
+            self.backend,
+            self.audit,
+            self.keys,
+            rails=self.rails,
+            store=self.store,
+            aliases=self.settings.aliases,
+            rag_top_k=self.settings.rag_top_k,
+            rag_min_score=self.settings.rag_min_score,
+            open_mode=self.settings.open_mode,
+            max_n=self.settings.max_n,
+            limiter=self.limiter,
+        )
+        pipeline.observers = self.observers  # one list: a tracer added later is told too
+        return pipeline
 
     async def _judge(self, prompt: str) -> str:
         """Ask the backend's first model (greedy, short) to judge an answer's support."""
@@ -164,7 +176,6 @@ class Services:
             if report is not None:
                 log.warning("ingested the sample corpus as collection 'sample' (%s chunks)", report.chunks)
         self.store = CollectionStore(self.settings.data_dir, self.embedder, executor=self.executor)
-        self.pipeline.store = self.store
         log.warning(
             "retrieval: embedding model %s; collections: %s; aliases: %s (%.1f s)",
             self.embedder.name,
