@@ -21,7 +21,6 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -362,15 +361,8 @@ def live_metrics(services: Services) -> Iterator[Metric]:
 
 
 def spool_bytes(services: Services) -> int:
-    spool = services.settings.data_dir / "audit-spool.jsonl"
-    return sum(_size(p) for p in (spool, spool.with_name(spool.name + ".replaying")))
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+    """This replica's audit spool (each replica spools to a file of its own)."""
+    return services.audit.spool_bytes()
 
 
 def served_models(services: Services) -> list[str]:
