@@ -122,3 +122,20 @@ def test_dashboard_panels_query_exported_metrics(exported: dict[str, set[str]]) 
         "gateway_guard_score_bucket",
     ):
         assert name in used, name
+
+
+def test_pod_monitor_scrapes_the_gateways_metrics_port() -> None:
+    monitor = yaml.safe_load((DEPLOY / "prometheus" / "podmonitor.yaml").read_text())
+    deployment = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [container] = [c for c in pod["spec"]["containers"] if c["name"] == "gateway"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (
+        ports[endpoint["port"]]
+        == int(env["GATEWAY_METRICS_PORT"])
+        == int(pod["metadata"]["annotations"]["prometheus.io/port"])
+    )
+    assert endpoint["path"] == "/metrics"
