@@ -72,6 +72,8 @@ def server_config(app: Litestar, settings: Settings) -> uvicorn.Config:
         http=GatewayHttpToolsProtocol,
         access_log=False,
         log_level="warning",
+        # JSON logs: uvicorn's own lines go through the root handler too (gateway.logs), not its text one.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         backlog=4096,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),  # uvicorn takes whole seconds

@@ -82,3 +82,14 @@ def test_log_format_setting() -> None:
     assert load_settings(environ={"GATEWAY_LOG_FORMAT": "json"}).log_format == "json"
     with pytest.raises(SettingsError, match="log_format"):
         load_settings(environ={"GATEWAY_LOG_FORMAT": "yaml"})
+
+
+def test_json_logs_take_uvicorns_lines_too() -> None:
+    from litestar import Litestar
+
+    from gateway.httpserver import server_config
+    from gateway.settings import Settings
+
+    app = Litestar(route_handlers=[])
+    assert server_config(app, Settings(log_format="json")).log_config is None
+    assert server_config(app, Settings()).log_config is not None
