@@ -33,11 +33,19 @@ class IngestTarget:
     data_dir: Path
     database: str | None = None  # a SQLAlchemy URL; None: SQLite at DATA_DIR/gateway.db
     embedding_model: str | None = None  # None: the bundled all-MiniLM-L6-v2; "hashing": the fake
+    index_storage: str | None = None  # "s3://bucket/prefix": publish there (data_dir is a cache); None: data_dir
+    s3_endpoint_url: str | None = None  # an S3-compatible server; None: boto3's AWS_* settings
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> IngestTarget:
         """For callers without settings: `args.data_dir`, `args.database`, `--embedding-model`."""
-        return cls(Path(args.data_dir), getattr(args, "database", None), args.embedding_model)
+        return cls(
+            Path(args.data_dir),
+            getattr(args, "database", None),
+            args.embedding_model,
+            getattr(args, "index_storage", None),
+            getattr(args, "s3_endpoint_url", None),
+        )
 
 
 def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +130,8 @@ async def _run(
             index_config=IndexConfig(kind=args.index_type),
             progress=not args.no_progress and sys.stderr.isatty(),
             ensure_schema=ensure_schema,
+            index_storage=target.index_storage,
+            endpoint_url=target.s3_endpoint_url,
         )
         async with ingestor:
             if args.delete:

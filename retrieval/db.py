@@ -72,6 +72,17 @@ rag_chunks = Table(
     Index("ix_rag_chunks_document_pk", "document_pk"),
 )
 
+# The live version of each collection, for replicas that read the index files from shared
+# storage (object storage): they poll this table and fetch a version when it changes.
+rag_collection_versions = Table(
+    "rag_collection_versions",
+    metadata,
+    Column("collection", String(64), primary_key=True),
+    Column("version", String(64), nullable=False),
+    Column("storage_uri", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 
 async def missing_tables(engine: AsyncEngine) -> list[str]:
     """The `rag_` tables the database lacks (empty when its schema is up to date for retrieval)."""
@@ -193,6 +204,45 @@ class MetadataRepository:
         """Delete the documents and their chunks; returns how many documents were deleted."""
         async with self.engine.begin() as conn:
             return await self._delete(conn, collection, document_ids)
+
+    async def current_versions(self) -> dict[str, tuple[str, str]]:
+        """collection -> (live version, storage URI of the folder that holds it)."""
+        table = rag_collection_versions
+        query = select(table.c.collection, table.c.version, table.c.storage_uri)
+        async with self.engine.connect() as conn:
+            return {row[0]: (row[1], row[2]) for row in await conn.execute(query)}
+
+    async def publish_version(
+        self, collection: str, version: str, storage_uri: str, *, replaces: str | None, force: bool = False
+    ) -> bool:
+        """Make `version` the live one, if the live one is still `replaces` (None: no row yet).
+
+        A compare-and-set: False means another writer published in between (nothing changed).
+        `force` records it whatever the row held (local storage, where a file lock serialises writers).
+        """
+        table = rag_collection_versions
+        values = {"version": version, "storage_uri": storage_uri, "created_at": _now()}
+        async with self.engine.begin() as conn:
+            if force:
+                result = await conn.execute(table.update().where(table.c.collection == collection).values(**values))
+                if not result.rowcount:
+                    await conn.execute(table.insert().values(collection=collection, **values))
+                return True
+            if replaces is None:
+                exists = await conn.execute(select(table.c.version).where(table.c.collection == collection))
+                if exists.first() is not None:
+                    return False
+                await conn.execute(table.insert().values(collection=collection, **values))
+                return True
+            result = await conn.execute(
+                table.update().where(table.c.collection == collection, table.c.version == replaces).values(**values)
+            )
+            return (result.rowcount or 0) == 1
+
+    async def drop_version(self, collection: str) -> None:
+        async with self.engine.begin() as conn:
+            table = rag_collection_versions
+            await conn.execute(delete(table).where(table.c.collection == collection))
 
     @staticmethod
     async def _delete(conn: AsyncConnection, collection: str, document_ids: Sequence[str]) -> int:

@@ -6,6 +6,8 @@ RetrievalError                 base class: anything this package raises on purpo
 ├── EmbeddingMismatch          a collection was built with another embedding model
 ├── IndexCorrupt               an index folder on disk could not be read
 ├── SchemaMissing              the database lacks the rag_ tables (run `gateway db upgrade`)
+├── StorageUnreachable         the index storage root (a folder or s3://bucket/prefix) cannot be used
+├── ConcurrentPublish          another ingest published a version of the collection meanwhile
 └── LoaderError                one file could not be turned into documents (ingest skips it)
 """
 
@@ -62,6 +64,26 @@ class SchemaMissing(RetrievalError):
         )
         self.database = database
         self.tables = tables
+
+
+class StorageUnreachable(RetrievalError):
+    """The index storage root cannot be reached or used; the message names it."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"index storage {uri} is unreachable: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+class ConcurrentPublish(RetrievalError):
+    """Another ingest published a new version of the collection while this one ran."""
+
+    def __init__(self, collection: str) -> None:
+        super().__init__(
+            f"another ingest published a new version of collection {collection!r} while this one ran; "
+            "nothing was published, run it again"
+        )
+        self.collection = collection
 
 
 class LoaderError(RetrievalError):

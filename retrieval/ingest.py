@@ -23,15 +23,17 @@ import numpy as np
 
 from retrieval import storage
 from retrieval.chunking import Chunker, ChunkingOptions
-from retrieval.db import MetadataRepository, missing_tables
+from retrieval.db import MetadataRepository, missing_tables, rag_collection_versions
 from retrieval.documents import Chunk, Document, Skipped
 from retrieval.embedders import Embedder
 from retrieval.engine import async_url, create_engine, default_database_url, normalise_database_url
-from retrieval.errors import EmbeddingMismatch, SchemaMissing, UnknownCollection
+from retrieval.errors import ConcurrentPublish, EmbeddingMismatch, SchemaMissing, UnknownCollection
 from retrieval.index import FaissIndex, IndexConfig
 from retrieval.loaders import iter_files
+from retrieval.objectstore import ObjectStorage, install_version, is_object_storage
 
 EMBED_BATCH = 256
+VERSIONS_TABLE = rag_collection_versions.name
 
 SchemaHook = Callable[[str], None]
 """Brings a database's schema up to date, given its URL; called in a worker thread
@@ -112,6 +114,7 @@ class Ingestor:
         index_config: IndexConfig | None = None,
         progress: bool = False,
         owns_engine: bool = False,
+        remote: ObjectStorage | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.repository = repository
@@ -120,6 +123,10 @@ class Ingestor:
         self.index_config = index_config or IndexConfig()
         self.progress = progress
         self._owns_engine = owns_engine
+        # object storage: data_dir is then a local cache and staging area, the database says what is live
+        self.remote = remote
+        self._live: dict[str, str | None] = {}
+        self._record_versions = True
 
     @classmethod
     async def open(
@@ -129,6 +136,8 @@ class Ingestor:
         embedder: Embedder,
         *,
         ensure_schema: SchemaHook | None = None,
+        index_storage: str | None = None,
+        endpoint_url: str | None = None,
         **kwargs: Any,
     ) -> Ingestor:
         """Connect to the database (None: SQLite at DATA_DIR/gateway.db), which must hold the rag_ tables.
@@ -136,8 +145,17 @@ class Ingestor:
         The schema belongs to the gateway's Alembic migrations, which this package cannot import:
         a caller that may meet an old or empty database passes `ensure_schema` (the gateway CLI
         runs the upgrade itself first). A database still without the tables raises SchemaMissing.
+
+        `index_storage` "s3://bucket/prefix" publishes versions there (`endpoint_url`: an
+        S3-compatible server; None: boto3's AWS settings) and keeps `data_dir` as a local cache;
+        an unreachable bucket raises StorageUnreachable. None or a path: `data_dir` itself.
         """
         url = async_url(database_url or default_database_url(data_dir))
+        if is_object_storage(index_storage):
+            assert index_storage is not None
+            remote = ObjectStorage(index_storage, endpoint_url)
+            await asyncio.to_thread(remote.check)
+            kwargs["remote"] = remote
         if ensure_schema is not None:
             await asyncio.to_thread(ensure_schema, url)
         engine = create_engine(url)
@@ -146,10 +164,14 @@ class Ingestor:
         except BaseException:
             await engine.dispose()
             raise
-        if missing:
+        # local storage works on a database from before the versions table (it is then not filled in)
+        optional = set() if "remote" in kwargs else {VERSIONS_TABLE}
+        if set(missing) - optional:
             await engine.dispose()
-            raise SchemaMissing(str(normalise_database_url(url)), missing)
-        return cls(data_dir, MetadataRepository(engine), embedder, owns_engine=True, **kwargs)
+            raise SchemaMissing(str(normalise_database_url(url)), [t for t in missing if t not in optional])
+        ingestor = cls(data_dir, MetadataRepository(engine), embedder, owns_engine=True, **kwargs)
+        ingestor._record_versions = VERSIONS_TABLE not in missing
+        return ingestor
 
     async def aclose(self) -> None:
         if self._owns_engine:
@@ -199,6 +221,7 @@ class Ingestor:
         lock = storage.WriterLock(self.data_dir, collection)
         await asyncio.to_thread(lock.acquire)
         try:
+            await self._fetch_live(collection)
             snapshot = await self._live_snapshot(collection)
             in_index = snapshot.documents if snapshot else {}
             in_sql = await self.repository.documents(collection, [d.id for d in documents])
@@ -266,7 +289,18 @@ class Ingestor:
         bar.close()
         return np.concatenate(parts)
 
+    async def _fetch_live(self, collection: str) -> None:
+        """Object storage: install the version the database names live into the local cache."""
+        if self.remote is None:
+            return
+        live = (await self.repository.current_versions()).get(collection)
+        self._live[collection] = live[0] if live else None
+        if live is not None:
+            await asyncio.to_thread(install_version, self.remote, self.data_dir, collection, live[0])
+
     async def _live_snapshot(self, collection: str) -> storage.Snapshot | None:
+        if self.remote is not None and self._live.get(collection) is None:
+            return None  # the database names no live version: a local leftover does not count
         try:
             snapshot = await asyncio.to_thread(storage.load_snapshot, self.data_dir, collection, with_vectors=True)
         except UnknownCollection:
@@ -299,6 +333,16 @@ class Ingestor:
             chunking=self.chunker.fingerprint,
             base=base,
         )
+        folder = storage.collection_dir(self.data_dir, collection) / version
+        if self.remote is None:
+            if self._record_versions:
+                await self.repository.publish_version(collection, version, str(folder), replaces=None, force=True)
+        else:
+            uri = await asyncio.to_thread(self.remote.upload_version, folder, collection, version)
+            replaces = self._live.get(collection)
+            if not await self.repository.publish_version(collection, version, uri, replaces=replaces):
+                raise ConcurrentPublish(collection)
+            self._live[collection] = version
         report.version = version
         report.total_chunks = len(records)
         report.index_type = self.index_config.resolve(len(records))
@@ -311,6 +355,8 @@ class Ingestor:
         await asyncio.to_thread(lock.acquire)
         try:
             ids = list(await self.repository.documents(collection))
+            if self._record_versions:
+                await self.repository.drop_version(collection)
             await asyncio.to_thread(_drop_files_sync, self.data_dir, collection)
             return await self.repository.delete_documents(collection, ids)
         finally:
@@ -323,6 +369,7 @@ class Ingestor:
         lock = storage.WriterLock(self.data_dir, collection)
         await asyncio.to_thread(lock.acquire)
         try:
+            await self._fetch_live(collection)
             snapshot = await self._live_snapshot(collection)
             if snapshot is None:
                 raise UnknownCollection(collection)

@@ -270,12 +270,17 @@ def write_snapshot(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    write_pointer(coll_dir, version)
+    _collect_garbage(coll_dir, keep_versions)
+    return version
+
+
+def write_pointer(coll_dir: Path, version: str) -> None:
+    """Point CURRENT at `version` atomically (a reader sees the old name or the new one)."""
     pointer_tmp = coll_dir / f".{POINTER}.{uuid.uuid4().hex}"
     _write_file(pointer_tmp, version.encode())
     os.replace(pointer_tmp, coll_dir / POINTER)
     _fsync_dir(coll_dir)
-    _collect_garbage(coll_dir, keep_versions)
-    return version
 
 
 def _collect_garbage(coll_dir: Path, keep_versions: int) -> None:

@@ -83,7 +83,7 @@ async def test_ingestor_brings_the_schema_up_through_alembic(tmp_path) -> None: 
 
 
 def test_tables_are_prefixed() -> None:
-    assert sorted(metadata.tables) == ["rag_chunks", "rag_documents"]
+    assert sorted(metadata.tables) == ["rag_chunks", "rag_collection_versions", "rag_documents"]
 
 
 def _chunks(doc_id: str, texts: list[str]) -> list[Chunk]:
