@@ -125,17 +125,17 @@ class Trace:
             "finished_at": self.created_at + timedelta(seconds=total),
             "api_key_id": self.api_key_id,
             "endpoint": self.endpoint.name,
-            "model": self.model[:200] if self.model else self.model,  # the column's width
+            "model": self.model,  # the audit writer fits every text to its column (audit_rows)
             "backend": self.backend,
             "stream": self.stream,
             "status": self.status,
             "http_status": self.http_status,
-            "error_code": self.error_code[:64] if self.error_code else self.error_code,
+            "error_code": self.error_code,
             "error_message": self.error_message,
             "request_json": self.request_json,
             "response_text": self.response_text,
             "response_json": self.response_json,
-            "finish_reason": finish[:32] if isinstance(finish, str) else None,
+            "finish_reason": finish if isinstance(finish, str) else None,
             "prompt_tokens": _count(usage.get("prompt_tokens")),
             "completion_tokens": _count(usage.get("completion_tokens")),
             "total_tokens": _count(usage.get("total_tokens")),
@@ -207,14 +207,20 @@ class Pipeline:
         self.open_mode = open_mode
         self.limits = Limits(max_n=max_n)
         self.limiter = limiter  # rate limits and quotas (gateway.limits); None: none at all
-        self._active: dict[tuple[str, str | None, str], bool] = {}
+        self._active: dict[tuple[str | None, str | None, str], bool] = {}
         self.observers: list[Callable[[Trace], None]] = []  # metrics, traces: told once per request, in record
 
     def _guarded(self, key: KeyInfo, model: str | None, stage: str) -> bool:
         """Whether any guard of `stage` is on for this key and model (cached: policies are static)."""
         if self.rails is None:
             return False
-        cache_key = (key.id, model, stage)
+        # Keyed by the names the policy overrides, not the client's strings: bounded by the policy.
+        policy = self.rails.policy
+        cache_key = (
+            key.id if key.id in policy.key_overrides else None,
+            model if model in policy.model_overrides else None,
+            stage,
+        )
         active = self._active.get(cache_key)
         if active is None:
             guards = self.rails.request_policy(key.id, model).guards.values()

@@ -11,12 +11,17 @@ Two limits protect the caller from a backend that misbehaves: an idle timeout (n
 long) and an optional deadline for the whole exchange (a backend that trickles one byte a second
 never trips the idle timeout); `Response.read` also takes a size cap, so a huge answer is cut off
 instead of being buffered whole.
+
+Connections per origin are capped (`max_connections`, idle and busy together): a request that
+finds every connection busy waits for one, at most the connect timeout, then fails as a
+`PoolTimeout` (a `ConnectError`), so a burst of requests cannot open a socket each on the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -30,6 +35,10 @@ class HTTPError(Exception):
 
 class ConnectError(HTTPError):
     """The connection could not be opened."""
+
+
+class PoolTimeout(ConnectError):
+    """Every connection of the pool stayed busy for the whole connect timeout."""
 
 
 class ReadTimeout(HTTPError):
@@ -53,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = False
+        self.counted = True  # holds one of the pool's connection slots until it closes
         self._parser: httptools.HttpResponseParser | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -81,6 +91,7 @@ class _Connection(asyncio.Protocol):
         if self._parser is not None and not self.complete:
             self._fail(HTTPError(f"connection lost{': ' + str(exc) if exc else ''}"))
         self._pool._forget(self)
+        self._pool._free_slot(self)
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -176,6 +187,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
+        self._pool._free_slot(self)
 
 
 class Response:
@@ -235,8 +247,16 @@ class HTTPPool:
     """Keep-alive connections to one `http://host:port` origin."""
 
     def __init__(
-        self, base_url: str, *, connect_timeout: float = 5.0, read_timeout: float | None = 300.0, max_idle: int = 256
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float | None = 300.0,
+        max_idle: int = 256,
+        max_connections: int = 100,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"a backend URL must be http:// or https://, not {base_url!r}")
@@ -247,8 +267,11 @@ class HTTPPool:
         self._host_header = parts.netloc.encode()
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._max_idle = max_idle
+        self._max_idle = min(max_idle, max_connections)
         self._idle: list[_Connection] = []
+        self.max_connections = max_connections
+        self.open_connections = 0  # open or opening: at most max_connections
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def _request_bytes(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None) -> bytes:
         lines = [f"{method} {self.prefix}{path} HTTP/1.1".encode(), b"host: " + self._host_header]
@@ -258,6 +281,67 @@ class HTTPPool:
         if headers:
             lines.extend(f"{k}: {v}".encode() for k, v in headers.items())
         return b"\r\n".join(lines) + b"\r\n\r\n" + (body or b"")
+
+    async def _acquire(self, deadline: float | None) -> tuple[_Connection, bool]:
+        """An idle connection (reused: True) or a new one within the cap; while all are busy, waits
+        at most the connect timeout (or until the request's deadline, if sooner)."""
+        wait_until: float | None = None
+        while True:
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.closed:
+                    return connection, True
+            if self.open_connections < self.max_connections:
+                self.open_connections += 1
+                try:
+                    return await self._connect(), False
+                except BaseException:
+                    self.open_connections -= 1
+                    self._wake_one()
+                    raise
+            loop = asyncio.get_running_loop()
+            if wait_until is None:
+                wait_until = loop.time() + self._connect_timeout
+                if deadline is not None:
+                    wait_until = min(wait_until, deadline)
+            await self._wait_for_slot(loop, wait_until)
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, wait_until: float) -> None:
+        left = wait_until - loop.time()
+        if left <= 0:
+            raise PoolTimeout(
+                f"all {self.max_connections} connections to {self.host}:{self.port} stayed busy "
+                f"for the connect timeout of {self._connect_timeout:g} s"
+            )
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
+        handle = loop.call_later(left, _settle, waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken, then cancelled: pass the slot on
+            raise
+        finally:
+            handle.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._slot_waiters.remove(waiter)
+
+    def _wake_one(self) -> None:
+        """A slot or an idle connection is free: the longest waiter (if any) tries again."""
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _free_slot(self, connection: _Connection) -> None:
+        if connection.counted:
+            connection.counted = False
+            self.open_connections -= 1
+            self._wake_one()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -285,11 +369,7 @@ class HTTPPool:
         read_timeout = self.read_timeout if idle_timeout == -1.0 else idle_timeout
         raw = self._request_bytes(method, path, body, headers)
         while True:
-            connection = self._idle.pop() if self._idle else None
-            reused = connection is not None
-            if connection is None or connection.closed:
-                connection = await self._connect()
-                reused = False
+            connection, reused = await self._acquire(deadline)
             connection.used = True
             connection.begin(raw)
             try:
@@ -310,6 +390,7 @@ class HTTPPool:
             return
         if len(self._idle) < self._max_idle:
             self._idle.append(connection)
+            self._wake_one()
         else:
             connection.abort()
 
@@ -318,6 +399,12 @@ class HTTPPool:
             self._idle.remove(connection)
 
     async def close(self) -> None:
-        for connection in self._idle:
+        for connection in list(self._idle):
             connection.abort()
         self._idle.clear()
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    """The wait for a connection slot ran out: wake the waiter to look once more, then give up."""
+    if not waiter.done():
+        waiter.set_result(None)

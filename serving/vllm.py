@@ -76,13 +76,16 @@ class VLLMBackend(Backend):
         total_timeout: float | None = 600.0,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
         api_key: str | None = None,
+        max_connections: int = 100,
     ) -> None:
         url = base_url.rstrip("/")
         if url.endswith("/v1"):
             url = url[: -len("/v1")]
         self.base_url = url
         self.name = url
-        self._pool = HTTPPool(url, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self._pool = HTTPPool(
+            url, connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections
+        )
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self._total_timeout = total_timeout
         self._max_answer_bytes = max_answer_bytes

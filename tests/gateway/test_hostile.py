@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.audit_rows import TRUNCATED
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread, FakeConfig
 from tests.conftest import make_settings
@@ -159,7 +160,8 @@ def test_backend_nonsense_token_counts_do_not_break_the_audit_row(hostile: Hosti
     assert resp.status_code == 200
     row = hostile.row(resp)
     assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (None, None, None)
-    assert row["finish_reason"] == "x" * 32 and row["response_text"] == "ok"
+    # cut to the column's 32 characters by the audit writer, with its visible marker
+    assert row["finish_reason"] == "x" * (32 - len(TRUNCATED)) + TRUNCATED and row["response_text"] == "ok"
 
 
 # --- streams --------------------------------------------------------------------------------

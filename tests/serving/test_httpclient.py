@@ -11,8 +11,8 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from serving.errors import BackendBadAnswer
-from serving.httpclient import BodyTooLarge, ConnectError, DeadlineExceeded, HTTPPool, ReadTimeout
+from serving.errors import BackendBadAnswer, BackendUnavailable
+from serving.httpclient import BodyTooLarge, ConnectError, DeadlineExceeded, HTTPPool, PoolTimeout, ReadTimeout
 from serving.vllm import VLLMBackend
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -308,3 +308,100 @@ async def test_stream_without_done_or_over_the_cap_is_a_bad_answer() -> None:
     with pytest.raises(BackendBadAnswer) as big:
         await parse([b"data: " + b"z" * 2000 + b"\n\n", b"data: [DONE]\n\n"], max_answer_bytes=1024)
     assert big.value.code == "backend_answer_too_large"
+
+
+async def test_connections_are_capped_and_the_rest_wait_for_one() -> None:
+    """N+5 concurrent slow requests open at most N connections (counted where the server accepts them)."""
+    cap = 4
+    accepted = 0
+    busy = 0
+    most_busy = 0
+    release = asyncio.Event()
+    all_busy = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted, busy, most_busy
+        accepted += 1
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            busy += 1
+            most_busy = max(most_busy, busy)
+            if busy == cap:
+                all_busy.set()
+            await release.wait()
+            busy -= 1
+            writer.write(ok(b"done"))
+            await writer.drain()
+
+    server, url = await serve(handler)
+    pool = HTTPPool(url, max_connections=cap, connect_timeout=30)
+
+    async def one() -> bytes:
+        response = await pool.request("POST", "/slow", b"{}")
+        return await response.read()
+
+    tasks = [asyncio.create_task(one()) for _ in range(cap + 5)]
+    await all_busy.wait()  # every connection the pool may open is now held by a slow request
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert pool.open_connections == cap
+    release.set()
+    assert await asyncio.gather(*tasks) == [b"done"] * (cap + 5)
+    assert accepted == cap
+    assert pool.open_connections == cap  # kept alive for the next requests
+    await pool.close()
+    assert pool.open_connections == 0
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_full_pool_waits_at_most_the_connect_timeout() -> None:
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        arrived.set()
+        await release.wait()
+        writer.write(ok(b"late"))
+        await writer.drain()
+
+    server, url = await serve(handler)
+    pool = HTTPPool(url, max_connections=1, connect_timeout=0.2)
+    first = asyncio.create_task(pool.request("POST", "/slow", b"{}"))
+    await arrived.wait()
+    with pytest.raises(PoolTimeout):
+        await pool.request("POST", "/slow", b"{}")
+    assert isinstance(PoolTimeout("x"), ConnectError)  # the backend reports it as unavailable
+    release.set()
+    assert await (await first).read() == b"late"
+    assert await (await pool.request("POST", "/slow", b"{}")).read() == b"late"
+    assert pool.open_connections == 1
+    await pool.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_backend_reports_a_full_pool_as_unavailable() -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await release.wait()
+        writer.write(ok(b"{}"))
+        await writer.drain()
+
+    server, url = await serve(handler)
+    backend = VLLMBackend(url, max_connections=1, connect_timeout=0.2)
+    first = asyncio.create_task(backend.complete("/v1/completions", {}))
+    await asyncio.sleep(0.05)
+    with pytest.raises(BackendUnavailable):
+        await backend.complete("/v1/completions", {})
+    release.set()
+    assert await first == {}
+    await backend.aclose()
+    server.close()
+    await server.wait_closed()
