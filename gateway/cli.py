@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
         load_policy(settings.policy)  # fail now, not after the minutes a local vLLM takes to start
     _prepare_database(settings)
+    _check_index_storage(settings)
     if settings.open_mode:
         print(
             "=" * 72 + "\nWARNING: OPEN MODE - no API keys are checked, every caller is admin.\n"
@@ -182,6 +183,22 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _check_index_storage(settings: Settings) -> None:
+    """An index storage root that cannot be used is a `StartupError` naming it, not a trace."""
+    if not settings.rag or settings.index_storage is None:
+        return
+    from retrieval import RetrievalError, is_object_storage
+    from retrieval.objectstore import ObjectStorage
+
+    if is_object_storage(settings.index_storage):
+        try:
+            ObjectStorage(settings.index_storage, settings.s3_endpoint_url).check()
+        except RetrievalError as exc:
+            raise StartupError(str(exc)) from exc
+    elif not settings.index_root.is_dir():
+        raise StartupError(f"index storage {settings.index_storage} is not a folder (is the shared volume mounted?)")
 
 
 def _bootstrap_admin_key(settings: Settings) -> None:
@@ -312,7 +329,13 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)  # the schema (RAG tables included) comes from the migrations
-    target = IngestTarget(settings.data_dir, settings.database_url, settings.embedding_model)
+    target = IngestTarget(
+        settings.index_root,  # with s3:// storage, a local cache: a batch job needs no gateway's data
+        settings.database_url,
+        settings.embedding_model,
+        settings.index_storage,
+        settings.s3_endpoint_url,
+    )
     return run_ingest(args, target)
 
 

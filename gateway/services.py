@@ -24,7 +24,16 @@ from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.tracing import RequestTracer
 from guardrails import Guardrails, default_policy, load_policy, make_executor
-from retrieval import CollectionStore, Embedder, create_embedder_async, ensure_sample_collection
+from retrieval import (
+    CollectionStore,
+    Embedder,
+    IndexSync,
+    create_embedder_async,
+    ensure_sample_collection,
+    is_object_storage,
+)
+from retrieval.db import MetadataRepository
+from retrieval.objectstore import ObjectStorage
 from serving.backend import Backend
 from serving.router import Router
 from serving.vllm import VLLMBackend
@@ -172,11 +181,23 @@ class Services:
     async def _start_retrieval(self) -> None:
         started = time.perf_counter()
         self.embedder = await create_embedder_async(self.settings.embedding_model, executor=self.executor)
+        remote = self.settings.index_storage if is_object_storage(self.settings.index_storage) else None
+        sync = None
+        if remote is not None:  # the data dir is this replica's cache of the versions the database names live
+            endpoint = self.settings.s3_endpoint_url
+            sync = IndexSync(self.settings.data_dir, ObjectStorage(remote, endpoint), MetadataRepository(self.engine))
+            await sync.start()  # StorageUnreachable (one line, naming the URL) if the bucket does not answer
         if self.settings.sample_corpus:
-            report = await ensure_sample_collection(self.settings.data_dir, self.settings.database_url, self.embedder)
+            report = await ensure_sample_collection(
+                self.settings.index_root,
+                self.settings.database_url,
+                self.embedder,
+                index_storage=remote,
+                endpoint_url=self.settings.s3_endpoint_url,
+            )
             if report is not None:
                 log.warning("ingested the sample corpus as collection 'sample' (%s chunks)", report.chunks)
-        self.store = CollectionStore(self.settings.data_dir, self.embedder, executor=self.executor)
+        self.store = CollectionStore(self.settings.index_root, self.embedder, executor=self.executor, sync=sync)
         log.warning(
             "retrieval: embedding model %s; collections: %s; aliases: %s (%.1f s)",
             self.embedder.name,

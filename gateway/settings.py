@@ -51,6 +51,8 @@ class Settings:
     policy: Path | None = None  # guardrails policy (TOML); none: every guard on with its defaults
     rag: bool = True  # load the embedding model and serve retrieval and /v1/embeddings
     embedding_model: str | None = None  # none: the bundled all-MiniLM-L6-v2; "hashing": the fake
+    index_storage: str | None = None  # RAG index files: a folder (shared volume) or s3://BUCKET/PREFIX; none: DATA_DIR
+    s3_endpoint_url: str | None = None  # an S3-compatible server for s3:// index storage; none: boto3's AWS_* settings
     sample_corpus: bool = True  # ingest the shipped sample corpus as collection "sample" if absent
     rag_top_k: int = 4
     rag_min_score: float = 0.3  # cosine similarity below which a passage is not used
@@ -71,6 +73,13 @@ class Settings:
     otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for requests and streams in flight, then cuts them
     migrate_on_start: bool = True  # `gateway serve` upgrades the schema (false: a migration Job owns it)
+
+    @property
+    def index_root(self) -> Path:
+        """The local folder whose indexes/ holds the collections (with s3:// storage: the replica's cache)."""
+        if self.index_storage is None or self.index_storage.startswith("s3://"):
+            return self.data_dir
+        return Path(self.index_storage)
 
     @property
     def database_url(self) -> str:
@@ -177,6 +186,10 @@ def _validate(settings: Settings) -> Settings:
         raise bad(f"metrics_port {settings.metrics_port} is outside 0-65535")
     if settings.log_format not in ("text", "json"):
         raise bad(f"log_format must be 'text' or 'json', not {settings.log_format!r}")
+    if settings.index_storage is not None and "://" in settings.index_storage:
+        bucket = settings.index_storage.removeprefix("s3://").partition("/")[0]
+        if not settings.index_storage.startswith("s3://") or not bucket:
+            raise bad(f"index_storage {settings.index_storage!r} must be a folder or s3://BUCKET/PREFIX")
     if settings.otlp_endpoint is not None and not settings.otlp_endpoint.startswith(("http://", "https://")):
         raise bad(f"otlp_endpoint {settings.otlp_endpoint!r} must start with http:// or https://")
     if settings.limits_fail not in ("open", "closed"):

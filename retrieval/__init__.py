@@ -19,10 +19,12 @@ from retrieval.errors import (
     InvalidCollectionName,
     LoaderError,
     RetrievalError,
+    StorageUnreachable,
     UnknownCollection,
 )
 from retrieval.index import IndexConfig
 from retrieval.ingest import Ingestor, IngestReport
+from retrieval.objectstore import IndexSync, is_object_storage
 from retrieval.prompt import DEFAULT_INSTRUCTION, build_rag_messages, citations, retrieval_query
 from retrieval.sample import SAMPLE_COLLECTION, ensure_sample_collection
 from retrieval.store import CollectionStore, SearchOutcome
@@ -40,6 +42,7 @@ __all__ = [
     "Hit",
     "IndexConfig",
     "IndexCorrupt",
+    "IndexSync",
     "IngestReport",
     "Ingestor",
     "InvalidCollectionName",
@@ -48,11 +51,13 @@ __all__ = [
     "SearchOutcome",
     "SentenceTransformerEmbedder",
     "Skipped",
+    "StorageUnreachable",
     "UnknownCollection",
     "build_rag_messages",
     "citations",
     "create_embedder",
     "create_embedder_async",
     "ensure_sample_collection",
+    "is_object_storage",
     "retrieval_query",
 ]

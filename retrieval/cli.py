@@ -82,6 +82,13 @@ def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
         help="sentence-transformers model folder or name, or hashing (default: the embedding_model setting, "
         "else the bundled all-MiniLM-L6-v2)",
     )
+    parser.add_argument(
+        "--index-storage",
+        default=None,
+        metavar="PATH_OR_S3_URL",
+        help="where the index files go: a folder or s3://BUCKET/PREFIX (default: the index_storage setting, "
+        "else DATA_DIR); with s3:// the data dir is only a local cache, and the database names the live version",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -78,8 +78,11 @@ class ObjectStorage:
     @property
     def client(self) -> Any:
         if self._client is None:
-            import boto3  # optional dependency: only object storage needs it
-            from botocore.config import Config
+            try:
+                import boto3  # optional dependency: only object storage needs it
+                from botocore.config import Config
+            except ImportError:
+                raise StorageUnreachable(self.uri, "boto3 is not installed (pip install boto3)") from None
 
             config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"})
             self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=config)
@@ -95,6 +98,8 @@ class ObjectStorage:
         """Raise StorageUnreachable (naming the URL) unless the bucket answers."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
+        except StorageUnreachable:
+            raise
         except Exception as exc:  # botocore's errors have no common base worth naming here
             where = f"{self.uri} (endpoint {self.endpoint_url})" if self.endpoint_url else self.uri
             raise StorageUnreachable(where, _one_line(exc)) from exc

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from retrieval import storage
 from retrieval.embedders import Embedder, create_embedder_async
+from retrieval.errors import ConcurrentPublish
 from retrieval.ingest import Ingestor, IngestReport, SchemaHook
 
 logger = logging.getLogger(__name__)
@@ -42,13 +43,17 @@ async def ensure_sample_collection(
     *,
     collection: str = SAMPLE_COLLECTION,
     ensure_schema: SchemaHook | None = None,
+    index_storage: str | None = None,
+    endpoint_url: str | None = None,
 ) -> IngestReport | None:
     """Ingest the sample corpus into `collection` unless it already exists (built with `embedder`).
 
     Returns the ingest report, or None when there was nothing to do. Pass the gateway's
     embedder so the model is not loaded twice (None loads the default model off the loop).
     `database_url` None means SQLite at DATA_DIR/gateway.db; its schema must be up to date, or
-    `ensure_schema` given (see `Ingestor.open`).
+    `ensure_schema` given (see `Ingestor.open`). `index_storage` / `endpoint_url`: object
+    storage, as for `Ingestor.open` (data_dir is then the local cache, already synced); if
+    another replica publishes the sample at the same moment, its version stands (None).
     """
     existing_model = _built_with(Path(data_dir), collection)
     if existing_model is not None and (embedder is None or existing_model == embedder.name):
@@ -56,7 +61,14 @@ async def ensure_sample_collection(
     own = embedder is None
     active = embedder or await create_embedder_async()
     try:
-        ingestor = await Ingestor.open(Path(data_dir), database_url, active, ensure_schema=ensure_schema)
+        ingestor = await Ingestor.open(
+            Path(data_dir),
+            database_url,
+            active,
+            ensure_schema=ensure_schema,
+            index_storage=index_storage,
+            endpoint_url=endpoint_url,
+        )
         async with ingestor:
             if existing_model is not None:
                 # only the shipped sample is rebuilt like this: operators' collections never are
@@ -67,7 +79,11 @@ async def ensure_sample_collection(
                     active.name,
                 )
                 await ingestor.drop_collection(collection)
-            report = await ingestor.ingest_paths(collection, [SAMPLE_DOCUMENTS_DIR])
+            try:
+                report = await ingestor.ingest_paths(collection, [SAMPLE_DOCUMENTS_DIR])
+            except ConcurrentPublish:
+                logger.info("sample collection %r: another replica published it first", collection)
+                return None
     finally:
         if own:
             await active.aclose()

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from retrieval import storage
 from retrieval.documents import Hit
 from retrieval.embedders import Embedder
 from retrieval.errors import EmbeddingMismatch, InvalidCollectionName, RetrievalError, UnknownCollection
+
+if TYPE_CHECKING:
+    from retrieval.objectstore import IndexSync
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +53,16 @@ class CollectionStore:
 
     `executor` runs FAISS searches and index loads (bounded, shared); the embedder has its
     own. Build it once at start-up and `await aclose()` at shutdown.
+
+    With object storage, `data_dir` is the replica's local cache and `sync` (started) the
+    `IndexSync` that keeps it at the live versions; `aclose()` stops it too.
     """
 
     data_dir: Path
     embedder: Embedder
     check_interval_s: float = 0.25
     executor: Executor | None = None
+    sync: IndexSync | None = None
     _states: dict[str, _State] = field(default_factory=dict, init=False, repr=False)
     _first_loads: dict[str, asyncio.Task[storage.Snapshot]] = field(default_factory=dict, init=False, repr=False)
     _own_executor: bool = field(default=False, init=False, repr=False)
@@ -116,6 +123,8 @@ class CollectionStore:
         for state in self._states.values():
             if state.pending is not None:
                 state.pending.cancel()
+        if self.sync is not None:
+            await self.sync.aclose()
         if self._own_executor and self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
 

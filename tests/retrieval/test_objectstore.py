@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -271,3 +272,45 @@ def test_the_ingest_command_writes_to_object_storage(tmp_path, shared_db, s3_roo
     assert run_ingest(args, dead) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("gateway ingest: index storage s3://gone/x") and "\n" not in err
+
+
+def test_gateway_ingest_runs_as_a_batch_job_against_object_storage(  # type: ignore[no-untyped-def]
+    tmp_path, s3_root, s3_endpoint, monkeypatch, capsys
+) -> None:
+    """`gateway ingest` on a machine with no gateway: a database URL, a bucket, an empty data dir."""
+    from gateway.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# Warranty\n\nThe warranty lasts two years.\n")
+    monkeypatch.setenv("GATEWAY_S3_ENDPOINT_URL", s3_endpoint)
+    database = f"sqlite:///{tmp_path / 'fresh.db'}"  # never touched by a gateway: the command migrates it
+    argv = ["ingest", str(docs), "--collection", "handbook", "--embedding-model", "hashing", "--json"]
+    argv += ["--no-progress", "--index-storage", s3_root, "--data-dir", str(tmp_path / "job"), "--database", database]
+    assert main(argv) == 0
+    version = json.loads(capsys.readouterr().out)["version"]
+    engine_url = async_url(database)
+
+    async def live() -> dict[str, tuple[str, str]]:
+        engine = create_engine(engine_url)
+        try:
+            return await MetadataRepository(engine).current_versions()
+        finally:
+            await engine.dispose()
+
+    remote = ObjectStorage(s3_root, s3_endpoint)
+    assert asyncio.run(live()) == {"handbook": (version, remote.version_uri("handbook", version))}
+
+
+def test_serve_with_an_unreachable_bucket_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    dead = f"http://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(root), "GATEWAY_DATA_DIR": str(tmp_path), "GATEWAY_LOG_LEVEL": "warning"}
+    env |= {"GATEWAY_INDEX_STORAGE": "s3://nowhere/idx", "GATEWAY_S3_ENDPOINT_URL": dead, "GATEWAY_METRICS": "off"}
+    env |= {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--open", "--backend", "http://127.0.0.1:9"]
+    command += ["--port", str(_free_port())]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, timeout=120)
+    assert done.returncode == 1
+    (line,) = done.stderr.decode().strip().splitlines()
+    assert line.startswith(f"gateway: index storage s3://nowhere/idx (endpoint {dead}) is unreachable: ")
