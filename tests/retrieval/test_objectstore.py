@@ -95,6 +95,43 @@ def shared_db(tmp_path: Path) -> str:
     return url
 
 
+PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def _pg_admin(statement: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(f"{PG_ADMIN}/postgres")
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def replica_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The database the replicas and the ingest job share: SQLite, and PostgreSQL where it runs."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'shared.db'}"
+        create_rag_tables(url)
+        yield url
+        return
+    name = f"rag_sync_{uuid.uuid4().hex[:10]}"
+    try:
+        _pg_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # asyncpg's errors or a refused connection: no server here
+        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
+    url = f"{PG_ADMIN}/{name}"
+    try:
+        create_rag_tables(url)
+        yield url
+    finally:
+        _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
 async def _ingest(tmp: Path, db: str, root: str, endpoint: str, embedder, docs) -> str:  # type: ignore[no-untyped-def]
     """One batch job: its own empty cache folder, as on a machine that runs no gateway."""
     ingestor = await Ingestor.open(
@@ -146,18 +183,18 @@ async def _wait_for_version(store: CollectionStore, version: str, within_s: floa
 
 
 async def test_every_replica_serves_a_new_version_within_the_poll_interval(  # type: ignore[no-untyped-def]
-    tmp_path, shared_db, s3_root, s3_endpoint, embedder
+    tmp_path, replica_db, s3_root, s3_endpoint, embedder
 ) -> None:
-    async with _two_replicas(tmp_path, shared_db, s3_root, s3_endpoint, embedder) as replicas:
+    async with _two_replicas(tmp_path, replica_db, s3_root, s3_endpoint, embedder) as replicas:
         first = await _ingest(
-            tmp_path, shared_db, s3_root, s3_endpoint, embedder, [make_doc("a.md", "The warranty lasts two years.")]
+            tmp_path, replica_db, s3_root, s3_endpoint, embedder, [make_doc("a.md", "The warranty lasts two years.")]
         )
         for store in replicas:
             await _wait_for_version(store, first, within_s=3)
 
         # a second batch job, again with an empty cache: it starts from the live version in the bucket
         second = await _ingest(
-            tmp_path, shared_db, s3_root, s3_endpoint, embedder, [make_doc("b.md", "Refunds take ten days.")]
+            tmp_path, replica_db, s3_root, s3_endpoint, embedder, [make_doc("b.md", "Refunds take ten days.")]
         )
         assert second != first
         waited = [await _wait_for_version(store, second, within_s=3) for store in replicas]
