@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self, TypeVar
+
+import msgspec
+
+if TYPE_CHECKING:  # the guard modules import this one
+    from guardrails.groundedness import Support
+    from guardrails.keywords import KeywordMatcher
+    from guardrails.toxicity import BatchingScorer, ToxicityConfig, ToxicityScorer
 
 Stage = Literal["input", "output", "passage"]
 Action = Literal["allow", "block", "redact", "flag"]
@@ -123,6 +133,75 @@ class GuardSettings:
         return self.roles is None or role in self.roles
 
 
+def option_error(key: str, problem: str) -> msgspec.ValidationError:
+    """A problem with option `key`, in msgspec's own form (`PROBLEM - at `$.KEY``), so the policy
+    finds its line the same way as for a type error."""
+    return msgspec.ValidationError(f"{problem} - at `$.{key}`")
+
+
+_AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def error_path(exc: msgspec.ValidationError) -> tuple[tuple[str, ...], str]:
+    """Split a msgspec error into (key path, problem): `... - at `$.terms[1]`` -> (("terms",), ...).
+
+    List indexes are dropped: a TOML array is one key, on one line."""
+    m = _AT.match(str(exc))
+    assert m is not None  # the pattern matches any text
+    keys = tuple(k for k, _index in _PATH_PART.findall(m.group("path") or ""))
+    return keys, m.group("problem")
+
+
+class GuardOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A guard's own policy keys (besides the common ones every guard takes), typed and validated.
+
+    Each guard subclasses this with its fields. `parse` converts a policy table (a type error
+    names the key, as `$.KEY`); `validate` adds the checks a type cannot express (files exist,
+    regexes compile) and raises `option_error(key, problem)` for a problem with one key.
+    """
+
+    mask: Annotated[str, msgspec.Meta(min_length=1)] = "*"
+
+    #: The problem to report for a value of the wrong type, per key (`{value!r}` is the value).
+    problems: ClassVar[Mapping[str, str]] = {"mask": "mask must be a non-empty string"}
+    #: Keys holding file paths, resolved against the policy's folder.
+    path_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        return frozenset(cls.__struct_fields__)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> Self:
+        """The typed options for one merged table; raises msgspec.ValidationError naming the key."""
+        try:
+            return msgspec.convert(dict(raw), cls, strict=True)
+        except msgspec.ValidationError as exc:
+            keys, _problem = error_path(exc)
+            if keys and keys[0] in cls.problems:
+                raise option_error(keys[0], cls.problems[keys[0]].format(value=raw.get(keys[0]))) from None
+            raise
+
+    @classmethod
+    def resolve_paths(cls, raw: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+        """`raw` with the relative paths of `path_keys` made absolute against `base_dir`."""
+        out = dict(raw)
+        for key in cls.path_keys & out.keys():
+            out[key] = [str(base_dir / f) if not Path(f).is_absolute() else f for f in out[key]]
+        return out
+
+    @classmethod
+    def validate(cls, raw: Mapping[str, Any], base_dir: Path) -> Self:
+        """Parse one policy table (a base or override layer) and run the checks beyond types."""
+        options = cls.parse(raw)
+        options.check(base_dir)
+        return options
+
+    def check(self, base_dir: Path) -> None:
+        """Checks beyond the types; the default has none."""
+
+
 #: Texts longer than this (characters) are checked in the shared guard executor rather than on
 #: the event loop: about a millisecond of pure-Python work for the keyword or injection guard.
 OFFLOAD_CHARS = 2_000
@@ -135,15 +214,23 @@ def make_executor(max_workers: int = 2) -> ThreadPoolExecutor:
 
 @dataclass
 class GuardResources:
-    """Shared, long-lived things guards use: the bounded executor, loaded models, the judge.
+    """Shared, long-lived things guards use: the bounded executor, loaded models, the judge, and
+    what the guards built from them once (shared by every key/model combination).
 
     Built once at start-up by the caller; never per request.
     """
 
     executor: Executor
-    toxicity_scorer: Any = None  # guardrails.toxicity.ToxicityScorer | None (lazy import)
+    toxicity_scorer: ToxicityScorer | None = None
     judge: JudgeFn | None = None
-    cache: dict[Any, Any] = field(default_factory=dict)
+    #: The policy's [scorers.toxicity] (batch size, wait); None: the scorer's defaults.
+    toxicity_config: ToxicityConfig | None = None
+    #: The cross-request batcher over `toxicity_scorer` (built by the first toxicity guard).
+    toxicity_batcher: BatchingScorer | None = None
+    #: Keyword matchers by (terms, term files, allowlist, allowlist files).
+    keyword_matchers: dict[tuple[tuple[str, ...], ...], KeywordMatcher] = field(default_factory=dict)
+    #: Groundedness: the passages' support index, most recently used last (an LRU).
+    groundedness_support: OrderedDict[tuple[Passage, ...], Support] = field(default_factory=OrderedDict)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-heavy `fn(*args)` in the shared executor; the event loop only awaits."""
@@ -164,12 +251,13 @@ class Guard(abc.ABC):
     default_message: ClassVar[str] = "The request was blocked by a content policy."
     #: Default thresholds; the policy may override any of these keys (and only these).
     default_thresholds: ClassVar[Mapping[str, float]] = _EMPTY
-    #: Option keys the policy may set for this guard, with a short description each.
-    option_keys: ClassVar[Mapping[str, str]] = _EMPTY
+    #: The guard's own policy keys (besides the common ones), as a typed schema.
+    options_type: ClassVar[type[GuardOptions]] = GuardOptions
 
     def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
         self.settings = settings
         self.resources = resources
+        self.options = self.options_type.parse(settings.options)
         self.thresholds: dict[str, float] = {**self.default_thresholds, **settings.thresholds}
 
     @abc.abstractmethod
@@ -214,7 +302,7 @@ class Guard(abc.ABC):
         action = self.settings.action
         redacted = None
         if action == "redact":
-            redacted = mask_spans(ctx.text, spans, self.settings.options.get("mask", "*"))
+            redacted = mask_spans(ctx.text, spans, self.options.mask)
         return Verdict(
             guard=self.name,
             allowed=action != "block",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardrails.base import GUARDS, Guard, GuardContext, GuardResources, JudgeFn, Passage, Span, Verdict, mask_spans
+from guardrails.groundedness import GroundednessOptions
 from guardrails.policy import Policy, RequestPolicy, default_policy
 from guardrails.sentences import last_boundary
 from guardrails.toxicity import ToxicityScorer, build_scorer
@@ -244,11 +245,12 @@ class Guardrails:
     ) -> Guardrails:
         """Load models (in `executor`, off the event loop) and build the guards."""
         policy = policy or default_policy()
-        resources = GuardResources(executor=executor, judge=judge, toxicity_scorer=toxicity_scorer)
-        if resources.toxicity_scorer is None and policy.uses_toxicity():
+        if toxicity_scorer is None and policy.uses_toxicity():
             loop = asyncio.get_running_loop()
-            resources.toxicity_scorer = await loop.run_in_executor(executor, build_scorer, policy.toxicity)
-        resources.cache["toxicity-config"] = policy.toxicity
+            toxicity_scorer = await loop.run_in_executor(executor, build_scorer, policy.toxicity)
+        resources = GuardResources(
+            executor=executor, judge=judge, toxicity_scorer=toxicity_scorer, toxicity_config=policy.toxicity
+        )
         return cls(policy, resources)
 
     def describe(self) -> dict[str, Any]:
@@ -263,7 +265,7 @@ class Guardrails:
             },
             "toxicity_scorer": scorer.describe() if scorer is not None else None,
             "groundedness": {
-                "method": base.guards["groundedness"].options.get("mode", "lexical"),
+                "method": GroundednessOptions.parse(base.guards["groundedness"].options).mode,
                 "judge": self.resources.judge is not None,
             },
         }
@@ -284,7 +286,7 @@ class Guardrails:
         return guards
 
     def _masks(self, guards: Mapping[str, Guard]) -> dict[str, str]:
-        return {n: str(g.settings.options.get("mask", "*")) for n, g in guards.items()}
+        return {n: g.options.mask for n, g in guards.items()}
 
     async def _run(self, guards: Sequence[Guard], ctx: GuardContext) -> list[Verdict]:
         return list(await asyncio.gather(*(g.check(ctx) for g in guards)))

@@ -16,11 +16,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from guardrails.base import Guard, GuardContext, GuardResources, Passage, Span, Verdict, register
+from guardrails.base import (
+    Guard,
+    GuardContext,
+    GuardOptions,
+    GuardResources,
+    GuardSettings,
+    Passage,
+    Span,
+    Verdict,
+    register,
+)
 from guardrails.normalize import simple_fold
 from guardrails.sentences import split_sentences
 
@@ -371,6 +380,21 @@ def parse_judgement(reply: str) -> bool | None:
     return None
 
 
+class GroundednessOptions(GuardOptions, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The groundedness guard's policy keys."""
+
+    #: lexical (default), llm (judge every answer) or hybrid (judge flagged sentences)
+    mode: Literal["lexical", "llm", "hybrid"] = "lexical"
+    #: flag a sentence with any unsupported number, date or name
+    strict_entities: bool = True
+
+    problems: ClassVar[dict[str, str]] = {
+        **GuardOptions.problems,
+        "mode": "mode must be lexical, llm or hybrid, not {value!r}",
+        "strict_entities": "'strict_entities' must be true or false",
+    }
+
+
 @register
 class GroundednessGuard(Guard):
     """Flags answer sentences whose content is not supported by the retrieved passages."""
@@ -381,21 +405,15 @@ class GroundednessGuard(Guard):
     default_action = "flag"
     default_message = "Parts of the answer are not supported by the retrieved sources."
     default_thresholds: ClassVar[dict[str, float]] = {"sentence": 0.8}
-    option_keys: ClassVar[dict[str, str]] = {
-        "mode": "lexical (default), llm (judge every answer) or hybrid (judge flagged sentences)",
-        "strict_entities": "flag a sentence with any unsupported number, date or name (default true)",
-        "mask": "redaction mask",
-    }
+    options_type = GroundednessOptions
+    options: GroundednessOptions
     _CACHE_SIZE = 64
     _INLINE_CHARS = 20_000  # above this much passage text, the check runs in the executor
 
-    def __init__(self, settings: Any, resources: GuardResources) -> None:
-        super().__init__(settings, resources)
-        self.mode = str(settings.options.get("mode", "lexical"))
-        if self.mode not in ("lexical", "llm", "hybrid"):
-            raise ValueError(f"groundedness mode must be lexical, llm or hybrid, not {self.mode!r}")
-        cache = resources.cache.setdefault("groundedness-support", OrderedDict())
-        self._support_cache: OrderedDict[tuple[Passage, ...], Support] = cache
+    def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
+        super().__init__(settings, resources)  # a bad mode raises msgspec.ValidationError (a ValueError)
+        self.mode = self.options.mode
+        self._support_cache = resources.groundedness_support
 
     def _support(self, passages: tuple[Passage, ...]) -> Support:
         found = self._support_cache.get(passages)
@@ -420,7 +438,7 @@ class GroundednessGuard(Guard):
         else:
             result = self._lexical(ctx)
         threshold = self.thresholds["sentence"]
-        strict = bool(self.settings.options.get("strict_entities", True))
+        strict = self.options.strict_entities
         flagged = [s for s in result.sentences if s.weight > 0 and (s.score < threshold or (strict and s.strong))]
         details: dict[str, Any] = {
             "method": "lexical",

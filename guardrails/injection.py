@@ -505,7 +505,6 @@ class InjectionGuard(Guard):
     default_passages = True
     default_message = "The message looks like an attempt to override the assistant's instructions."
     default_thresholds: ClassVar[dict[str, float]] = {"score": 0.5}
-    option_keys: ClassVar[dict[str, str]] = {"mask": "redaction mask"}
 
     async def check(self, ctx: GuardContext) -> Verdict:
         # A few dozen compiled regexes over one message: well under a millisecond, on the loop;

@@ -21,7 +21,17 @@ from typing import Any, ClassVar
 
 import ahocorasick
 
-from guardrails.base import Guard, GuardContext, Span, Verdict, register
+from guardrails.base import (
+    Guard,
+    GuardContext,
+    GuardOptions,
+    GuardResources,
+    GuardSettings,
+    Span,
+    Verdict,
+    option_error,
+    register,
+)
 from guardrails.errors import PolicyError
 from guardrails.normalize import View, collapse, fold_text, normalize_term, plain_view_texts, squash, word_views
 
@@ -218,6 +228,56 @@ class KeywordMatcher:
         return out
 
 
+class KeywordOptions(GuardOptions, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The keyword guard's policy keys. Term syntax: see the module docstring."""
+
+    #: inline terms (same syntax as a term-file line)
+    terms: tuple[str, ...] = ()
+    #: term files (paths relative to the policy file)
+    term_files: tuple[str, ...] = ()
+    #: inline allowlist of words/phrases
+    allow: tuple[str, ...] = ()
+    #: allowlist files
+    allow_files: tuple[str, ...] = ()
+
+    problems: ClassVar[dict[str, str]] = {
+        **GuardOptions.problems,
+        "terms": "'terms' must be a list of strings",
+        "allow": "'allow' must be a list of strings",
+        "term_files": "'term_files' must be a list of file paths",
+        "allow_files": "'allow_files' must be a list of file paths",
+    }
+    path_keys: ClassVar[frozenset[str]] = frozenset({"term_files", "allow_files"})
+
+    def check(self, base_dir: Path) -> None:
+        """Inline terms parse; term files exist and parse (a bad line names that file and line)."""
+        for key in ("terms", "allow"):
+            try:
+                parse_terms(getattr(self, key))
+            except PolicyError as exc:
+                raise option_error(key, f"in '{key}': {exc.problem}") from None
+        for key in ("term_files", "allow_files"):
+            for f in getattr(self, key):
+                path = (base_dir / f) if not Path(f).is_absolute() else Path(f)
+                if not path.is_file():
+                    raise option_error(key, f"term file {f!r} not found (looked for {path})")
+                load_term_file(path)  # raises PolicyError naming that file and line
+
+    @property
+    def matcher_key(self) -> tuple[tuple[str, ...], ...]:
+        """What the matcher is built from (the mask is not)."""
+        return (self.terms, self.term_files, self.allow, self.allow_files)
+
+    def build_matcher(self) -> KeywordMatcher:
+        terms = parse_terms(self.terms, "<policy: terms>")
+        for f in self.term_files:
+            terms.extend(load_term_file(f))
+        allow = parse_terms(self.allow, "<policy: allow>")
+        for f in self.allow_files:
+            allow.extend(load_term_file(f))
+        return KeywordMatcher(terms, allow)
+
+
 @register
 class KeywordGuard(Guard):
     """Blocks, redacts or flags messages containing operator-listed terms."""
@@ -227,34 +287,15 @@ class KeywordGuard(Guard):
     default_stages = frozenset({"input"})
     default_passages = True
     default_message = "The message contains a term that is not allowed here."
-    option_keys: ClassVar[dict[str, str]] = {
-        "terms": "inline list of terms (same syntax as a term-file line)",
-        "term_files": "list of term files (paths relative to the policy file)",
-        "allow": "inline allowlist of words/phrases",
-        "allow_files": "list of allowlist files",
-        "mask": "redaction mask: one character (per masked char) or a replacement string",
-    }
+    options_type = KeywordOptions
+    options: KeywordOptions
 
-    def __init__(self, settings: Any, resources: Any) -> None:
+    def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
         super().__init__(settings, resources)
-        opts = settings.options
-        key = (
-            "keywords",
-            tuple(opts.get("terms", ())),
-            tuple(opts.get("term_files", ())),
-            tuple(opts.get("allow", ())),
-            tuple(opts.get("allow_files", ())),
-        )
-        matcher = resources.cache.get(key)
+        key = self.options.matcher_key
+        matcher = resources.keyword_matchers.get(key)
         if matcher is None:
-            terms = parse_terms(opts.get("terms", ()), "<policy: terms>")
-            for f in opts.get("term_files", ()):
-                terms.extend(load_term_file(f))
-            allow = parse_terms(opts.get("allow", ()), "<policy: allow>")
-            for f in opts.get("allow_files", ()):
-                allow.extend(load_term_file(f))
-            matcher = KeywordMatcher(terms, allow)
-            resources.cache[key] = matcher
+            matcher = resources.keyword_matchers[key] = self.options.build_matcher()
         self.matcher: KeywordMatcher = matcher
 
     @property

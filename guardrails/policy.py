@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import msgspec
+
 # Importing the guard modules fills the registry.
 from guardrails import groundedness, injection, keywords, toxicity  # noqa: F401
-from guardrails.base import GUARDS, HIT_ACTIONS, GuardSettings, Stage
+from guardrails.base import GUARDS, HIT_ACTIONS, Guard, GuardSettings, Stage, error_path
 from guardrails.errors import PolicyError
 from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityConfig
 
@@ -29,7 +31,6 @@ EMPTY_RETRIEVAL: tuple[EmptyRetrieval, ...] = ("answer_without_passages", "refus
 #: messages (tool and function definitions, response_format and guided-decoding schemas, a
 #: chat_template, documents, a completion's suffix); "all" (the default) for every one of them.
 ROLES = frozenset({"user", "system", "tool", "assistant", "developer", "function", "request", "all"})
-_COMMON_GUARD_KEYS = frozenset({"enabled", "action", "message", "roles", "stages", "passages", "thresholds"})
 _TOP_KEYS = frozenset({"version", "defaults", "scorers", "guards", "overrides"})
 _DEFAULT_KEYS = frozenset({"on_empty_retrieval", "refusal_message"})
 DEFAULT_REFUSAL = "I could not find any sources to answer this question."
@@ -131,68 +132,82 @@ def _expect_table(value: Any, path: tuple[str, ...], loc: _KeyLocator) -> dict[s
     return value
 
 
+def _check_flag(guard: type[Guard], key: str, value: Any, p: tuple[str, ...], loc: _KeyLocator) -> None:
+    if not isinstance(value, bool):
+        raise loc.error(p, f"'{key}' must be true or false")
+
+
+def _check_action(guard: type[Guard], key: str, value: Any, p: tuple[str, ...], loc: _KeyLocator) -> None:
+    if value not in HIT_ACTIONS:
+        raise loc.error(p, f"action must be one of {', '.join(HIT_ACTIONS)}, not {value!r}")
+
+
+def _check_message(guard: type[Guard], key: str, value: Any, p: tuple[str, ...], loc: _KeyLocator) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise loc.error(p, "message must be a non-empty string")
+
+
+def _check_roles(guard: type[Guard], key: str, value: Any, p: tuple[str, ...], loc: _KeyLocator) -> None:
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise loc.error(p, "roles must be a list of strings")
+    bad = [r for r in value if r not in ROLES]
+    if bad:
+        raise loc.error(p, f"unknown role(s) {bad} (known: {', '.join(sorted(ROLES))})")
+
+
+def _check_stages(guard: type[Guard], key: str, value: Any, p: tuple[str, ...], loc: _KeyLocator) -> None:
+    ok = sorted(s for s in guard.stages if s != "passage")
+    if not isinstance(value, list) or not all(isinstance(s, str) and s in ok for s in value):
+        raise loc.error(p, f"stages for guard '{guard.name}' must be a list drawn from {ok}, not {value!r}")
+
+
+def _check_thresholds(guard: type[Guard], key: str, value: Any, p: tuple[str, ...], loc: _KeyLocator) -> None:
+    for tk, tv in _expect_table(value, p, loc).items():
+        if tk not in guard.default_thresholds:
+            known = ", ".join(guard.default_thresholds)
+            raise loc.error((*p, tk), f"unknown threshold '{tk}' for guard '{guard.name}' (known: {known})")
+        if isinstance(tv, bool) or not isinstance(tv, int | float) or not 0.0 <= tv <= 1.0:
+            raise loc.error((*p, tk), f"threshold '{tk}' must be a number between 0 and 1, not {tv!r}")
+
+
+_KeyCheck = Callable[[type[Guard], str, Any, tuple[str, ...], _KeyLocator], None]
+#: The keys every guard takes, each with its check; a guard's own keys are its `options_type`.
+_COMMON_CHECKS: dict[str, _KeyCheck] = {
+    "enabled": _check_flag,
+    "passages": _check_flag,
+    "action": _check_action,
+    "message": _check_message,
+    "roles": _check_roles,
+    "stages": _check_stages,
+    "thresholds": _check_thresholds,
+}
+_COMMON_GUARD_KEYS = frozenset(_COMMON_CHECKS)
+
+
 def _check_guard_table(
     name: str, raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator, base_dir: Path
 ) -> None:
-    """Validate one guard's table (base or override layer); raise PolicyError on the first problem."""
-    cls = GUARDS[name]
-    allowed = _COMMON_GUARD_KEYS | set(cls.option_keys)
+    """Validate one guard's table (base or override layer); raise PolicyError on the first problem.
+
+    The common keys are checked here; the guard's own keys by its options schema, whose
+    msgspec errors name the key (`$.KEY`), mapped back to that key's line."""
+    guard = GUARDS[name]
+    option_keys = guard.options_type.keys()
+    options: dict[str, Any] = {}
     for key, value in raw.items():
-        p = (*path, key)
-        if key not in allowed:
-            raise loc.error(p, f"unknown key '{key}' for guard '{name}' (known: {', '.join(sorted(allowed))})")
-        if key in ("enabled", "passages"):
-            if not isinstance(value, bool):
-                raise loc.error(p, f"'{key}' must be true or false")
-        elif key == "action":
-            if value not in HIT_ACTIONS:
-                raise loc.error(p, f"action must be one of {', '.join(HIT_ACTIONS)}, not {value!r}")
-        elif key == "message":
-            if not isinstance(value, str) or not value.strip():
-                raise loc.error(p, "message must be a non-empty string")
-        elif key == "roles":
-            if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
-                raise loc.error(p, "roles must be a list of strings")
-            bad = [r for r in value if r not in ROLES]
-            if bad:
-                raise loc.error(p, f"unknown role(s) {bad} (known: {', '.join(sorted(ROLES))})")
-        elif key == "stages":
-            ok = sorted(s for s in cls.stages if s != "passage")
-            if not isinstance(value, list) or not all(isinstance(s, str) and s in ok for s in value):
-                raise loc.error(p, f"stages for guard '{name}' must be a list drawn from {ok}, not {value!r}")
-        elif key == "thresholds":
-            table = _expect_table(value, p, loc)
-            for tk, tv in table.items():
-                if tk not in cls.default_thresholds:
-                    raise loc.error(
-                        (*p, tk),
-                        f"unknown threshold '{tk}' for guard '{name}' (known: {', '.join(cls.default_thresholds)})",
-                    )
-                if isinstance(tv, bool) or not isinstance(tv, int | float) or not 0.0 <= tv <= 1.0:
-                    raise loc.error((*p, tk), f"threshold '{tk}' must be a number between 0 and 1, not {tv!r}")
-        elif key in ("terms", "allow"):
-            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                raise loc.error(p, f"'{key}' must be a list of strings")
-            try:
-                keywords.parse_terms(value, loc.source)
-            except PolicyError as exc:
-                raise loc.error(p, f"in '{key}': {exc.problem}") from None
-        elif key in ("term_files", "allow_files"):
-            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                raise loc.error(p, f"'{key}' must be a list of file paths")
-            for f in value:
-                path_f = (base_dir / f) if not Path(f).is_absolute() else Path(f)
-                if not path_f.is_file():
-                    raise loc.error(p, f"term file {f!r} not found (looked for {path_f})")
-                keywords.load_term_file(path_f)  # raises PolicyError naming that file and line
-        elif key == "mode":
-            if value not in ("lexical", "llm", "hybrid"):
-                raise loc.error(p, f"mode must be lexical, llm or hybrid, not {value!r}")
-        elif key == "strict_entities":
-            if not isinstance(value, bool):
-                raise loc.error(p, "'strict_entities' must be true or false")
-        elif key == "mask" and (not isinstance(value, str) or not value):
-            raise loc.error(p, "mask must be a non-empty string")
+        check = _COMMON_CHECKS.get(key)
+        if check is not None:
+            check(guard, key, value, (*path, key), loc)
+        elif key in option_keys:
+            options[key] = value
+        else:
+            known = ", ".join(sorted(_COMMON_GUARD_KEYS | option_keys))
+            raise loc.error((*path, key), f"unknown key '{key}' for guard '{name}' (known: {known})")
+    try:
+        guard.options_type.validate(options, base_dir)
+    except msgspec.ValidationError as exc:
+        keys, problem = error_path(exc)
+        raise loc.error((*path, *keys), problem) from None
 
 
 def _settings(name: str, layers: list[Mapping[str, Any]], base_dir: Path) -> GuardSettings:
@@ -205,10 +220,7 @@ def _settings(name: str, layers: list[Mapping[str, Any]], base_dir: Path) -> Gua
                 thresholds.update({tk: float(tv) for tk, tv in v.items()})
             else:
                 merged[k] = v
-    options = {k: v for k, v in merged.items() if k not in _COMMON_GUARD_KEYS}
-    for key in ("term_files", "allow_files"):
-        if key in options:
-            options[key] = [str(base_dir / f) if not Path(f).is_absolute() else f for f in options[key]]
+    options = cls.options_type.resolve_paths({k: v for k, v in merged.items() if k not in _COMMON_GUARD_KEYS}, base_dir)
     return GuardSettings(
         enabled=bool(merged.get("enabled", True)),
         action=merged.get("action", cls.default_action),
@@ -315,11 +327,10 @@ def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -
     )
 
 
-def parse_policy(text: str, source: str = "<policy>", base_dir: str | Path | None = None) -> Policy:
-    """Parse and validate a policy from TOML text; relative paths resolve against `base_dir`."""
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
+def _load_toml(text: str, source: str) -> dict[str, Any]:
+    """tomllib's parse, its syntax errors as PolicyError at tomllib's line."""
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         line = int(m.group(1)) if m else None
@@ -327,6 +338,28 @@ def parse_policy(text: str, source: str = "<policy>", base_dir: str | Path | Non
         if m:
             problem += f" (column {m.group(2)})"
         raise PolicyError(source, line, f"invalid TOML: {problem}") from None
+
+
+def _overrides(
+    raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path
+) -> tuple[dict[str, Mapping[str, Any]], dict[str, Mapping[str, Any]]]:
+    """The [overrides.api_key.ID] and [overrides.model.NAME] layers, each validated."""
+    key_over: dict[str, Mapping[str, Any]] = {}
+    model_over: dict[str, Mapping[str, Any]] = {}
+    for kind, table in raw.items():
+        if kind not in ("api_key", "model"):
+            raise loc.error(("overrides", kind), f"overrides are per 'api_key' or per 'model', not {kind!r}")
+        for ident, layer in _expect_table(table, ("overrides", kind), loc).items():
+            layer = _expect_table(layer, ("overrides", kind, ident), loc)
+            _check_layer(layer, ("overrides", kind, ident), loc, base_dir)
+            (key_over if kind == "api_key" else model_over)[ident] = layer
+    return key_over, model_over
+
+
+def parse_policy(text: str, source: str = "<policy>", base_dir: str | Path | None = None) -> Policy:
+    """Parse and validate a policy from TOML text; relative paths resolve against `base_dir`."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    raw = _load_toml(text, source)
     loc = _KeyLocator(source, text)
     for key in raw:
         if key not in _TOP_KEYS:
@@ -345,16 +378,7 @@ def parse_policy(text: str, source: str = "<policy>", base_dir: str | Path | Non
         if key != "toxicity":
             raise loc.error(("scorers", key), f"unknown scorer section '{key}' (known: toxicity)")
     tox = _toxicity_config(_expect_table(scorers.get("toxicity", {}), ("scorers", "toxicity"), loc), loc, base)
-    overrides = _expect_table(raw.get("overrides", {}), ("overrides",), loc)
-    key_over: dict[str, Mapping[str, Any]] = {}
-    model_over: dict[str, Mapping[str, Any]] = {}
-    for kind, table in overrides.items():
-        if kind not in ("api_key", "model"):
-            raise loc.error(("overrides", kind), f"overrides are per 'api_key' or per 'model', not {kind!r}")
-        for ident, layer in _expect_table(table, ("overrides", kind), loc).items():
-            layer = _expect_table(layer, ("overrides", kind, ident), loc)
-            _check_layer(layer, ("overrides", kind, ident), loc, base)
-            (key_over if kind == "api_key" else model_over)[ident] = layer
+    key_over, model_over = _overrides(_expect_table(raw.get("overrides", {}), ("overrides",), loc), loc, base)
     policy = Policy(source, base, defaults, guards_raw, key_over, model_over, tox)
     policy.for_request()  # resolve once so a bad combination fails now, not on the first request
     return policy

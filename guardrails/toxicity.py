@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from guardrails.base import Guard, GuardContext, GuardResources, Span, Verdict, register
+from guardrails.base import Guard, GuardContext, GuardResources, GuardSettings, Span, Verdict, register
 from guardrails.errors import ScorerUnavailable
 from guardrails.sentences import split_sentences
 
@@ -319,24 +319,17 @@ class ToxicityGuard(Guard):
         "identity_attack": 0.5,
         "sexual_explicit": 0.5,
     }
-    option_keys: ClassVar[dict[str, str]] = {"mask": "redaction mask"}
 
-    def __init__(self, settings: Any, resources: GuardResources) -> None:
+    def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
         super().__init__(settings, resources)
-        if resources.toxicity_scorer is None:
+        scorer = resources.toxicity_scorer
+        if scorer is None:
             raise ScorerUnavailable("the toxicity guard is enabled but no toxicity scorer is loaded")
-        key = ("toxicity-batcher", id(resources.toxicity_scorer))
-        batcher = resources.cache.get(key)
-        if batcher is None:
-            scorer = resources.toxicity_scorer
-            cfg = resources.cache.get("toxicity-config")
-            batcher = BatchingScorer(
-                scorer,
-                resources,
-                max_batch=cfg.batch_size if cfg else 32,
-                max_wait_ms=cfg.max_wait_ms if cfg else 2.0,
-            )
-            resources.cache[key] = batcher
+        batcher = resources.toxicity_batcher
+        if batcher is None or batcher.scorer is not scorer:
+            cfg = resources.toxicity_config or ToxicityConfig()
+            batcher = BatchingScorer(scorer, resources, max_batch=cfg.batch_size, max_wait_ms=cfg.max_wait_ms)
+            resources.toxicity_batcher = batcher
         self.batcher: BatchingScorer = batcher
 
     async def check(self, ctx: GuardContext) -> Verdict:

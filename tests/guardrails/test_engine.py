@@ -186,3 +186,23 @@ async def test_stream_without_sentence_ends_is_released_past_the_hold_limit(rail
     assert released  # text flowed before the end
     released += (await checker.finish()).release
     assert released == "token " * 100
+
+
+async def test_key_and_model_layers_share_what_the_guards_build(executor, profanity_scorer):
+    """One keyword matcher per term set and one toxicity batcher, whatever the overrides."""
+    policy = parse_policy(
+        '[guards.keywords]\nterms = ["zorblax"]\n'
+        '[overrides.api_key.k1.guards.keywords]\naction = "flag"\n'
+        '[overrides.api_key.k2.guards.keywords]\nterms = ["blorf"]\n'
+        '[overrides.model.m1.guards.toxicity]\naction = "flag"\n'
+    )
+    loaded = await Guardrails.load(policy, executor, toxicity_scorer=profanity_scorer)
+    resources = loaded.resources
+    assert resources.toxicity_config is policy.toxicity
+    assert len(resources.keyword_matchers) == 2  # ("zorblax",) and ("blorf",)
+    assert resources.toxicity_batcher is not None and resources.toxicity_batcher.scorer is profanity_scorer
+    base, k1 = loaded._build(None, None), loaded._build("k1", None)
+    assert base["keywords"].matcher is k1["keywords"].matcher
+    assert base["toxicity"].batcher is loaded._build(None, "m1")["toxicity"].batcher
+    flagged = await loaded.check_input([{"role": "user", "content": "a zorblax"}], api_key_id="k1")
+    assert not flagged.blocked and {v.guard: v.action for v in flagged.verdicts}["keywords"] == "flag"

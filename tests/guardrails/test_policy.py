@@ -104,6 +104,20 @@ BAD = [
     ("top-level typo", "version = 1\ngaurds = {}\n", 2, "unknown top-level key 'gaurds'"),
     ("version", "version = 2\n", 1, "unsupported policy version 2"),
     ("missing term file", '[guards.keywords]\nterm_files = ["nope.txt"]\n', 2, "term file 'nope.txt' not found"),
+    # a guard's own keys, checked by its options schema, keep their messages and lines
+    ("empty mask", '[guards.keywords]\n\nmask = ""\n', 3, "mask must be a non-empty string"),
+    ("bad mode", '[guards.groundedness]\nmode = "vibes"\n', 2, "mode must be lexical, llm or hybrid, not 'vibes'"),
+    ("strict type", '[guards.groundedness]\nstrict_entities = "yes"\n', 2, "'strict_entities' must be true or false"),
+    ("term type", '[guards.keywords]\n# terms\nterms = ["ok", 3]\n', 3, "'terms' must be a list of strings"),
+    ("term files type", '[guards.keywords]\nterm_files = "x.txt"\n', 2, "'term_files' must be a list of file paths"),
+    ("bad allow regex", '[guards.keywords]\nallow = ["re:["]\n', 2, "in 'allow': invalid regular expression"),
+    ("option of another guard", '[guards.injection]\nmode = "llm"\n', 2, "unknown key 'mode' for guard 'injection'"),
+    (
+        "override option",
+        '[overrides.model.m.guards.groundedness]\n# why\nmode = "x"\n',
+        3,
+        "mode must be lexical, llm or hybrid",
+    ),
 ]
 
 
@@ -131,3 +145,23 @@ def test_error_inside_a_term_file_names_that_file_and_its_line(tmp_path: Path):
 def test_unreadable_policy_file(tmp_path: Path):
     with pytest.raises(PolicyError, match="cannot read policy file"):
         load_policy(tmp_path / "missing.toml")
+
+
+def test_guards_read_their_typed_options(tmp_path: Path):
+    """Each guard's options come out of its own schema: defaults filled, paths made absolute."""
+    from guardrails.base import GUARDS
+    from guardrails.groundedness import GroundednessOptions
+    from guardrails.keywords import KeywordOptions
+
+    (tmp_path / "terms.txt").write_text("zorblax\n", encoding="utf-8")
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        '[guards.keywords]\nterm_files = ["terms.txt"]\nmask = "[x]"\n[guards.groundedness]\nmode = "hybrid"\n',
+        encoding="utf-8",
+    )
+    base = load_policy(path).for_request()
+    kw = GUARDS["keywords"].options_type.parse(base.guards["keywords"].options)
+    assert isinstance(kw, KeywordOptions)
+    assert kw.term_files == (str(tmp_path / "terms.txt"),) and kw.mask == "[x]" and kw.terms == ()
+    gr = GUARDS["groundedness"].options_type.parse(base.guards["groundedness"].options)
+    assert gr == GroundednessOptions(mode="hybrid", strict_entities=True, mask="*")
