@@ -227,14 +227,16 @@ _LEET_LUT = {amb: _leet_lut(amb) for amb in (False, True)}
 def _any_between(flags: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Whether `flags[lo[i]:hi[i]]` has a True, for every i."""
     total = np.concatenate(([0], np.cumsum(flags, dtype=_I64)))
-    return total[hi] > total[lo]
+    above: np.ndarray = total[hi] > total[lo]
+    return above
 
 
 def _trailing_run(flags: np.ndarray, last: np.ndarray) -> np.ndarray:
     """Length of the run of True in `flags` that ends at each position in `last`."""
     positions = np.arange(len(flags), dtype=_I64)
     last_false = np.maximum.accumulate(np.where(flags, -1, positions))
-    return last - last_false[last]
+    run: np.ndarray = last - last_false[last]
+    return run
 
 
 # --- step 0: escapes ----------------------------------------------------------------------------
