@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import asyncpg
 import openai
+import pytest
 import uvicorn
 from sqlalchemy import select
 
@@ -116,3 +120,36 @@ def serving(settings: Settings, key: str | None = None) -> Iterator[tuple[Gatewa
         openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0, timeout=120) as client,
     ):
         yield gateway, client
+
+
+PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def pg_admin(*statements: str, database: str = "postgres") -> list[list[asyncpg.Record]]:
+    """Run statements on the test PostgreSQL server (one connection), returning each one's rows."""
+
+    async def run() -> list[list[asyncpg.Record]]:
+        conn = await asyncpg.connect(f"{PG_ADMIN}/{database}")
+        try:
+            return [await conn.fetch(sql) for sql in statements]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+@contextmanager
+def throwaway_postgres(prefix: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database of the test's own (its name), dropped afterwards.
+
+    Skips the test where no server answers. The drop first lets connections in again, so a test
+    may take the database down (`ALLOW_CONNECTIONS false`) and leave it so."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        pg_admin(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
+    try:
+        yield name
+    finally:
+        pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true', f'DROP DATABASE "{name}" WITH (FORCE)')

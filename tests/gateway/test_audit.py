@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import httpx
 import msgspec
 import openai
@@ -25,9 +23,7 @@ from gateway.db import audit_records, create_engine
 from gateway.migrate import upgrade
 from gateway.settings import Settings, SettingsError, load_settings
 from serving.fake import FakeBackendThread
-from tests.helpers import GatewayServer, audit_rows, create_key, serving
-
-PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+from tests.helpers import PG_ADMIN, GatewayServer, audit_rows, create_key, serving, throwaway_postgres
 
 
 def row(**changes: object) -> dict[str, object]:
@@ -50,23 +46,10 @@ def row(**changes: object) -> dict[str, object]:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this session, dropped at the end."""
-    name = f"gw_test_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN + "/postgres")
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
-    url = f"{PG_ADMIN}/{name}"
-    upgrade(url)
-    yield url
-    asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    with throwaway_postgres("gw_test") as name:
+        url = f"{PG_ADMIN}/{name}"
+        upgrade(url)
+        yield url
 
 
 def sqlite_url(tmp_path: Path) -> str:

@@ -4,12 +4,9 @@ state, a key never seen is a 503 in OpenAI's format, and every request still lea
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
@@ -19,9 +16,7 @@ from gateway.errors import AuthenticationFailed
 from gateway.migrate import upgrade
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread
-from tests.helpers import GatewayServer, audit_rows, create_key
-
-PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+from tests.helpers import PG_ADMIN, GatewayServer, audit_rows, create_key, pg_admin, throwaway_postgres
 
 
 async def test_keys_are_served_from_their_last_known_state_while_the_database_is_down(tmp_path: Path) -> None:
@@ -58,28 +53,15 @@ async def test_keys_are_served_from_their_last_known_state_while_the_database_is
 
 
 def admin(*statements: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(PG_ADMIN + "/postgres")
-        try:
-            for sql in statements:
-                await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    pg_admin(*statements)
 
 
 @pytest.fixture
 def outage_db() -> Iterator[str]:
     """A throw-away PostgreSQL database of its own (this test takes it down)."""
-    name = f"gw_outage_{uuid.uuid4().hex[:10]}"
-    try:
-        admin(f'CREATE DATABASE "{name}"')
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
-    upgrade(f"{PG_ADMIN}/{name}")
-    yield name
-    admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true', f'DROP DATABASE "{name}" WITH (FORCE)')
+    with throwaway_postgres("gw_outage") as name:
+        upgrade(f"{PG_ADMIN}/{name}")
+        yield name
 
 
 def take_down(name: str) -> None:

@@ -7,11 +7,9 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,32 +17,16 @@ from gateway.audit import AuditWriter, ReplicaSpool
 from gateway.audit_sinks import sink_for
 from gateway.db import audit_records, create_engine
 from tests.gateway.test_audit import BrokenSink, count, row, spool_lines, sqlite_url
+from tests.helpers import PG_ADMIN, pg_admin, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-
-
-def admin(*statements: str, database: str = "postgres") -> list[list[asyncpg.Record]]:
-    async def run() -> list[list[asyncpg.Record]]:
-        conn = await asyncpg.connect(f"{PG_ADMIN}/{database}")
-        try:
-            return [await conn.fetch(sql) for sql in statements]
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 @pytest.fixture
 def fresh_db() -> Iterator[str]:
     """An empty throw-away PostgreSQL database, dropped afterwards."""
-    name = f"gw_replicas_{uuid.uuid4().hex[:10]}"
-    try:
-        admin(f'CREATE DATABASE "{name}"')
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
-    yield name
-    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with throwaway_postgres("gw_replicas") as name:
+        yield name
 
 
 @pytest.mark.postgres
@@ -55,9 +37,9 @@ def test_replicas_starting_together_migrate_a_fresh_database_once(fresh_db: str)
     replicas = [subprocess.Popen(upgrade, cwd=ROOT, env=env, stderr=subprocess.PIPE) for _ in range(3)]
     errors = [replica.communicate(timeout=120)[1].decode() for replica in replicas]
     assert [replica.returncode for replica in replicas] == [0, 0, 0], "\n".join(errors)
-    (versions,) = admin("SELECT version_num FROM alembic_version", database=fresh_db)
+    (versions,) = pg_admin("SELECT version_num FROM alembic_version", database=fresh_db)
     assert len(versions) == 1  # one head, written once
-    (held,) = admin("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'", database=fresh_db)
+    (held,) = pg_admin("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'", database=fresh_db)
     assert held[0]["n"] == 0  # nobody keeps the migration lock
 
 

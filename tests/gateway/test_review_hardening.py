@@ -8,7 +8,6 @@ import asyncio
 import csv
 import io
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy import insert, text
@@ -32,9 +30,8 @@ from gateway.sessions import Sessions
 from gateway.settings import Settings, SettingsError, load_settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
-from tests.helpers import GatewayServer, create_key, serving
+from tests.helpers import PG_ADMIN, GatewayServer, create_key, serving, throwaway_postgres
 
-PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 DEEP = "[" * 5000 + "]" * 5000
 
 # Every column a client or a damaged database can fill oddly; each dict changes a plain row.
@@ -320,23 +317,10 @@ def test_eval_reports_are_served_only_from_the_reports_folder(review_settings: S
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    name = f"gw_review_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN + "/postgres")
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
-    url = f"{PG_ADMIN}/{name}"
-    upgrade(url)
-    yield url
-    asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    with throwaway_postgres("gw_review") as name:
+        url = f"{PG_ADMIN}/{name}"
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

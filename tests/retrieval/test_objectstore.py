@@ -32,6 +32,7 @@ from retrieval.engine import async_url, create_engine
 from retrieval.errors import IndexCorrupt, StorageUnreachable, UnknownCollection
 from retrieval.ingest import Ingestor
 from retrieval.objectstore import COMPLETE, IndexSync, ObjectStorage, install_version
+from tests.helpers import PG_ADMIN, throwaway_postgres
 
 from .conftest import make_doc
 from .s3server import _free_port, s3_endpoint_fixture, s3_root_fixture  # noqa: F401 - fixtures
@@ -48,22 +49,6 @@ def shared_db(tmp_path: Path) -> str:
     return url
 
 
-PG_ADMIN = os.environ.get("GATEWAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-
-
-def _pg_admin(statement: str) -> None:
-    import asyncpg
-
-    async def run() -> None:
-        conn = await asyncpg.connect(f"{PG_ADMIN}/postgres")
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def replica_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The database the replicas and the ingest job share: SQLite, and PostgreSQL where it runs."""
@@ -72,17 +57,10 @@ def replica_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         create_rag_tables(url)
         yield url
         return
-    name = f"rag_sync_{uuid.uuid4().hex[:10]}"
-    try:
-        _pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # asyncpg's errors or a refused connection: no server here
-        pytest.skip(f"PostgreSQL at {PG_ADMIN} is not available: {exc}")
-    url = f"{PG_ADMIN}/{name}"
-    try:
+    with throwaway_postgres("rag_sync") as name:
+        url = f"{PG_ADMIN}/{name}"
         create_rag_tables(url)
         yield url
-    finally:
-        _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 async def _ingest(tmp: Path, db: str, root: str, endpoint: str, embedder, docs) -> str:  # type: ignore[no-untyped-def]
