@@ -20,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.metrics_routes import METRICS_ROUTES
 from gateway.overview import OVERVIEW_ROUTES
 from gateway.review import REVIEW_ROUTES
+from gateway.rollout_routes import ROLLOUT_ROUTES
 from gateway.routes import ROUTES
 from gateway.services import Services
 from gateway.settings import Settings
@@ -101,7 +102,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             await services.stop()
 
     app = Litestar(
-        route_handlers=[*ROUTES, *REVIEW_ROUTES, *USAGE_ROUTES, *METRICS_ROUTES, *OVERVIEW_ROUTES],
+        route_handlers=[*ROUTES, *REVIEW_ROUTES, *USAGE_ROUTES, *METRICS_ROUTES, *OVERVIEW_ROUTES, *ROLLOUT_ROUTES],
         template_config=TemplateConfig(directory=Path(__file__).with_name("templates"), engine=JinjaTemplateEngine),
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers={

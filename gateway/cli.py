@@ -314,6 +314,7 @@ _DELEGATED = {
     "eval retrieval": ("gateway eval retrieval", "evals.retrieval", "configure_parser", "run"),
     "eval run": ("gateway eval run", "evals.nightly", "configure_run_parser", "run_dataset"),
     "eval traffic": ("gateway eval traffic", "evals.nightly", "configure_traffic_parser", "run_traffic"),
+    "eval compare": ("gateway eval compare", "evals.compare", "configure_parser", "run"),
 }
 
 
@@ -461,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.set_defaults(func=cmd_db_prune)
 
+    from gateway.rollout_cli import configure_parser as configure_rollout
+
+    configure_rollout(commands, _common)
+
     ingest = commands.add_parser("ingest", help="ingest documents into a RAG collection", add_help=False)
     ingest.set_defaults(delegated="ingest")
     evals = commands.add_parser("eval", help="offline evaluation").add_subparsers(dest="eval_command", required=True)
@@ -469,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("retrieval", "recall@k and MRR"),
         ("run", "run an eval set through the pipeline, store, compare, report"),
         ("traffic", "re-score logged traffic and report drift"),
+        ("compare", "compare deployments (primary and shadow) on logged traffic; exit 3 if the candidate is worse"),
     ):
         sub = evals.add_parser(target, help=text, add_help=False)
         sub.set_defaults(delegated=f"eval {target}")

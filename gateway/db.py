@@ -73,12 +73,43 @@ audit_records = Table(
     Column("groundedness", Float),
     Column("toxicity", Float),
     Column("trace_id", String(32)),  # W3C trace id: from the record to its trace
+    # Rollout (migration 0008): which deployment and versions produced the answer.
+    Column("deployment", String(64)),
+    Column("backend_model", String(200)),
+    Column("shadow_of", String(40)),  # a shadow copy's row: the request id of the primary it copies
+    Column("config_version", String(64)),
+    Column("policy_version", String(64)),
+    Column("index_versions", Text),  # JSON {collection: version} of the indexes the request searched
+    Column("gateway_version", String(32)),
     Index("ix_audit_records_created_at", "created_at"),
     Index("ix_audit_records_status_created", "status", "created_at"),
     Index("ix_audit_records_model_created", "model", "created_at"),
     Index("ix_audit_records_key_created", "api_key_id", "created_at"),
     Index("ix_audit_records_blocked_created", "blocked_by", "created_at"),
     Index("ix_audit_records_trace_id", "trace_id"),
+    Index("ix_audit_records_shadow_of", "shadow_of"),
+)
+
+# Applied configurations (gateway.rollout): each distinct config once, and every time one was applied.
+config_versions = Table(
+    "config_versions",
+    metadata,
+    Column("version", String(64), primary_key=True),  # hash of the config (deployments, aliases, policy)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("source", Text),  # the file it was read from
+    Column("config_json", Text, nullable=False),
+    Column("policy_version", String(64)),
+)
+
+config_events = Table(
+    "config_events",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("version", String(64), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+    Column("action", String(16), nullable=False),  # start | reload | rollback
+    Column("host", String(200)),
+    Index("ix_config_events_applied", "applied_at"),
 )
 
 api_keys = Table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -12,9 +13,11 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
 from gateway import guarding
-from gateway.errors import GatewayError, RequestTooLarge
+from gateway.errors import GatewayError, PermissionDenied, RequestTooLarge
 from gateway.pipeline import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from gateway.rollout import DEPLOYMENT_HEADER, sticky_id
 from gateway.services import Services
+from serving.router import ROUTE, begin_route
 
 _encode = msgspec.json.Encoder().encode
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -30,8 +33,16 @@ async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: 
             raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.") from exc
 
     client = request.client.host if request.client else None
+    forced = request.headers.get(DEPLOYMENT_HEADER)
+    if forced:  # only an admin may force a deployment; refused inside the pipeline, so it is audited
+        read_body = _admin_only(read_body, request, services)
+    if forced or services.settings.sticky == "key":
+        begin_route(sticky_id(request.headers.get("authorization"), services), forced and forced.strip())
     trace, result = await services.pipeline.handle(endpoint, read_body, request.headers.get("authorization"), client)
     headers = {"x-gateway-request-id": trace.request_id}
+    route = ROUTE.get()
+    if route is not None and route.deployment:
+        headers[DEPLOYMENT_HEADER] = route.deployment
     if trace.verdicts:  # for a stream: the input guards (output verdicts come in the last event)
         headers["x-gateway-guards"] = guarding.header(trace.verdicts)
     if trace.blocked:
@@ -42,6 +53,26 @@ async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: 
         headers["x-gateway-backend-ms"] = f"{trace.backend_s * 1000:.1f}"
         return Response(result, media_type="application/json", headers=headers)
     return Stream(result, media_type="text/event-stream", headers={**headers, **_SSE_HEADERS})
+
+
+def _admin_only(
+    read_body: Callable[[], Awaitable[bytes]], request: Request[Any, Any, Any], services: Services
+) -> Callable[[], Awaitable[bytes]]:
+    """`read_body` for a request that names a deployment: the pipeline reads the body after it has
+    authenticated the key (cached, so this second look is free), and records the refusal."""
+
+    async def checked() -> bytes:
+        if not services.settings.open_mode:
+            key = await services.keys.authenticate(request.headers.get("authorization"))
+            if key.role != "admin":
+                raise PermissionDenied(
+                    f"only an admin key may choose a deployment with {DEPLOYMENT_HEADER}",
+                    param=DEPLOYMENT_HEADER,
+                    code="deployment_forbidden",
+                )
+        return await read_body()
+
+    return checked
 
 
 @post("/v1/chat/completions", status_code=200)

@@ -15,11 +15,13 @@ from gateway.audit import AuditWriter, ReplicaSpool
 from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
 from gateway.db import audit_records, create_engine
+from gateway.deployments import BackendPool, build_router
 from gateway.limits import build_limiter, parse_model_limits
 from gateway.metrics import EvalGauges, GatewayMetrics, MetricsServer, build_metrics
 from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline, Trace
 from gateway.review_store import ReviewStore
+from gateway.rollout import Rollout
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.tracing import RequestTracer
@@ -35,7 +37,7 @@ from retrieval import (
 from retrieval.db import MetadataRepository
 from retrieval.objectstore import ObjectStorage
 from serving.backend import Backend
-from serving.router import Router
+from serving.router import DeploymentRouter, Router
 from serving.vllm import VLLMBackend
 
 log = logging.getLogger("gateway")
@@ -46,22 +48,25 @@ class Services:
 
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
-        if backend is None:
-            if not settings.backend:
-                raise ValueError("no backend configured: pass --backend URL (or use `gateway serve`, which starts one)")
-            backend = Router(
-                [
-                    VLLMBackend(
-                        url,
-                        connect_timeout=settings.backend_connect_timeout,
-                        read_timeout=settings.backend_timeout,
-                        total_timeout=settings.backend_total_timeout,
-                        max_answer_bytes=settings.max_answer_bytes,
-                        max_connections=settings.backend_max_connections,
-                    )
-                    for url in settings.backend
-                ]
+        # One client per backend URL, shared by every router a config reload builds (gateway.rollout).
+        pool = None if backend is not None else BackendPool(
+            lambda url: VLLMBackend(
+                url,
+                connect_timeout=settings.backend_connect_timeout,
+                read_timeout=settings.backend_timeout,
+                total_timeout=settings.backend_total_timeout,
+                max_answer_bytes=settings.max_answer_bytes,
+                max_connections=settings.backend_max_connections,
             )
+        )  # fmt: skip
+        if backend is None:
+            assert pool is not None
+            if not settings.backend and not settings.deployments:
+                raise ValueError("no backend configured: pass --backend URL (or use `gateway serve`, which starts one)")
+            if settings.deployments:
+                backend = build_router(settings.deployments, pool, settings.backend, settings.sticky)
+            else:
+                backend = pool.router(settings.backend)
         self.backend = backend
         self.engine: AsyncEngine = create_engine(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.audit = AuditWriter(
@@ -78,6 +83,7 @@ class Services:
             ),
         )
         self.keys = KeyStore(self.engine)
+        self.rollout = Rollout(self, pool, custom_backend=pool is None)  # config versions, reload, shadows
         self.review = ReviewStore(self.engine)
         self.sessions = Sessions.for_data_dir(settings.data_dir, settings.session_secret, self.engine)
         # An invalid policy stops start-up here, with the file, line and problem in the message.
@@ -142,9 +148,10 @@ class Services:
         if self.settings.rag:
             await self._start_retrieval()
         self.pipeline = self._build_pipeline()
-        if isinstance(self.backend, Router):
+        if isinstance(self.backend, Router | DeploymentRouter):
             await self.backend.refresh()
             self.backend.start()  # health watch: a backend that comes up later is seen within 1-2 s
+        await self.rollout.start()  # stores this config version, follows the live one, SIGHUP reloads
         if self.settings.open_mode:
             log.warning("OPEN MODE: no API key is checked; every caller is treated as admin. Local use only.")
 
@@ -164,6 +171,7 @@ class Services:
             limiter=self.limiter,
         )
         pipeline.observers = self.observers  # one list: a tracer added later is told too
+        pipeline.rollout = self.rollout
         return pipeline
 
     async def _judge(self, prompt: str) -> str:
@@ -207,6 +215,7 @@ class Services:
         )
 
     async def stop(self) -> None:
+        await self.rollout.stop()  # shadow copies in flight get a few seconds, before the audit writer stops
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.close)  # flushes the spans still queued
         if self._evals_task is not None:
@@ -231,7 +240,7 @@ class Services:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:  # any driver error means "not ready"; say which
             database_ok, database_error = False, str(exc)
-        if isinstance(self.backend, Router):
+        if isinstance(self.backend, Router | DeploymentRouter):
             backends = await self.backend.health_by_backend()
         else:
             backends = {self.backend.name: await self.backend.health()}
@@ -249,6 +258,7 @@ class Services:
             "models": models,
             "audit": {"pending": self.audit.pending, "committed": self.audit.committed, "spooled": self.audit.spooled},
             "open_mode": self.settings.open_mode,
+            "rollout": self.rollout.describe(),
             "limits": self.limiter.describe(),
             "guardrails": self.rails.describe() if self.rails else None,
             "retrieval": {

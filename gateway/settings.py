@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from serving.router import Deployment
+
 ENV_PREFIX = "GATEWAY_"
 
 
@@ -73,6 +75,10 @@ class Settings:
     otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for requests and streams in flight, then cuts them
     migrate_on_start: bool = True  # `gateway serve` upgrades the schema (false: a migration Job owns it)
+    deployments: tuple[Deployment, ...] = ()  # [[deployments]]: weighted and shadow deployments per client model
+    sticky: str = "none"  # A/B by stable hash: "key" (API key), "user" (the request's `user` field) or "none"
+    shadow_max_in_flight: int = 16  # shadow copies in flight per replica; more are dropped and counted
+    config_poll: float = 5.0  # seconds between looks at the live config version in the database (rollback)
 
     @property
     def index_root(self) -> Path:
@@ -127,6 +133,10 @@ def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
             return Path(str(value)).expanduser()
         if annotation == "Path | None":
             return Path(str(value)).expanduser() if value not in (None, "") else None
+        if name == "deployments":
+            from gateway.deployments import parse_deployments
+
+            return parse_deployments(value)
         if name == "model_limits" and isinstance(value, dict):
             from gateway.limits import model_limit_entries
 
@@ -192,6 +202,12 @@ def _validate(settings: Settings) -> Settings:
             raise bad(f"index_storage {settings.index_storage!r} must be a folder or s3://BUCKET/PREFIX")
     if settings.otlp_endpoint is not None and not settings.otlp_endpoint.startswith(("http://", "https://")):
         raise bad(f"otlp_endpoint {settings.otlp_endpoint!r} must start with http:// or https://")
+    if settings.sticky not in ("none", "key", "user"):
+        raise bad(f"sticky must be 'none', 'key' or 'user', not {settings.sticky!r}")
+    if settings.shadow_max_in_flight < 1:
+        raise bad("shadow_max_in_flight must be at least 1")
+    if not 0 < settings.config_poll <= 30:
+        raise bad(f"config_poll {settings.config_poll} must be above 0 and at most 30 seconds")
     if settings.limits_fail not in ("open", "closed"):
         raise bad(f"limits_fail must be 'open' or 'closed', not {settings.limits_fail!r}")
     if settings.redis is not None and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
