@@ -119,9 +119,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             local.wait_ready(process)
             print(f"local vLLM ready on {local.url} serving {local.model_name}", flush=True)
             settings = settings.replace(backend=(local.url,))
-            if settings.rag and settings.sample_corpus and not settings.alias:
-                # The embedded default answers grounded questions out of the box.
-                settings = settings.replace(alias=(f"{local.model_name}-rag=sample:{local.model_name}",))
+            settings = with_default_alias(settings, local.model_name)
         app = create_app(settings)
         print(
             f"gateway listening on http://{settings.host}:{settings.port} "
@@ -145,6 +143,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
+
+
+def with_default_alias(settings: Settings, model_name: str) -> Settings:
+    """The embedded default answers grounded questions out of the box (`MODEL-rag` on the sample
+    corpus); `--alias` and the file's aliases add to it, and one of the same name replaces it."""
+    if not (settings.rag and settings.sample_corpus):
+        return settings
+    return settings.replace(alias=(f"{model_name}-rag=sample:{model_name}", *settings.alias))
 
 
 def _prepare_database(settings: Settings) -> None:

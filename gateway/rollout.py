@@ -137,9 +137,10 @@ class ConfigSnapshot:
         return ", ".join(parts) or "no deployments"
 
 
-def merge_aliases(pinned: tuple[str, ...], from_file: tuple[str, ...]) -> tuple[str, ...]:
-    """Aliases from flags and the embedded default first, then the file's; a later name wins."""
-    return tuple(dict.fromkeys([*pinned, *from_file]))
+def merge_aliases(pinned: tuple[tuple[str, ...], tuple[str, ...]], from_file: tuple[str, ...]) -> tuple[str, ...]:
+    """The embedded default, then the file's aliases, then the flags' (a later alias of a name wins)."""
+    before, after = pinned
+    return tuple(dict.fromkeys([*before, *from_file, *after]))
 
 
 def snapshot_of(settings: Settings, aliases: tuple[str, ...] | None = None) -> ConfigSnapshot:
@@ -160,7 +161,9 @@ def snapshot_of(settings: Settings, aliases: tuple[str, ...] | None = None) -> C
     )
 
 
-def read_config(running: Settings, pinned_aliases: tuple[str, ...], pinned_policy: Path | None) -> ConfigSnapshot:
+def read_config(
+    running: Settings, pinned_aliases: tuple[tuple[str, ...], tuple[str, ...]], pinned_policy: Path | None
+) -> ConfigSnapshot:
     """Read the settings file (and the policy file it names) again; ConfigInvalid says what is wrong."""
     if running.config is None:
         fresh = running.replace(alias=())
@@ -265,17 +268,22 @@ class Rollout:
         self._retired: list[Backend] = []
 
     @staticmethod
-    def _pinned(settings: Settings) -> tuple[tuple[str, ...], Path | None]:
-        """What came from flags or the embedded default rather than the file: kept across reloads."""
+    def _pinned(settings: Settings) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], Path | None]:
+        """What came from flags or the embedded default rather than the file, kept across reloads:
+        (aliases before the file's, aliases after them), and a policy given by flag."""
         if settings.config is None:
-            return settings.alias, settings.policy
+            return ((), settings.alias), settings.policy
         try:
             from_file = load_settings({"config": settings.config})
         except SettingsError:
-            return settings.alias, settings.policy
-        aliases = tuple(a for a in settings.alias if a not in from_file.alias)
+            return ((), settings.alias), settings.policy
+        file_positions = [i for i, a in enumerate(settings.alias) if a in from_file.alias]
+        first = file_positions[0] if file_positions else len(settings.alias)
+        pinned = [(i, a) for i, a in enumerate(settings.alias) if a not in from_file.alias]
+        before = tuple(a for i, a in pinned if i < first)
+        after = tuple(a for i, a in pinned if i >= first)
         policy = settings.policy if settings.policy != from_file.policy else None
-        return aliases, policy
+        return (before, after), policy
 
     # -- start, stop -------------------------------------------------------------------------
 

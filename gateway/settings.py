@@ -269,7 +269,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[s
     for name, value in overrides.items():
         if name not in kinds:
             raise SettingsError(f"unknown setting {name!r}")
-        values[name] = _coerce(name, value, kinds[name], f"option --{name.replace('_', '-')}")
+        coerced = _coerce(name, value, kinds[name], f"option --{name.replace('_', '-')}")
+        # `--alias` adds to the file's aliases (one of the same name wins); other flags replace.
+        values[name] = (*values.get("alias", ()), *coerced) if name == "alias" else coerced
     return _validate(Settings(**values))
 
 
