@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signum, exit_on_signal)
     process = None
     try:
-        if not settings.backend:
+        if not settings.backend and not settings.deployments:  # deployments name their own backends
             local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
             log_path = settings.data_dir / "vllm.log"
             print(
@@ -123,7 +123,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         app = create_app(settings)
         print(
             f"gateway listening on http://{settings.host}:{settings.port} "
-            f"(backends: {', '.join(settings.backend)}; database: {_safe_url(settings.database_url)})",
+            f"(backends: {', '.join(settings.backend) or 'per deployment'}; database: {_safe_url(settings.database_url)})",
             flush=True,
         )
         # uvicorn handles SIGTERM and SIGINT while it serves: it stops accepting, lets requests and
