@@ -320,7 +320,7 @@ class _LiveCollector:
 
 def live_metrics(services: Services) -> Iterator[Metric]:
     """Audit writer, backends, retrieval indexes and limiter, as they are now."""
-    from serving.router import Router
+    from serving.router import DeploymentRouter, Router
 
     audit = services.audit
     yield GaugeMetricFamily("gateway_audit_queue_rows", "Audit rows waiting for the writer.", value=audit.pending)
@@ -336,7 +336,7 @@ def live_metrics(services: Services) -> Iterator[Metric]:
     )
     up = GaugeMetricFamily("gateway_backend_up", "1: healthy and not cooling down.", labels=["backend"])
     in_flight = GaugeMetricFamily("gateway_backend_in_flight", "Requests in flight per backend.", labels=["backend"])
-    if isinstance(services.backend, Router):
+    if isinstance(services.backend, Router | DeploymentRouter):
         for name, ok, busy, _models in services.backend.status():
             up.add_metric([name], 1.0 if ok else 0.0)
             in_flight.add_metric([name], busy)
@@ -358,6 +358,7 @@ def live_metrics(services: Services) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "gateway_rate_limit_rejections", "Requests refused by rate limits or quotas.", value=services.limiter.refused
     )
+    yield from services.rollout.collect()  # shadow copies sent and dropped, config version, reloads
 
 
 def spool_bytes(services: Services) -> int:
@@ -368,21 +369,23 @@ def spool_bytes(services: Services) -> int:
 def served_models(services: Services) -> list[str]:
     """Model names the gateway serves: the backends' models, the aliases and the embedding model."""
     from gateway.pipeline import EMBEDDING_MODEL_ALIAS
-    from serving.router import Router
+    from serving.router import DeploymentRouter, Router
 
     names = list(services.settings.aliases)
-    if isinstance(services.backend, Router):
+    if isinstance(services.backend, Router | DeploymentRouter):
         names += [m for *_, models in services.backend.status() for m in models]
+    if isinstance(services.backend, DeploymentRouter):
+        names += services.backend.client_models()
     if services.embedder is not None:
         names += [services.embedder.name, EMBEDDING_MODEL_ALIAS]
     return names
 
 
 def known_backends(services: Services) -> list[str]:
-    from serving.router import Router
+    from serving.router import DeploymentRouter, Router
 
     names = [services.backend.name]
-    if isinstance(services.backend, Router):
+    if isinstance(services.backend, Router | DeploymentRouter):
         names += [name for name, *_ in services.backend.status()]
     if services.embedder is not None:
         names.append("gateway:" + services.embedder.name)

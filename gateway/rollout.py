@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -46,6 +46,8 @@ from serving.backend import Backend
 from serving.router import ROUTE, Deployment, DeploymentRouter, RouteContext, Router, begin_route
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from gateway.auth import KeyInfo
     from gateway.services import Services
 
@@ -324,6 +326,8 @@ class Rollout:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         await self.shadow.stop()
+        if self.pool is not None:  # every client, also those of deployments a reload removed
+            await self.pool.aclose()
 
     # -- reload, follow, apply ---------------------------------------------------------------
 
@@ -490,6 +494,30 @@ class Rollout:
             trace_id=trace.trace_id,
             versions={**trace.versions, **index_versions(trace)},
         )
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus families read at scrape time (gateway.metrics): shadow copies, config version, reloads."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        copies = CounterMetricFamily(
+            "gateway_shadow_copies", "Shadow copies by deployment and outcome (sent, dropped over the bound, "
+            "failed, completed).", labels=["deployment", "outcome"],
+        )  # fmt: skip
+        for name, stats in self.shadow.stats.items():
+            for outcome, count in _counts(stats).items():
+                copies.add_metric([name, outcome], count)
+        yield copies
+        yield GaugeMetricFamily("gateway_shadow_in_flight", "Shadow copies in flight.", value=self.shadow.in_flight)
+        info = GaugeMetricFamily(
+            "gateway_config_info", "The live config (value 1).", labels=["config_version", "policy_version", "gateway_version"]
+        )
+        if self.snapshot is not None:
+            info.add_metric([self.snapshot.version, self.snapshot.policy_version, GATEWAY_VERSION], 1.0)
+        yield info
+        reloads = CounterMetricFamily("gateway_config_reloads", "Config reloads by result.", labels=["result"])
+        reloads.add_metric(["applied"], self.reloads)
+        reloads.add_metric(["rejected"], self.failed_reloads)
+        yield reloads
 
     def describe(self) -> dict[str, Any]:
         """For `/readyz` (admins) and the admin API."""
