@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +42,9 @@ class Instant(Backend):
     """A backend that answers at once, so only the router's own work is timed."""
 
     name = "instant"
-    answer = {"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]}
+    answer: ClassVar[dict[str, Any]] = {
+        "choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]
+    }
 
     async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.answer
@@ -205,7 +207,10 @@ def main() -> int:
     print("| call | µs per request | added by routing |")
     print("|---|---|---|")
     print(f"| backend called directly | {micro['direct_us']:.2f} | |")
-    print(f"| through DeploymentRouter (weighted pick) | {micro['routed_us']:.2f} | **{micro['routing_cost_ms']:.4f} ms** |")
+    print(
+        f"| through DeploymentRouter (weighted pick) | {micro['routed_us']:.2f} | "
+        f"**{micro['routing_cost_ms']:.4f} ms** |"
+    )
     print(f"| same, sticky by key | {micro['routed_sticky_us']:.2f} | **{micro['routing_cost_sticky_ms']:.4f} ms** |")
     figures: dict[str, Any] = {"routing": micro}
     if not args.micro_only:
@@ -219,8 +224,10 @@ def main() -> int:
         for name, m in e2e["modes"].items():
             print(f"| {name} | {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms | {m['rps']:.0f} | {m['errors']} | "
                   f"{(m['p50_ms'] / base - 1) * 100:+.1f}% |")  # fmt: skip
-        print(f"copies counted at the shadow backend: {e2e['copies_at_shadow']} "
-              f"(requests through the shadowed gateway: {e2e['modes']['deployment + 100% shadow']['requests']})")
+        print(
+            f"copies counted at the shadow backend: {e2e['copies_at_shadow']} "
+            f"(requests through the shadowed gateway: {e2e['modes']['deployment + 100% shadow']['requests']})"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -153,7 +153,9 @@ def summarise(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
     primaries = sorted((n for n in by if roles[n] == "primary"), key=lambda n: -len(by[n]))
     shadows = sorted((n for n in by if roles[n] == "shadow"), key=lambda n: -len(by[n]))
     baseline = args.baseline or (primaries[0] if primaries else None)
-    candidate = args.candidate or (shadows[0] if shadows else next((n for n in reversed(primaries) if n != baseline), None))
+    candidate = args.candidate or (
+        shadows[0] if shadows else next((n for n in reversed(primaries) if n != baseline), None)
+    )
     summary: dict[str, Any] = {
         "model": args.model,
         "since": args.since,
@@ -178,7 +180,9 @@ def _worse(base: dict[str, Any], cand: dict[str, Any], args: argparse.Namespace)
     problems = []
     b95, c95 = base["latency_p95_ms"], cand["latency_p95_ms"]
     if b95 and c95 is not None and c95 > b95 * (1 + args.max_latency_increase):
-        problems.append(f"p95 latency {c95:.1f} ms vs {b95:.1f} ms (+{c95 / b95 - 1:.0%}, max +{args.max_latency_increase:.0%})")
+        problems.append(
+            f"p95 latency {c95:.1f} ms vs {b95:.1f} ms (+{c95 / b95 - 1:.0%}, max +{args.max_latency_increase:.0%})"
+        )
     for metric, limit in (("error_rate", args.max_error_increase), ("block_rate", args.max_block_increase)):
         b, c = base[metric] or 0.0, cand[metric] or 0.0
         if c - b > limit:
@@ -195,7 +199,8 @@ def verdict(summary: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     if base_name not in deployments or cand_name not in deployments or base_name == cand_name:
         return {"status": "nothing", "exit_code": 1, "problems": [],
                 "verdict": f"nothing to compare for model {args.model!r}: deployments seen "
-                           f"{', '.join(sorted(deployments)) or 'none'} (baseline {base_name}, candidate {cand_name})"}  # fmt: skip
+                           f"{', '.join(sorted(deployments)) or 'none'} "
+                           f"(baseline {base_name}, candidate {cand_name})"}  # fmt: skip
     base, cand = deployments[base_name], deployments[cand_name]
     if cand["requests"] < args.min_requests or base["requests"] < args.min_requests:
         return {"status": "inconclusive", "exit_code": 4, "problems": [],
@@ -244,13 +249,16 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ("Rates", f'<div class="plots">{rates}</div>'),
     ]  # fmt: skip
     if "agreement" in summary:
-        agreement_plot = report.histogram_svg(summary["agreement_values"], "agreement with the primary (token F1)", 10, 0.0, 1.0)
+        agreement_plot = report.histogram_svg(
+            summary["agreement_values"], "agreement with the primary (token F1)", 10, 0.0, 1.0
+        )
         sections.append((
             "Agreement between primary and shadow on the same requests",
             report.table([summary["agreement"]], ("pairs", "mean", "identical_rate"))
             + f'<div class="plots">{agreement_plot}</div>'
             + "<p>Least agreeing pairs:</p>"
-            + report.table(summary["disagreements"], ("request_id", "primary", "agreement", "primary_text", "shadow_text")),
+            + report.table(summary["disagreements"],
+                           ("request_id", "primary", "agreement", "primary_text", "shadow_text")),
         ))  # fmt: skip
     title = f"Deployment comparison: {summary['model']}"
     return report.page(title, summary["status"], sections)

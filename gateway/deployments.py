@@ -158,13 +158,13 @@ def build_router(
 ) -> DeploymentRouter:
     """A deployment router over `pool`'s clients; models no deployment names go to `fallback_urls`."""
     routers: dict[tuple[str, ...], Router] = {}
-    entries = []
+    entries: list[tuple[Deployment, Backend]] = []
     for d in deployments:
         router = routers.get(d.backends)
         if router is None:
             router = routers[d.backends] = pool.router(d.backends)
         entries.append((d, router))
     fallback = pool.router(fallback_urls) if fallback_urls else None
-    router = DeploymentRouter(entries, fallback)
-    router.sticky = sticky
-    return router
+    routed = DeploymentRouter(entries, fallback)
+    routed.sticky = sticky
+    return routed

@@ -200,7 +200,9 @@ class ConfigStore:
             "policy_version": snapshot.policy_version,
         }
         async with self.engine.begin() as conn:
-            exists = await conn.scalar(select(config_versions.c.version).where(config_versions.c.version == row["version"]))
+            exists = await conn.scalar(
+                select(config_versions.c.version).where(config_versions.c.version == row["version"])
+            )
             if exists is None:
                 with contextlib.suppress(IntegrityError):  # another replica stored it first
                     async with conn.begin_nested():
@@ -509,7 +511,9 @@ class Rollout:
         yield copies
         yield GaugeMetricFamily("gateway_shadow_in_flight", "Shadow copies in flight.", value=self.shadow.in_flight)
         info = GaugeMetricFamily(
-            "gateway_config_info", "The live config (value 1).", labels=["config_version", "policy_version", "gateway_version"]
+            "gateway_config_info",
+            "The live config (value 1).",
+            labels=["config_version", "policy_version", "gateway_version"],
         )
         if self.snapshot is not None:
             info.add_metric([self.snapshot.version, self.snapshot.policy_version, GATEWAY_VERSION], 1.0)

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.settings import Settings, open_engine
 
@@ -14,19 +14,19 @@ if TYPE_CHECKING:
     from gateway.rollout import ConfigStore
 
 
-def configure_parser(commands: argparse._SubParsersAction, common: object) -> None:  # type: ignore[type-arg]
+def configure_parser(commands: Any, common: Any) -> None:
     """Add `rollout history` and `rollout rollback` to the `gateway` parser (`common` adds --config & co)."""
     rollout = commands.add_parser("rollout", help="config versions: history and rollback").add_subparsers(
         dest="rollout_command", required=True
     )
     history = rollout.add_parser("history", help="every applied config, newest first (* marks the live one)")
-    common(history)  # type: ignore[operator]
+    common(history)
     history.add_argument("--limit", type=int, default=20)
     history.set_defaults(func=cmd_history)
     rollback = rollout.add_parser(
         "rollback", help="make a stored config live again on every replica (default: the one before the live one)"
     )
-    common(rollback)  # type: ignore[operator]
+    common(rollback)
     rollback.add_argument("version", nargs="?", default=None, help="a stored version (or a unique prefix)")
     rollback.set_defaults(func=cmd_rollback)
 
@@ -37,7 +37,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
     upgrade(settings.database_url)
 
-    async def go() -> list[dict[str, object]]:
+    async def go() -> list[dict[str, Any]]:
         async with open_engine(settings) as engine:
             return await ConfigStore(engine).history(args.limit)
 
@@ -48,7 +48,7 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     print("  applied (UTC)        version       action    policy        host                      deployments")
     for i, row in enumerate(rows):
         live = "*" if i == 0 else " "
-        applied = row["applied_at"].strftime("%Y-%m-%d %H:%M:%S")  # type: ignore[attr-defined]
+        applied = row["applied_at"].strftime("%Y-%m-%d %H:%M:%S")
         print(f"{live} {applied}  {row['version']:<12}  {row['action']:<8}  {row['policy_version'] or '':<12}  "
               f"{(row['host'] or '')[:24]:<24}  {row['summary']}")  # fmt: skip
     return 0
@@ -77,7 +77,11 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
                 return 1, "no earlier config to roll back to"
             snapshot = await store.get(version)
             if snapshot is None:
-                return 1, f"no stored config version {version!r} (or the prefix is not unique): see `gateway rollout history`"
+                return (
+                    1,
+                    f"no stored config version {version!r} (or the prefix is not unique): "
+                    "see `gateway rollout history`",
+                )
             if snapshot.version == await store.live():
                 return 0, f"config {snapshot.version} is already live ({snapshot.summary()})"
             await store.publish(snapshot, "rollback", f"cli@{socket.gethostname()}")

@@ -30,7 +30,9 @@ async def admin_reload(request: Request[Any, Any, Any], services: NamedDependenc
     try:
         result = await services.rollout.reload()
     except ConfigInvalid as exc:
-        raise InvalidRequest(f"config not applied, {services.rollout.version} stays: {exc}", code="invalid_config") from exc
+        raise InvalidRequest(
+            f"config not applied, {services.rollout.version} stays: {exc}", code="invalid_config"
+        ) from exc
     return Response(_encode({"status": "applied", **result}), media_type="application/json")
 
 

@@ -161,7 +161,8 @@ class ShadowRunner:
         row["request_json"] = _encode(body).decode()
         answer = await backend.complete(source.path, body)
         text, finish = _answer_text(answer, source.chat)
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        raw_usage = answer.get("usage")
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
         row.update(
             response_text=text,
             response_json=_encode(answer).decode(),

@@ -297,8 +297,7 @@ class UnknownDeployment(NoBackendForModel):
     def __init__(self, model: str, name: str, known: list[str]) -> None:
         super().__init__(model)
         self.message = (
-            f"deployment {name!r} does not serve model `{model}` "
-            f"(its deployments: {', '.join(known) or 'none'})"
+            f"deployment {name!r} does not serve model `{model}` (its deployments: {', '.join(known) or 'none'})"
         )
         self.deployment = name
 
@@ -358,8 +357,8 @@ class DeploymentRouter(Backend):
         self._rng = rng
         self.sticky = "none"  # "user": a request's `user` field picks its variant; "key": the context's id
 
-    @property  # type: ignore[override]
-    def name(self) -> str:
+    @property
+    def name(self) -> str:  # type: ignore[override]
         """The backends that answered the request running now (what its audit row names)."""
         context = ROUTE.get()
         return context.backend if context is not None and context.backend else "deployments"

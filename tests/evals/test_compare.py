@@ -82,7 +82,7 @@ def test_an_equal_candidate_passes_with_a_report(settings: Settings, capsys: pyt
     assert result["deployments"]["candidate"]["role"] == "shadow"
     assert result["agreement"] == {"pairs": 60, "mean": 1.0, "identical_rate": 1.0}
     html = Path(result["report"]).read_text()
-    assert html.startswith("<!doctype html>") and "<svg" in html and "Status: <span class=\"ok\">passed" in html
+    assert html.startswith("<!doctype html>") and "<svg" in html and 'Status: <span class="ok">passed' in html
     assert "<script" not in html and "src=" not in html and "href=" not in html  # self-contained
 
 

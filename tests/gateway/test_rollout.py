@@ -68,14 +68,14 @@ config_poll = 0.2
 [[deployments]]
 name = "blue"
 model = "chat"                       # the name clients ask for
-backend = "{blue_url or fakes['blue'].url}"
+backend = "{blue_url or fakes["blue"].url}"
 backend_model = "m-blue"
 weight = {blue}
 
 [[deployments]]
 name = "green"
 model = "chat"
-backend = "{fakes['green'].url}"
+backend = "{fakes["green"].url}"
 backend_model = "m-green"
 weight = {green}
 """
@@ -84,7 +84,7 @@ weight = {green}
 [[deployments]]
 name = "candidate"
 model = "chat"
-backend = "{fakes['candidate'].url}"
+backend = "{fakes["candidate"].url}"
 backend_model = "m-candidate"
 shadow = {shadow}                        # share of requests copied to it; its answer is never returned
 """
@@ -92,7 +92,9 @@ shadow = {shadow}                        # share of requests copied to it; its a
 
 
 def settings_from(path: Path, tmp_path: Path, **changes: Any) -> Settings:
-    settings = load_settings({"config": path, "data_dir": tmp_path, "embedding_model": "hashing", "sample_corpus": False})
+    settings = load_settings(
+        {"config": path, "data_dir": tmp_path, "embedding_model": "hashing", "sample_corpus": False}
+    )
     settings = settings.replace(**changes)
     prepare_database(settings)
     return settings
@@ -120,7 +122,9 @@ class Client:
 
 
 @pytest.fixture
-def rollout(tmp_path: Path, fakes: dict[str, FakeBackendThread]) -> Iterator[tuple[GatewayServer, Client, Client, Path]]:
+def rollout(
+    tmp_path: Path, fakes: dict[str, FakeBackendThread]
+) -> Iterator[tuple[GatewayServer, Client, Client, Path]]:
     path = tmp_path / "gateway.toml"
     path.write_text(config_text(fakes), encoding="utf-8")
     settings = settings_from(path, tmp_path)
@@ -137,7 +141,7 @@ def stats(fake: FakeBackendThread) -> dict[str, int]:
 def test_the_weight_split_over_1000_requests_is_within_binomial_bounds(
     rollout: tuple[GatewayServer, Client, Client, Path], fakes: dict[str, FakeBackendThread]
 ) -> None:
-    gateway, client, _, _ = rollout
+    _, client, _, _ = rollout
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: client.chat(f"question {i}"), range(1000)))
     assert all(a.status_code == 200 for a in answers)
@@ -152,9 +156,7 @@ def test_the_weight_split_over_1000_requests_is_within_binomial_bounds(
     assert chosen["blue"] + chosen["green"] == 1000
 
 
-def test_sticky_by_user_gives_one_user_one_variant(
-    tmp_path: Path, fakes: dict[str, FakeBackendThread]
-) -> None:
+def test_sticky_by_user_gives_one_user_one_variant(tmp_path: Path, fakes: dict[str, FakeBackendThread]) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(config_text(fakes, blue=50, green=50, sticky="user"), encoding="utf-8")
     settings = settings_from(path, tmp_path)
@@ -282,7 +284,9 @@ def test_an_invalid_reload_is_rejected_and_the_old_config_keeps_serving(
     assert gateway.services.rollout.version == version
     assert client.chat("still there").status_code == 200
 
-    path.write_text(config_text(fakes) + "\n[[deployments]]\nname = 'orphan'\nmodel = 'x'\nbackend = 'http://h:1'\nshadow = 0.5\n")
+    path.write_text(
+        config_text(fakes) + "\n[[deployments]]\nname = 'orphan'\nmodel = 'x'\nbackend = 'http://h:1'\nshadow = 0.5\n"
+    )
     reply = admin.http.post("/admin/reload")
     assert reply.status_code == 400 and "only shadow deployments" in reply.json()["error"]["message"]
 
@@ -299,7 +303,9 @@ def test_an_invalid_reload_is_rejected_and_the_old_config_keeps_serving(
 
 
 def test_rollback_is_picked_up_from_the_database(
-    rollout: tuple[GatewayServer, Client, Client, Path], fakes: dict[str, FakeBackendThread], capsys: pytest.CaptureFixture[str]
+    rollout: tuple[GatewayServer, Client, Client, Path],
+    fakes: dict[str, FakeBackendThread],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     gateway, client, admin, path = rollout
     first = gateway.services.rollout.version
@@ -311,7 +317,7 @@ def test_rollback_is_picked_up_from_the_database(
 
     assert gateway_main(["rollout", "history", *database]) == 0
     history = capsys.readouterr().out
-    assert f"* " in history and second in history and first in history
+    assert "* " in history and second in history and first in history
 
     assert gateway_main(["rollout", "rollback", *database]) == 0  # default: the one before the live one
     assert first in capsys.readouterr().out

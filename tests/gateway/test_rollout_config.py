@@ -49,7 +49,11 @@ def test_the_issue_shape_loads(tmp_path: Path) -> None:
     settings = load(tmp_path, ISSUE_SHAPE)
     blue, green, candidate = settings.deployments
     assert (blue.name, blue.model, blue.backends, blue.backend_model, blue.weight) == (
-        "blue", "chat", ("http://10.0.0.5:8000",), "smollm2-135m-instruct", 90.0
+        "blue",
+        "chat",
+        ("http://10.0.0.5:8000",),
+        "smollm2-135m-instruct",
+        90.0,
     )
     assert green.weight == 10 and candidate.shadow == 0.25 and candidate.weight == 0
     assert candidate.backend_model == "smollm2-360m-instruct"
@@ -60,7 +64,10 @@ def test_the_issue_shape_loads(tmp_path: Path) -> None:
     [
         (("weight = 90", "weight = -1"), "deployment 'blue': 'weight' must not be negative"),
         (("weight = 90", 'weight = "heavy"'), "deployment 'blue': 'weight' must be a number"),
-        (("shadow = 0.25", "shadow = 2"), "deployment 'candidate': 'shadow' is the share of requests copied to it, 0-1"),
+        (
+            ("shadow = 0.25", "shadow = 2"),
+            "deployment 'candidate': 'shadow' is the share of requests copied to it, 0-1",
+        ),
         (('name = "green"', 'name = "blue"'), "deployment name 'blue' is used twice"),
         (('backend = "http://10.0.0.6:8000"', 'backend = "10.0.0.6:8000"'), "must start with http:// or https://"),
         (('backend_model = "smollm2-360m-instruct"', 'colour = "red"'), "unknown key(s) 'colour'"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -63,6 +62,9 @@ def test_sighup_reloads_the_settings_file(tmp_path: Path, fake_backend: FakeBack
 
 def _up(url: str) -> bool:
     try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200 and httpx.get(url + "/admin/config").status_code == 200
+        return (
+            httpx.get(url + "/healthz", timeout=2).status_code == 200
+            and httpx.get(url + "/admin/config").status_code == 200
+        )
     except httpx.HTTPError:
         return False
