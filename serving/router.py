@@ -376,7 +376,7 @@ class DeploymentRouter(Backend):
         entry = self._models.get(model) if isinstance(model, str) else None
         if entry is None:
             return None
-        if context.forced is not None:
+        if context.forced is not None:  # an admin's test request: that deployment, no failover, no copies
             chosen = entry.by_name.get(context.forced)
             if chosen is None:
                 raise UnknownDeployment(str(model), context.forced, list(entry.by_name))
