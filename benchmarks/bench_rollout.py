@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gateway import GATEWAY, GUARDS_OFF, Proc, drive, free_port, start_fake  # noqa: E402
+from bench_gateway import GATEWAY, GUARDS_OFF, Proc, cpu_seconds, drive, free_port, start_fake  # noqa: E402
 
 from serving.backend import Backend, ModelCard  # noqa: E402
 from serving.router import Deployment, DeploymentRouter, begin_route  # noqa: E402
@@ -170,12 +170,16 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
                 data_dir.mkdir()
                 proc, url, key = start(data_dir, config, backend)
                 procs.append(proc)
-                gateways[name] = (url, key, PLAIN if backend else CHAT)
+                gateways[name] = (url, key, PLAIN if backend else CHAT, proc.pid)
             results: dict[str, list[dict[str, Any]]] = {name: [] for name in gateways}
             for _ in range(args.rounds):
-                for name, (url, key, body) in gateways.items():
-                    results[name].append(asyncio.run(drive(url + "/v1/chat/completions", body, concurrency=32,
-                                                           requests=args.requests, key=key, stream=False)))  # fmt: skip
+                for name, (url, key, body, pid) in gateways.items():
+                    cpu = cpu_seconds(pid)
+                    result = asyncio.run(drive(url + "/v1/chat/completions", body, concurrency=32,
+                                               requests=args.requests, key=key, stream=False))  # fmt: skip
+                    time.sleep(0.3)  # shadow copies still in flight finish (their CPU counts too)
+                    result["cpu_ms"] = (cpu_seconds(pid) - cpu) * 1000 / max(1, result["requests"])
+                    results[name].append(result)
             copies = httpx.get(shadow_url + "/fake/stats").json()["requests"]
     finally:
         for proc in procs:
@@ -186,6 +190,7 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "rps": statistics.median(r["rps"] for r in runs),
+            "cpu_ms": statistics.median(r["cpu_ms"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
             "requests": sum(r["requests"] for r in runs),
         }
@@ -219,11 +224,11 @@ def main() -> int:
         base = e2e["modes"]["no deployments"]["p50_ms"]
         print(f"\n## End to end, concurrency 32, fake backends with {args.delay_ms:g} ms delay "
               f"(median of {args.rounds} alternating rounds of {args.requests} requests)")  # fmt: skip
-        print("| gateway | p50 | p99 | req/s | errors | p50 vs no deployments |")
-        print("|---|---|---|---|---|---|")
+        print("| gateway | p50 | p99 | req/s | gateway CPU/request | errors | p50 vs no deployments |")
+        print("|---|---|---|---|---|---|---|")
         for name, m in e2e["modes"].items():
-            print(f"| {name} | {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms | {m['rps']:.0f} | {m['errors']} | "
-                  f"{(m['p50_ms'] / base - 1) * 100:+.1f}% |")  # fmt: skip
+            print(f"| {name} | {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms | {m['rps']:.0f} | "
+                  f"{m['cpu_ms']:.3f} ms | {m['errors']} | {(m['p50_ms'] / base - 1) * 100:+.1f}% |")  # fmt: skip
         print(
             f"copies counted at the shadow backend: {e2e['copies_at_shadow']} "
             f"(requests through the shadowed gateway: {e2e['modes']['deployment + 100% shadow']['requests']})"
