@@ -17,23 +17,16 @@ from typing import Any
 
 import msgspec
 
+from gateway.shapes import Shape
 from guardrails import InputText, Verdict, structured_text
 
 _encode = msgspec.json.Encoder().encode
 _SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
 
 
-def checked_messages(chat: bool, body: dict[str, Any]) -> list[dict[str, Any]] | None:
+def checked_messages(shape: Shape, body: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The messages input guards look at; None when there is no text (token-id prompts)."""
-    if chat:
-        messages: list[dict[str, Any]] = body["messages"]
-        return messages
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [{"role": "user", "content": p} for p in prompt]
-    return None
+    return shape.prompt_messages(body)
 
 
 #: Request fields outside the messages that the backend reads as text (vLLM renders tools and
@@ -64,33 +57,10 @@ def request_texts(body: dict[str, Any]) -> list[InputText]:
     return texts
 
 
-def unreadable_prompt(chat: bool, body: dict[str, Any]) -> str | None:
-    """The field holding a prompt with no text to check (token ids, embeddings), if any."""
-    if chat:
-        return None
-    if body.get("prompt_embeds") is not None:
-        return "prompt_embeds"
-    return "prompt" if checked_messages(chat, body) is None else None
-
-
-def blocked_param(chat: bool, body: dict[str, Any], verdict: Verdict) -> str:
+def blocked_param(shape: Shape, body: dict[str, Any], verdict: Verdict) -> str:
     """The request field a blocking verdict is about, for the error's `param`."""
-    field = str(verdict.details.get("field") or ("messages" if chat else "prompt"))
-    if chat or not field.startswith("messages["):
-        return field
-    if isinstance(body.get("prompt"), str):
-        return "prompt"
-    return "prompt" + field[len("messages") :].split(".", 1)[0]
-
-
-def put_back(chat: bool, body: dict[str, Any], messages: list[dict[str, Any]]) -> None:
-    """Write redacted messages back into the request body that goes to the backend."""
-    if chat:
-        body["messages"] = messages
-    elif isinstance(body.get("prompt"), str):
-        body["prompt"] = messages[0]["content"]
-    else:
-        body["prompt"] = [m["content"] for m in messages]
+    field = verdict.details.get("field")
+    return shape.blocked_param(body, str(field) if field else None)
 
 
 def last_user_text(messages: list[dict[str, Any]] | None) -> str | None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import guarding, rag
+from gateway import guarding, rag, shapes
 from gateway.audit import AuditWriter
 from gateway.auth import OPEN_MODE_KEY, KeyInfo, KeyStore
 from gateway.errors import (
@@ -44,17 +44,17 @@ from gateway.errors import (
 )
 from gateway.limits import UNLIMITED, Admission, Limiter, estimate_tokens, release_after, tokens_used
 from gateway.logs import new_request_id
+from gateway.relay import StreamGuard, StreamRelay
+from gateway.shapes import Shape, answer_problem
 from gateway.tracing import current_trace_id
 from gateway.validation import Limits, decode_body, validate_chat, validate_completion, validate_embeddings
-from guardrails import Guardrails, Passage, StreamChecker, Verdict
+from guardrails import Guardrails, Passage, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
 from serving.backend import Backend
-from serving.errors import BackendBadAnswer, BackendTimeout, ServingError
+from serving.errors import ServingError
 
 log = logging.getLogger("gateway")
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
-_DONE = b"data: [DONE]\n\n"
 EMBEDDING_MODEL_ALIAS = "text-embedding-gateway"  # also accepted as the embedding model's name
 
 
@@ -64,13 +64,17 @@ class Endpoint:
 
     name: str
     path: str
-    chat: bool
+    shape: Shape  # where its answers keep their text (chat or text completion)
     validate: Callable[[dict[str, Any], Limits], None]
 
+    @property
+    def chat(self) -> bool:
+        return self.shape is shapes.CHAT
 
-CHAT = Endpoint("chat.completions", "/v1/chat/completions", True, validate_chat)
-EMBEDDINGS = Endpoint("embeddings", "/v1/embeddings", False, validate_embeddings)
-COMPLETIONS = Endpoint("completions", "/v1/completions", False, validate_completion)
+
+CHAT = Endpoint("chat.completions", "/v1/chat/completions", shapes.CHAT, validate_chat)
+EMBEDDINGS = Endpoint("embeddings", "/v1/embeddings", shapes.TEXT, validate_embeddings)
+COMPLETIONS = Endpoint("completions", "/v1/completions", shapes.TEXT, validate_completion)
 
 
 @dataclass(slots=True)
@@ -236,6 +240,11 @@ class Pipeline:
         await asyncio.shield(self.audit.submit(trace.row()))
         self.observe(trace)
 
+    def _record_nowait(self, trace: Trace) -> None:
+        """Submit the row without waiting (the caller is being cancelled), then tell the observers."""
+        self.audit.submit(trace.row())
+        self.observe(trace)
+
     def observe(self, trace: Trace) -> None:
         """Hand the finished request to the observers (metrics, traces); they never raise."""
         for observer in self.observers:
@@ -255,60 +264,83 @@ class Pipeline:
         trace = Trace(endpoint, client_ip)
         admission = UNLIMITED
         try:
-            if key is None:
-                key = OPEN_MODE_KEY if self.open_mode else await self.keys.authenticate(authorization)
-            trace.api_key_id = key.id
-            raw = await read_body()
-            trace.request_json = raw.decode("utf-8", "replace")
-            body = decode_body(raw)
-            if isinstance(body.get("model"), str):
-                trace.model = body["model"]
-            trace.stream = body.get("stream") is True
-            endpoint.validate(body, self.limits)
+            key, body, size = await self._accept(trace, read_body, authorization, key)
             if self.limiter is not None:
-                admission = await self._admit(trace, key, len(raw))
-            if endpoint is EMBEDDINGS:
-                return trace, await self._embed(trace, body)
-            wanted = rag.resolve(
-                body,
-                chat=endpoint.chat,
-                aliases=self.aliases,
-                key_collection=key.default_collection,
-                default_top_k=self.rag_top_k,
-                default_min_score=self.rag_min_score,
-            )
-            await self._guard_input(trace, key, body)
-            if wanted is not None:
-                await self._retrieve(trace, key, body, wanted)
-            if trace.stream:
-                stream = await self._open_stream(trace, key, body)
-                if admission is not UNLIMITED:  # the stream gives the admission back when it ends
-                    stream, admission = self._release_after(trace, stream, admission), UNLIMITED
-                return trace, stream
-            return trace, await self._complete(trace, key, body)
+                admission = await self._admit(trace, key, size)
+            answer = await self._serve(trace, key, body)
+            if not isinstance(answer, bytes) and admission is not UNLIMITED:
+                # The stream gives the admission back when it ends.
+                answer, admission = self._release_after(trace, answer, admission), UNLIMITED
+            return trace, answer
         except GatewayError as error:
-            trace.fail(error, _status_for(error))
-            if trace.rate_headers:
-                error.headers.update(trace.rate_headers)
-            error.headers["x-gateway-request-id"] = trace.request_id  # the error names its audit row
-            if trace.verdicts:
-                error.extra["gateway"] = trace.gateway_object()
-                error.headers["x-gateway-guards"] = guarding.header(trace.verdicts)
-            await self.record(trace)
+            await self._refused(trace, error)
             raise
         except Exception as exc:
-            # A bug, not the client's fault nor the backend's: still one row and an OpenAI error body.
-            log.exception("unexpected error in request %s", trace.request_id)
-            error = InternalError(
-                f"internal gateway error ({type(exc).__name__}); see the gateway log",
-                headers={"x-gateway-request-id": trace.request_id},
-            )
-            trace.fail(error, "error")
-            await self.record(trace)
-            raise error from exc
+            raise await self._crashed(trace, exc) from exc
         finally:
             if admission is not UNLIMITED:
                 await self._release(trace, admission)
+
+    async def _accept(
+        self,
+        trace: Trace,
+        read_body: Callable[[], Awaitable[bytes]],
+        authorization: str | None,
+        key: KeyInfo | None,
+    ) -> tuple[KeyInfo, dict[str, Any], int]:
+        """Authenticate, read, parse and validate: (the key, the body, its size in bytes)."""
+        if key is None:
+            key = OPEN_MODE_KEY if self.open_mode else await self.keys.authenticate(authorization)
+        trace.api_key_id = key.id
+        raw = await read_body()
+        trace.request_json = raw.decode("utf-8", "replace")
+        body = decode_body(raw)
+        if isinstance(body.get("model"), str):
+            trace.model = body["model"]
+        trace.stream = body.get("stream") is True
+        trace.endpoint.validate(body, self.limits)
+        return key, body, len(raw)
+
+    async def _serve(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> bytes | AsyncIterator[bytes]:
+        """An admitted request: embeddings, or input guards, retrieval and the backend call."""
+        if trace.endpoint is EMBEDDINGS:
+            return await self._embed(trace, body)
+        wanted = rag.resolve(
+            body,
+            shape=trace.endpoint.shape,
+            aliases=self.aliases,
+            key_collection=key.default_collection,
+            default_top_k=self.rag_top_k,
+            default_min_score=self.rag_min_score,
+        )
+        await self._guard_input(trace, key, body)
+        if wanted is not None:
+            await self._retrieve(trace, key, body, wanted)
+        if trace.stream:
+            return await self._open_stream(trace, key, body)
+        return await self._complete(trace, key, body)
+
+    async def _refused(self, trace: Trace, error: GatewayError) -> None:
+        """A request that ends in an error before any answer: its row, and headers naming it."""
+        trace.fail(error, _status_for(error))
+        if trace.rate_headers:
+            error.headers.update(trace.rate_headers)
+        error.headers["x-gateway-request-id"] = trace.request_id  # the error names its audit row
+        if trace.verdicts:
+            error.extra["gateway"] = trace.gateway_object()
+            error.headers["x-gateway-guards"] = guarding.header(trace.verdicts)
+        await self.record(trace)
+
+    async def _crashed(self, trace: Trace, exc: Exception) -> InternalError:
+        """A bug, not the client's fault nor the backend's: still one row and an OpenAI error body."""
+        log.error("unexpected error in request %s", trace.request_id, exc_info=exc)
+        error = InternalError(
+            f"internal gateway error ({type(exc).__name__}); see the gateway log",
+            headers={"x-gateway-request-id": trace.request_id},
+        )
+        trace.fail(error, "error")
+        await self.record(trace)
+        return error
 
     async def _admit(self, trace: Trace, key: KeyInfo, body_bytes: int) -> Admission:
         """Rate limits and quotas: one check (one Redis round trip when shared); raises RateLimited."""
@@ -335,9 +367,9 @@ class Pipeline:
         text: 400 `token_prompt_not_checked` while an input guard reads user text."""
         if self.rails is None or not self._guarded(key, trace.model, "input"):
             return
-        chat = trace.endpoint.chat
-        messages = guarding.checked_messages(chat, body)
-        unreadable = guarding.unreadable_prompt(chat, body)
+        shape = trace.endpoint.shape
+        messages = shape.prompt_messages(body)
+        unreadable = shape.unreadable_prompt(body)
         if unreadable is not None:
             names = self.rails.input_guards(key.id, trace.model, "user")
             if names:
@@ -359,10 +391,10 @@ class Pipeline:
             raise InputBlocked(
                 result.message or f"The request was blocked by the {verdict.guard} guard: {verdict.reason}",
                 guard=verdict.guard,
-                param=guarding.blocked_param(chat, body, verdict),
+                param=guarding.blocked_param(shape, body, verdict),
             )
         if messages is not None and any(v.action == "redact" for v in result.verdicts):
-            guarding.put_back(chat, body, result.messages)
+            shape.put_back(body, result.messages)
 
     async def _embed(self, trace: Trace, body: dict[str, Any]) -> bytes:
         """`/v1/embeddings` with the gateway's own embedding model, in OpenAI's format."""
@@ -450,7 +482,8 @@ class Pipeline:
             raise from_serving_error(exc) from exc
         trace.backend_s = time.perf_counter() - began
         trace.backend = self.backend.name
-        problem = _answer_problem(answer, trace.endpoint.chat)
+        shape = trace.endpoint.shape
+        problem = answer_problem(shape, answer)
         if problem is not None:
             raise UpstreamError(
                 f"backend {trace.backend} sent an invalid answer: {problem}", code="backend_invalid_answer"
@@ -458,10 +491,7 @@ class Pipeline:
         choices = answer.get("choices") or []
         if choices:
             first = choices[0]
-            if trace.endpoint.chat:
-                trace.response_text = (first.get("message") or {}).get("content")
-            else:
-                trace.response_text = first.get("text")
+            trace.response_text = shape.text(first)
             trace.finish_reason = first.get("finish_reason")
         trace.usage = answer.get("usage")
         if choices and self.output_guarded(key, trace.model):
@@ -478,9 +508,9 @@ class Pipeline:
         """Output guards on each choice: block (content withheld, finish_reason content_filter),
         redact (masked text), or flag (verdict attached). The audit row keeps the raw text."""
         assert self.rails is not None
-        chat = trace.endpoint.chat
-        prompt = guarding.last_user_text(guarding.checked_messages(chat, body))
-        texts = [_choice_text(choice, chat) or "" for choice in choices]
+        shape = trace.endpoint.shape
+        prompt = guarding.last_user_text(shape.prompt_messages(body))
+        texts = [shape.text(choice) or "" for choice in choices]
         checks = [i for i, text in enumerate(texts) if text]
         passages = trace.passages
         results = await asyncio.gather(
@@ -490,14 +520,14 @@ class Pipeline:
             trace.verdicts.extend(result.verdicts)
             if result.blocked_by is not None:
                 verdict = result.blocked_by
-                _set_choice_text(choices[i], chat, result.message or "")
+                shape.set_text(choices[i], result.message or "")
                 choices[i]["finish_reason"] = "content_filter"
                 trace.status = "blocked"
                 trace.blocked = {"guard": verdict.guard, "stage": "output", "reason": verdict.reason}
                 if i == 0:
                     trace.finish_reason = "content_filter"
             elif result.text != texts[i]:
-                _set_choice_text(choices[i], chat, result.text)
+                shape.set_text(choices[i], result.text)
 
     async def _open_stream(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Start the upstream stream; failures before the first event become proper HTTP errors."""
@@ -518,269 +548,10 @@ class Pipeline:
         guard = None
         if self.output_guarded(key, trace.model):
             assert self.rails is not None
-            prompt = guarding.last_user_text(guarding.checked_messages(trace.endpoint.chat, body))
-            guard = _StreamGuard(self.rails, key.id, trace.model, prompt, trace.passages)
-        return self._relay(trace, upstream, first, began, guard)
-
-    async def _relay(
-        self,
-        trace: Trace,
-        upstream: AsyncIterator[list[bytes]],
-        first: list[bytes] | None,
-        began: float,
-        guard: _StreamGuard | None,
-    ) -> AsyncIterator[bytes]:
-        chat = trace.endpoint.chat
-        texts: dict[int, list[str]] = {}  # the raw answer, for the audit row
-        finishes: dict[int, str] = {}
-        held: dict[str, Any] | None = None  # the event that may be the last one
-        held_content = False  # whether it carries answer text (for time to first token)
-        recorded = False
-        stopped = False  # an output guard ended the stream (the rest of the answer is not wanted)
-        batch = first
-        try:
-            try:
-                while batch is not None:
-                    out: list[bytes] = []  # what this batch releases, sent as one write
-                    for payload in batch:
-                        event = _decode(payload)
-                        if isinstance(event, dict) and "error" in event:
-                            if out:
-                                yield b"".join(out)
-                            raise UpstreamError(_upstream_message(event), code="backend_stream_error")
-                        if not _well_formed_event(event, chat):
-                            if out:
-                                yield b"".join(out)
-                            raise UpstreamError(
-                                f"backend {trace.backend} sent an invalid event: {_event_problem(event, chat)}",
-                                code="backend_invalid_answer",
-                            )
-                        choices = event.get("choices") or []
-                        content = False
-                        closing = False
-                        for choice in choices:
-                            index = choice.get("index", 0)
-                            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                            if piece:
-                                texts.setdefault(index, []).append(piece)
-                                content = True
-                            if choice.get("finish_reason"):
-                                finishes[index] = choice["finish_reason"]
-                                closing = True
-                        if guard is not None and choices:
-                            # Release only sentences the output guards passed; hold the unfinished one.
-                            released, blocked = await guard.filter(event, chat)
-                            if blocked is not None:
-                                if held is not None:
-                                    out.append(b"data: " + _encode(held) + b"\n\n")
-                                if out:
-                                    yield b"".join(out)
-                                held = self._withhold(trace, event, blocked, chat)
-                                batch = None
-                                stopped = True
-                                break
-                            if not event["choices"] and not event.get("usage"):
-                                continue  # everything in it is held back for now
-                            content = released
-                            payload = _encode(event)
-                        if event.get("usage"):
-                            trace.usage = event["usage"]
-                            closing = closing or not choices
-                        if held is not None:
-                            out.append(b"data: " + _encode(held) + b"\n\n")
-                            held = None
-                            if held_content and trace.ttft_s is None:
-                                trace.ttft_s = time.perf_counter() - trace.started
-                        if closing:
-                            held, held_content = event, content
-                        else:
-                            if content and trace.ttft_s is None:
-                                trace.ttft_s = time.perf_counter() - trace.started
-                            out.append(b"data: " + payload + b"\n\n")
-                    else:
-                        if out:
-                            yield out[0] if len(out) == 1 else b"".join(out)
-                        batch = await anext(upstream, None)
-                trace.backend_s = time.perf_counter() - began
-                if not stopped and (not finishes or not finishes.keys() >= texts.keys()):
-                    # The backend closed the stream cleanly but mid-answer: not a complete answer.
-                    raise UpstreamError(
-                        f"backend {trace.backend} ended the stream before the answer was finished",
-                        code="backend_stream_truncated",
-                    )
-            except GatewayError:
-                trace.backend_s = time.perf_counter() - began
-                raise
-            except ServingError as exc:
-                trace.backend_s = time.perf_counter() - began
-                raise _mid_stream(exc) from exc
-            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
-                trace.backend_s = time.perf_counter() - began
-                raise UpstreamError(
-                    f"backend {trace.backend} sent a malformed event", code="backend_stream_error"
-                ) from exc
-            except Exception as exc:
-                trace.backend_s = time.perf_counter() - began
-                log.exception("unexpected error in stream %s", trace.request_id)
-                raise InternalError(f"internal gateway error ({type(exc).__name__}); see the gateway log") from exc
-        except GatewayError as error:
-            # Mid-stream failure: the status line is long gone, so say it in the stream itself.
-            trace.fail(error, "backend_error" if isinstance(error, UpstreamError) else "error")
-            self._summarise(trace, texts, finishes, guard)
-            recorded = True
-            await self.record(trace)
-            if held is not None:
-                yield b"data: " + _encode(held) + b"\n\n"
-            yield b"data: " + _encode(error.body()) + b"\n\n"
-            yield _DONE
-            return
-        except BaseException:
-            # The client went away (cancellation) or the generator was closed: log what we had.
-            if not recorded:
-                recorded = True
-                trace.status = "client_disconnected"
-                trace.http_status = 499
-                trace.backend_s = time.perf_counter() - began
-                self._summarise(trace, texts, finishes, guard)
-                self.audit.submit(trace.row())  # no await: we are being cancelled
-                self.observe(trace)
-            raise
-        finally:
-            aclose = getattr(upstream, "aclose", None)
-            if aclose is not None:
-                # Closing the upstream generator drops the backend connection, so vLLM aborts
-                # (also after a guard block: nothing more of that answer is wanted).
-                await asyncio.shield(aclose())
-        self._summarise(trace, texts, finishes, guard)
-        if held is None:
-            held = {
-                "id": f"gw-{trace.request_id}",
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(trace.created_at.timestamp()),
-                "model": trace.model,
-                "choices": [],
-            }
-        held["gateway"] = trace.gateway_object()
-        if held_content and trace.ttft_s is None:
-            trace.ttft_s = time.perf_counter() - trace.started  # the first text rides in the last event
-        recorded = True
-        await self.record(trace)
-        yield b"data: " + _encode(held) + b"\n\n" + _DONE
-
-    @staticmethod
-    def _withhold(trace: Trace, event: dict[str, Any], blocked: tuple[int, Verdict], chat: bool) -> dict[str, Any]:
-        """The closing event of a stream an output guard stopped: content_filter, and why."""
-        index, verdict = blocked
-        trace.status = "blocked"
-        trace.blocked = {
-            "guard": verdict.guard,
-            "stage": "output",
-            "reason": verdict.reason,
-            "message": verdict.message,
-        }
-        if index == 0:
-            trace.finish_reason = "content_filter"
-        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": "content_filter"}
-        if chat:
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
-        return {key: event[key] for key in ("id", "object", "created", "model") if key in event} | {"choices": [choice]}
-
-    @staticmethod
-    def _summarise(
-        trace: Trace, texts: dict[int, list[str]], finishes: dict[int, str], guard: _StreamGuard | None = None
-    ) -> None:
-        if guard is not None:
-            trace.verdicts.extend(guard.summary())
-        joined = {i: "".join(parts) for i, parts in texts.items()}
-        trace.response_text = joined.get(0, "")
-        trace.finish_reason = finishes.get(0)
-        choices = [
-            {"index": i, "text": joined.get(i, ""), "finish_reason": finishes.get(i)}
-            for i in sorted(set(joined) | set(finishes))
-        ]
-        if guard is not None:
-            for choice in choices:
-                choice["delivered"] = guard.released(int(choice["index"] or 0))
-            if trace.blocked and trace.finish_reason == "content_filter" and choices:
-                choices[0]["finish_reason"] = "content_filter"
-        trace.response_json = _encode({"choices": choices, "usage": trace.usage}).decode()
-
-
-class _StreamGuard:
-    """Output guards over a stream: one sentence-by-sentence checker per choice."""
-
-    def __init__(
-        self, rails: Guardrails, api_key_id: str, model: str | None, prompt: str | None, passages: tuple[Passage, ...]
-    ) -> None:
-        self._rails = rails
-        self._passages = passages
-        self._api_key_id = api_key_id
-        self._model = model
-        self._prompt = prompt
-        self._checkers: dict[int, StreamChecker] = {}
-
-    def _checker(self, index: int) -> StreamChecker:
-        checker = self._checkers.get(index)
-        if checker is None:
-            checker = self._rails.stream(self._passages, self._api_key_id, self._model, self._prompt)
-            self._checkers[index] = checker
-        return checker
-
-    async def filter(self, event: dict[str, Any], chat: bool) -> tuple[bool, tuple[int, Verdict] | None]:
-        """Rewrite the event's choices to carry only released text; drop choices with nothing to say.
-
-        Returns (whether any text was released, (choice index, blocking verdict) or None).
-        """
-        kept = []
-        released_any = False
-        for choice in event["choices"]:
-            index = choice.get("index", 0)
-            delta = choice.setdefault("delta", {}) if chat else None
-            if delta is None and chat:
-                delta = choice["delta"] = {}  # vLLM may send "delta": null on the last event
-            piece = delta.get("content") if delta is not None else choice.get("text")
-            checker = self._checker(index)
-            release = ""
-            if piece:
-                step = await checker.feed(piece)
-                if step.blocked and step.blocked_by is not None:
-                    return released_any, (index, step.blocked_by)
-                release += step.release
-            if choice.get("finish_reason"):
-                step = await checker.finish()
-                if step.blocked and step.blocked_by is not None:
-                    return released_any, (index, step.blocked_by)
-                release += step.release
-            if delta is not None:
-                if "content" in delta or release:
-                    delta["content"] = release
-                keep = bool(release) or choice.get("finish_reason") or any(k != "content" for k in delta)
-            else:
-                choice["text"] = release
-                keep = bool(release) or choice.get("finish_reason")
-            if keep:
-                kept.append(choice)
-            released_any = released_any or bool(release)
-        event["choices"] = kept
-        return released_any, None
-
-    def summary(self) -> list[Verdict]:
-        return [v for checker in self._checkers.values() for v in checker.summary()]
-
-    def released(self, index: int) -> str:
-        checker = self._checkers.get(index)
-        return checker.released if checker is not None else ""
-
-
-def _mid_stream(exc: ServingError) -> UpstreamError:
-    """A backend failure after the stream began, with the code that says what happened."""
-    if isinstance(exc, BackendTimeout):
-        return UpstreamError(exc.message, status=504, code="backend_timeout")
-    if isinstance(exc, BackendBadAnswer):
-        return UpstreamError(exc.message, code=exc.code)
-    return UpstreamError(exc.message, code="backend_stream_error")
+            prompt = guarding.last_user_text(trace.endpoint.shape.prompt_messages(body))
+            guard = StreamGuard(self.rails, key.id, trace.model, prompt, trace.passages)
+        relay = StreamRelay(trace, guard, began, self.record, self._record_nowait)
+        return relay.run(upstream, first)
 
 
 def _count(value: object) -> int | None:
@@ -790,106 +561,7 @@ def _count(value: object) -> int | None:
     return None
 
 
-def _choice_problem(choice: object, chat: bool, stream: bool) -> str | None:
-    if not isinstance(choice, dict):
-        return f"a choice is a {type(choice).__name__}, not an object"
-    index = choice.get("index", 0)
-    if not isinstance(index, int) or isinstance(index, bool):
-        return "a choice's index is not an integer"
-    finish = choice.get("finish_reason")
-    if finish is not None and not isinstance(finish, str):
-        return "a choice's finish_reason is not a string"
-    if chat:
-        where = "delta" if stream else "message"
-        message = choice.get(where)
-        if message is None:
-            return None
-        if not isinstance(message, dict):
-            return f"a choice's {where} is not an object"
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            return f"a choice's {where}.content is not a string"
-        return None
-    text = choice.get("text")
-    if text is not None and not isinstance(text, str):
-        return "a choice's text is not a string"
-    return None
-
-
-def _answer_problem(answer: object, chat: bool, stream: bool = False) -> str | None:
-    """What is wrong with the shape of a backend answer (or stream event) that the gateway reads; None: fine.
-
-    Only the fields the gateway uses are checked; the rest is the backend's business."""
-    if not isinstance(answer, dict):
-        return f"a JSON {type(answer).__name__}, not an object"
-    choices = answer.get("choices")
-    if choices is not None:
-        if not isinstance(choices, list):
-            return "choices is not an array"
-        for choice in choices:
-            problem = _choice_problem(choice, chat, stream)
-            if problem is not None:
-                return problem
-    usage = answer.get("usage")
-    if usage is not None and not isinstance(usage, dict):
-        return "usage is not an object"
-    return None
-
-
-def _event_problem(event: object, chat: bool) -> str | None:
-    return _answer_problem(event, chat, stream=True)
-
-
-def _well_formed_event(event: object, chat: bool) -> bool:
-    """`_event_problem(event, chat) is None`, in one call: it runs for every event of every stream.
-
-    `type(x) is` on purpose: decoded JSON has no subclasses, and it keeps `True` from passing for an int."""
-    if type(event) is not dict:
-        return False
-    choices = event.get("choices")
-    if choices is not None:
-        if type(choices) is not list:
-            return False
-        for choice in choices:
-            if type(choice) is not dict or type(choice.get("index", 0)) is not int:
-                return False
-            finish = choice.get("finish_reason")
-            if finish is not None and type(finish) is not str:
-                return False
-            part = choice.get("delta") if chat else choice
-            if part is not None:
-                if type(part) is not dict:
-                    return False
-                text = part.get("content") if chat else part.get("text")
-                if text is not None and type(text) is not str:
-                    return False
-    usage = event.get("usage")
-    return usage is None or type(usage) is dict
-
-
 async def _replay(batches: list[list[bytes]]) -> AsyncIterator[list[bytes]]:
     """An upstream made of events the gateway wrote itself (a refusal)."""
     for batch in batches:
         yield batch
-
-
-def _choice_text(choice: dict[str, Any], chat: bool) -> str | None:
-    if chat:
-        content = (choice.get("message") or {}).get("content")
-        return content if isinstance(content, str) else None
-    text = choice.get("text")
-    return text if isinstance(text, str) else None
-
-
-def _set_choice_text(choice: dict[str, Any], chat: bool, text: str) -> None:
-    if chat:
-        choice.setdefault("message", {})["content"] = text
-    else:
-        choice["text"] = text
-
-
-def _upstream_message(event: dict[str, Any]) -> str:
-    error = event.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message", "the backend reported an error"))
-    return str(error)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import InvalidRequest
+from gateway.shapes import Shape
 from guardrails import Passage
 from retrieval import Hit
 
@@ -28,7 +29,7 @@ class RagRequest:
 def resolve(
     body: dict[str, Any],
     *,
-    chat: bool,
+    shape: Shape,
     aliases: dict[str, tuple[str, str]],
     key_collection: str | None,
     default_top_k: int,
@@ -61,7 +62,7 @@ def resolve(
         raise InvalidRequest(
             "'rag.min_score' must be a number from -1 to 1", param="rag.min_score", code="invalid_value"
         )
-    if not chat:
+    if not shape.retrieval:
         raise InvalidRequest("retrieval is available on /v1/chat/completions only", param="rag", code="invalid_value")
     return RagRequest(collection, top_k, float(min_score))
 

@@ -482,7 +482,7 @@ class Rollout:
         from gateway import guarding, rag
 
         endpoint = trace.endpoint
-        messages = guarding.checked_messages(endpoint.chat, dict(body))
+        messages = guarding.checked_messages(endpoint.shape, dict(body))
         return ShadowSource(
             request_id=trace.request_id,
             endpoint=endpoint.name,

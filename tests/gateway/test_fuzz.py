@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from gateway.pipeline import _event_problem, _well_formed_event
 from gateway.settings import Settings
+from gateway.shapes import CHAT, TEXT, event_problem, well_formed_event
 from serving.fake import FakeBackendThread, FakeConfig
 from tests.conftest import make_settings
 from tests.helpers import GatewayServer, audit_rows, create_key
@@ -204,4 +204,5 @@ def test_fuzz_backend_streams(target: Target) -> None:
 @given(event=st.one_of(stream_event, answers), chat=st.booleans())
 def test_fast_event_check_agrees_with_the_explaining_one(event: Any, chat: bool) -> None:
     # The relay runs the one-call check on every event, and the explaining one only to word the error.
-    assert _well_formed_event(event, chat) is (_event_problem(event, chat) is None)
+    shape = CHAT if chat else TEXT
+    assert well_formed_event(shape, event) is (event_problem(shape, event) is None)

@@ -1,0 +1,340 @@
+"""The stream relay: backend events in, client bytes out, with every promise in one place.
+
+`StreamRelay.run` is the thin async loop; each promise lives in one method:
+
+- hold back only the closing event (`_event`, `_hold`): the event carrying `finish_reason` or
+  the usage event may be the last one, so it waits; every other event goes on as it arrives;
+- commit the audit row before the last bytes (`_finished`, `_failed`): the held event and
+  `[DONE]` are released only after the row is committed;
+- end a blocked stream with `content_filter` (`_block`);
+- measure time to first token (`_first_token`);
+- turn a mid-stream failure into an SSE `error` event (`_failure`, `_failed`);
+- audit a disconnect (`_disconnected`).
+
+Output guards over a stream (`StreamGuard`) release only text they have checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from gateway.errors import GatewayError, InternalError, UpstreamError
+from gateway.shapes import Shape, event_problem, well_formed_event
+from guardrails import Guardrails, Passage, StreamChecker, Verdict
+from serving.errors import BackendBadAnswer, BackendTimeout, ServingError
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Trace
+
+log = logging.getLogger("gateway")
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+class StreamRelay:
+    """One stream's state, from the first backend event to `[DONE]`."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        guard: StreamGuard | None,
+        began: float,
+        record: Callable[[Trace], Awaitable[None]],
+        record_nowait: Callable[[Trace], None],
+    ) -> None:
+        self.trace = trace
+        self.shape: Shape = trace.endpoint.shape
+        self.guard = guard
+        self.began = began  # when the backend call started (backend time)
+        self._record = record
+        self._record_nowait = record_nowait
+        self.texts: dict[int, list[str]] = {}  # the raw answer, for the audit row
+        self.finishes: dict[int, str] = {}
+        self.out: list[bytes] = []  # what the current batch releases, sent as one write
+        self.held: dict[str, Any] | None = None  # the event that may be the last one
+        self.held_content = False  # whether it carries answer text (for time to first token)
+        self.stopped = False  # an output guard ended the stream (the rest is not wanted)
+        self.recorded = False
+
+    async def run(self, upstream: AsyncIterator[list[bytes]], first: list[bytes] | None) -> AsyncIterator[bytes]:
+        """The loop: each batch of events becomes at most one write."""
+        try:
+            batch = first
+            while batch is not None:
+                for payload in batch:
+                    await self._event(payload)
+                    if self.stopped:
+                        break
+                if self.out:
+                    yield self._flush()
+                batch = None if self.stopped else await anext(upstream, None)
+            self._ended()
+        except Exception as exc:
+            yield await self._failed(self._failure(exc))
+            return
+        except BaseException:
+            self._disconnected()
+            raise
+        finally:
+            # Closing the upstream drops the backend connection, so vLLM aborts (also after a
+            # guard block: nothing more of that answer is wanted).
+            aclose = getattr(upstream, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
+        yield await self._finished()
+
+    def _flush(self) -> bytes:
+        out, self.out = self.out, []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def _event(self, payload: bytes) -> None:
+        """One backend event: note it for the audit row, guard it, send it on or hold it."""
+        event = self._checked(_decode(payload))
+        choices = event.get("choices") or []
+        content, closing = self._note(choices)
+        if self.guard is not None and choices:
+            # Release only text the output guards passed; hold the unchecked rest.
+            released, blocked = await self.guard.filter(event, self.shape)
+            if blocked is not None:
+                self._block(event, blocked)
+                return
+            if not event["choices"] and not event.get("usage"):
+                return  # everything in it is held back for now
+            content, payload = released, _encode(event)
+        if event.get("usage"):
+            self.trace.usage = event["usage"]
+            closing = closing or not choices
+        self._release_held()
+        if closing:
+            self.held, self.held_content = event, content
+        else:
+            if content:
+                self._first_token()
+            self.out.append(sse(payload))
+
+    def _checked(self, event: Any) -> dict[str, Any]:
+        """The event, once it is known to be a well-formed event and not an error report."""
+        if isinstance(event, dict) and "error" in event:
+            raise UpstreamError(_upstream_message(event), code="backend_stream_error")
+        if not well_formed_event(self.shape, event):
+            raise UpstreamError(
+                f"backend {self.trace.backend} sent an invalid event: {event_problem(self.shape, event)}",
+                code="backend_invalid_answer",
+            )
+        checked: dict[str, Any] = event
+        return checked
+
+    def _note(self, choices: list[dict[str, Any]]) -> tuple[bool, bool]:
+        """Keep the raw text and finish reasons; (whether it has text, whether it may close)."""
+        content = closing = False
+        for choice in choices:
+            index = choice.get("index", 0)
+            piece = self.shape.delta_text(choice)
+            if piece:
+                self.texts.setdefault(index, []).append(piece)
+                content = True
+            if choice.get("finish_reason"):
+                self.finishes[index] = choice["finish_reason"]
+                closing = True
+        return content, closing
+
+    def _release_held(self) -> None:
+        """A later event came, so the held one was not the last: send it."""
+        if self.held is not None:
+            self.out.append(sse(_encode(self.held)))
+            self.held = None
+            if self.held_content:
+                self._first_token()
+
+    def _first_token(self) -> None:
+        if self.trace.ttft_s is None:
+            self.trace.ttft_s = time.perf_counter() - self.trace.started
+
+    def _block(self, event: dict[str, Any], blocked: tuple[int, Verdict]) -> None:
+        """An output guard stopped the stream: its closing event says content_filter, and why."""
+        self._release_held()
+        index, verdict = blocked
+        trace = self.trace
+        trace.status = "blocked"
+        trace.blocked = {
+            "guard": verdict.guard,
+            "stage": "output",
+            "reason": verdict.reason,
+            "message": verdict.message,
+        }
+        if index == 0:
+            trace.finish_reason = "content_filter"
+        base = {key: event[key] for key in ("id", "object", "created", "model") if key in event}
+        self.held = base | {"choices": [self.shape.closing_choice(index, "content_filter")]}
+        self.held_content = False
+        self.stopped = True
+
+    def _ended(self) -> None:
+        """The backend closed the stream: a complete answer, unless it stopped mid-answer."""
+        self.trace.backend_s = time.perf_counter() - self.began
+        if not self.stopped and (not self.finishes or not self.finishes.keys() >= self.texts.keys()):
+            raise UpstreamError(
+                f"backend {self.trace.backend} ended the stream before the answer was finished",
+                code="backend_stream_truncated",
+            )
+
+    def _failure(self, exc: Exception) -> GatewayError:
+        """What a failure during the stream tells the client."""
+        self.trace.backend_s = time.perf_counter() - self.began
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, ServingError):
+            return mid_stream(exc)
+        if isinstance(exc, msgspec.DecodeError | RecursionError | UnicodeDecodeError):
+            return UpstreamError(f"backend {self.trace.backend} sent a malformed event", code="backend_stream_error")
+        log.error("unexpected error in stream %s", self.trace.request_id, exc_info=exc)
+        return InternalError(f"internal gateway error ({type(exc).__name__}); see the gateway log")
+
+    async def _failed(self, error: GatewayError) -> bytes:
+        """Mid-stream failure: the status line is long gone, so say it in the stream itself."""
+        self.trace.fail(error, "backend_error" if isinstance(error, UpstreamError) else "error")
+        self._summarise()
+        self.recorded = True
+        await self._record(self.trace)
+        self._release_held()
+        return self._flush() + sse(_encode(error.body())) + DONE
+
+    def _disconnected(self) -> None:
+        """The client went away (cancellation) or the generator was closed: log what we had."""
+        if self.recorded:
+            return
+        self.recorded = True
+        self.trace.status = "client_disconnected"
+        self.trace.http_status = 499
+        self.trace.backend_s = time.perf_counter() - self.began
+        self._summarise()
+        self._record_nowait(self.trace)  # no await: we are being cancelled
+
+    async def _finished(self) -> bytes:
+        """The last event (held, or one the gateway writes) with the `gateway` object, then `[DONE]`."""
+        trace = self.trace
+        self._summarise()
+        held = self.held
+        if held is None:
+            held = {
+                "id": f"gw-{trace.request_id}",
+                "object": self.shape.chunk_object,
+                "created": int(trace.created_at.timestamp()),
+                "model": trace.model,
+                "choices": [],
+            }
+        held["gateway"] = trace.gateway_object()
+        if self.held_content:
+            self._first_token()  # the first text rides in the last event
+        self.recorded = True
+        await self._record(trace)
+        return sse(_encode(held)) + DONE
+
+    def _summarise(self) -> None:
+        """The raw answer of every choice, and what the client got of it, for the audit row."""
+        trace, guard = self.trace, self.guard
+        if guard is not None:
+            trace.verdicts.extend(guard.summary())
+        joined = {i: "".join(parts) for i, parts in self.texts.items()}
+        trace.response_text = joined.get(0, "")
+        trace.finish_reason = self.finishes.get(0)
+        choices = [
+            {"index": i, "text": joined.get(i, ""), "finish_reason": self.finishes.get(i)}
+            for i in sorted(set(joined) | set(self.finishes))
+        ]
+        if guard is not None:
+            for choice in choices:
+                choice["delivered"] = guard.released(int(choice["index"] or 0))
+            if trace.blocked and trace.finish_reason == "content_filter" and choices:
+                choices[0]["finish_reason"] = "content_filter"
+        trace.response_json = _encode({"choices": choices, "usage": trace.usage}).decode()
+
+
+class StreamGuard:
+    """Output guards over a stream: one sentence-by-sentence checker per choice."""
+
+    def __init__(
+        self, rails: Guardrails, api_key_id: str, model: str | None, prompt: str | None, passages: tuple[Passage, ...]
+    ) -> None:
+        self._rails = rails
+        self._passages = passages
+        self._api_key_id = api_key_id
+        self._model = model
+        self._prompt = prompt
+        self._checkers: dict[int, StreamChecker] = {}
+
+    def _checker(self, index: int) -> StreamChecker:
+        checker = self._checkers.get(index)
+        if checker is None:
+            checker = self._rails.stream(self._passages, self._api_key_id, self._model, self._prompt)
+            self._checkers[index] = checker
+        return checker
+
+    async def filter(self, event: dict[str, Any], shape: Shape) -> tuple[bool, tuple[int, Verdict] | None]:
+        """Rewrite the event's choices to carry only released text; drop choices with nothing to say.
+
+        Returns (whether any text was released, (choice index, blocking verdict) or None).
+        """
+        kept = []
+        released_any = False
+        for choice in event["choices"]:
+            index = choice.get("index", 0)
+            release, blocked = await self._release(self._checker(index), shape.delta_text(choice), choice)
+            if blocked is not None:
+                return released_any, (index, blocked)
+            shape.set_delta_text(choice, release)
+            if release or shape.delta_keeps(choice):
+                kept.append(choice)
+            released_any = released_any or bool(release)
+        event["choices"] = kept
+        return released_any, None
+
+    @staticmethod
+    async def _release(checker: StreamChecker, piece: str | None, choice: dict[str, Any]) -> tuple[str, Verdict | None]:
+        """The text one choice's checker lets through now, or the verdict that blocks it."""
+        release = ""
+        if piece:
+            step = await checker.feed(piece)
+            if step.blocked and step.blocked_by is not None:
+                return "", step.blocked_by
+            release += step.release
+        if choice.get("finish_reason"):
+            step = await checker.finish()
+            if step.blocked and step.blocked_by is not None:
+                return "", step.blocked_by
+            release += step.release
+        return release, None
+
+    def summary(self) -> list[Verdict]:
+        return [v for checker in self._checkers.values() for v in checker.summary()]
+
+    def released(self, index: int) -> str:
+        checker = self._checkers.get(index)
+        return checker.released if checker is not None else ""
+
+
+def mid_stream(exc: ServingError) -> UpstreamError:
+    """A backend failure after the stream began, with the code that says what happened."""
+    if isinstance(exc, BackendTimeout):
+        return UpstreamError(exc.message, status=504, code="backend_timeout")
+    if isinstance(exc, BackendBadAnswer):
+        return UpstreamError(exc.message, code=exc.code)
+    return UpstreamError(exc.message, code="backend_stream_error")
+
+
+def _upstream_message(event: dict[str, Any]) -> str:
+    error = event.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message", "the backend reported an error"))
+    return str(error)
