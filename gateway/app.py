@@ -47,7 +47,7 @@ def _error_response(
     return Response(_encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def _gateway_error(_: Request, exc: GatewayError) -> Response[bytes]:
+def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     # A pipeline error carries its audit row's id already; any other gets a fresh one.
     headers = exc.headers if REQUEST_ID_HEADER in exc.headers else {**exc.headers, REQUEST_ID_HEADER: _new_request_id()}
     return Response(_encode(exc.body()), status_code=exc.status, media_type="application/json", headers=headers)
@@ -62,7 +62,7 @@ _HTTP_CODES = {
 }
 
 
-def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     """Litestar's own errors (no route, wrong method, bad Content-Type, validation) in OpenAI's body."""
     status = exc.status_code
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -75,7 +75,7 @@ def _http_error(_: Request, exc: HTTPException) -> Response[bytes]:
     return _error_response(status, message, kind, _HTTP_CODES.get(status, f"http_{status}"), exc.headers)
 
 
-def _unexpected_error(request: Request, exc: Exception) -> Response[bytes]:
+def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(500, "internal gateway error; see the gateway log", "server_error", "internal_error")
 

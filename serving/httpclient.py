@@ -23,7 +23,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from urllib.parse import urlsplit
 
 import httptools
@@ -166,7 +166,7 @@ class _Connection(asyncio.Protocol):
         while not self.headers_done:
             await self._wait(idle_timeout, deadline)
 
-    async def iter_body(self, idle_timeout: float | None, deadline: float | None = None) -> AsyncIterator[bytes]:
+    async def iter_body(self, idle_timeout: float | None, deadline: float | None = None) -> AsyncGenerator[bytes]:
         chunks = self._chunks
         while True:
             if chunks:
@@ -219,7 +219,7 @@ class Response:
             await chunks.aclose()  # on an early exit this drops the connection
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
+    async def iter_chunks(self) -> AsyncGenerator[bytes]:
         try:
             async for chunk in self._connection.iter_body(self._timeout, self._deadline):
                 yield chunk

@@ -40,7 +40,7 @@ def prepare(out_dir: Path) -> None:
     # save_pretrained refuses a config that still says it is quantised: rebuild a plain model.
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
     model.load_state_dict(quantised.state_dict(), strict=False)
     model.tie_weights()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
