@@ -85,6 +85,13 @@ def _check_common(body: dict[str, Any], limits: Limits) -> None:
         raise InvalidRequest(
             "you must provide a model parameter (a non-empty string)", param="model", code="missing_model"
         )
+    _check_types(body)
+    _check_bounds(body, limits)
+    _check_stop_and_options(body)
+
+
+def _check_types(body: dict[str, Any]) -> None:
+    """The sampling parameters are numbers, integers and booleans where vLLM expects them."""
     for name in _NUMBERS:
         value = body.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
@@ -95,6 +102,15 @@ def _check_common(body: dict[str, Any], limits: Limits) -> None:
             raise InvalidRequest(
                 f"'{name}' must be an integer, not {_type_name(value)}", param=name, code="invalid_type"
             )
+    for name in _BOOLS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(
+                f"'{name}' must be a boolean, not {_type_name(value)}", param=name, code="invalid_type"
+            )
+
+
+def _check_bounds(body: dict[str, Any], limits: Limits) -> None:
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = body.get(name)
         if isinstance(value, int) and value < 1:
@@ -107,12 +123,9 @@ def _check_common(body: dict[str, Any], limits: Limits) -> None:
                 param=name,
                 code="invalid_value",
             )
-    for name in _BOOLS:
-        value = body.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise InvalidRequest(
-                f"'{name}' must be a boolean, not {_type_name(value)}", param=name, code="invalid_type"
-            )
+
+
+def _check_stop_and_options(body: dict[str, Any]) -> None:
     stop = body.get("stop")
     if stop is not None and not (
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
@@ -141,38 +154,42 @@ def validate_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages", code="invalid_value")
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise InvalidRequest(
-                f"'{where}' must be an object, not {_type_name(message)}", param=where, code="invalid_type"
-            )
-        role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            shown = repr(role) if isinstance(role, str) else f"a {_type_name(role)}"
-            raise InvalidRequest(
-                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {shown[:100]}",
-                param=f"{where}.role",
-                code="invalid_role",
-            )
-        content = message.get("content")
-        if content is None:
-            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
-                continue
-            raise InvalidRequest(f"'{where}.content' is required", param=f"{where}.content", code="missing_content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise InvalidRequest(
-                        f"'{where}.content[{j}]' must be an object with a 'type'",
-                        param=f"{where}.content[{j}]",
-                        code="invalid_type",
-                    )
-        elif not isinstance(content, str):
-            raise InvalidRequest(
-                f"'{where}.content' must be a string or an array of content parts, not {_type_name(content)}",
-                param=f"{where}.content",
-                code="invalid_type",
-            )
+        _check_message(f"messages[{i}]", message)
+
+
+def _check_message(where: str, message: object) -> None:
+    """One chat message: an object with a known role and string or part-array content."""
+    if not isinstance(message, dict):
+        raise InvalidRequest(
+            f"'{where}' must be an object, not {_type_name(message)}", param=where, code="invalid_type"
+        )
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        shown = repr(role) if isinstance(role, str) else f"a {_type_name(role)}"
+        raise InvalidRequest(
+            f"'{where}.role' must be one of {', '.join(sorted(ROLES))}; got {shown[:100]}",
+            param=f"{where}.role",
+            code="invalid_role",
+        )
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return
+        raise InvalidRequest(f"'{where}.content' is required", param=f"{where}.content", code="missing_content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequest(
+                    f"'{where}.content[{j}]' must be an object with a 'type'",
+                    param=f"{where}.content[{j}]",
+                    code="invalid_type",
+                )
+    elif not isinstance(content, str):
+        raise InvalidRequest(
+            f"'{where}.content' must be a string or an array of content parts, not {_type_name(content)}",
+            param=f"{where}.content",
+            code="invalid_type",
+        )
 
 
 def validate_completion(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> None:
