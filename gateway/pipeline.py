@@ -21,10 +21,10 @@ import asyncio
 import logging
 import time
 from base64 import b64encode
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -45,6 +45,7 @@ from gateway.errors import (
 from gateway.limits import UNLIMITED, Admission, Limiter, estimate_tokens, release_after, tokens_used
 from gateway.logs import new_request_id
 from gateway.relay import StreamGuard, StreamRelay
+from gateway.rollout import audit_columns as rollout_columns
 from gateway.shapes import Shape, answer_problem
 from gateway.tracing import current_trace_id
 from gateway.validation import Limits, decode_body, validate_chat, validate_completion, validate_embeddings
@@ -52,6 +53,10 @@ from guardrails import Guardrails, Passage, Verdict
 from retrieval import CollectionStore, Hit, UnknownCollection, build_rag_messages, citations, retrieval_query
 from serving.backend import Backend
 from serving.errors import ServingError
+
+if TYPE_CHECKING:
+    from gateway.rollout import Rollout
+    from serving.router import RouteContext
 
 log = logging.getLogger("gateway")
 _encode = msgspec.json.Encoder().encode
@@ -108,6 +113,8 @@ class Trace:
     retrieval: dict[str, Any] | None = None
     refusal: dict[str, Any] | None = None  # the gateway's own answer (empty retrieval, policy "refuse")
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the key's limits, for the answer
+    route: RouteContext | None = None  # the deployment that answered (gateway.rollout)
+    versions: Mapping[str, Any] = field(default_factory=dict)  # config, policy and gateway versions at the start
 
     @property
     def passages(self) -> tuple[Passage, ...]:
@@ -152,6 +159,7 @@ class Trace:
             **guarding.audit_columns(self.verdicts),
             "passages_json": _encode([rag.passage_record(h) for h in self.hits]).decode() if self.hits else None,
             "citations_json": _encode(citations(self.hits)).decode() if self.hits else None,
+            **rollout_columns(self),
         }
 
     def gateway_object(self) -> dict[str, Any]:
@@ -165,6 +173,8 @@ class Trace:
             gateway["retrieval"] = self.retrieval
         if self.blocked:
             gateway["blocked"] = self.blocked
+        if self.route is not None and self.route.deployment:
+            gateway["deployment"] = self.route.deployment
         return gateway
 
 
@@ -213,6 +223,7 @@ class Pipeline:
         self.limiter = limiter  # rate limits and quotas (gateway.limits); None: none at all
         self._active: dict[tuple[str | None, str | None, str], bool] = {}
         self.observers: list[Callable[[Trace], None]] = []  # metrics, traces: told once per request, in record
+        self.rollout: Rollout | None = None  # deployments, versions, shadow copies (set by Services)
 
     def _guarded(self, key: KeyInfo, model: str | None, stage: str) -> bool:
         """Whether any guard of `stage` is on for this key and model (cached: policies are static)."""
@@ -263,6 +274,8 @@ class Pipeline:
         In-process callers (the nightly eval runner) pass `key` and skip HTTP authentication."""
         trace = Trace(endpoint, client_ip)
         admission = UNLIMITED
+        if self.rollout is not None:
+            trace.versions = self.rollout.versions
         try:
             key, body, size = await self._accept(trace, read_body, authorization, key)
             if self.limiter is not None:
@@ -305,6 +318,8 @@ class Pipeline:
         """An admitted request: embeddings, or input guards, retrieval and the backend call."""
         if trace.endpoint is EMBEDDINGS:
             return await self._embed(trace, body)
+        if self.rollout is not None:  # its route: sticky id, a deployment an admin forced
+            trace.route = self.rollout.begin(key, body)
         wanted = rag.resolve(
             body,
             shape=trace.endpoint.shape,
@@ -482,6 +497,8 @@ class Pipeline:
             raise from_serving_error(exc) from exc
         trace.backend_s = time.perf_counter() - began
         trace.backend = self.backend.name
+        if self.rollout is not None and trace.refusal is None:
+            self.rollout.after_send(trace, body)  # shadow copies, off the client's path
         shape = trace.endpoint.shape
         problem = answer_problem(shape, answer)
         if problem is not None:
@@ -545,6 +562,8 @@ class Pipeline:
             trace.backend = exc.backend
             raise from_serving_error(exc) from exc
         trace.backend = self.backend.name
+        if self.rollout is not None and trace.refusal is None:
+            self.rollout.after_send(trace, body)  # shadow copies, off the client's path
         guard = None
         if self.output_guarded(key, trace.model):
             assert self.rails is not None

@@ -7,7 +7,9 @@ nothing, rollback picked up from the database, versions and deployments in the a
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import threading
 import time
 from collections import Counter
@@ -154,6 +156,34 @@ def test_the_weight_split_over_1000_requests_is_within_binomial_bounds(
     sd = math.sqrt(1000 * 0.9 * 0.1)
     assert abs(chosen["blue"] - 900) <= 4.5 * sd, chosen
     assert chosen["blue"] + chosen["green"] == 1000
+
+
+def test_the_audit_row_names_the_deployment_backend_model_and_versions(
+    rollout: tuple[GatewayServer, Client, Client, Path],
+) -> None:
+    gateway, client, _, _ = rollout
+    answer = client.chat("which one")
+    request_id = answer.headers["x-gateway-request-id"]
+    [row] = audit_rows(gateway.settings, request_id=request_id)
+    assert row["deployment"] == answer.headers["x-gateway-deployment"]
+    assert row["backend_model"] == MODELS[row["deployment"]]
+    assert row["model"] == "chat" and row["shadow_of"] is None
+    version = gateway.services.rollout.version
+    assert row["config_version"] == version and len(version) == 12
+    assert row["policy_version"] == "default" and row["gateway_version"]
+    assert answer.json()["gateway"]["deployment"] == row["deployment"]
+    streamed = client.chat("stream it", stream=True)
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: {")]
+    last = json.loads(events[-1])
+    assert last["gateway"]["deployment"] == streamed.headers["x-gateway-deployment"]
+    [row] = audit_rows(gateway.settings, request_id=last["gateway"]["request_id"])
+    assert row["deployment"] == last["gateway"]["deployment"] and row["stream"] is True
+    # A refused request has its versions too.
+    refused = httpx.post(
+        gateway.url + "/v1/chat/completions", json={"model": "chat"}, headers={"authorization": "Bearer nope"}
+    )
+    [row] = audit_rows(gateway.settings, request_id=refused.headers["x-gateway-request-id"])
+    assert row["status"] == "unauthorized" and row["config_version"] == version
 
 
 def test_sticky_by_user_gives_one_user_one_variant(tmp_path: Path, fakes: dict[str, FakeBackendThread]) -> None:
@@ -333,3 +363,96 @@ def test_rollback_is_picked_up_from_the_database(
         time.sleep(0.05)
     assert gateway.services.rollout.version == second
     assert gateway_main(["rollout", "rollback", "ffffffffffff", *database]) == 1
+
+
+@pytest.fixture(scope="module")
+def slow_candidate() -> Iterator[FakeBackendThread]:
+    with FakeBackendThread(FakeConfig(models=("m-candidate",), delay_ms=3000)) as fake:
+        yield fake
+
+
+def shadowed(
+    tmp_path: Path, fakes: dict[str, FakeBackendThread], candidate_url: str, **extra: Any
+) -> tuple[Settings, str, str]:
+    text = config_text(fakes, shadow=1.0).replace(
+        f'backend = "{fakes["candidate"].url}"', f'backend = "{candidate_url}"'
+    )
+    text = "".join(f"{k} = {v}\n" for k, v in extra.items()) + text
+    path = tmp_path / "gateway.toml"
+    path.write_text(text, encoding="utf-8")
+    settings = settings_from(path, tmp_path)
+    return settings, create_key(settings, "client")[1], create_key(settings, "admin")[1]
+
+
+def wait_for(check: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_shadow_copies_are_counted_at_the_shadow_and_never_returned(
+    tmp_path: Path, fakes: dict[str, FakeBackendThread]
+) -> None:
+    settings, key, admin = shadowed(tmp_path, fakes, fakes["candidate"].url)
+    with GatewayServer(settings) as gateway:
+        client = Client(gateway, key)
+        answers = [client.chat(f"question {i}", stream=i % 2 == 1) for i in range(20)]
+        assert all(a.status_code == 200 for a in answers)
+        assert "m-candidate" not in "".join(a.text for a in answers)
+        assert {a.headers["x-gateway-deployment"] for a in answers} <= {"blue", "green"}
+        wait_for(lambda: stats(fakes["candidate"])["completed"] == 20)
+        assert stats(fakes["candidate"])["requests"] == 20
+        wait_for(lambda: len(audit_rows(settings, deployment="candidate")) == 20)
+        metrics = httpx.get(gateway.url + "/metrics", headers={"authorization": f"Bearer {admin}"}).text
+    copies = audit_rows(settings, deployment="candidate")
+    primaries = {r["request_id"]: r for r in audit_rows(settings) if r["shadow_of"] is None}
+    assert len(copies) == 20 and {c["shadow_of"] for c in copies} <= set(primaries)
+    for copy in copies:
+        primary = primaries[copy["shadow_of"]]
+        assert copy["backend_model"] == "m-candidate" and copy["model"] == "chat" and copy["status"] == "ok"
+        assert copy["response_text"] and copy["stream"] is False
+        assert copy["guards_json"] is not None  # the same output guards ran on the copy
+        assert copy["config_version"] == primary["config_version"] and copy["api_key_id"] == primary["api_key_id"]
+    assert 'gateway_shadow_copies_total{deployment="candidate",outcome="completed"} 20.0' in metrics
+
+
+def test_a_slow_shadow_costs_the_client_nothing_and_is_bounded(
+    tmp_path: Path, fakes: dict[str, FakeBackendThread], slow_candidate: FakeBackendThread
+) -> None:
+    settings, key, admin = shadowed(tmp_path, fakes, slow_candidate.url, shadow_max_in_flight=2)
+    httpx.post(slow_candidate.url + "/fake/reset")
+    with GatewayServer(settings) as gateway:
+        client = Client(gateway, key)
+        with_shadow = []
+        for i in range(10):
+            began = time.perf_counter()
+            assert client.chat(f"q{i}").status_code == 200
+            with_shadow.append(time.perf_counter() - began)
+        described = Client(gateway, admin).http.get("/admin/config").json()["shadow"]
+        # The same gateway without the shadow, in the same run: its latency is the yardstick.
+        (tmp_path / "gateway.toml").write_text(config_text(fakes), encoding="utf-8")
+        assert Client(gateway, admin).http.post("/admin/reload").status_code == 200
+        without = []
+        for i in range(10):
+            began = time.perf_counter()
+            assert client.chat(f"q{i}").status_code == 200
+            without.append(time.perf_counter() - began)
+    # A copy takes 3 s at the shadow; on the client's path the median would be 3 s above the other.
+    assert statistics.median(with_shadow) < statistics.median(without) + 1.0, (with_shadow, without)
+    assert described["by_deployment"]["candidate"]["sent"] == 2  # the bound: 2 in flight...
+    assert described["by_deployment"]["candidate"]["dropped"] == 8  # ...the rest dropped and counted
+    assert stats(slow_candidate)["requests"] == 2
+
+
+def test_a_dead_shadow_costs_the_client_nothing(tmp_path: Path, fakes: dict[str, FakeBackendThread]) -> None:
+    settings, key, _ = shadowed(tmp_path, fakes, dead_url())
+    with GatewayServer(settings) as gateway:
+        client = Client(gateway, key)
+        answers = [client.chat(f"q{i}", stream=i % 2 == 1) for i in range(10)]
+        assert [a.status_code for a in answers] == [200] * 10
+        wait_for(lambda: len(audit_rows(settings, deployment="candidate")) == 10)
+    copies = audit_rows(settings, deployment="candidate")
+    assert len(copies) == 10
+    assert {c["status"] for c in copies} == {"backend_error"} and {c["error_code"] for c in copies} == {
+        "backend_unavailable"
+    }
