@@ -35,6 +35,7 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    wire: dict[str, Any] | None = None  # a backend's error object, sent as it came (field types kept)
 
     def __init__(
         self,
@@ -60,10 +61,8 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code},
-            **self.extra,
-        }
+        error = self.wire or {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error, **self.extra}
 
 
 class InvalidRequest(GatewayError):
@@ -152,13 +151,22 @@ def from_serving_error(exc: ServingError) -> GatewayError:
             upstream = exc.body.get("error") if isinstance(exc.body, dict) else None
             upstream = upstream if isinstance(upstream, dict) else (exc.body if isinstance(exc.body, dict) else {})
             kind = upstream.get("type")
-            return GatewayError(
+            error = GatewayError(
                 exc.message,
                 status=exc.status,
                 type=kind if isinstance(kind, str) else "invalid_request_error",
                 param=upstream.get("param") if isinstance(upstream.get("param"), str) else None,
                 code=str(upstream.get("code")) if upstream.get("code") is not None else "backend_rejected",
             )
+            # The client gets the backend's own fields as they came (`"code": 400` stays an
+            # integer); the string form above is what the audit row and the metrics keep.
+            error.wire = {
+                "message": exc.message,
+                "type": error.type,
+                "param": upstream.get("param"),
+                "code": upstream.get("code", error.code),
+            }
+            return error
         return UpstreamError(
             f"backend {exc.backend} failed with HTTP {exc.status}: {exc.message}", status=502, code="backend_error"
         )

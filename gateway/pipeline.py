@@ -93,7 +93,8 @@ class Trace:
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     api_key_id: str | None = None
-    model: str | None = None
+    model: str | None = None  # as the client asked (an alias stays the alias)
+    backend_model: str | None = None  # the model an alias stands for, asked of the backend
     stream: bool = False
     request_json: str | None = None
     status: str = "ok"
@@ -137,6 +138,7 @@ class Trace:
             "api_key_id": self.api_key_id,
             "endpoint": self.endpoint.name,
             "model": self.model,  # the audit writer fits every text to its column (audit_rows)
+            "backend_model": self.backend_model,
             "backend": self.backend,
             "stream": self.stream,
             "status": self.status,
@@ -328,6 +330,8 @@ class Pipeline:
             default_top_k=self.rag_top_k,
             default_min_score=self.rag_min_score,
         )
+        if body.get("model") != trace.model:  # an alias: answers still name it, the row both
+            trace.backend_model = body.get("model")
         await self._guard_input(trace, key, body)
         if wanted is not None:
             await self._retrieve(trace, key, body, wanted)
@@ -513,6 +517,8 @@ class Pipeline:
         trace.usage = answer.get("usage")
         if choices and self.output_guarded(key, trace.model):
             await self._guard_answer(trace, key, body, choices)
+        if trace.backend_model is not None:
+            answer["model"] = trace.model
         answer["gateway"] = trace.gateway_object()
         payload = _encode(answer)
         trace.response_json = payload.decode()

@@ -66,6 +66,8 @@ class StreamRelay:
         self.held_content = False  # whether it carries answer text (for time to first token)
         self.stopped = False  # an output guard ended the stream (the rest is not wanted)
         self.recorded = False
+        # An alias answers as the alias (the backend was asked for the model it stands for).
+        self.model = trace.model if trace.backend_model is not None else None
 
     async def run(self, upstream: AsyncIterator[list[bytes]], first: list[bytes] | None) -> AsyncIterator[bytes]:
         """The loop: each batch of events becomes at most one write."""
@@ -103,14 +105,20 @@ class StreamRelay:
         event = self._checked(_decode(payload))
         choices = event.get("choices") or []
         content, closing = self._note(choices)
+        if self.model is not None:
+            event["model"] = self.model
+            payload = _encode(event)
         if self.guard is not None and choices:
-            # Release only text the output guards passed; hold the unchecked rest.
+            # Release only text the output guards passed; hold the unchecked rest (its other
+            # fields ride along with the next text released: nothing of a chunk is lost).
             released, blocked = await self.guard.filter(event, self.shape)
             if blocked is not None:
                 self._block(event, blocked)
                 return
             if not event["choices"] and not event.get("usage"):
-                return  # everything in it is held back for now
+                self.guard.hold_event(event)  # everything in it is held back for now
+                return
+            self.guard.merge_event(event)
             content, payload = released, _encode(event)
         if event.get("usage"):
             self.trace.usage = event["usage"]
@@ -273,6 +281,8 @@ class StreamGuard:
         self._model = model
         self._prompt = prompt
         self._checkers: dict[int, StreamChecker] = {}
+        self._held: dict[int, dict[str, Any]] = {}  # per choice: the fields of chunks held back
+        self._held_event: dict[str, Any] = {}  # top-level fields of events held back whole
 
     def _checker(self, index: int) -> StreamChecker:
         checker = self._checkers.get(index)
@@ -295,7 +305,10 @@ class StreamGuard:
                 return released_any, (index, blocked)
             shape.set_delta_text(choice, release)
             if release or shape.delta_keeps(choice):
+                self._carry(index, choice)
                 kept.append(choice)
+            else:
+                self._hold(index, choice)
             released_any = released_any or bool(release)
         event["choices"] = kept
         return released_any, None
@@ -316,12 +329,59 @@ class StreamGuard:
             release += step.release
         return release, None
 
+    def _hold(self, index: int, choice: dict[str, Any]) -> None:
+        """A choice whose text is held back: keep its other fields (logprobs, token ids, ...)."""
+        extra = {k: v for k, v in choice.items() if k not in _CHOICE_OWN}
+        if extra:
+            held = self._held.get(index)
+            self._held[index] = extra if held is None else merge_fields(held, extra)
+
+    def _carry(self, index: int, choice: dict[str, Any]) -> None:
+        """A choice going out: put the held chunks' fields in front of its own."""
+        held = self._held.pop(index, None)
+        if held is not None:
+            own = {k: v for k, v in choice.items() if k not in _CHOICE_OWN}
+            choice.update(merge_fields(held, own))
+
+    def hold_event(self, event: dict[str, Any]) -> None:
+        """An event held back whole: keep its top-level fields beyond the usual ones."""
+        extra = {k: v for k, v in event.items() if k not in _EVENT_OWN}
+        if extra:
+            self._held_event = merge_fields(self._held_event, extra)
+
+    def merge_event(self, event: dict[str, Any]) -> None:
+        """An event going out: the held events' top-level fields go with it."""
+        if self._held_event:
+            own = {k: v for k, v in event.items() if k not in _EVENT_OWN}
+            event.update(merge_fields(self._held_event, own))
+            self._held_event = {}
+
     def summary(self) -> list[Verdict]:
         return [v for checker in self._checkers.values() for v in checker.summary()]
 
     def released(self, index: int) -> str:
         checker = self._checkers.get(index)
         return checker.released if checker is not None else ""
+
+
+_CHOICE_OWN = frozenset({"index", "delta", "text", "finish_reason"})  # what the guard rewrites itself
+_EVENT_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
+
+
+def merge_fields(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """The fields of two consecutive chunks as one: lists concatenated in order (logprobs
+    entries, token ids, offsets), objects merged the same way, otherwise the later value unless
+    it is null (`stop_reason` comes with the last chunk)."""
+    merged = dict(earlier)
+    for key, value in later.items():
+        before = merged.get(key)
+        if isinstance(before, list) and isinstance(value, list):
+            merged[key] = before + value
+        elif isinstance(before, dict) and isinstance(value, dict):
+            merged[key] = merge_fields(before, value)
+        elif value is not None or key not in merged:
+            merged[key] = value
+    return merged
 
 
 def mid_stream(exc: ServingError) -> UpstreamError:
