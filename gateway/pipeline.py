@@ -44,7 +44,7 @@ from gateway.errors import (
 )
 from gateway.limits import UNLIMITED, Admission, Limiter, estimate_tokens, release_after, tokens_used
 from gateway.logs import new_request_id
-from gateway.relay import StreamGuard, StreamRelay
+from gateway.relay import StreamGuard, StreamRelay, ask_for_usage
 from gateway.rollout import audit_columns as rollout_columns
 from gateway.shapes import Shape, answer_problem
 from gateway.tracing import current_trace_id
@@ -555,10 +555,14 @@ class Pipeline:
     async def _open_stream(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """Start the upstream stream; failures before the first event become proper HTTP errors."""
         began = time.perf_counter()
+        guarded = self.output_guarded(key, trace.model)
+        usage = None
         if trace.refusal is not None:
             upstream: AsyncIterator[list[bytes]] = _replay([rag.refusal_events(trace.refusal)])
         else:
-            upstream = self.backend.stream(trace.endpoint.path, body).__aiter__()
+            # Guarded: usage on every event, so a stream a guard stops still records its tokens.
+            sent, usage = ask_for_usage(body) if guarded else (body, None)
+            upstream = self.backend.stream(trace.endpoint.path, sent).__aiter__()
         try:
             first: list[bytes] | None = await upstream.__anext__()
         except StopAsyncIteration:
@@ -571,11 +575,11 @@ class Pipeline:
         if self.rollout is not None and trace.refusal is None:
             self.rollout.after_send(trace, body)  # shadow copies, off the client's path
         guard = None
-        if self.output_guarded(key, trace.model):
+        if guarded:
             assert self.rails is not None
             prompt = guarding.last_user_text(trace.endpoint.shape.prompt_messages(body))
             guard = StreamGuard(self.rails, key.id, trace.model, prompt, trace.passages)
-        relay = StreamRelay(trace, guard, began, self.record, self._record_nowait)
+        relay = StreamRelay(trace, guard, began, self.record, self._record_nowait, usage)
         return relay.run(upstream, first)
 
 

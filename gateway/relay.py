@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -42,6 +43,23 @@ def sse(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+@dataclass(frozen=True, slots=True)
+class UsageAsk:
+    """What the client asked of usage, where the gateway asked the backend for usage on every
+    event (so a stream an output guard stops still knows the tokens it cost)."""
+
+    final: bool  # the client wants the closing usage event (stream_options.include_usage)
+    continuous: bool  # ... and usage on every event (stream_options.continuous_usage_stats)
+
+
+def ask_for_usage(body: dict[str, Any]) -> tuple[dict[str, Any], UsageAsk]:
+    """The body to send (asking vLLM for usage on every event) and what the client itself asked."""
+    options = body.get("stream_options") or {}
+    ask = UsageAsk(bool(options.get("include_usage")), bool(options.get("continuous_usage_stats")))
+    sent = {**body, "stream_options": {**options, "include_usage": True, "continuous_usage_stats": True}}
+    return sent, ask
+
+
 class StreamRelay:
     """One stream's state, from the first backend event to `[DONE]`."""
 
@@ -52,6 +70,7 @@ class StreamRelay:
         began: float,
         record: Callable[[Trace], Awaitable[None]],
         record_nowait: Callable[[Trace], None],
+        usage: UsageAsk | None = None,
     ) -> None:
         self.trace = trace
         self.shape: Shape = trace.endpoint.shape
@@ -68,6 +87,8 @@ class StreamRelay:
         self.recorded = False
         # An alias answers as the alias (the backend was asked for the model it stands for).
         self.model = trace.model if trace.backend_model is not None else None
+        self.usage = usage  # None: the backend was asked exactly what the client asked
+        self.tail: dict[str, Any] | None = None  # the usage event after a blocked stream's last
 
     async def run(self, upstream: AsyncIterator[list[bytes]], first: list[bytes] | None) -> AsyncIterator[bytes]:
         """The loop: each batch of events becomes at most one write."""
@@ -105,6 +126,8 @@ class StreamRelay:
         event = self._checked(_decode(payload))
         choices = event.get("choices") or []
         content, closing = self._note(choices)
+        if self.usage is not None and event.get("usage") is not None and not self._own_usage(event, choices):
+            return  # the closing usage event the gateway asked for and the client did not
         if self.model is not None:
             event["model"] = self.model
             payload = _encode(event)
@@ -130,6 +153,16 @@ class StreamRelay:
             if content:
                 self._first_token()
             self.out.append(sse(payload))
+
+    def _own_usage(self, event: dict[str, Any], choices: list[dict[str, Any]]) -> bool:
+        """Note usage the gateway asked for; keep in the event only what the client asked for."""
+        assert self.usage is not None
+        self.trace.usage = event["usage"]
+        if not choices:
+            return self.usage.final
+        if not self.usage.continuous:
+            del event["usage"]  # the guard re-encodes every event with choices
+        return True
 
     def _checked(self, event: Any) -> dict[str, Any]:
         """The event, once it is known to be a well-formed event and not an error report."""
@@ -181,11 +214,18 @@ class StreamRelay:
             "reason": verdict.reason,
             "message": verdict.message,
         }
-        if index == 0:
-            trace.finish_reason = "content_filter"
+        self.finishes[index] = "content_filter"  # what the client got (the row's finish_reason)
         base = {key: event[key] for key in ("id", "object", "created", "model") if key in event}
-        self.held = base | {"choices": [self.shape.closing_choice(index, "content_filter")]}
-        self.held_content = False
+        # The policy's message ends the answer (after what was released, in its own paragraph).
+        assert self.guard is not None
+        message = closing_text(self.guard.released(index), verdict.message or "")
+        closing = self.shape.closing_choice(index, "content_filter")
+        if message:
+            self.shape.set_delta_text(closing, message)
+        self.held = base | {"choices": [closing]}
+        self.held_content = bool(message)
+        if self.usage is not None and self.usage.final and self.trace.usage is not None:
+            self.tail = base | {"choices": [], "usage": self.trace.usage}  # the tokens it cost
         self.stopped = True
 
     def _ended(self) -> None:
@@ -242,11 +282,14 @@ class StreamRelay:
                 "model": trace.model,
                 "choices": [],
             }
-        held["gateway"] = trace.gateway_object()
+        last = self.tail or held
+        last["gateway"] = trace.gateway_object()
         if self.held_content:
             self._first_token()  # the first text rides in the last event
         self.recorded = True
         await self._record(trace)
+        if self.tail is not None:
+            return sse(_encode(held)) + sse(_encode(self.tail)) + DONE
         return sse(_encode(held)) + DONE
 
     def _summarise(self) -> None:
@@ -362,6 +405,15 @@ class StreamGuard:
     def released(self, index: int) -> str:
         checker = self._checkers.get(index)
         return checker.released if checker is not None else ""
+
+
+def closing_text(released: str, message: str) -> str:
+    """A blocked answer's last words: close an open code block, then the policy's message."""
+    if not message:
+        return ""
+    fence = "\n```" if released.count("```") % 2 else ""
+    gap = "\n\n" if released.strip() else ""
+    return fence + gap + message
 
 
 _CHOICE_OWN = frozenset({"index", "delta", "text", "finish_reason"})  # what the guard rewrites itself

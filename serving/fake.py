@@ -289,11 +289,18 @@ class FakeBackend:
             return await self._trickle(request, events, after, float(steer.get("trickle_ms", 0)), "text/event-stream")
         resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
         await resp.prepare(request)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
+        continuous = include_usage and bool(options.get("continuous_usage_stats"))  # as vLLM: usage on every event
         pause = 1.0 / self.config.tokens_per_s if self.config.tokens_per_s > 0 else 0.0
+        sent = [0]  # completion tokens so far
 
         def event(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
             payload: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            if continuous and choices:
+                sent[0] += sum(1 for c in choices if (c.get("delta") or {}).get("content") or c.get("text"))
+                done = {"completion_tokens": sent[0], "total_tokens": usage["prompt_tokens"] + sent[0]}
+                payload["usage"] = {"prompt_tokens": usage["prompt_tokens"], **done}
             if extra:
                 payload.update(extra)
             return b"data: " + _encode(payload) + b"\n\n"

@@ -172,7 +172,8 @@ def test_stream_block_mid_answer_never_sends_the_flagged_sentence(
     assert "idiot" not in raw and "hate" not in raw and "Goodbye" not in raw
     chunks = [json.loads(e) for e in events[:-1]]
     delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert delivered == "Hello there, happy to help."
+    # What passed the guard, then the policy's message as the last words (issue 18, item 6).
+    assert delivered == "Hello there, happy to help.\n\nThe answer was withheld by the content filter."
     final = chunks[-1]
     assert final["choices"][0]["finish_reason"] == "content_filter"
     assert final["gateway"]["blocked"]["guard"] == "toxicity"

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.relay import merge_fields
+from gateway.relay import closing_text, merge_fields
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
@@ -117,7 +117,15 @@ def test_held_chunks_keep_logprobs_token_ids_and_stop_reason_for_every_choice(
     prompt: dict[str, Any] = (
         {"messages": [{"role": "user", "content": "Capital of France?"}]} if chat else {"prompt": "Capital of France?"}
     )
-    body = {"model": "fake-model", **prompt, "stream": True, "n": 2, "logprobs": True, "fake": {"events": direct}}
+    body = {
+        "model": "fake-model",
+        **prompt,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "n": 2,
+        "logprobs": True,
+        "fake": {"events": direct},
+    }
     reply = httpx.post(server.url + path, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
     assert reply.status_code == 200
     through = sse_events(reply.text)
@@ -198,3 +206,65 @@ def test_merge_fields_concatenates_lists_and_keeps_the_last_non_null() -> None:
         "y": True,
     }
     assert merge_fields({"logprobs": None}, {"logprobs": {"content": [1]}}) == {"logprobs": {"content": [1]}}
+
+
+TOXIC = "You are a stupid idiot and I hate you."
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["usage-asked", "usage-not-asked"])
+def test_a_blocked_stream_ends_with_the_policy_message_then_usage_and_records_usage(
+    gateway_and_key: tuple[GatewayServer, str, Settings], fake_backend: FakeBackendThread, include_usage: bool
+) -> None:
+    server, key, settings = gateway_and_key
+    body: dict[str, Any] = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake": {"answer": f"Hello there, happy to help. {TOXIC} Goodbye now."},
+    }
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    reply = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=30
+    )
+    assert "idiot" not in reply.text and "Goodbye" not in reply.text
+    events = sse_events(reply.text)
+    text = per_choice(events, chat=True)[0]["text"]
+    assert text == "Hello there, happy to help.\n\nThe answer was withheld because it may contain toxic content."
+    closing = [e for e in events if e["choices"] and e["choices"][0].get("finish_reason")]
+    assert [e["choices"][0]["finish_reason"] for e in closing] == ["content_filter"]
+    assert all("usage" not in e for e in events if e["choices"])  # per-event usage is the gateway's own
+    [row] = audit_rows(settings)
+    assert row["status"] == "blocked" and row["finish_reason"] == "content_filter"
+    assert row["prompt_tokens"] == 1 and row["completion_tokens"] and row["completion_tokens"] >= 6
+    if include_usage:
+        usage = events[-1]
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == row["completion_tokens"]
+        assert usage["gateway"]["blocked"]["guard"] == "toxicity"
+    else:
+        assert events[-1]["choices"][0]["finish_reason"] == "content_filter"
+        assert "usage" not in events[-1]
+    [sent] = httpx.get(fake_backend.url + "/fake/requests").json()
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+
+
+def test_a_clean_guarded_stream_records_usage_the_client_did_not_ask_for(
+    gateway_and_key: tuple[GatewayServer, str, Settings],
+) -> None:
+    server, key, settings = gateway_and_key
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi there"}], "stream": True}
+    reply = httpx.post(
+        server.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}, timeout=30
+    )
+    events = sse_events(reply.text)
+    assert all("usage" not in e for e in events)  # the client did not ask: no usage event, none per event
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    [row] = audit_rows(settings)
+    assert row["status"] == "ok" and row["prompt_tokens"] == 2 and row["completion_tokens"] == 16
+
+
+def test_closing_text_closes_an_open_code_block_before_the_message() -> None:
+    assert closing_text("Here:\n```python\nprint(1)\n", "Withheld.") == "\n```\n\nWithheld."
+    assert closing_text("Fine so far. ", "Withheld.") == "\n\nWithheld."
+    assert closing_text("", "Withheld.") == "Withheld."
+    assert closing_text("Anything", "") == ""
