@@ -578,7 +578,8 @@ class Pipeline:
         if guarded:
             assert self.rails is not None
             prompt = guarding.last_user_text(trace.endpoint.shape.prompt_messages(body))
-            guard = StreamGuard(self.rails, key.id, trace.model, prompt, trace.passages)
+            optimistic = self.rails.request_policy(key.id, trace.model).stream_mode == "optimistic"
+            guard = StreamGuard(self.rails, key.id, trace.model, prompt, trace.passages, optimistic)
         relay = StreamRelay(trace, guard, began, self.record, self._record_nowait, usage)
         return relay.run(upstream, first)
 

@@ -316,9 +316,17 @@ class StreamGuard:
     """Output guards over a stream: one sentence-by-sentence checker per choice."""
 
     def __init__(
-        self, rails: Guardrails, api_key_id: str, model: str | None, prompt: str | None, passages: tuple[Passage, ...]
+        self,
+        rails: Guardrails,
+        api_key_id: str,
+        model: str | None,
+        prompt: str | None,
+        passages: tuple[Passage, ...],
+        optimistic: bool = False,
     ) -> None:
         self._rails = rails
+        # Optimistic (policy stream_mode): text goes out as it comes; a failed check ends the stream.
+        self._sent: dict[int, str] | None = {} if optimistic else None
         self._passages = passages
         self._api_key_id = api_key_id
         self._model = model
@@ -339,6 +347,8 @@ class StreamGuard:
 
         Returns (whether any text was released, (choice index, blocking verdict) or None).
         """
+        if self._sent is not None:
+            return await self._watch(event, shape, self._sent)
         kept = []
         released_any = False
         for choice in event["choices"]:
@@ -355,6 +365,22 @@ class StreamGuard:
             released_any = released_any or bool(release)
         event["choices"] = kept
         return released_any, None
+
+    async def _watch(
+        self, event: dict[str, Any], shape: Shape, sent: dict[int, str]
+    ) -> tuple[bool, tuple[int, Verdict] | None]:
+        """Optimistic: the event goes out unchanged while its text is checked; a block ends the stream."""
+        sent_any = False
+        for choice in event["choices"]:
+            index = choice.get("index", 0)
+            piece = shape.delta_text(choice)
+            _, blocked = await self._release(self._checker(index), piece, choice)
+            if blocked is not None:
+                return sent_any, (index, blocked)
+            if piece:
+                sent[index] = sent.get(index, "") + piece
+                sent_any = True
+        return sent_any, None
 
     @staticmethod
     async def _release(checker: StreamChecker, piece: str | None, choice: dict[str, Any]) -> tuple[str, Verdict | None]:
@@ -403,6 +429,9 @@ class StreamGuard:
         return [v for checker in self._checkers.values() for v in checker.summary()]
 
     def released(self, index: int) -> str:
+        """The text of a choice the client got."""
+        if self._sent is not None:
+            return self._sent.get(index, "")
         checker = self._checkers.get(index)
         return checker.released if checker is not None else ""
 

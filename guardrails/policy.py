@@ -27,12 +27,17 @@ from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityConfig
 
 EmptyRetrieval = Literal["answer_without_passages", "refuse"]
 EMPTY_RETRIEVAL: tuple[EmptyRetrieval, ...] = ("answer_without_passages", "refuse")
+#: How output guards treat a stream: "checked" releases only text they passed (a blocked sentence
+#: is never sent); "optimistic" sends text as it comes and ends the stream with content_filter
+#: when a later check fails (redactions then apply to the audit row only, not to sent text).
+StreamMode = Literal["checked", "optimistic"]
+STREAM_MODES: tuple[StreamMode, ...] = ("checked", "optimistic")
 #: Message roles an input guard may be limited to; "request" stands for the texts outside the
 #: messages (tool and function definitions, response_format and guided-decoding schemas, a
 #: chat_template, documents, a completion's suffix); "all" (the default) for every one of them.
 ROLES = frozenset({"user", "system", "tool", "assistant", "developer", "function", "request", "all"})
 _TOP_KEYS = frozenset({"version", "defaults", "scorers", "guards", "overrides"})
-_DEFAULT_KEYS = frozenset({"on_empty_retrieval", "refusal_message"})
+_DEFAULT_KEYS = frozenset({"on_empty_retrieval", "refusal_message", "stream_mode"})
 DEFAULT_REFUSAL = "I could not find any sources to answer this question."
 
 
@@ -43,6 +48,7 @@ class RequestPolicy:
     guards: Mapping[str, GuardSettings]
     on_empty_retrieval: EmptyRetrieval
     refusal_message: str
+    stream_mode: StreamMode = "checked"
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,7 @@ def _resolve(policy: Policy, layers: list[Mapping[str, Any]], loc: _KeyLocator) 
         guards=guards,
         on_empty_retrieval=defaults.get("on_empty_retrieval", "answer_without_passages"),
         refusal_message=defaults.get("refusal_message", DEFAULT_REFUSAL),
+        stream_mode=defaults.get("stream_mode", "checked"),
     )
 
 
@@ -269,6 +276,10 @@ def _check_defaults(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLoca
         )
     if "refusal_message" in raw and (not isinstance(raw["refusal_message"], str) or not raw["refusal_message"]):
         raise loc.error((*path, "refusal_message"), "refusal_message must be a non-empty string")
+    if "stream_mode" in raw and raw["stream_mode"] not in STREAM_MODES:
+        raise loc.error(
+            (*path, "stream_mode"), f"stream_mode must be one of {', '.join(STREAM_MODES)}, not {raw['stream_mode']!r}"
+        )
 
 
 def _check_layer(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator, base_dir: Path) -> None:
