@@ -8,7 +8,14 @@ closing and usage events, unguarded, and reports the CPU time per stream and per
   - `after, alias`: the same with the alias renaming every event's `model` (re-encoded).
 
 Both record into a no-op audit writer. Rounds alternate between the two so machine noise hits
-both alike. Usage: `.venv/bin/python benchmarks/bench_streams.py [--rounds 7] [--streams 400]`.
+both alike.
+
+With `--live`, also the streaming feel (issue 15) against the fake backend at 30 tokens/s (60
+tokens an answer), direct and through a gateway (SQLite audit log on) with guards off, the
+default guards (`stream_mode = "checked"`) and the default guards with
+`stream_mode = "optimistic"`: time to the first content token, and content events per token.
+
+Usage: `.venv/bin/python benchmarks/bench_streams.py [--rounds 7] [--streams 400] [--live N]`.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ EVENTS = 100
 def _events() -> list[bytes]:
     base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "fake-model"}
     out = [
-        msgspec.json.encode({**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]})
+        msgspec.json.encode(
+            {**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+        )
         for i in range(EVENTS - 1)
     ]
     out.append(msgspec.json.encode({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
@@ -116,6 +125,67 @@ async def _measure(run: Callable[[list[bytes]], AsyncIterator[bytes]], events: l
     return (time.process_time() - began) / streams
 
 
+def _feel(url: str, key: str | None, n: int) -> tuple[float, float]:
+    """(median ms to the first content token, content events per token) over n streams."""
+    import httpx
+
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Tell me about streams."}], "stream": True}
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    ttfts, ratios = [], []
+    with httpx.Client(timeout=60) as client:
+        for _ in range(n):
+            began, first, events, text = time.perf_counter(), None, 0, ""
+            with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as reply:
+                for line in reply.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = msgspec.json.decode(line[6:])
+                    piece = "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices") or [])
+                    if piece:
+                        first = first or time.perf_counter()
+                        events += 1
+                        text += piece
+            assert first is not None
+            ttfts.append((first - began) * 1000)
+            ratios.append(events / len(text.split()))
+    return statistics.median(ttfts), statistics.median(ratios)
+
+
+def live(n: int) -> None:
+    from gateway.settings import Settings
+    from serving.fake import FakeBackendThread, FakeConfig
+    from tests.helpers import GatewayServer, create_key, prepare_database
+
+    tmp = Path(tempfile.mkdtemp())
+    optimistic = tmp / "optimistic.toml"
+    optimistic.write_text('version = 1\n[defaults]\nstream_mode = "optimistic"\n')
+    policies = {
+        "guards off": ROOT / "benchmarks" / "guards-off.toml",
+        "default guards, checked": None,
+        "default guards, optimistic": optimistic,
+    }
+    with FakeBackendThread(FakeConfig(models=("fake-model",), tokens_per_s=30, answer_tokens=60)) as fake:
+        rows = [("direct", *_feel(fake.url, None, n))]
+        for name, policy in policies.items():
+            settings = Settings(
+                data_dir=tmp / name.replace(" ", "_").replace(",", ""),
+                backend=(fake.url,),
+                embedding_model="hashing",
+                sample_corpus=False,
+                policy=policy,
+            )
+            prepare_database(settings)
+            _, key = create_key(settings, "client", "bench")
+            with GatewayServer(settings) as server:
+                _feel(server.url, key, 1)  # warm up
+                rows.append((name, *_feel(server.url, key, n)))
+    base = rows[1][1]
+    print(f"streaming feel, fake backend at 30 tokens/s, 60 tokens (median of {n} streams)")
+    for name, ttft, ratio in rows:
+        added = f"{ttft - base:+7.1f} ms vs guards off" if name != "direct" else ""
+        print(f"  {name:28s} first token {ttft:7.1f} ms {added:24s} content events per token {ratio:4.2f}")
+
+
 async def main(rounds: int, streams: int) -> None:
     events = _events()
     runners = {
@@ -143,5 +213,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--streams", type=int, default=400)
+    parser.add_argument("--live", type=int, default=0, help="also the streaming feel, over this many streams each")
     args = parser.parse_args()
     asyncio.run(main(args.rounds, args.streams))
+    if args.live:
+        live(args.live)
