@@ -88,6 +88,12 @@ async def _evalsha_calls() -> int:
         await client.aclose()
 
 
+def _floor(pings: list[float]) -> dict[str, float]:
+    pings = sorted(pings)
+    return {"off_p50_ms": 0.0, "on_p50_ms": percentile(pings, 50) * 1000, "on_p99_ms": percentile(pings, 99) * 1000,
+            "added_p50_ms": 0.0, "with_release_p50_ms": 0.0, "evalsha_per_request": 0.0}  # fmt: skip
+
+
 async def micro(requests: int) -> dict[str, Any]:
     from gateway.limits_redis import RedisLimiter
 
@@ -96,33 +102,43 @@ async def micro(requests: int) -> dict[str, Any]:
     limited, unlimited = _Key("bench-limited", KeyLimits(**BIG)), _Key("bench-free", None)
     in_process = InProcessLimiter()
     redis = RedisLimiter(REDIS_URL, prefix=prefix)
+    before = RedisLimiter(REDIS_URL, prefix=prefix, client="redis-py")  # the client before the raw RESP one
     try:
         await redis.start()
+        await before.start()
         pings = []
         for _ in range(requests):  # the floor: one bare round trip to this Redis from this client
             began = time.perf_counter()
             await redis._redis.ping()
             pings.append(time.perf_counter() - began)
-        out["redis PING (floor)"] = {"off_p50_ms": 0.0, "on_p50_ms": percentile(sorted(pings), 50) * 1000,
-                                     "on_p99_ms": percentile(sorted(pings), 99) * 1000, "added_p50_ms": 0.0,
-                                     "with_release_p50_ms": 0.0, "evalsha_per_request": 0.0}  # fmt: skip
-        for name, limiter, n in (("in-process", in_process, requests * 5), ("redis", redis, requests)):
+        out["redis PING (floor, redis-py)"] = _floor(pings)
+        pings = []
+        for _ in range(requests):  # the same through the pipelined client
+            began = time.perf_counter()
+            await redis._pipe.call("PING")
+            pings.append(time.perf_counter() - began)
+        out["redis PING (floor, pipelined)"] = _floor(pings)
+        cases = (("in-process", in_process, requests * 5), ("redis-py client (before)", before, requests),
+                 ("redis", redis, requests))  # fmt: skip
+        for name, limiter, n in cases:
             await _time_checks(limiter, limited, 8, 400)  # warm up (connections, script cache)
             for concurrency in (1, 32):
                 off = await _time_checks(limiter, unlimited, concurrency, n)
-                calls = await _evalsha_calls() if name == "redis" else 0
+                calls = await _evalsha_calls() if name != "in-process" else 0
                 on = await _time_checks(limiter, limited, concurrency, n)
-                calls = (await _evalsha_calls() - calls) if name == "redis" else 0
+                await limiter.drain()
+                calls = (await _evalsha_calls() - calls) if name != "in-process" else 0
                 out[f"{name} c={concurrency}"] = {
                     "off_p50_ms": off["p50_ms"],
                     "on_p50_ms": on["p50_ms"],
                     "on_p99_ms": on["p99_ms"],
                     "with_release_p50_ms": on["with_release_p50_ms"],
                     "added_p50_ms": on["p50_ms"] - off["p50_ms"],
-                    "evalsha_per_request": calls / n if name == "redis" else 0.0,
+                    "evalsha_per_request": calls / n,
                 }
     finally:
         await redis.aclose()
+        await before.aclose()
         from redis.asyncio import Redis
 
         client = Redis.from_url(REDIS_URL)
