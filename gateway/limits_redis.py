@@ -118,8 +118,11 @@ for i = 1, n do
       writes[i] = new
     end
   elseif kind == 'c' or kind == 'm' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     local count = redis.call('ZCARD', key)
+    if count >= limit then  -- full: drop expired leases (a crashed replica's) before refusing
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      count = redis.call('ZCARD', key)
+    end
     remaining = limit - count - 1
     if count >= limit then ok = 0; retry = 1000 else writes[i] = true end
   else
@@ -143,8 +146,9 @@ for i = 1, n do
     redis.call('ZADD', KEYS[i], now + lease, member)
     redis.call('PEXPIRE', KEYS[i], math.ceil(lease) + 1000)
   else
-    redis.call('INCRBY', KEYS[i], cost)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(aux) + 86400000)
+    if redis.call('INCRBY', KEYS[i], cost) == cost then  -- new counter: it lasts a day past its period
+      redis.call('PEXPIRE', KEYS[i], math.ceil(aux) + 86400000)
+    end
   end
 end
 return '1;' .. table.concat(out, ';')
