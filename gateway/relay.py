@@ -96,9 +96,11 @@ class StreamRelay:
             batch = first
             while batch is not None:
                 for payload in batch:
-                    await self._event(payload)
-                    if self.stopped:
-                        break
+                    guarded = self._event(payload)
+                    if guarded is not None:
+                        await guarded
+                        if self.stopped:
+                            break
                 if self.out:
                     yield self._flush()
                 batch = None if self.stopped else await anext(upstream, None)
@@ -121,28 +123,39 @@ class StreamRelay:
         out, self.out = self.out, []
         return out[0] if len(out) == 1 else b"".join(out)
 
-    async def _event(self, payload: bytes) -> None:
-        """One backend event: note it for the audit row, guard it, send it on or hold it."""
+    def _event(self, payload: bytes) -> Awaitable[None] | None:
+        """One backend event: note it for the audit row, then send it on or hold it. Under output
+        guards the rest is a coroutine to await (so an unguarded event costs no coroutine)."""
         event = self._checked(_decode(payload))
         choices = event.get("choices") or []
         content, closing = self._note(choices)
         if self.usage is not None and event.get("usage") is not None and not self._own_usage(event, choices):
-            return  # the closing usage event the gateway asked for and the client did not
+            return None  # the closing usage event the gateway asked for and the client did not
         if self.model is not None:
             event["model"] = self.model
             payload = _encode(event)
         if self.guard is not None and choices:
-            # Release only text the output guards passed; hold the unchecked rest (its other
-            # fields ride along with the next text released: nothing of a chunk is lost).
-            released, blocked = await self.guard.filter(event, self.shape)
-            if blocked is not None:
-                self._block(event, blocked)
-                return
-            if not event["choices"] and not event.get("usage"):
-                self.guard.hold_event(event)  # everything in it is held back for now
-                return
+            return self._guarded(event, choices, closing)
+        self._send(event, payload, content, closing, choices)
+        return None
+
+    async def _guarded(self, event: dict[str, Any], choices: list[dict[str, Any]], closing: bool) -> None:
+        """Release only text the output guards passed; hold the unchecked rest (its other fields
+        ride along with the next text released: nothing of a chunk is lost)."""
+        assert self.guard is not None
+        released, blocked = await self.guard.filter(event, self.shape)
+        if blocked is not None:
+            self._block(event, blocked)
+        elif not event["choices"] and not event.get("usage"):
+            self.guard.hold_event(event)  # everything in it is held back for now
+        else:
             self.guard.merge_event(event)
-            content, payload = released, _encode(event)
+            self._send(event, _encode(event), released, closing, choices)
+
+    def _send(
+        self, event: dict[str, Any], payload: bytes, content: bool, closing: bool, choices: list[dict[str, Any]]
+    ) -> None:
+        """Send the event on, or hold it when it may be the last one."""
         if event.get("usage"):
             self.trace.usage = event["usage"]
             closing = closing or not choices
