@@ -104,6 +104,10 @@ def stage_seconds(trace: TraceLike, now: float) -> dict[str, float]:
             stage = {"input": "input_guards", "output": "output_guards"}.get(verdict.stage, "passage_guards")
             guarded[stage] = guarded.get(stage, 0.0) + verdict.ms / 1000
         out.update(guarded)
+    for stage, attribute in (("auth", "auth_s"), ("audit_commit", "audit_s")):
+        seconds = getattr(trace, attribute, None)
+        if seconds is not None:
+            out[stage] = seconds
     out["total"] = now - trace.started
     return out
 

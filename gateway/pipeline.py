@@ -116,6 +116,8 @@ class Trace:
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the key's limits, for the answer
     route: RouteContext | None = None  # the deployment that answered (gateway.rollout)
     versions: Mapping[str, Any] = field(default_factory=dict)  # config, policy and gateway versions at the start
+    auth_s: float | None = None  # stage timings for the metrics (gateway.metrics.stage_seconds)
+    audit_s: float | None = None
 
     @property
     def passages(self) -> tuple[Passage, ...]:
@@ -250,7 +252,9 @@ class Pipeline:
 
     async def record(self, trace: Trace) -> None:
         """Commit the trace's audit row; shielded so a client that leaves cannot cancel the write."""
+        began = time.perf_counter()
         await asyncio.shield(self.audit.submit(trace.row()))
+        trace.audit_s = time.perf_counter() - began
         self.observe(trace)
 
     def _record_nowait(self, trace: Trace) -> None:
@@ -305,7 +309,11 @@ class Pipeline:
     ) -> tuple[KeyInfo, dict[str, Any], int]:
         """Authenticate, read, parse and validate: (the key, the body, its size in bytes)."""
         if key is None:
-            key = OPEN_MODE_KEY if self.open_mode else await self.keys.authenticate(authorization)
+            began = time.perf_counter()
+            try:
+                key = OPEN_MODE_KEY if self.open_mode else await self.keys.authenticate(authorization)
+            finally:
+                trace.auth_s = time.perf_counter() - began
         trace.api_key_id = key.id
         raw = await read_body()
         trace.request_json = raw.decode("utf-8", "replace")

@@ -92,6 +92,8 @@ def test_metrics_after_known_traffic(
     assert counts["total"] == 7
     assert counts["backend_total"] >= 4 and counts["backend_ttft"] >= 1  # first token: streams
     assert counts["input_guards"] >= 5  # every authenticated request reached the input guards
+    assert counts["auth"] == 7  # every request was authenticated (the bad key too)
+    assert counts["audit_commit"] >= 4  # the served ones waited for their audit row's commit
     assert set(counts) <= set(STAGES)
     buckets = [float(lab["le"]) for lab, _ in s["gateway_request_stage_duration_seconds_bucket"]]
     assert min(buckets) < 0.001  # sub-millisecond steps resolve
