@@ -75,7 +75,8 @@ def cmd_keys_update(args: argparse.Namespace, settings: Settings) -> int:
             row = next((r for r in await store.list() if r["id"] == args.key_id), None)
             if row is None:
                 return None
-            limits = limits_from_args(args, KeyLimits(**{name: row.get(name) for name in LIMIT_COLUMNS}))
+            current: dict[str, Any] = {name: row.get(name) for name in LIMIT_COLUMNS}
+            limits = limits_from_args(args, KeyLimits(**current))
             await store.update_limits(args.key_id, limits)
             return limits
 

@@ -10,6 +10,7 @@ the bin as Prometheus does: exact enough for a chart, and the same on SQLite and
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html import escape
@@ -158,33 +159,80 @@ def _latency_bin() -> ColumnElement[Any]:
     )
 
 
+#: A bucket that ended this long ago gets no more rows (audit rows commit within seconds of their
+#: start), so its figures are kept in process and not read again; kept for CLOSED_TTL_S, after which
+#: everything is read afresh (rows replayed late from the audit spool, retention's deletes).
+CLOSED_AFTER_S = 600
+CLOSED_TTL_S = 300.0
+_closed: dict[tuple[str, int], tuple[float, int, int, list[Any]]] = {}  # (engine, bucket_s) -> (made, lo, hi, rows)
+
+
+async def _scan(conn: Any, bucket_s: int, lo: datetime, hi: datetime, dialect: str, *, small: bool) -> list[Any]:
+    """Grouped rows (key, bin, status, blocked_by, flagged_by, n) of records with lo <= created_at < hi.
+
+    A small range is read through the created_at index. A large one is scanned by primary key from
+    its first row on (ids grow with time, roughly: a row is written when its request ends), so the
+    table is read in order instead of through the index row by row."""
+    c = audit_records.c
+    key = _time_key(dialect, bucket_s).label("key")
+    latency_bin = _latency_bin().label("bin")
+    if small:
+        bounds = [c.created_at >= lo, c.created_at < hi]
+    else:
+        # `id + 0`: for a plain min(id) SQLite walks the table from id 1; this way it reads the index range.
+        first_id = (await conn.execute(select(func.min(c.id + 0)).where(c.created_at >= lo))).scalar()
+        if first_id is None:
+            return []
+        # The time bounds through coalesce(): no index for them, so the scan runs by id, in table order.
+        at = func.coalesce(c.created_at, c.created_at)
+        bounds = [c.id >= first_id, at >= lo, at < hi]
+    query = (
+        select(key, latency_bin, c.status, c.blocked_by, c.flagged_by, func.count().label("n"))
+        .where(*bounds)
+        .group_by(key, latency_bin, c.status, c.blocked_by, c.flagged_by)
+    )
+    return list((await conn.execute(query)).all())
+
+
+async def _rows(engine: AsyncEngine, bucket_s: int, since: datetime, until: datetime, live: bool) -> list[Any]:
+    """The window's grouped rows; for the live page, whole closed buckets come from the cache."""
+    dialect = engine.dialect.name
+    async with engine.connect() as conn:
+        if not live:
+            return await _scan(conn, bucket_s, since, until + timedelta(microseconds=1), dialect, small=False)
+        # [since, head) the window's partial first bucket; [head, tail) whole closed buckets; [tail, until].
+        head = int(since.timestamp()) // bucket_s + 1
+        tail = max(head, (int(until.timestamp()) - CLOSED_AFTER_S) // bucket_s)
+        cached = _closed.get((str(engine.url), bucket_s))
+        clock = time.monotonic()
+        if cached is None or clock - cached[0] > CLOSED_TTL_S or cached[1] > head or cached[2] < tail:
+            rows = await _scan(conn, bucket_s, _at(head, bucket_s), _at(tail, bucket_s), dialect, small=False)
+            cached = _closed[(str(engine.url), bucket_s)] = (clock, head, tail, rows)
+        rows = [r for r in cached[3] if head <= _bucket_of(r.key, bucket_s) < tail]
+        # The partial first bucket and the open ones: small ranges, read through the created_at index.
+        rows += await _scan(conn, bucket_s, since, _at(head, bucket_s), dialect, small=True)
+        end = until + timedelta(microseconds=1)
+        rows += await _scan(conn, bucket_s, _at(tail, bucket_s), end, dialect, small=True)
+        return rows
+
+
+def _at(index: int, bucket_s: int) -> datetime:
+    return datetime.fromtimestamp(index * bucket_s, UTC)
+
+
 async def overview(engine: AsyncEngine, since: datetime, until: datetime | None = None) -> Overview:
     """Figures per time bucket between `since` and `until` (now), aggregated in the database.
 
     One scan of the window: rows are grouped by (time key, latency bin, status, blocked_by,
-    flagged_by), a few thousand groups at most, and folded into buckets here. The scan runs by
-    primary key from the window's first row (ids grow with time), so the table is read in order
-    instead of through the created_at index row by row."""
+    flagged_by), a few thousand groups at most, and folded into buckets here. Without `until` (the
+    live page) closed buckets are read once and kept for CLOSED_TTL_S; only the newest are read."""
+    live = until is None
     until = until or datetime.now(UTC)
     bucket_s = bucket_size(max((until - since).total_seconds(), 1.0))
-    c = audit_records.c
-    key = _time_key(engine.dialect.name, bucket_s).label("key")
-    latency_bin = _latency_bin().label("bin")
     first = int(since.timestamp()) // bucket_s
     last = int(until.timestamp()) // bucket_s
     buckets = {i: Bucket(datetime.fromtimestamp(i * bucket_s, UTC)) for i in range(first, last + 1)}
-    async with engine.connect() as conn:
-        # `id + 0`: for a plain min(id) SQLite walks the table from id 1; this way it reads the index range.
-        first_id = (await conn.execute(select(func.min(c.id + 0)).where(c.created_at >= since))).scalar()
-        rows = []
-        if first_id is not None:
-            query = (
-                select(key, latency_bin, c.status, c.blocked_by, c.flagged_by, func.count().label("n"))
-                # The time bounds through coalesce(): no index for them, so the scan runs by id, in table order.
-                .where(c.id >= first_id, func.coalesce(c.created_at, c.created_at).between(since, until))
-                .group_by(key, latency_bin, c.status, c.blocked_by, c.flagged_by)
-            )
-            rows = (await conn.execute(query)).all()
+    rows = await _rows(engine, bucket_s, since, until, live)
     indexes: dict[Any, int] = {}
     for row in rows:
         index = indexes.get(row.key)
@@ -297,7 +345,7 @@ def line_chart(
 
 
 def _nice_ceiling(value: float) -> float:
-    magnitude = 10 ** math.floor(math.log10(value))
+    magnitude = 10.0 ** math.floor(math.log10(value))
     for factor in (1, 2, 2.5, 5, 10):
         if value <= factor * magnitude:
             return factor * magnitude
@@ -306,7 +354,10 @@ def _nice_ceiling(value: float) -> float:
 
 def charts(data: Overview) -> list[Markup]:
     starts = [b.start for b in data.buckets]
-    rate = lambda part, b: part / b.requests if b.requests else None  # noqa: E731
+
+    def rate(part: int, b: Bucket) -> float | None:
+        return part / b.requests if b.requests else None
+
     guard_names = [g["guard"] for g in data.guards]
     return [
         line_chart(

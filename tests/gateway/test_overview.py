@@ -122,3 +122,29 @@ def test_page_and_api(settings: Settings, tmp_path: Path) -> None:
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "window"
         signed_out = http.get("/review/overview", follow_redirects=False)
         assert signed_out.status_code == 303 and signed_out.headers["location"] == "/review/login"
+
+
+def test_live_overview_keeps_closed_buckets_and_reads_new_rows(settings: Settings) -> None:
+    """The live page (no `until`) caches closed buckets: its figures equal a full read, and rows
+    arriving in the open buckets show at once."""
+    now = datetime.now(UTC)
+    _insert(settings, [_row(now - timedelta(minutes=m), "blocked" if m % 3 else "ok", 5.0 + m,
+                            blocked_by="keywords" if m % 3 else None) for m in range(1, 170)])  # fmt: skip
+
+    async def go() -> tuple[Any, Any, Any]:
+        engine = create_engine(settings.database_url)
+        try:
+            since = now - timedelta(hours=3)
+            live = await overview(engine, since)
+            full = await overview(engine, since, datetime.now(UTC))
+            async with engine.begin() as conn:  # a new row in the open bucket
+                await conn.execute(audit_records.insert(), [_row(datetime.now(UTC), "blocked", 1.0, blocked_by="new")])
+            again = await overview(engine, since)
+            return live, full, again
+        finally:
+            await engine.dispose()
+
+    live, full, again = asyncio.run(go())
+    assert live.totals == full.totals and live.totals["requests"] == 169
+    assert [b.requests for b in live.buckets] == [b.requests for b in full.buckets]
+    assert again.totals["requests"] == 170 and any(g["guard"] == "new" for g in again.guards)
