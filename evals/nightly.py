@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evals import dataset as ds
-from evals import metrics, report, store, traffic
+from evals import metrics, promexport, report, store, traffic
 from gateway.services import Services
 from gateway.settings import Settings
 
@@ -52,6 +52,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="run name compared across runs (default: from the input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress messages or bar on stderr")
     parser.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
+    promexport.add_arguments(parser)
 
 
 async def _failed(engine: Any, run_id: int, kind: str, name: str, exc: BaseException) -> dict[str, Any]:
@@ -138,6 +139,7 @@ def _main(args: argparse.Namespace, settings: Settings, job: Any) -> int:
         print(f"gateway eval: {exc}", file=sys.stderr)
         return EXIT_FAILED
     summary = asyncio.run(_with_services(settings, args, job))
+    promexport.export(summary, args)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
