@@ -108,7 +108,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     process = None
     try:
         if not settings.backend and not settings.deployments:  # deployments name their own backends
-            local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
+            local = LocalVLLM(
+                settings.data_dir,
+                port=settings.local_vllm_port,
+                vllm_python=settings.vllm_python,
+                vllm_args=settings.vllm_args,
+            )
             log_path = settings.data_dir / "vllm.log"
             print(
                 f"no --backend given: starting the local CPU vLLM on {local.url} (log: {log_path}); "
@@ -231,7 +236,9 @@ def _bootstrap_admin_key(settings: Settings) -> None:
 def cmd_backend_local(args: argparse.Namespace, settings: Settings) -> int:
     from serving.local import LocalVLLM
 
-    local = LocalVLLM(settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python)
+    local = LocalVLLM(
+        settings.data_dir, port=settings.local_vllm_port, vllm_python=settings.vllm_python, vllm_args=settings.vllm_args
+    )
     if args.prepare_only:
         print(local.prepare())
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import tomllib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -48,6 +49,7 @@ class Settings:
     max_n: int = 16  # most choices (`n`, `best_of`) one request may ask for
     local_vllm_port: int = 8100
     vllm_python: str | None = None
+    vllm_args: tuple[str, ...] = ()  # more flags for the local vLLM ("--max-num-seqs 64"); they win over ours
     audit_batch_max: int = 512
     audit_db_wait: float = 2.0  # seconds an audit write waits for a locked or unreachable database, then spools
     policy: Path | None = None  # guardrails policy (TOML); none: every guard on with its defaults
@@ -141,6 +143,8 @@ def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
             from gateway.limits import model_limit_entries
 
             return model_limit_entries(value)
+        if name == "vllm_args" and isinstance(value, str):
+            return tuple(shlex.split(value))  # flags keep their values: "--max-num-seqs 64"
         if annotation == "tuple[str, ...]":
             items = value if isinstance(value, list | tuple) else str(value).replace(",", " ").split()
             return tuple(str(v).strip() for v in items if str(v).strip())

@@ -8,10 +8,13 @@ prepares the model folder once under `DATA_DIR/models/`, and runs the OpenAI API
 from __future__ import annotations
 
 import ctypes
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.errors import ServingError
+
+log = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "smollm2-135m-instruct"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +60,7 @@ class LocalVLLM:
     kv_cache_gib: int = 2
     max_model_len: int = 4096
     model_name: str = LOCAL_MODEL_NAME
+    vllm_args: tuple[str, ...] = ()  # more flags for vLLM (the `vllm_args` setting); they win over ours
 
     @property
     def model_dir(self) -> Path:
@@ -88,6 +94,8 @@ class LocalVLLM:
             "--port", str(self.port),
             "--max-model-len", str(self.max_model_len),
             "--dtype", "bfloat16",
+            *tool_calling_args(self.model_dir, self.vllm_args),
+            *self.vllm_args,
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
@@ -120,10 +128,15 @@ class LocalVLLM:
             if log_path is not None:
                 output.close()  # type: ignore[union-attr]  # the child keeps its own copy of the descriptor
 
-    def wait_ready(self, process: subprocess.Popen[bytes] | None = None, timeout_s: float = 600.0) -> None:
-        """Poll `/health` until it answers 200; fail early if the process dies."""
+    def wait_ready(
+        self,
+        process: subprocess.Popen[bytes] | None = None,
+        timeout_s: float = 600.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Poll `/health` until it answers 200; fail early if the process dies (or `stop` is set)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if process is not None and process.poll() is not None:
                 raise LocalBackendError(f"vLLM exited with code {process.returncode} while starting")
             try:
@@ -140,6 +153,109 @@ class LocalVLLM:
         self.prepare()
         print(f"starting vLLM (CPU) with {self.model_name} on {self.url}; first start takes 1-3 min", flush=True)
         os.execve(self.command()[0], self.command(), self.environment())
+
+
+TOOLS_TEMPLATE = Path(__file__).with_name("chat_templates") / "chatml_tools.jinja"
+_TOOL_FLAGS = ("--tool-call-parser", "--enable-auto-tool-choice", "--chat-template")
+
+
+def chat_template(model_dir: Path) -> str:
+    """The model's own chat template (`chat_template.jinja`, else `tokenizer_config.json`); "" if none."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    template = config.get("chat_template")
+    return template if isinstance(template, str) else ""
+
+
+def tool_calling_args(model_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """vLLM flags that turn on tool calling for this model, or none.
+
+    A template that already renders `tools` with `<tool_call>` tags gets the `hermes` parser as it
+    is. A ChatML template without tools (the bundled SmolLM2's) gets the same template with the
+    Hermes tool section added (`chat_templates/chatml_tools.jinja`), which the `hermes` parser
+    reads. Anything else is left alone: its tool format is unknown. Tool flags given in `extra`
+    (`vllm_args`) replace ours.
+    """
+    if any(arg.split("=", 1)[0] in _TOOL_FLAGS for arg in extra):
+        return []
+    template = chat_template(model_dir)
+    auto = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    if "tools" in template and "<tool_call>" in template:
+        return auto
+    if "<|im_start|>" in template and "tools" not in template:
+        return [*auto, "--chat-template", str(TOOLS_TEMPLATE)]
+    log.info("the model's chat template has no known tool format: tool calling stays off (see vllm_args)")
+    return []
+
+
+class LocalStart:
+    """Starts the local vLLM in a background thread, so the gateway can listen meanwhile.
+
+    `status()` says how far it got ("starting local vLLM: 45 s"), None once vLLM answers, or why
+    it failed. The thread that starts vLLM stays alive as long as vLLM does (it waits on it), so
+    vLLM's death signal (PR_SET_PDEATHSIG, armed for the starting thread) fires only when the
+    gateway itself dies.
+    """
+
+    def __init__(self, local: LocalVLLM, log_path: Path, on_ready: Callable[[], None], timeout_s: float = 900.0):
+        self.local, self.log_path, self.on_ready, self.timeout_s = local, log_path, on_ready, timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self.error: str | None = None
+        self.phase = "starting local vLLM"
+        self.ready = threading.Event()
+        self._begun = time.monotonic()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="local-vllm", daemon=True)
+
+    def begin(self) -> LocalStart:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            if not (self.local.model_dir / "config.json").exists():
+                self.phase = "preparing the bundled model"
+                self.local.prepare()
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.phase = "starting local vLLM"
+                self.process = self.local.start(self.log_path)
+            self.local.wait_ready(self.process, self.timeout_s, stop=self._stopping)
+            if self._stopping.is_set():
+                return
+            log.info("local vLLM ready on %s serving %s", self.local.url, self.local.model_name)
+            self.ready.set()
+            self.on_ready()
+            code = self.process.wait()  # keeps this thread, and so vLLM's death signal, alive
+            if not self._stopping.is_set():
+                self.error = f"local vLLM exited with code {code}"
+                log.error("%s (log: %s)", self.error, self.log_path)
+        except Exception as exc:  # any failure to start: said on /readyz and in the log, in one line
+            self.error = str(exc)
+            log.error("local vLLM failed: %s (log: %s)", exc, self.log_path)
+
+    def status(self) -> str | None:
+        """None when vLLM answers; else what is happening, with the seconds spent, or the failure."""
+        if self.error is not None:
+            return f"local vLLM failed: {self.error} (log: {self.log_path})"
+        if self.ready.is_set():
+            return None
+        return f"{self.phase}: {time.monotonic() - self._begun:.0f} s"
+
+    def stop(self) -> None:
+        """Stop vLLM (or keep it from starting), wherever the start is."""
+        with self._lock:
+            self._stopping.set()
+            process = self.process
+        if process is not None:
+            stop_process(process)
 
 
 _PR_SET_PDEATHSIG = 1
