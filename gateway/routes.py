@@ -26,11 +26,13 @@ _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 async def _serve(endpoint: Endpoint, request: Request[Any, Any, Any], services: Services) -> Response[Any]:
     limit = services.settings.max_body_bytes
 
-    async def read_body() -> bytes:
+    async def read_request_body() -> bytes:
         try:
             return await request.body()
         except RequestEntityTooLarge as exc:
             raise RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.") from exc
+
+    read_body: Callable[[], Awaitable[bytes]] = read_request_body
 
     client = request.client.host if request.client else None
     forced = request.headers.get(DEPLOYMENT_HEADER)
