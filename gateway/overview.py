@@ -206,9 +206,14 @@ async def _rows(engine: AsyncEngine, bucket_s: int, since: datetime, until: date
         cached = _closed.get((str(engine.url), bucket_s))
         clock = time.monotonic()
         if cached is None or clock - cached[0] > CLOSED_TTL_S or cached[1] > head or cached[2] < tail:
-            rows = await _scan(conn, bucket_s, _at(head, bucket_s), _at(tail, bucket_s), dialect, small=False)
-            cached = _closed[(str(engine.url), bucket_s)] = (clock, head, tail, rows)
-        rows = [r for r in cached[3] if head <= _bucket_of(r.key, bucket_s) < tail]
+            scanned = await _scan(conn, bucket_s, _at(head, bucket_s), _at(tail, bucket_s), dialect, small=False)
+            keys: dict[Any, int] = {}  # each row's bucket, worked out once per time key
+            for row in scanned:
+                if row.key not in keys:
+                    keys[row.key] = _bucket_of(row.key, bucket_s)
+            indexed = [(keys[row.key], row) for row in scanned]
+            cached = _closed[(str(engine.url), bucket_s)] = (clock, head, tail, indexed)
+        rows = [r for index, r in cached[3] if head <= index < tail]
         # The partial first bucket and the open ones: small ranges, read through the created_at index.
         rows += await _scan(conn, bucket_s, since, _at(head, bucket_s), dialect, small=True)
         end = until + timedelta(microseconds=1)
