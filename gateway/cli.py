@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.limits_cli import (
     add_limit_flags,
@@ -29,6 +31,12 @@ from gateway.limits_cli import (
     limits_text,
 )
 from gateway.settings import SETTING_NAMES, Settings, SettingsError, load_settings, open_engine
+
+if TYPE_CHECKING:
+    from gateway.httpserver import ReadyLine
+    from serving.local import LocalStart
+
+log = logging.getLogger("gateway")
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -70,9 +78,8 @@ class StartupError(Exception):
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.app import create_app
-    from gateway.httpserver import DrainingServer, server_config
+    from gateway.httpserver import DrainingServer, ReadyLine, server_config
     from gateway.logs import configure_logging
-    from serving.local import LocalVLLM, stop_process
 
     configure_logging(settings.log_level, settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -97,57 +104,76 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # the child on every way out. The exit code: 0 after SIGTERM once every request in flight was
     # answered (a drain, what Kubernetes asks for); 128+N for a signal that cut something short.
     server: DrainingServer | None = None
+    starting: LocalStart | None = None
 
     def exit_on_signal(signum: int, _frame: object) -> None:
+        if starting is not None and starting.error is not None:
+            raise SystemExit(1)  # the local vLLM failed: LocalStart asked us to stop
         drained = server is not None and server.drained
         raise SystemExit(0 if signum == signal.SIGTERM and drained else 128 + signum)
 
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
     for signum in previous:
         signal.signal(signum, exit_on_signal)
-    process = None
     try:
+        ready = ReadyLine(settings, {"listening"})
         if not settings.backend and not settings.deployments:  # deployments name their own backends
-            local = LocalVLLM(
-                settings.data_dir,
-                port=settings.local_vllm_port,
-                vllm_python=settings.vllm_python,
-                vllm_args=settings.vllm_args,
-            )
-            log_path = settings.data_dir / "vllm.log"
-            print(
-                f"no --backend given: starting the local CPU vLLM on {local.url} (log: {log_path}); "
-                "the first start takes 1-3 minutes",
-                flush=True,
-            )
-            process = local.start(log_path)
-            local.wait_ready(process)
-            print(f"local vLLM ready on {local.url} serving {local.model_name}", flush=True)
-            settings = settings.replace(backend=(local.url,))
-            settings = with_default_alias(settings, local.model_name)
+            settings, starting = _start_local(settings, ready)
         app = create_app(settings)
-        print(
-            f"gateway listening on http://{settings.host}:{settings.port} "
-            f"(backends: {', '.join(settings.backend) or 'per deployment'}; database: {_safe_url(settings.database_url)})",
-            flush=True,
+        if starting is not None:
+            app.state.services.startup = starting.status  # /readyz: 503 "starting local vLLM: 45 s"
+        log.info(
+            "gateway listening on http://%s:%s (backends: %s; database: %s)",
+            settings.host,
+            settings.port,
+            ", ".join(settings.backend) or "per deployment",
+            _safe_url(settings.database_url),
         )
         # uvicorn handles SIGTERM and SIGINT while it serves: it stops accepting, lets requests and
         # streams in flight finish (up to shutdown_grace), runs the lifespan's shutdown (the audit
         # queue is committed there), then raises the signal again, which lands in `exit_on_signal`.
         server = DrainingServer(server_config(app, settings))
+        server.on_started = lambda: ready.done("listening")
         server.run()
+        if starting is not None and starting.error is not None:
+            return 1
         if not server.started:
             print("gateway: start-up failed (the reason is logged above)", file=sys.stderr, flush=True)
             return 1
     finally:
-        if process is not None:
+        if starting is not None:
             # A second Ctrl-C or SIGTERM must not cut the clean-up short (vLLM holds ~1 GB and a port).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            stop_process(process)
+            starting.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
+
+
+def _start_local(settings: Settings, ready: ReadyLine) -> tuple[Settings, LocalStart]:
+    """Start the bundled model's CPU vLLM in the background (the port listens meanwhile); the
+    settings then name it as the backend. If it fails, the gateway stops with exit code 1."""
+    from serving.local import LocalStart, LocalVLLM
+
+    local = LocalVLLM(
+        settings.data_dir,
+        port=settings.local_vllm_port,
+        vllm_python=settings.vllm_python,
+        vllm_args=settings.vllm_args,
+    )
+    log_path = settings.data_dir / "vllm.log"
+    log.info("no --backend given: starting the local CPU vLLM on %s (1-3 minutes; log: %s)", local.url, log_path)
+    ready.waiting.add("local vLLM")
+
+    def failed_or_ready() -> None:
+        ready.done("local vLLM")
+
+    starting = LocalStart(local, log_path, on_ready=failed_or_ready)
+    starting.on_failure = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    starting.begin()
+    settings = settings.replace(backend=(local.url,))
+    return with_default_alias(settings, local.model_name), starting
 
 
 def with_default_alias(settings: Settings, model_name: str) -> Settings:

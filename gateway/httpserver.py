@@ -12,8 +12,12 @@ because everything finished, so `gateway serve` can exit 0 only after a complete
 
 from __future__ import annotations
 
+import logging
 import math
+import socket
+import threading
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger("gateway")
 
 
 def malformed_http_response(message: str, request_id: str) -> bytes:
@@ -54,12 +59,35 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server; `drained` tells whether its shutdown saw every connection finish in time."""
 
     drained = False
+    on_started: Callable[[], None] | None = None  # called once the port listens (after the lifespan start)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     async def _wait_tasks_to_complete(self) -> None:
         # uvicorn runs this under `timeout_graceful_shutdown`: when the grace runs out it is
         # cancelled, so `drained` stays False (and a forced exit, a second Ctrl-C, is no drain).
         await super()._wait_tasks_to_complete()
         self.drained = not self.force_exit
+
+
+class ReadyLine:
+    """Logs one line with the URLs (API, reviewer UI) once every part in `waiting` said it is done."""
+
+    def __init__(self, settings: Settings, waiting: set[str]) -> None:
+        base = f"http://{settings.host}:{settings.port}"
+        self.line = f"gateway ready: API {base}/v1 (OpenAI-compatible), reviewer UI {base}/review"
+        self.waiting = set(waiting)
+        self._lock = threading.Lock()
+
+    def done(self, part: str) -> None:
+        with self._lock:
+            was_waiting = bool(self.waiting)
+            self.waiting.discard(part)
+            if was_waiting and not self.waiting:
+                log.info(self.line)
 
 
 def server_config(app: Litestar, settings: Settings) -> uvicorn.Config:
@@ -72,8 +100,8 @@ def server_config(app: Litestar, settings: Settings) -> uvicorn.Config:
         http=GatewayHttpToolsProtocol,
         access_log=False,
         log_level="warning",
-        # JSON logs: uvicorn's own lines go through the root handler too (gateway.logs), not its text one.
-        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        # One log format: uvicorn's own lines go through the root handler too (gateway.logs), not its own.
+        log_config=None,
         backlog=4096,
         timeout_keep_alive=30,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),  # uvicorn takes whole seconds

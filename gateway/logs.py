@@ -73,3 +73,5 @@ def make_handler(log_format: str, stream: Any = None) -> logging.Handler:
 def configure_logging(level: str, log_format: str) -> None:
     """Root logging for `gateway serve`: one handler on stderr, text or JSON."""
     logging.basicConfig(level=level.upper(), handlers=[make_handler(log_format)], force=True)
+    # faiss tries its AVX512/AVX2 builds first and logs each ModuleNotFoundError at INFO: not news.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -154,7 +154,8 @@ async def readyz(request: Request[Any, Any, Any], services: NamedDependency[Serv
     ready, report = await services.readiness()
     status = 200 if ready else 503
     if not await _is_admin(request, services):
-        return Response(_encode({"status": report["status"]}), status_code=status, media_type="application/json")
+        public = {k: report[k] for k in ("status", "message") if k in report}  # "starting local vLLM: 45 s"
+        return Response(_encode(public), status_code=status, media_type="application/json")
     report["checked_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return Response(_encode(report), status_code=status, media_type="application/json")
 

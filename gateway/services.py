@@ -104,6 +104,8 @@ class Services:
         # Told once per request, from Pipeline.record: metrics, traces.
         self.observers: list[Callable[[Trace], None]] = []
         self.started_at = time.time()
+        # `gateway serve` with the local vLLM: what it is doing until vLLM answers (None: ready).
+        self.startup: Callable[[], str | None] | None = None
         # Metrics: one registry per app, fed once per request from Pipeline.record.
         self.metrics: GatewayMetrics | None = None
         self.metrics_server: MetricsServer | None = None
@@ -233,6 +235,9 @@ class Services:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """What `/readyz` reports: backend and database reachability and the models served."""
+        starting = self.startup() if self.startup is not None else None
+        if starting is not None:
+            return False, {"status": "starting", "message": starting}
         database_ok = True
         database_error = None
         try:

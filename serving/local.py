@@ -206,6 +206,7 @@ class LocalStart:
         self.local, self.log_path, self.on_ready, self.timeout_s = local, log_path, on_ready, timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.error: str | None = None
+        self.on_failure: Callable[[], None] | None = None  # `gateway serve`: stop the gateway
         self.phase = "starting local vLLM"
         self.ready = threading.Event()
         self._begun = time.monotonic()
@@ -235,11 +236,15 @@ class LocalStart:
             self.on_ready()
             code = self.process.wait()  # keeps this thread, and so vLLM's death signal, alive
             if not self._stopping.is_set():
-                self.error = f"local vLLM exited with code {code}"
-                log.error("%s (log: %s)", self.error, self.log_path)
+                self._fail(f"local vLLM exited with code {code}")
         except Exception as exc:  # any failure to start: said on /readyz and in the log, in one line
-            self.error = str(exc)
-            log.error("local vLLM failed: %s (log: %s)", exc, self.log_path)
+            self._fail(str(exc))
+
+    def _fail(self, error: str) -> None:
+        self.error = error
+        log.error("local vLLM failed: %s (log: %s)", error, self.log_path)
+        if self.on_failure is not None:
+            self.on_failure()
 
     def status(self) -> str | None:
         """None when vLLM answers; else what is happening, with the seconds spent, or the failure."""
