@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -48,13 +49,12 @@ class _Protocol(asyncio.Protocol):
     """Reads replies off the socket and hands each to the oldest waiting call."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # asyncio's or uvloop's (which is no asyncio.Transport subclass)
         self.waiters: deque[asyncio.Future[Reply]] = deque()
         self.buffer = bytearray()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:

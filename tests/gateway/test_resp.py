@@ -71,3 +71,18 @@ async def test_unreachable_redis_raises_a_redis_connection_error_and_reconnects_
     with pytest.raises(RedisConnectionError):  # tried again, not stuck on the first failure
         await client.call("PING")
     await client.aclose()
+
+
+@needs_redis
+def test_works_on_uvloop() -> None:
+    """The gateway serves on uvloop, whose transports are no asyncio.Transport subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def go() -> object:
+        client = PipelinedRedis(REDIS_URL)
+        try:
+            return await client.call("PING")
+        finally:
+            await client.aclose()
+
+    assert uvloop.run(go()) == b"PONG"
