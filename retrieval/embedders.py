@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.batching import EmbedBatcher
 from retrieval.chunking import TokenCounter, WhitespaceCounter, WordPieceCounter
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -76,6 +77,8 @@ class SentenceTransformerEmbedder(Embedder):
         self._own_executor = executor is None
         # One worker: torch already uses every core for one batch, a second job only contends.
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        # Concurrent requests' queries share model calls: none waits when idle, they batch while busy.
+        self.batcher = EmbedBatcher(lambda texts: self.embed_sync(texts), self._executor)
         tokenizer_json = Path(model.tokenizer.name_or_path) / "tokenizer.json"
         if tokenizer_json.is_file():
             self.tokenizer: TokenCounter = WordPieceCounter(tokenizer_json, name=f"wordpiece:{name}")
@@ -144,8 +147,9 @@ class SentenceTransformerEmbedder(Embedder):
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.embed_sync, list(texts))
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return await self.batcher.embed(texts)
 
     async def aclose(self) -> None:
         if self._own_executor:

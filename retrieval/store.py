@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from retrieval import storage
+from retrieval.batching import LruCache, normalise_query
 from retrieval.documents import Hit
 from retrieval.embedders import Embedder
 from retrieval.errors import EmbeddingMismatch, InvalidCollectionName, RetrievalError, UnknownCollection
@@ -66,9 +67,14 @@ class CollectionStore:
     _states: dict[str, _State] = field(default_factory=dict, init=False, repr=False)
     _first_loads: dict[str, asyncio.Task[storage.Snapshot]] = field(default_factory=dict, init=False, repr=False)
     _own_executor: bool = field(default=False, init=False, repr=False)
+    cache_size: int = 4096  # query embeddings and result lists kept (0: no caching)
+    query_cache: LruCache[tuple[str, str], np.ndarray] = field(init=False, repr=False)
+    result_cache: LruCache[tuple[str, str, str, int, float], tuple[Hit, ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        self.query_cache = LruCache(self.cache_size)
+        self.result_cache = LruCache(self.cache_size)
         if self.executor is None:
             self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="faiss")
             self._own_executor = True
@@ -92,12 +98,37 @@ class CollectionStore:
     ) -> SearchOutcome:
         snapshot = await self._snapshot(collection)
         self._check_model(snapshot)
+        query = normalise_query(query_text)
+        # The version is part of the key: a new version of the collection is never served old hits.
+        key = (collection, snapshot.version, query, top_k, min_score)
+        cached = self.result_cache.get(key)
+        if cached is not None:
+            return SearchOutcome(list(cached), snapshot.version, 0.0, 0.0)
         started = time.perf_counter()
-        vector = await self.embedder.embed([query_text])
+        vector = await self._query_vector(query)
         embedded = time.perf_counter()
         hits = await self._search_snapshot(snapshot, vector, top_k, min_score)
         done = time.perf_counter()
+        self.result_cache.put(key, tuple(hits))
         return SearchOutcome(hits, snapshot.version, (embedded - started) * 1e3, (done - embedded) * 1e3)
+
+    async def _query_vector(self, query: str) -> np.ndarray:
+        key = (self.embedder.name, query)
+        vector = self.query_cache.get(key)
+        if vector is None:
+            vector = await self.embedder.embed([query])
+            vector.setflags(write=False)  # shared by later hits
+            self.query_cache.put(key, vector)
+        return vector
+
+    def cache_stats(self) -> dict[str, float]:
+        """For /metrics: hit rates and sizes of the query-embedding and result caches."""
+        return {
+            "query_embedding_hit_rate": self.query_cache.hit_rate(),
+            "query_embedding_entries": len(self.query_cache),
+            "result_hit_rate": self.result_cache.hit_rate(),
+            "result_entries": len(self.result_cache),
+        }
 
     async def info(self, collection: str) -> dict[str, Any]:
         """Version, size, index type and embedding model of the live version."""
