@@ -322,6 +322,14 @@ class _LiveCollector:
             log.exception("metrics: reading live gauges failed")
 
 
+def retrieval_cache_metrics(store: Any) -> Iterator[Metric]:
+    """Hits and misses of the query-embedding and result caches (hit rate = hits / (hits + misses))."""
+    for cache_name, cache in (("query_embedding", store.query_cache), ("result", store.result_cache)):
+        yield CounterMetricFamily(f"gateway_retrieval_{cache_name}_cache_hits", "Cache hits.", value=cache.hits)
+        yield CounterMetricFamily(f"gateway_retrieval_{cache_name}_cache_misses", "Cache misses.", value=cache.misses)
+        yield GaugeMetricFamily(f"gateway_retrieval_{cache_name}_cache_entries", "Entries kept.", value=len(cache))
+
+
 def live_metrics(services: Services) -> Iterator[Metric]:
     """Audit writer, backends, retrieval indexes and limiter, as they are now."""
     from serving.router import DeploymentRouter, Router
@@ -357,6 +365,8 @@ def live_metrics(services: Services) -> Iterator[Metric]:
             version.add_metric([collection, name], 1.0)
     yield chunks
     yield version
+    if services.store is not None:
+        yield from retrieval_cache_metrics(services.store)
     if services.evals is not None:
         yield from services.evals.collect()
     yield CounterMetricFamily(
