@@ -10,7 +10,9 @@ processes, then drives both with an aiohttp load generator at several concurrenc
   3. real CPU vLLM (--vllm URL, or skipped): tokens/s through the gateway vs direct, and time
      to first token added;
   4. limits (benchmarks/bench_limits.py): the limit check in process and with Redis at
-     concurrency 1 and 32, on the limiter and end to end, against limits off in the same run.
+     concurrency 1 and 32, on the limiter and end to end, against limits off in the same run;
+  5. RAG (benchmarks/bench_rag.py): retrieval requests/s with the real MiniLM at concurrency
+     1, 8, 32, before and after query batching and caching, in the same run.
 
 Prints tables; `--json FILE` also writes the figures. Figures are ratios within one run, so
 they hold on a busy machine better than absolute timings do.
@@ -327,7 +329,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per zero-delay measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--vllm", default=None, help="URL of a running vLLM serving smollm2-135m-instruct")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "realistic", "vllm", "limits"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "realistic", "vllm", "limits", "rag"])
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -374,6 +376,16 @@ def main() -> int:
 
             report["limits"] = figures = limits_run(args.requests, data_dir)
             limits_report(figures)
+        if "rag" not in args.skip:
+            # RAG retrieval with the real MiniLM, before/after batching and caches (benchmarks/bench_rag.py).
+            sys.path.insert(0, str(ROOT))
+            from benchmarks.bench_rag import report as rag_report
+            from benchmarks.bench_rag import run_all as rag_run
+
+            rag_dir = data_dir / "rag"
+            rag_dir.mkdir()
+            report["rag"] = rag_rows = rag_run(256, [1, 8, 32], rag_dir)
+            rag_report(rag_rows)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     finally:
