@@ -74,3 +74,16 @@ def test_the_port_listens_before_the_local_vllm_is_ready(tmp_path: Path) -> None
     finally:
         process.terminate()
         process.wait(60)
+
+
+def test_a_local_vllm_that_dies_while_starting_stops_the_gateway_with_exit_1(tmp_path: Path) -> None:
+    script = _fake_vllm(tmp_path, 0.0)
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(3)\n")
+    port = free_port()
+    env = gateway_env(tmp_path / "data", vllm_python=str(script), local_vllm_port=str(free_port()))
+    env["GATEWAY_LOG_LEVEL"] = "info"
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--open", "--port", str(port), "--policy", str(GUARDS_OFF)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr
+    assert "local vLLM failed: vLLM exited with code 3" in done.stderr
+    assert "gateway ready" not in done.stderr
