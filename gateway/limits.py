@@ -230,6 +230,16 @@ def _duration(ms: float) -> str:
     return f"{int(minutes)}m{round(rest):d}s"
 
 
+def _model_checks(model: str, caps: Any) -> list[_Check]:
+    """The checks a model's own caps add (requests per minute; the in-flight slot, already held)."""
+    checks = []
+    if caps.rpm:
+        checks.append(_Check("g", f"m:{model}:rpm", caps.rpm, what="model_rpm"))
+    if caps.max_in_flight:
+        checks.append(_Check("m", f"m:{model}:flight", caps.max_in_flight, what="model_in_flight"))
+    return checks
+
+
 def _headers(checks: list[_Check], states: list[tuple[int, float]]) -> dict[str, str]:
     """x-ratelimit-* from the key's rpm (else the model's) and the key's tpm."""
     headers: dict[str, str] = {}
@@ -348,13 +358,9 @@ class Limiter(ABC):
                         _Check("q", f"{prefix}mon:{month}", limits.tokens_per_month, reserved, month_end - now_ms,
                                "tokens_per_month")
                     )  # fmt: skip
-        if model is not None:
-            caps = self.models.get(model)
-            if caps is not None:
-                if caps.rpm:
-                    checks.append(_Check("g", f"m:{model}:rpm", caps.rpm, what="model_rpm"))
-                if caps.max_in_flight:
-                    checks.append(_Check("m", f"m:{model}:flight", caps.max_in_flight, what="model_in_flight"))
+        caps = self.models.get(model) if model is not None else None
+        if caps is not None:
+            checks.extend(_model_checks(str(model), caps))
         return checks, reserved
 
     def _period(self, now_ms: float) -> tuple[str, float, str, float]:
@@ -513,56 +519,53 @@ class InProcessLimiter(Limiter):
         if now_ms - self._swept > 60_000:
             self._sweep(now_ms)
         states: list[tuple[int, float]] = []
-        updates: list[Any] = []
+        updates: list[tuple[_Check, Any]] = []
         failures: list[tuple[float, _Check]] = []
         for check in checks:
-            if check.kind == "g":
-                allowed, new, retry, remaining, reset = _gcra(self._tat.get(check.key), now_ms, check.limit, check.cost)
-                states.append((remaining, reset))
-                if allowed:
-                    updates.append((check, new))
-                else:
-                    failures.append((retry, check))
-            elif check.kind == "c":
-                leases = self._leases.setdefault(check.key, {})
-                for member in [m for m, until in leases.items() if until <= now_ms]:
-                    del leases[member]
-                states.append((check.limit - len(leases) - 1, 0.0))
-                if len(leases) >= check.limit:
-                    failures.append((1000.0, check))
-                else:
-                    updates.append((check, None))
-            elif check.kind == "q":
-                expires, used = self._counters.get(check.key, (0.0, 0))
-                used = used if expires > now_ms else 0
-                states.append((check.limit - used - check.cost, check.aux))
-                if used + check.cost > check.limit:
-                    failures.append((check.aux, check))
-                else:
-                    updates.append((check, None))
-            else:
-                states.append((0, 0.0))  # the model slot, already held
+            state, retry, new = self._probe(check, now_ms)
+            states.append(state)
+            if retry is not None:
+                failures.append((retry, check))
+            elif check.kind != "m":  # the model slot is already held
+                updates.append((check, new))
         headers = _headers(checks, states)
         if failures:
             retry, check = _worst(failures)
             raise _refusal(check, retry, headers, key_id, model)
         admission = Admission(id=self._new_id(), reserved=reserved, headers=headers)
-        undo = []
-        for check, new in updates:
-            if check.kind == "g":
-                self._tat[check.key] = new
-                if check.what == "tpm":
-                    undo.append(check)
-            elif check.kind == "c":
-                self._leases[check.key][admission.id] = now_ms + self.lease_ms
-                undo.append(check)
-            else:
-                expires, used = self._counters.get(check.key, (0.0, 0))
-                used = used if expires > now_ms else 0
-                self._counters[check.key] = (now_ms + check.aux, used + check.cost)
-                undo.append(check)
-        admission.undo = tuple(undo)
+        admission.undo = tuple(check for check, new in updates if self._commit(check, new, admission.id, now_ms))
         return admission
+
+    def _probe(self, check: _Check, now_ms: float) -> tuple[tuple[int, float], float | None, Any]:
+        """(remaining and reset for the headers, retry-after ms when refused else None, new GCRA time)."""
+        if check.kind == "g":
+            allowed, new, retry, remaining, reset = _gcra(self._tat.get(check.key), now_ms, check.limit, check.cost)
+            return (remaining, reset), None if allowed else retry, new
+        if check.kind == "c":
+            leases = self._leases.setdefault(check.key, {})
+            for member in [m for m, until in leases.items() if until <= now_ms]:
+                del leases[member]
+            return (check.limit - len(leases) - 1, 0.0), 1000.0 if len(leases) >= check.limit else None, None
+        if check.kind == "q":
+            used = self._used(check.key, now_ms)
+            over = used + check.cost > check.limit
+            return (check.limit - used - check.cost, check.aux), check.aux if over else None, None
+        return (0, 0.0), None, None  # the model slot, already held
+
+    def _commit(self, check: _Check, new: Any, admission_id: str, now_ms: float) -> bool:
+        """Apply an admitted check; True when releasing the admission must undo it."""
+        if check.kind == "g":
+            self._tat[check.key] = new
+            return check.what == "tpm"
+        if check.kind == "c":
+            self._leases[check.key][admission_id] = now_ms + self.lease_ms
+            return True
+        self._counters[check.key] = (now_ms + check.aux, self._used(check.key, now_ms) + check.cost)
+        return True
+
+    def _used(self, key: str, now_ms: float) -> int:
+        expires, used = self._counters.get(key, (0.0, 0))
+        return used if expires > now_ms else 0
 
     async def _release(self, admission: Admission, token_delta: int, now_ms: float) -> None:
         self.release_now(admission, token_delta, now_ms)
