@@ -155,46 +155,56 @@ def message_texts(messages: Sequence[Mapping[str, Any]], where: str = "messages"
     arguments, legacy function calls, tool_call_id, and a developer message's tools."""
     texts: list[InputText] = []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping):
-            continue
-        role = str(msg.get("role", "user"))
-        base = f"{where}[{i}]"
-        content = msg.get("content")
-        if isinstance(content, str):
-            texts.append(InputText(content, role, f"{base}.content", (i, "content")))
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                if isinstance(part, str):
-                    texts.append(InputText(part, role, f"{base}.content[{j}]", (i, "content", j)))
-                elif isinstance(part, Mapping) and (key := TEXT_PART_KEYS.get(str(part.get("type")))):
-                    value = part.get(key)
-                    if isinstance(value, str):
-                        path = (i, "content", j, key) if key != "name" else None
-                        texts.append(InputText(value, role, f"{base}.content[{j}].{key}", path))
-        for key in _REWRITABLE_FIELDS:
-            if isinstance(value := msg.get(key), str):
-                texts.append(InputText(value, role, f"{base}.{key}", (i, key)))
-        for key in _FIXED_FIELDS:
-            if isinstance(value := msg.get(key), str):
-                texts.append(InputText(value, role, f"{base}.{key}"))
-        calls = msg.get("tool_calls")
-        for j, call in enumerate(calls if isinstance(calls, list) else ()):
-            function = call.get("function") if isinstance(call, Mapping) else None
-            if isinstance(function, Mapping):
-                for key in ("name", "arguments"):
-                    value = function.get(key)
-                    if value is not None:
-                        text = value if isinstance(value, str) else structured_text(value)
-                        texts.append(InputText(text, role, f"{base}.tool_calls[{j}].function.{key}"))
-        legacy = msg.get("function_call")
-        if isinstance(legacy, Mapping):
-            for key in ("name", "arguments"):
-                value = legacy.get(key)
-                if value is not None:
-                    text = value if isinstance(value, str) else structured_text(value)
-                    texts.append(InputText(text, role, f"{base}.function_call.{key}"))
-        if msg.get("tools") is not None:
-            texts.append(InputText(structured_text(msg["tools"]), role, f"{base}.tools"))
+        if isinstance(msg, Mapping):
+            texts.extend(_one_message_texts(i, msg, f"{where}[{i}]"))
+    return texts
+
+
+def _one_message_texts(i: int, msg: Mapping[str, Any], base: str) -> list[InputText]:
+    role = str(msg.get("role", "user"))
+    texts = _content_texts(i, msg.get("content"), role, base)
+    for key in _REWRITABLE_FIELDS:
+        if isinstance(value := msg.get(key), str):
+            texts.append(InputText(value, role, f"{base}.{key}", (i, key)))
+    for key in _FIXED_FIELDS:
+        if isinstance(value := msg.get(key), str):
+            texts.append(InputText(value, role, f"{base}.{key}"))
+    calls = msg.get("tool_calls")
+    for j, call in enumerate(calls if isinstance(calls, list) else ()):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        texts.extend(_function_texts(function, role, f"{base}.tool_calls[{j}].function"))
+    texts.extend(_function_texts(msg.get("function_call"), role, f"{base}.function_call"))
+    if msg.get("tools") is not None:
+        texts.append(InputText(structured_text(msg["tools"]), role, f"{base}.tools"))
+    return texts
+
+
+def _content_texts(i: int, content: object, role: str, base: str) -> list[InputText]:
+    """A message's content: a string, or the text-like parts of a list (paths for write-back)."""
+    if isinstance(content, str):
+        return [InputText(content, role, f"{base}.content", (i, "content"))]
+    texts: list[InputText] = []
+    for j, part in enumerate(content if isinstance(content, list) else ()):
+        if isinstance(part, str):
+            texts.append(InputText(part, role, f"{base}.content[{j}]", (i, "content", j)))
+        elif isinstance(part, Mapping) and (key := TEXT_PART_KEYS.get(str(part.get("type")))):
+            value = part.get(key)
+            if isinstance(value, str):
+                path = (i, "content", j, key) if key != "name" else None
+                texts.append(InputText(value, role, f"{base}.content[{j}].{key}", path))
+    return texts
+
+
+def _function_texts(function: object, role: str, base: str) -> list[InputText]:
+    """A (tool or legacy) function call's name and arguments, structured arguments as text."""
+    if not isinstance(function, Mapping):
+        return []
+    texts = []
+    for key in ("name", "arguments"):
+        value = function.get(key)
+        if value is not None:
+            text = value if isinstance(value, str) else structured_text(value)
+            texts.append(InputText(text, role, f"{base}.{key}"))
     return texts
 
 
