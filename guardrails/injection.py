@@ -349,32 +349,11 @@ def decoded_payloads(text: str) -> list[tuple[str, str, Span]]:
     """(encoding, decoded text, span in `text`) for each decodable payload; rot13 of the whole."""
     found: list[tuple[str, str, Span]] = []
     for m in _BASE64_RUN.finditer(text):
-        chunk = m.group()
-        start = m.start()
-        if (start and (text[start - 1].isalnum() or text[start - 1] in "+/")) or chunk.count("=") > 2:
-            continue  # part of a longer token, or not base64 padding
-        body = chunk.rstrip("=")
-        if body.isalpha() and (body.islower() or body.isupper()):
-            continue  # a long plain word, not base64
-        try:
-            raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        decoded = _printable(raw)
+        decoded = _base64_payload(text, m)
         if decoded:
             found.append(("base64", decoded, m.span()))
     for m in _HEX_RUN.finditer(text):
-        start, end = m.span()
-        if (start and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum()):
-            continue  # inside a word
-        digits = _HEX_SEPARATORS.sub("", m.group())
-        if len(digits) < 24:
-            continue
-        try:
-            raw = bytes.fromhex(digits)
-        except ValueError:
-            continue
-        decoded = _printable(raw)
+        decoded = _hex_payload(text, m)
         if decoded:
             found.append(("hex", decoded, m.span()))
     for m in _URL_ESCAPES.finditer(text):
@@ -382,6 +361,35 @@ def decoded_payloads(text: str) -> list[tuple[str, str, Span]]:
             found.append(("url", urllib.parse.unquote(m.group()), m.span()))
     found.append(("rot13", codecs.decode(text, "rot_13"), (0, len(text))))
     return found
+
+
+def _base64_payload(text: str, m: re.Match[str]) -> str | None:
+    chunk = m.group()
+    start = m.start()
+    if (start and (text[start - 1].isalnum() or text[start - 1] in "+/")) or chunk.count("=") > 2:
+        return None  # part of a longer token, or not base64 padding
+    body = chunk.rstrip("=")
+    if body.isalpha() and (body.islower() or body.isupper()):
+        return None  # a long plain word, not base64
+    try:
+        raw = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return _printable(raw)
+
+
+def _hex_payload(text: str, m: re.Match[str]) -> str | None:
+    start, end = m.span()
+    if (start and text[start - 1].isalnum()) or (end < len(text) and text[end].isalnum()):
+        return None  # inside a word
+    digits = _HEX_SEPARATORS.sub("", m.group())
+    if len(digits) < 24:
+        return None
+    try:
+        raw = bytes.fromhex(digits)
+    except ValueError:
+        return None
+    return _printable(raw)
 
 
 def _noisy_or(weights: list[float]) -> float:
