@@ -62,7 +62,7 @@ def _require_text(blocks: list[Block]) -> tuple[Block, ...]:
 
 def load_text(path: Path, doc_id: str) -> list[Document]:
     blocks = _require_text(paragraphs(_read_text(path)))
-    return [Document(doc_id, _pretty_stem(path), str(path), blocks, format="text")]
+    return [Document(doc_id, _pretty_stem(path), doc_id, blocks, format="text")]
 
 
 # --- Markdown -------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def parse_markdown(text: str) -> tuple[str | None, list[Block]]:
 
 def load_markdown(path: Path, doc_id: str) -> list[Document]:
     title, blocks = parse_markdown(_read_text(path))
-    return [Document(doc_id, title or _pretty_stem(path), str(path), _require_text(blocks), format="markdown")]
+    return [Document(doc_id, title or _pretty_stem(path), doc_id, _require_text(blocks), format="markdown")]
 
 
 # --- HTML -----------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def parse_html(html: str) -> tuple[str | None, list[Block]]:
 
 def load_html(path: Path, doc_id: str) -> list[Document]:
     title, blocks = parse_html(_read_text(path))
-    return [Document(doc_id, title or _pretty_stem(path), str(path), _require_text(blocks), format="html")]
+    return [Document(doc_id, title or _pretty_stem(path), doc_id, _require_text(blocks), format="html")]
 
 
 # --- PDF ------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def load_pdf(path: Path, doc_id: str) -> list[Document]:
     for page_text in pages:
         blocks.extend(paragraphs(_pdf_paragraph_breaks(page_text)))
     title = _collapse(str(meta_title)) if meta_title else ""
-    return [Document(doc_id, title or _pretty_stem(path), str(path), _require_text(blocks), format="pdf")]
+    return [Document(doc_id, title or _pretty_stem(path), doc_id, _require_text(blocks), format="pdf")]
 
 
 # --- JSON lines -----------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def load_jsonl_lines(path: Path, doc_id: str) -> _JsonlResult:
             continue
         line_id = str(_first(obj, _ID_FIELDS) or f"{doc_id}#{number}")
         title = str(obj.get("title") or line_id)
-        source = str(obj.get("source") or obj.get("url") or where)
+        source = str(obj.get("source") or obj.get("url") or f"{doc_id}:{number}")
         known = {*_TEXT_FIELDS, *_ID_FIELDS, "title", "source", "url"}
         metadata = {key: value for key, value in obj.items() if key not in known}
         result.documents.append(
