@@ -44,7 +44,7 @@ def marker_spans(text: str) -> dict[int, list[tuple[int, int]]]:
     return spans
 
 
-def annotations(
+def url_annotations(
     text: str, citations: Sequence[Mapping[str, Any]], base_urls: Mapping[str, str] | None = None
 ) -> list[dict[str, Any]]:
     """OpenAI `url_citation` annotations for `citations` over the answer `text`."""

@@ -8,14 +8,14 @@ CITES = [
 
 def test_annotations_point_at_markers_and_view_url() -> None:
     text = "Alpha [1]. Beta [2] and again [1]."
-    out = c.annotations(text, CITES)
+    out = c.url_annotations(text, CITES)
     spans = [(a["url_citation"]["start_index"], a["url_citation"]["end_index"]) for a in out]
     assert [text[s:e] for s, e in spans] == ["[1]", "[2]", "[1]"]
     assert out[0]["url_citation"]["url"] == "/v1/documents/sample/guide/a.md#chunk-x1"
 
 
 def test_unmarked_citation_kept_and_base_url() -> None:
-    out = c.annotations("no markers", CITES, {"sample": "https://docs.example.com/"})
+    out = c.url_annotations("no markers", CITES, {"sample": "https://docs.example.com/"})
     assert {a["url_citation"]["url"] for a in out} == {"https://docs.example.com/guide/a.md", "https://docs.example.com/b.md"}
     assert all(a["url_citation"]["start_index"] == len("no markers") for a in out)
 
