@@ -1,7 +1,14 @@
 from gateway import citations as c
 
 CITES = [
-    {"index": 1, "collection": "sample", "document": "guide/a.md", "title": "A", "source": "guide/a.md", "chunk_id": "x1"},
+    {
+        "index": 1,
+        "collection": "sample",
+        "document": "guide/a.md",
+        "title": "A",
+        "source": "guide/a.md",
+        "chunk_id": "x1",
+    },
     {"index": 2, "collection": "sample", "document": "b.md", "title": "B", "source": "b.md", "chunk_id": "y2"},
 ]
 
@@ -16,7 +23,10 @@ def test_annotations_point_at_markers_and_view_url() -> None:
 
 def test_unmarked_citation_kept_and_base_url() -> None:
     out = c.url_annotations("no markers", CITES, {"sample": "https://docs.example.com/"})
-    assert {a["url_citation"]["url"] for a in out} == {"https://docs.example.com/guide/a.md", "https://docs.example.com/b.md"}
+    assert {a["url_citation"]["url"] for a in out} == {
+        "https://docs.example.com/guide/a.md",
+        "https://docs.example.com/b.md",
+    }
     assert all(a["url_citation"]["start_index"] == len("no markers") for a in out)
 
 
