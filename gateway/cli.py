@@ -354,6 +354,9 @@ _DELEGATED = {
     "eval run": ("gateway eval run", "evals.nightly", "configure_run_parser", "run_dataset"),
     "eval traffic": ("gateway eval traffic", "evals.nightly", "configure_traffic_parser", "run_traffic"),
     "eval compare": ("gateway eval compare", "evals.compare", "configure_parser", "run"),
+    "export dataset": ("gateway export dataset", "evals.export", "configure_parser", "run"),
+    "guards train-toxicity": ("gateway guards train-toxicity", "evals.train_toxicity", "configure_parser", "run"),
+    "guards fetch": ("gateway guards fetch", "evals.train_toxicity", "configure_fetch_parser", "run_fetch"),
 }
 
 
@@ -517,6 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = evals.add_parser(target, help=text, add_help=False)
         sub.set_defaults(delegated=f"eval {target}")
+    export = commands.add_parser("export", help="export data").add_subparsers(dest="export_command", required=True)
+    export.add_parser(
+        "dataset", help="labelled traffic as fine-tuning (openai-chat) or eval-set JSONL", add_help=False
+    ).set_defaults(delegated="export dataset")
+    guards = commands.add_parser("guards", help="guard models").add_subparsers(dest="guards_command", required=True)
+    for target, text in (
+        ("train-toxicity", "train the offline toxicity classifier on the sentence encoder"),
+        ("fetch", "download a guard model's published checkpoint (needs internet): fetch detoxify --to DIR"),
+    ):
+        guards.add_parser(target, help=text, add_help=False).set_defaults(delegated=f"guards {target}")
     return parser
 
 

@@ -81,6 +81,9 @@ audit_records = Table(
     Column("policy_version", String(64)),
     Column("index_versions", Text),  # JSON {collection: version} of the indexes the request searched
     Column("gateway_version", String(32)),
+    # Migration 0009: where the request came from. NULL is live traffic; "eval" marks the rows of
+    # eval runs, which the review queue, usage, drift and metrics leave out by default.
+    Column("origin", String(16)),
     Index("ix_audit_records_created_at", "created_at"),
     Index("ix_audit_records_status_created", "status", "created_at"),
     Index("ix_audit_records_model_created", "model", "created_at"),
@@ -88,6 +91,7 @@ audit_records = Table(
     Index("ix_audit_records_blocked_created", "blocked_by", "created_at"),
     Index("ix_audit_records_trace_id", "trace_id"),
     Index("ix_audit_records_shadow_of", "shadow_of"),
+    Index("ix_audit_records_origin_created", "origin", "created_at"),
 )
 
 # Applied configurations (gateway.rollout): each distinct config once, and every time one was applied.
@@ -143,6 +147,23 @@ review_labels = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_review_labels_request", "request_id", "created_at"),
     Index("ix_review_labels_label_created", "label", "created_at"),
+)
+
+# End-user ratings of answers (issue 16, migration 0009): several per request; per key the newest
+# one is that key's rating. `key_id` is the key that sent the feedback (the request's own key, or a
+# reviewer's or admin's).
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("request_id", String(40), nullable=False),
+    Column("key_id", String(40), nullable=False),
+    Column("rating", Integer, nullable=False),  # 1 good, 0 neutral, -1 bad
+    Column("comment", Text),
+    Column("categories_json", Text),  # JSON list of short category names ("wrong", "unsafe", ...)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_feedback_request_created", "request_id", "created_at"),
+    Index("ix_feedback_rating_created", "rating", "created_at"),
 )
 
 review_sessions = Table(

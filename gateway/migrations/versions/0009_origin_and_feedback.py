@@ -1,0 +1,48 @@
+"""Eval rows marked in the audit log, and end users' feedback on answers.
+
+`audit_records.origin` is NULL for live traffic and "eval" for the rows that eval runs send
+through the pipeline, so the review queue, usage, drift and metrics can leave them out (issue 18).
+`feedback` holds end-user ratings sent to POST /v1/feedback (issue 16).
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("audit_records") as batch:
+        batch.add_column(sa.Column("origin", sa.String(16), nullable=True))
+    op.create_index("ix_audit_records_origin_created", "audit_records", ["origin", "created_at"])
+    big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    op.create_table(
+        "feedback",
+        sa.Column("id", big_id, primary_key=True, autoincrement=True),
+        sa.Column("request_id", sa.String(40), nullable=False),
+        sa.Column("key_id", sa.String(40), nullable=False),
+        sa.Column("rating", sa.Integer(), nullable=False),
+        sa.Column("comment", sa.Text()),
+        sa.Column("categories_json", sa.Text()),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_feedback_request_created", "feedback", ["request_id", "created_at"])
+    op.create_index("ix_feedback_rating_created", "feedback", ["rating", "created_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_feedback_rating_created", table_name="feedback")
+    op.drop_index("ix_feedback_request_created", table_name="feedback")
+    op.drop_table("feedback")
+    op.drop_index("ix_audit_records_origin_created", table_name="audit_records")
+    with op.batch_alter_table("audit_records") as batch:
+        batch.drop_column("origin")
