@@ -186,7 +186,7 @@ async def _run_one(
     blocked: dict[str, Any] | None = None
     retrieved: list[str] = []
     try:
-        trace, payload = await services.pipeline.handle(CHAT, read_body, None, "eval", key=EVAL_KEY)
+        trace, payload = await services.pipeline.handle(CHAT, read_body, None, "eval", key=EVAL_KEY, origin="eval")
         assert isinstance(payload, bytes)  # never a stream: `_body` drops "stream"
         response = msgspec.json.decode(payload)
         result["request_id"] = trace.request_id

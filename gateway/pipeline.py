@@ -93,6 +93,7 @@ class Trace:
     started: float = field(default_factory=time.perf_counter)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     api_key_id: str | None = None
+    origin: str | None = None  # None: live traffic; "eval": an eval run's request (kept out of review, usage, drift)
     model: str | None = None  # as the client asked (an alias stays the alias)
     backend_model: str | None = None  # the model an alias stands for, asked of the backend
     stream: bool = False
@@ -160,6 +161,7 @@ class Trace:
             "total_ms": round(total * 1000, 3),
             "client_ip": self.client_ip,
             "trace_id": self.trace_id,
+            "origin": self.origin,
             **guarding.audit_columns(self.verdicts),
             "passages_json": _encode([rag.passage_record(h) for h in self.hits]).decode() if self.hits else None,
             "citations_json": _encode(citations(self.hits)).decode() if self.hits else None,
@@ -274,11 +276,13 @@ class Pipeline:
         authorization: str | None,
         client_ip: str | None,
         key: KeyInfo | None = None,
+        origin: str | None = None,
     ) -> tuple[Trace, bytes | AsyncIterator[bytes]]:
         """Serve one request. Errors are recorded, then raised as `GatewayError` for the HTTP layer.
 
-        In-process callers (the nightly eval runner) pass `key` and skip HTTP authentication."""
-        trace = Trace(endpoint, client_ip)
+        In-process callers (the nightly eval runner) pass `key` and skip HTTP authentication, and
+        `origin="eval"` to mark the audit row as not live traffic."""
+        trace = Trace(endpoint, client_ip, origin=origin)
         admission = UNLIMITED
         if self.rollout is not None:
             trace.versions = self.rollout.versions
