@@ -16,7 +16,9 @@ from litestar.exceptions import HTTPException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
+from gateway.documents_routes import DOCUMENT_ROUTES
 from gateway.errors import GatewayError
+from gateway.feedback import FEEDBACK_ROUTES
 from gateway.metrics_routes import METRICS_ROUTES
 from gateway.overview import OVERVIEW_ROUTES
 from gateway.review import REVIEW_ROUTES
@@ -102,7 +104,16 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             await services.stop()
 
     app = Litestar(
-        route_handlers=[*ROUTES, *REVIEW_ROUTES, *USAGE_ROUTES, *METRICS_ROUTES, *OVERVIEW_ROUTES, *ROLLOUT_ROUTES],
+        route_handlers=[
+            *ROUTES,
+            *REVIEW_ROUTES,
+            *USAGE_ROUTES,
+            *METRICS_ROUTES,
+            *OVERVIEW_ROUTES,
+            *ROLLOUT_ROUTES,
+            *DOCUMENT_ROUTES,
+            *FEEDBACK_ROUTES,
+        ],
         template_config=TemplateConfig(directory=Path(__file__).with_name("templates"), engine=JinjaTemplateEngine),
         dependencies={"services": Provide(lambda: services, use_cache=True, sync_to_thread=False)},
         exception_handlers={
