@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template.config import TemplateConfig
 
+from gateway.documents_routes import DOCUMENT_ROUTES
 from gateway.errors import GatewayError
 from gateway.feedback import FEEDBACK_ROUTES
 from gateway.metrics_routes import METRICS_ROUTES
@@ -110,6 +111,7 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             *METRICS_ROUTES,
             *OVERVIEW_ROUTES,
             *ROLLOUT_ROUTES,
+            *DOCUMENT_ROUTES,
             *FEEDBACK_ROUTES,
         ],
         template_config=TemplateConfig(directory=Path(__file__).with_name("templates"), engine=JinjaTemplateEngine),

@@ -14,12 +14,14 @@ connection attempt.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,6 +48,12 @@ class KeyInfo:
     role: str
     default_collection: str | None = None
     limits: KeyLimits | None = None  # rate limits and quotas (gateway.limits); None: unlimited
+    collections: frozenset[str] | None = None  # the collections it may search and read; None: all
+    rag_sources: str | None = None  # its default for showing sources ("annotations", "footer"); None: the setting
+
+    def may_use(self, collection: str) -> bool:
+        """Whether this key may search `collection` and read its documents (admins: every one)."""
+        return self.collections is None or self.role == "admin" or collection in self.collections
 
     def require(self, *roles: str) -> None:
         if self.role != "admin" and self.role not in roles:
@@ -93,13 +101,15 @@ class KeyStore:
         name: str | None = None,
         default_collection: str | None = None,
         limits: KeyLimits | None = None,
+        collections: frozenset[str] | None = None,
+        rag_sources: str | None = None,
     ) -> tuple[KeyInfo, str]:
         """Make a key; returns its info and the secret, which is not stored and is shown once."""
         if role not in ROLES:
             raise InvalidRequest(f"unknown role {role!r}; choose one of {', '.join(ROLES)}", param="role")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         limits = limits if limits is not None and limits.active else None
-        info = KeyInfo("key_" + secrets.token_hex(6), name, role, default_collection, limits)
+        info = KeyInfo("key_" + secrets.token_hex(6), name, role, default_collection, limits, collections, rag_sources)
         async with self._engine.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
@@ -110,6 +120,8 @@ class KeyStore:
                     prefix=secret[: len(KEY_PREFIX) + 4],
                     created_at=datetime.now(UTC),
                     default_collection=default_collection,
+                    collections=_encode_collections(collections),
+                    rag_sources=rag_sources,
                     **(limits or KeyLimits()).columns(),
                 )
             )
@@ -123,6 +135,14 @@ class KeyStore:
                 .values(revoked_at=datetime.now(UTC))
             )
         # This process forgets the key at once (others within their cache time); other keys keep their state.
+        self._cache = {k: v for k, v in self._cache.items() if v[1] is None or v[1].id != key_id}
+        return bool(result.rowcount)
+
+    async def update_access(self, key_id: str, collections: frozenset[str] | None, rag_sources: str | None) -> bool:
+        """Set which collections a key may use (None: all) and its default for showing sources."""
+        values = {"collections": _encode_collections(collections), "rag_sources": rag_sources}
+        async with self._engine.begin() as conn:
+            result = await conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(**values))
         self._cache = {k: v for k, v in self._cache.items() if v[1] is None or v[1].id != key_id}
         return bool(result.rowcount)
 
@@ -147,6 +167,8 @@ class KeyStore:
                     api_keys.c.prefix,
                     api_keys.c.created_at,
                     api_keys.c.revoked_at,
+                    api_keys.c.collections,
+                    api_keys.c.rag_sources,
                     *(api_keys.c[name] for name in LIMIT_COLUMNS),
                 ).order_by(api_keys.c.created_at)
             )
@@ -233,9 +255,34 @@ _KEY_COLUMNS = (
     api_keys.c.name,
     api_keys.c.role,
     api_keys.c.default_collection,
+    api_keys.c.collections,
+    api_keys.c.rag_sources,
     *(api_keys.c[name] for name in LIMIT_COLUMNS),
 )
 
 
-def _key_info(row: object) -> KeyInfo:
-    return KeyInfo(row.id, row.name, row.role, row.default_collection, key_limits_from_row(row))  # type: ignore[attr-defined]
+def _encode_collections(collections: frozenset[str] | None) -> str | None:
+    return None if collections is None else json.dumps(sorted(collections))
+
+
+def decode_collections(text: str | None) -> frozenset[str] | None:
+    """The `collections` column: a JSON list of names, or NULL for every collection."""
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        return frozenset()  # unreadable: no collection rather than all of them
+    return frozenset(str(n) for n in names) if isinstance(names, list) else frozenset()
+
+
+def _key_info(row: Any) -> KeyInfo:
+    return KeyInfo(
+        row.id,
+        row.name,
+        row.role,
+        row.default_collection,
+        key_limits_from_row(row),
+        decode_collections(row.collections),
+        row.rag_sources,
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -90,3 +91,53 @@ def check_mode(value: object) -> str:
     if value not in SOURCES_MODES:
         raise ValueError(f"'rag.sources' must be one of {', '.join(SOURCES_MODES)}")
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class CitationConfig:
+    """The gateway's citation settings: the default way to show sources, per-alias defaults, and
+    the web sites collections' documents live on."""
+
+    default: str = "annotations"
+    alias_modes: Mapping[str, str] = field(default_factory=dict)
+    base_urls: Mapping[str, str] = field(default_factory=dict)
+
+    def mode(self, asked: str | None, key_mode: str | None, model: str | None) -> str:
+        """The request's own choice, else the key's default, else the alias's, else the gateway's."""
+        return asked or key_mode or (self.alias_modes.get(model) if model else None) or self.default
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """One RAG answer's sources, put where clients see them."""
+
+    mode: str
+    citations: Sequence[Mapping[str, Any]]
+    base_urls: Mapping[str, str]
+
+    def message(self, choice: dict[str, Any]) -> None:
+        """A complete answer's choice: annotations on its message, and the footer when asked."""
+        message = choice.get("message")
+        if not isinstance(message, dict) or choice.get("finish_reason") in _NO_SOURCES:
+            return
+        text = message.get("content")
+        if not isinstance(text, str) or not text:
+            return
+        message["annotations"] = url_annotations(text, self.citations, self.base_urls)
+        if self.mode == "footer":
+            message["content"] = text + footer(self.citations)
+
+    def closing_delta(self, choice: dict[str, Any], delivered: str) -> None:
+        """A stream's closing chunk for one choice (`delivered`: the text the client has of it,
+        this chunk's included): annotations in its delta, and the footer as its last text."""
+        if choice.get("finish_reason") in _NO_SOURCES or not delivered:
+            return
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = choice["delta"] = {}
+        delta["annotations"] = url_annotations(delivered, self.citations, self.base_urls)
+        if self.mode == "footer":
+            delta["content"] = (delta.get("content") or "") + footer(self.citations)
+
+
+_NO_SOURCES = frozenset({"content_filter", "tool_calls"})  # a withheld answer, or no answer text at all

@@ -293,7 +293,14 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> tuple[Any, str]:
         async with open_engine(settings) as engine:
-            return await KeyStore(engine).create(args.role, args.name, args.collection, limits_from_args(args))
+            return await KeyStore(engine).create(
+                args.role,
+                args.name,
+                args.collection,
+                limits_from_args(args),
+                collections=_collections_arg(args.collections),
+                rag_sources=args.sources,
+            )
 
     info, secret = _run_async(go())
     print(secret)
@@ -303,6 +310,33 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
         "the secret above is not stored and will not be shown again",
         file=sys.stderr,
     )
+    return 0
+
+
+def _collections_arg(value: str | None) -> frozenset[str] | None:
+    """`--collections a,b` (None or "all": every collection)."""
+    if value is None or value.strip() == "all":
+        return None
+    return frozenset(name.strip() for name in value.split(",") if name.strip())
+
+
+def cmd_keys_access(args: argparse.Namespace, settings: Settings) -> int:
+    """Set which collections a key may use and its default for showing sources."""
+    from gateway.auth import KeyStore
+    from gateway.migrate import upgrade
+
+    upgrade(settings.database_url)
+    sources = None if args.sources == "default" else args.sources
+
+    async def go() -> bool:
+        async with open_engine(settings) as engine:
+            return await KeyStore(engine).update_access(args.key_id, _collections_arg(args.collections), sources)
+
+    if not _run_async(go()):
+        print(f"gateway: no key with id {args.key_id!r} (see `gateway keys list`)", file=sys.stderr)
+        return 1
+    print(f"updated {args.key_id}: collections {args.collections}, sources {args.sources} "
+          "(every replica applies it within 30 s)")  # fmt: skip
     return 0
 
 
@@ -473,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=["client", "reviewer", "admin"])
     create.add_argument("--name", default=None)
     create.add_argument("--collection", default=None, help="RAG collection for this key's requests by default")
+    create.add_argument(
+        "--collections", default=None, help="collections this key may search and read, comma-separated (default: all)"
+    )
+    create.add_argument(
+        "--sources", choices=["annotations", "footer"], default=None,
+        help="how this key's RAG answers show sources by default (default: the rag_sources setting)",
+    )  # fmt: skip
     create.set_defaults(func=cmd_keys_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     _common(listing)
@@ -487,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("key_id")
     add_limit_flags(update)
     update.set_defaults(func=cmd_keys_update)
+    access = keys.add_parser("access", help="set which collections a key may use, and how it shows sources")
+    _common(access)
+    access.add_argument("key_id")
+    access.add_argument("--collections", required=True, help="comma-separated names, or 'all'")
+    access.add_argument("--sources", choices=["annotations", "footer", "default"], default="default")
+    access.set_defaults(func=cmd_keys_access)
     usage = commands.add_parser("usage", help="requests, tokens, blocks, limits and latency from the audit log")
     _common(usage)
     configure_usage_parser(usage)

@@ -127,6 +127,10 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
     Column("default_collection", String(64)),  # RAG collection used when a request names none
+    # Migration 0009: the collections this key may search and read (JSON list; NULL: all of them),
+    # and how its RAG answers show their sources by default ("annotations" or "footer"; NULL: the setting).
+    Column("collections", Text),
+    Column("rag_sources", String(16)),
     # Limits (gateway.limits); NULL means no limit. Read with the key, so a change applies within its cache TTL.
     Column("rpm", Integer),
     Column("tpm", BigInteger),

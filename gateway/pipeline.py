@@ -31,6 +31,7 @@ import msgspec
 from gateway import guarding, rag, shapes
 from gateway.audit import AuditWriter
 from gateway.auth import OPEN_MODE_KEY, KeyInfo, KeyStore
+from gateway.citations import CitationConfig, Sources
 from gateway.errors import (
     GatewayError,
     InputBlocked,
@@ -116,6 +117,7 @@ class Trace:
     refusal: dict[str, Any] | None = None  # the gateway's own answer (empty retrieval, policy "refuse")
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the key's limits, for the answer
     route: RouteContext | None = None  # the deployment that answered (gateway.rollout)
+    sources: Sources | None = None  # a RAG answer's citations, shown as annotations (and a footer)
     versions: Mapping[str, Any] = field(default_factory=dict)  # config, policy and gateway versions at the start
     auth_s: float | None = None  # stage timings for the metrics (gateway.metrics.stage_seconds)
     audit_s: float | None = None
@@ -215,6 +217,7 @@ class Pipeline:
         open_mode: bool = False,
         max_n: int = 16,
         limiter: Limiter | None = None,
+        citation: CitationConfig | None = None,
     ) -> None:
         self.backend = backend
         self.audit = audit
@@ -227,6 +230,7 @@ class Pipeline:
         self.open_mode = open_mode
         self.limits = Limits(max_n=max_n)
         self.limiter = limiter  # rate limits and quotas (gateway.limits); None: none at all
+        self.citation = citation or CitationConfig()  # how answers show their sources
         self._active: dict[tuple[str | None, str | None, str], bool] = {}
         self.observers: list[Callable[[Trace], None]] = []  # metrics, traces: told once per request, in record
         self.rollout: Rollout | None = None  # deployments, versions, shadow copies (set by Services)
@@ -344,6 +348,8 @@ class Pipeline:
         )
         if body.get("model") != trace.model:  # an alias: answers still name it, the row both
             trace.backend_model = body.get("model")
+        if wanted is not None and not key.may_use(wanted.collection):
+            raise self._unknown_collection(key, wanted.collection)
         await self._guard_input(trace, key, body)
         if wanted is not None:
             await self._retrieve(trace, key, body, wanted)
@@ -475,12 +481,7 @@ class Pipeline:
         try:
             outcome = await self.store.search_detailed(wanted.collection, query, wanted.top_k, wanted.min_score)
         except UnknownCollection as exc:
-            known = ", ".join(self.store.list_collections()) or "none"
-            raise InvalidRequest(
-                f"unknown collection {exc.name!r} (collections: {known})",
-                param="rag.collection",
-                code="unknown_collection",
-            ) from exc
+            raise self._unknown_collection(key, exc.name) from exc
         hits = list(outcome.hits)
         trace.retrieval.update(
             embed_ms=round(outcome.embed_ms, 2), search_ms=round(outcome.search_ms, 2), index_version=outcome.version
@@ -495,6 +496,8 @@ class Pipeline:
         trace.hits = hits
         if hits:
             body["messages"] = build_rag_messages(body["messages"], hits)
+            mode = self.citation.mode(wanted.sources, key.rag_sources, trace.model)
+            trace.sources = Sources(mode, citations(hits), self.citation.base_urls)
             return
         policy = self.rails.request_policy(key.id, trace.model) if self.rails is not None else None
         if policy is not None and policy.on_empty_retrieval == "refuse":
@@ -502,6 +505,15 @@ class Pipeline:
             trace.refusal = rag.refusal(body.get("model"), policy.refusal_message, trace.request_id)
         else:
             trace.retrieval["empty"] = "answered without passages"
+
+    def _unknown_collection(self, key: KeyInfo, name: str) -> InvalidRequest:
+        """The same answer for a collection that does not exist and one this key may not use; it
+        lists only the collections the key may use."""
+        names = self.store.list_collections() if self.store is not None else []
+        known = ", ".join(n for n in names if key.may_use(n)) or "none"
+        return InvalidRequest(
+            f"unknown collection {name!r} (collections: {known})", param="rag.collection", code="unknown_collection"
+        )
 
     async def _complete(self, trace: Trace, key: KeyInfo, body: dict[str, Any]) -> bytes:
         began = time.perf_counter()
@@ -529,6 +541,9 @@ class Pipeline:
         trace.usage = answer.get("usage")
         if choices and self.output_guarded(key, trace.model):
             await self._guard_answer(trace, key, body, choices)
+        if trace.sources is not None:
+            for choice in choices:
+                trace.sources.message(choice)
         if trace.backend_model is not None:
             answer["model"] = trace.model
         answer["gateway"] = trace.gateway_object()

@@ -1,9 +1,12 @@
 """Retrieval in the request pipeline: which requests use it, and what it adds to them.
 
 A chat request uses RAG when it names a model alias (a model name mapped to a collection and a
-backend model), carries the extension field `"rag": {"collection", "top_k", "min_score"}`, or
-comes with an API key that has a default collection. The field is the gateway's own, so it is
-taken out of the body before the body goes to vLLM.
+backend model), carries the extension field `"rag": {"collection", "top_k", "min_score",
+"sources"}`, or comes with an API key that has a default collection. The field is the gateway's
+own, so it is taken out of the body before the body goes to vLLM. `sources` says how the answer
+shows its sources: "annotations" (OpenAI `url_citation` annotations, always there) or "footer"
+(also a "Sources:" block at the end of the text); unset, the key's, then the alias's, then the
+gateway's default applies.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.citations import SOURCES_MODES
 from gateway.errors import InvalidRequest
 from gateway.shapes import Shape
 from guardrails import Passage
@@ -24,6 +28,7 @@ class RagRequest:
     collection: str
     top_k: int
     min_score: float
+    sources: str | None = None  # as the request asked; None: the defaults decide
 
 
 def resolve(
@@ -46,7 +51,7 @@ def resolve(
     if spec is not None and not isinstance(spec, dict):
         raise InvalidRequest('\'rag\' must be an object like {"collection": "docs"}', param="rag", code="invalid_type")
     spec = spec or {}
-    unknown = set(spec) - {"collection", "top_k", "min_score"}
+    unknown = set(spec) - {"collection", "top_k", "min_score", "sources"}
     if unknown:
         raise InvalidRequest(
             f"unknown field(s) in 'rag': {', '.join(sorted(unknown))}", param="rag", code="invalid_value"
@@ -62,9 +67,14 @@ def resolve(
         raise InvalidRequest(
             "'rag.min_score' must be a number from -1 to 1", param="rag.min_score", code="invalid_value"
         )
+    sources = spec.get("sources")
+    if sources is not None and sources not in SOURCES_MODES:
+        raise InvalidRequest(
+            f"'rag.sources' must be one of {', '.join(SOURCES_MODES)}", param="rag.sources", code="invalid_value"
+        )
     if not shape.retrieval:
         raise InvalidRequest("retrieval is available on /v1/chat/completions only", param="rag", code="invalid_value")
-    return RagRequest(collection, top_k, float(min_score))
+    return RagRequest(collection, top_k, float(min_score), sources)
 
 
 def as_passage(hit: Hit) -> Passage:

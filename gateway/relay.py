@@ -160,12 +160,24 @@ class StreamRelay:
             self.trace.usage = event["usage"]
             closing = closing or not choices
         self._release_held()
+        if closing and self.trace.sources is not None:
+            self._cite(event)
         if closing:
             self.held, self.held_content = event, content
         else:
             if content:
                 self._first_token()
             self.out.append(sse(payload))
+
+    def _cite(self, event: dict[str, Any]) -> None:
+        """A RAG answer's closing chunk carries its sources: annotations, and the footer if asked."""
+        sources = self.trace.sources
+        assert sources is not None
+        for choice in event.get("choices") or ():
+            if choice.get("finish_reason"):
+                index = int(choice.get("index") or 0)
+                delivered = self.guard.released(index) if self.guard is not None else "".join(self.texts.get(index, ()))
+                sources.closing_delta(choice, delivered)
 
     def _own_usage(self, event: dict[str, Any], choices: list[dict[str, Any]]) -> bool:
         """Note usage the gateway asked for; keep in the event only what the client asked for."""

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.audit import AuditWriter, ReplicaSpool
 from gateway.audit_sinks import sink_for
 from gateway.auth import KeyStore
+from gateway.citations import CitationConfig
 from gateway.db import audit_records, create_engine
 from gateway.deployments import BackendPool, build_router
 from gateway.limits import build_limiter, parse_model_limits
@@ -171,6 +172,9 @@ class Services:
             open_mode=self.settings.open_mode,
             max_n=self.settings.max_n,
             limiter=self.limiter,
+            citation=CitationConfig(
+                self.settings.rag_sources, self.settings.alias_sources, self.settings.citation_base_urls
+            ),
         )
         pipeline.observers = self.observers  # one list: a tracer added later is told too
         pipeline.rollout = self.rollout

@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.citations import SOURCES_MODES
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -60,7 +62,9 @@ class Settings:
     sample_corpus: bool = True  # ingest the shipped sample corpus as collection "sample" if absent
     rag_top_k: int = 4
     rag_min_score: float = 0.3  # cosine similarity below which a passage is not used
-    alias: tuple[str, ...] = ()  # "NAME=COLLECTION:MODEL": model NAME means RAG on COLLECTION with MODEL
+    alias: tuple[str, ...] = ()  # "NAME=COLLECTION:MODEL[;sources=footer]": model NAME is RAG on COLLECTION with MODEL
+    rag_sources: str = "annotations"  # how answers show sources: OpenAI annotations, or also a "footer" in the text
+    citation_base_url: tuple[str, ...] = ()  # "COLLECTION=URL": link citations to the site the documents live on
     session_secret: str | None = None  # signs reviewer sessions; none: a random one kept in DATA_DIR
     review_sample_rate: float = 0.02  # share of unflagged requests that also enter the review queue
     eval_max_tokens: int = 256  # `max_tokens` of eval items that set none (a small model may not stop by itself)
@@ -102,9 +106,26 @@ class Settings:
         out = {}
         for entry in self.alias:
             name, _, target = entry.partition("=")
-            collection, _, model = target.partition(":")
+            collection, _, model = target.partition(";")[0].partition(":")
             out[name.strip()] = (collection.strip(), model.strip())
         return out
+
+    @property
+    def alias_sources(self) -> dict[str, str]:
+        """Aliases with their own default for showing sources (`NAME=COLLECTION:MODEL;sources=footer`)."""
+        out = {}
+        for entry in self.alias:
+            name, _, target = entry.partition("=")
+            for option in target.partition(";")[2].split(";"):
+                key, _, value = option.partition("=")
+                if key.strip() == "sources":
+                    out[name.strip()] = value.strip()
+        return out
+
+    @property
+    def citation_base_urls(self) -> dict[str, str]:
+        """collection -> the base URL its documents' relative paths are joined to."""
+        return {c.strip(): url.strip() for c, _, url in (e.partition("=") for e in self.citation_base_url)}
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -165,9 +186,20 @@ def _validate(settings: Settings) -> Settings:
         raise bad(f"port {settings.port} is outside 0-65535")
     for entry in settings.alias:
         name, _, target = entry.partition("=")
+        target, _, options = target.partition(";")
         collection, _, model = target.partition(":")
         if not (name.strip() and collection.strip() and model.strip()):
             raise bad(f"alias {entry!r} must look like NAME=COLLECTION:MODEL")
+        for option in filter(None, (o.strip() for o in options.split(";"))):
+            key, _, value = option.partition("=")
+            if key.strip() != "sources" or value.strip() not in SOURCES_MODES:
+                raise bad(f"alias {entry!r}: options after ';' are sources=annotations or sources=footer")
+    if settings.rag_sources not in SOURCES_MODES:
+        raise bad(f"rag_sources {settings.rag_sources!r} must be one of {', '.join(SOURCES_MODES)}")
+    for entry in settings.citation_base_url:
+        collection, _, url = entry.partition("=")
+        if not collection.strip() or not url.strip().startswith(("http://", "https://")):
+            raise bad(f"citation_base_url {entry!r} must look like COLLECTION=https://HOST/PATH")
     if not 0.0 <= settings.review_sample_rate <= 1.0:
         raise bad(f"review_sample_rate {settings.review_sample_rate} is outside 0-1")
     if settings.session_secret is not None and len(settings.session_secret) < 16:

@@ -144,6 +144,13 @@ class CollectionStore:
             "created_at": manifest.get("created_at"),
         }
 
+    async def document(self, collection: str, document_id: str) -> list[dict[str, Any]]:
+        """The chunks of one document in the live version, in reading order (empty: no such
+        document). Raises UnknownCollection. The scan runs on the executor, off the event loop."""
+        snapshot = await self._snapshot(collection)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, _document_chunks, snapshot.records, document_id)
+
     async def refresh(self, collection: str) -> str:
         """Load the live version now (waiting for it); returns its name."""
         snapshot = await self._load(collection)
@@ -249,3 +256,18 @@ class CollectionStore:
                 )
             )
         return hits
+
+
+def _document_chunks(records: storage.ChunkRecords, document_id: str) -> list[dict[str, Any]]:
+    rows = sorted((i for i, d in enumerate(records.document_id) if d == document_id), key=records.position.__getitem__)
+    return [
+        {
+            "chunk_id": records.chunk_id[i],
+            "position": records.position[i],
+            "title": records.title[i],
+            "source": records.source[i],
+            "heading_path": list(records.heading_path[i]),
+            "text": records.text[i],
+        }
+        for i in rows
+    ]

@@ -1,8 +1,10 @@
-"""Eval rows marked in the audit log, and end users' feedback on answers.
+"""Eval rows marked in the audit log, end users' feedback on answers, collection access per key.
 
 `audit_records.origin` is NULL for live traffic and "eval" for the rows that eval runs send
 through the pipeline, so the review queue, usage, drift and metrics can leave them out (issue 18).
 `feedback` holds end-user ratings sent to POST /v1/feedback (issue 16).
+`api_keys.collections` (JSON list, NULL: all) limits which collections a key may search and whose
+documents it may read; `api_keys.rag_sources` is the key's default for showing sources (issue 17).
 
 Revision ID: 0009
 Revises: 0008
@@ -24,6 +26,9 @@ def upgrade() -> None:
     with op.batch_alter_table("audit_records") as batch:
         batch.add_column(sa.Column("origin", sa.String(16), nullable=True))
     op.create_index("ix_audit_records_origin_created", "audit_records", ["origin", "created_at"])
+    with op.batch_alter_table("api_keys") as batch:
+        batch.add_column(sa.Column("collections", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("rag_sources", sa.String(16), nullable=True))
     big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
     op.create_table(
         "feedback",
@@ -43,6 +48,9 @@ def downgrade() -> None:
     op.drop_index("ix_feedback_rating_created", table_name="feedback")
     op.drop_index("ix_feedback_request_created", table_name="feedback")
     op.drop_table("feedback")
+    with op.batch_alter_table("api_keys") as batch:
+        batch.drop_column("rag_sources")
+        batch.drop_column("collections")
     op.drop_index("ix_audit_records_origin_created", table_name="audit_records")
     with op.batch_alter_table("audit_records") as batch:
         batch.drop_column("origin")
