@@ -24,6 +24,7 @@ import msgspec
 if TYPE_CHECKING:  # the guard modules import this one
     from guardrails.groundedness import Support
     from guardrails.keywords import KeywordMatcher
+    from guardrails.moderation import ClassifierFn
     from guardrails.toxicity import BatchingScorer, ToxicityConfig, ToxicityScorer
 
 Stage = Literal["input", "output", "passage"]
@@ -231,6 +232,9 @@ class GuardResources:
     keyword_matchers: dict[tuple[tuple[str, ...], ...], KeywordMatcher] = field(default_factory=dict)
     #: Groundedness: the passages' support index, most recently used last (an LRU).
     groundedness_support: OrderedDict[tuple[Passage, ...], Support] = field(default_factory=OrderedDict)
+    #: Moderation: how the guard asks its classifier model (None: the first moderation guard
+    #: installs guardrails.moderation.HttpClassifier; tests inject a fake).
+    moderation_classifier: ClassifierFn | None = None
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-heavy `fn(*args)` in the shared executor; the event loop only awaits."""
@@ -246,6 +250,8 @@ class Guard(abc.ABC):
     stages: ClassVar[frozenset[Stage]]
     #: Defaults the policy starts from for this guard.
     default_stages: ClassVar[frozenset[Stage]] = frozenset({"input"})
+    #: Whether the guard runs when the policy does not say (False for one that needs a backend).
+    default_enabled: ClassVar[bool] = True
     default_action: ClassVar[HitAction] = "block"
     default_passages: ClassVar[bool] = False
     default_message: ClassVar[str] = "The request was blocked by a content policy."

@@ -20,7 +20,7 @@ from typing import Any, Literal, cast
 import msgspec
 
 # Importing the guard modules fills the registry.
-from guardrails import groundedness, injection, keywords, toxicity  # noqa: F401
+from guardrails import groundedness, injection, keywords, moderation, toxicity  # noqa: F401
 from guardrails.base import GUARDS, HIT_ACTIONS, Guard, GuardSettings, Stage, error_path
 from guardrails.errors import PolicyError
 from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityConfig
@@ -228,7 +228,7 @@ def _settings(name: str, layers: list[Mapping[str, Any]], base_dir: Path) -> Gua
                 merged[k] = v
     options = cls.options_type.resolve_paths({k: v for k, v in merged.items() if k not in _COMMON_GUARD_KEYS}, base_dir)
     return GuardSettings(
-        enabled=bool(merged.get("enabled", True)),
+        enabled=bool(merged.get("enabled", cls.default_enabled)),
         action=merged.get("action", cls.default_action),
         message=merged.get("message", cls.default_message),
         thresholds=thresholds,

@@ -19,6 +19,12 @@ same `fake` field):
 - `"cut_after": K`: a stream ends cleanly after K events, with no finish_reason and no `[DONE]`.
 - `"trickle_ms": MS` (with `"trickle_after": K`): after K events (or, not streaming, at once)
   the rest of the answer goes out one byte every MS milliseconds.
+
+A safety classifier, for the moderation guard: requests for a model in `guard_models` are
+answered like Llama Guard, from `guard_script`: the first trigger (lowercase text) found in the
+last message of the conversation (the last `User:`/`Agent:` turn of a Llama Guard prompt, or the
+last chat message) gives the answer, a string such as `"unsafe\nS1"` or a steer object as above
+(`{"status": 503}`, `{"delay_ms": 5000}`, `{"raw": "..."}`); no trigger: `safe`.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -76,6 +83,10 @@ class FakeConfig:
     tokens_per_s: float = 0.0  # 0: stream as fast as possible
     answer_tokens: int = 16
     keep_requests: int = 256
+    #: Models answered like a Llama Guard safety classifier, from `guard_script`.
+    guard_models: tuple[str, ...] = ()
+    #: trigger (lowercase text in the last message) -> answer text or steer object; else "safe".
+    guard_script: dict[str, Any] = field(default_factory=dict)
 
 
 def _answer(prompt: str, n_tokens: int, choice: int) -> list[str]:
@@ -102,6 +113,29 @@ def _prompt_text(body: dict[str, Any]) -> str:
         return "\n".join(parts)
     prompt = body.get("prompt", "")
     return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+
+
+_TURN = re.compile(r"(?:^|\n\n)(?:User|Agent): ")
+
+
+def _last_turn(body: dict[str, Any]) -> str:
+    """The message a Llama Guard request asks about: the last turn of its conversation."""
+    if isinstance(body.get("messages"), list) and body["messages"]:
+        last = body["messages"][-1]
+        return _prompt_text({"messages": [last]}) if isinstance(last, dict) else ""
+    prompt = _prompt_text(body)
+    start, end = prompt.find("<BEGIN CONVERSATION>"), prompt.find("<END CONVERSATION>")
+    if start < 0 or end < start:
+        return prompt
+    return _TURN.split(prompt[start + len("<BEGIN CONVERSATION>") : end].strip())[-1]
+
+
+def _guard_steer(script: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    text = _last_turn(body).lower()
+    for trigger, answer in script.items():
+        if trigger.lower() in text:
+            return dict(answer) if isinstance(answer, dict) else {"answer": str(answer)}
+    return {"answer": "safe"}
 
 
 def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
@@ -138,7 +172,7 @@ class FakeBackend:
     async def _models(self, request: web.Request) -> web.Response:
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "fake", "root": m, "max_model_len": 4096}
-            for m in self.config.models
+            for m in (*self.config.models, *self.config.guard_models)
         ]
         return web.Response(body=_encode({"object": "list", "data": data}), content_type="application/json")
 
@@ -174,7 +208,9 @@ class FakeBackend:
             self.traceparents.append(request.headers.get("traceparent"))
         steer = body.get("fake") if isinstance(body.get("fake"), dict) else {}
         model = body.get("model")
-        if model not in self.config.models:
+        if model in self.config.guard_models:
+            steer = {**_guard_steer(self.config.guard_script, body), **steer}
+        elif model not in self.config.models:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
         if "status" in steer:
             return _error(int(steer["status"]), str(steer.get("message", "fake error")))
