@@ -2,9 +2,11 @@
 
 One line per item: `question` (required), and optionally `reference`, `documents`, `collection`,
 `model`, `expect` and `id`. Every other field goes into the request body unchanged (for example
-`temperature`, `max_tokens`, or the fake backend's `"fake": {"answer": ...}`). An item without
-`max_tokens` (or `max_completion_tokens`) gets `RunOptions.max_tokens` (the `eval_max_tokens`
-setting, 256 by default): a small model left unbounded may write until its context is full.
+`temperature`, `max_tokens`, or the fake backend's `"fake": {"answer": ...}`). The first line may
+instead be the set's header, `{"thresholds": {"pass_rate": 0.8, ...}, "description": "..."}`
+(see `evals.thresholds`). An item without `max_tokens` (or `max_completion_tokens`) gets
+`RunOptions.max_tokens` (the `eval_max_tokens` setting, 256 by default): a small model left
+unbounded may write until its context is full.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evals import metrics
+from evals.thresholds import Threshold, ThresholdError, from_header
 from gateway.auth import KeyInfo
 from gateway.errors import GatewayError
 from gateway.pipeline import CHAT
@@ -30,6 +33,7 @@ from gateway.services import Services
 
 EVAL_KEY = KeyInfo(id="eval", name="nightly eval", role="client")
 _KNOWN = frozenset({"question", "reference", "documents", "collection", "model", "expect", "id", "system"})
+_HEADER_KEYS = frozenset({"thresholds", "description"})
 
 
 class DatasetError(ValueError):
@@ -59,13 +63,31 @@ class EvalItem:
         return out | self.extra
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """An eval set as read from its file: the items, and the thresholds of its header (if any)."""
+
+    items: list[EvalItem]
+    thresholds: list[Threshold] = field(default_factory=list)
+    description: str | None = None
+
+
 def load_dataset(path: Path) -> list[EvalItem]:
-    """Parse a JSONL eval set; blank lines and lines starting with # are skipped."""
+    """The items of a JSONL eval set (see `load_eval_set`)."""
+    return load_eval_set(path).items
+
+
+def load_eval_set(path: Path) -> EvalSet:
+    """Parse a JSONL eval set; blank lines and lines starting with # are skipped. The first line
+    may be a header (an object without `question`): `thresholds` and `description`."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc.strerror or exc}") from exc
     items: list[EvalItem] = []
+    thresholds: list[Threshold] = []
+    description: str | None = None
+    first = True
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -74,6 +96,23 @@ def load_dataset(path: Path) -> list[EvalItem]:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{where}: invalid JSON: {exc.msg}") from exc
+        if first and isinstance(raw, dict) and "question" not in raw and raw:
+            first = False
+            unknown = sorted(set(raw) - _HEADER_KEYS)
+            if unknown:
+                raise DatasetError(
+                    f"{where}: a header line holds only 'thresholds' and 'description', not {', '.join(unknown)} "
+                    "(an item needs a 'question')"
+                )
+            try:
+                thresholds = from_header(raw.get("thresholds", {}), where)
+            except ThresholdError as exc:
+                raise DatasetError(str(exc)) from exc
+            if raw.get("description") is not None and not isinstance(raw["description"], str):
+                raise DatasetError(f"{where}: 'description' must be a string")
+            description = raw.get("description")
+            continue
+        first = False
         if not isinstance(raw, dict) or not isinstance(raw.get("question"), str) or not raw["question"].strip():
             raise DatasetError(f"{where}: each line must be an object with a non-empty 'question'")
         documents = raw.get("documents", [])
@@ -103,7 +142,7 @@ def load_dataset(path: Path) -> list[EvalItem]:
         )
     if not items:
         raise DatasetError(f"{path}: no items")
-    return items
+    return EvalSet(items, thresholds, description)
 
 
 @dataclass(frozen=True)

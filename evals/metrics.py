@@ -277,11 +277,16 @@ class LabelledScore:
 
 
 def label_feedback(
-    guard: str, items: Sequence[LabelledScore], current_threshold: float | None = None
+    guard: str,
+    items: Sequence[LabelledScore],
+    current_threshold: float | None = None,
+    *,
+    positives: frozenset[str] | None = None,
 ) -> dict[str, Any]:
-    """Precision and recall of `guard` against reviewer labels, and the score threshold with the
-    best F1 (ties: the one nearest the current threshold)."""
-    positives = POSITIVE_LABELS.get(guard)
+    """Precision and recall of `guard` against reviewer labels (or any labels, with `positives`
+    naming those that say the guard should have fired), and the score threshold with the best F1
+    (ties: the one nearest the current threshold)."""
+    positives = POSITIVE_LABELS.get(guard) if positives is None else positives
     hits = [i for i in items if i.hit]
     if positives is None:
         tp = sum(1 for i in hits if i.label not in NEGATIVE_LABELS)
@@ -317,6 +322,30 @@ def label_feedback(
         "false_negatives": fn,
         "best_threshold": best_threshold(guard, items, truth, current_threshold),
     }
+
+
+def categorical_drift(reference: Mapping[str, int], current: Mapping[str, int]) -> dict[str, Any]:
+    """Drift of a distribution over a few categories (the rating mix): PSI over the categories'
+    shares (an empty share counts as 1e-4) and the chi-square test of the two windows' counts.
+    Same verdicts as `drift`; insufficient_data below MIN_SAMPLES in either window."""
+    names = sorted(set(reference) | set(current))
+    n_ref, n_cur = sum(reference.values()), sum(current.values())
+    out: dict[str, Any] = {
+        "n_reference": n_ref,
+        "n_current": n_cur,
+        "mix_reference": {k: round(reference.get(k, 0) / n_ref, 4) for k in names} if n_ref else {},
+        "mix_current": {k: round(current.get(k, 0) / n_cur, 4) for k in names} if n_cur else {},
+    }
+    if n_ref < MIN_SAMPLES or n_cur < MIN_SAMPLES:
+        return out | {"psi": None, "chi2_p": None, "status": "insufficient_data"}
+    ref = np.clip(np.array([reference.get(k, 0) / n_ref for k in names]), 1e-4, None)
+    cur = np.clip(np.array([current.get(k, 0) / n_cur for k in names]), 1e-4, None)
+    value = float(np.sum((cur - ref) * np.log(cur / ref)))
+    table = np.array([[reference.get(k, 0) for k in names], [current.get(k, 0) for k in names]])
+    table = table[:, table.sum(axis=0) > 0]
+    p = float(stats.chi2_contingency(table).pvalue) if table.shape[1] > 1 else 1.0
+    status = "drift" if value >= PSI_DRIFT else "watch" if value >= PSI_WATCH else "stable"
+    return out | {"psi": round(value, 4), "chi2_p": p, "chi2_significant": p < KS_ALPHA, "status": status}
 
 
 def best_threshold(

@@ -1,11 +1,20 @@
 """`gateway eval run` and `gateway eval traffic`: the nightly evaluation.
 
-    gateway eval run --dataset FILE.jsonl [--backend URL] [--tolerance 0.05] [--json]
-    gateway eval traffic --since 24h [--backend URL] [--json]
+    gateway eval run --dataset FILE.jsonl [--backend URL] [--min-pass-rate 0.8] [--threshold METRIC=VALUE]
+    gateway eval traffic --since 24h [--threshold METRIC=VALUE] [--backend URL] [--json]
 
-Both store an eval run with its items, compare it with the previous run of the same kind and
-name, write DATA_DIR/reports/<kind>-<id>.html and .json, and exit with
-0 passed, 1 failed (could not run), 3 a metric regressed beyond the tolerance, 4 drift (traffic).
+Both store an eval run with its items, judge it against its thresholds (`evals.thresholds`),
+compare it with the previous run of the same kind and name, and write
+DATA_DIR/reports/<kind>-<id>.html and .json.
+
+A run's `status` is its verdict against its thresholds: `passed`, `failed`, or `unchecked` when it
+has none (an eval set with none at all gets the default pass_rate >= 0.8, so only a traffic run
+without `--threshold` is unchecked); `error` when it could not run. Whether it got worse than the
+previous run is the separate `regressed`, and a traffic run's drifted signals are `drifted`.
+Exit codes, the first that applies: 2 could not run, 1 failed, 3 regressed, 4 drift (traffic), 0.
+
+`eval traffic` needs no backend: it re-scores the audit log with the guards. Only a policy whose
+groundedness method asks a model (`llm`, `hybrid`) needs one, and says so.
 """
 
 from __future__ import annotations
@@ -15,18 +24,58 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from evals import dataset as ds
 from evals import metrics, promexport, report, store, traffic
+from evals.thresholds import DEFAULT_DATASET_THRESHOLDS, Threshold, ThresholdError, combine, parse_flag, verdict
 from gateway.services import Services
 from gateway.settings import Settings
+from serving.backend import Backend, ModelCard
+from serving.errors import BackendUnavailable
 
-EXIT_PASSED, EXIT_FAILED, EXIT_REGRESSED, EXIT_DRIFT = 0, 1, 3, 4
+EXIT_PASSED, EXIT_FAILED, EXIT_ERROR, EXIT_REGRESSED, EXIT_DRIFT = 0, 1, 2, 3, 4
 log = logging.getLogger("gateway.eval")
+NO_BACKEND = "no backend: pass --backend URL, set GATEWAY_BACKEND, or set backend in the config file"
+
+
+def exit_code(status: str, regressed: bool, drifted: bool = False) -> int:
+    """The first that applies: error 2, failed 1, regressed 3, drift 4, else 0."""
+    if status == "error":
+        return EXIT_ERROR
+    if status == "failed":
+        return EXIT_FAILED
+    if regressed:
+        return EXIT_REGRESSED
+    return EXIT_DRIFT if drifted else EXIT_PASSED
+
+
+class CannotRun(Exception):
+    """The run cannot start as configured; the message says what to give it."""
+
+
+class NoBackend(Backend):
+    """Stands in for the backend where a command needs none (re-scoring logged traffic): every call
+    that would reach a model says that none is configured."""
+
+    name = "none"
+
+    async def complete(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise BackendUnavailable(NO_BACKEND)
+
+    async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+        raise BackendUnavailable(NO_BACKEND)
+        yield []  # pragma: no cover - makes this an async generator, as the interface wants
+
+    async def models(self) -> list[ModelCard]:
+        return []
+
+    async def health(self) -> bool:
+        return False
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -50,23 +99,33 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="relative growth of p50/p95 latency that counts as a regression (default 0.5)",
     )
     parser.add_argument("--name", default=None, help="run name compared across runs (default: from the input)")
+    parser.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="what the run must reach to pass: METRIC=VALUE (the metric's good side), METRIC>=VALUE or "
+        "METRIC<=VALUE; repeatable; replaces the eval set's own threshold on the same metric and side",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress messages or bar on stderr")
     parser.add_argument("--json", action="store_true", help="print the JSON summary as the last line")
     promexport.add_arguments(parser)
 
 
-async def _failed(engine: Any, run_id: int, kind: str, name: str, exc: BaseException) -> dict[str, Any]:
-    """Mark the run failed and say why; interruptions (Ctrl-C, cancellation) still propagate."""
-    await store.finish_run(engine, run_id, status="failed", metrics={"error": str(exc)})
+async def _errored(engine: Any, run_id: int, kind: str, name: str, exc: BaseException) -> dict[str, Any]:
+    """Mark the run as one that could not run (status "error") and say why; interruptions (Ctrl-C,
+    cancellation) still propagate."""
+    await store.finish_run(engine, run_id, status="error", metrics={"error": str(exc)})
     if not isinstance(exc, Exception):
         raise exc
-    log.exception("%s eval %s failed", kind, run_id)
+    log.exception("%s eval %s could not run", kind, run_id)
     return {
         "run_id": run_id,
         "kind": kind,
         "name": name,
-        "status": "failed",
-        "exit_code": EXIT_FAILED,
+        "status": "error",
+        "regressed": False,
+        "exit_code": EXIT_ERROR,
         "error": f"{type(exc).__name__}: {exc}",
     }
 
@@ -91,6 +150,14 @@ def configure_run_parser(parser: argparse.ArgumentParser) -> None:
         default=0.7,
         help="answer-reference cosine similarity that counts as correct (default 0.7)",
     )
+    parser.add_argument(
+        "--min-pass-rate",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="the run fails below this pass rate; the same as --threshold pass_rate>=RATE (an eval set with no "
+        "thresholds in its header and none given here gets pass_rate >= 0.8)",
+    )
     _common(parser)
 
 
@@ -101,7 +168,10 @@ def configure_traffic_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels-since",
         default="30d",
-        help="reviewer labels created within this long feed back into guard checks (default 30d)",
+        help="reviewer labels and user ratings given within this long feed back into guard checks (default 30d)",
+    )
+    parser.add_argument(
+        "--include-eval", action="store_true", help="re-score eval runs' own requests too (default: live traffic only)"
     )
     _common(parser)
 
@@ -109,12 +179,12 @@ def configure_traffic_parser(parser: argparse.ArgumentParser) -> None:
 def run_dataset(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point of `gateway eval run`: `args` holds its own options; `--backend` and `--policy`
     are settings, already in `settings` (gateway.cli builds it)."""
-    return _main(args, settings, _dataset)
+    return _main(args, settings, _dataset, needs_backend=True)
 
 
 def run_traffic(args: argparse.Namespace, settings: Settings) -> int:
-    """Entry point of `gateway eval traffic`."""
-    return _main(args, settings, _traffic)
+    """Entry point of `gateway eval traffic`: no backend needed (see the module's docstring)."""
+    return _main(args, settings, _traffic, needs_backend=False)
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:
@@ -123,22 +193,43 @@ def _progress(args: argparse.Namespace, message: str) -> None:
         print(f"gateway eval: {message}", file=sys.stderr, flush=True)
 
 
-def _main(args: argparse.Namespace, settings: Settings, job: Any) -> int:
+def _flags(args: argparse.Namespace) -> list[Threshold]:
+    """The thresholds given as flags (`--threshold`, `--min-pass-rate`), in order."""
+    flags = [parse_flag(text) for text in getattr(args, "threshold", None) or []]
+    rate = getattr(args, "min_pass_rate", None)
+    if rate is not None:
+        if not 0.0 <= rate <= 1.0:
+            raise ThresholdError(f"--min-pass-rate {rate}: a rate between 0 and 1")
+        flags.append(Threshold("pass_rate", ">=", float(rate), "flag"))
+    return flags
+
+
+def _main(args: argparse.Namespace, settings: Settings, job: Any, *, needs_backend: bool) -> int:
     try:
         if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
             raise ValueError("--max-tokens must be at least 1")
-        if not settings.backend:
-            raise ValueError("no backend: pass --backend URL, set GATEWAY_BACKEND, or set backend in the config file")
+        flags = _flags(args)
+        if needs_backend and not settings.backend and not settings.deployments:
+            raise ValueError(NO_BACKEND)
         if getattr(args, "since", None) is not None:
             traffic.parse_window(args.since)
             traffic.parse_window(args.labels_since)
         if getattr(args, "dataset", None) is not None:
-            items = ds.load_dataset(args.dataset)
-            args.items = items
+            eval_set = ds.load_eval_set(args.dataset)
+            args.items = eval_set.items
+            args.thresholds = combine(eval_set.thresholds, flags, DEFAULT_DATASET_THRESHOLDS)
+        else:
+            args.thresholds = combine((), flags)
     except ValueError as exc:
         print(f"gateway eval: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    summary = asyncio.run(_with_services(settings, args, job))
+        return EXIT_ERROR
+    # An eval command never serves /metrics: a metrics_port shared with the gateway's config would clash.
+    settings = replace(settings, metrics_port=0)
+    try:
+        summary = asyncio.run(_with_services(settings, args, job))
+    except CannotRun as exc:
+        print(f"gateway eval: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     promexport.export(summary, args)
     if args.json:
         print(json.dumps(summary, default=str))
@@ -148,10 +239,20 @@ def _main(args: argparse.Namespace, settings: Settings, job: Any) -> int:
 
 
 async def _with_services(settings: Settings, args: argparse.Namespace, job: Any) -> dict[str, Any]:
-    _progress(args, f"starting: database, guard models{', embedding model' if settings.rag else ''}")
-    services = Services(settings)
+    configured = bool(settings.backend or settings.deployments)
+    _progress(
+        args,
+        f"starting: database, guard models{', embedding model' if settings.rag else ''}"
+        + ("" if configured else " (no backend: re-scoring needs none)"),
+    )
+    services = Services(settings, backend=None if configured else NoBackend())
     await services.start()
     try:
+        if not configured:
+            assert services.rails is not None
+            method = services.rails.describe()["groundedness"]["method"]
+            if method != "lexical":
+                raise CannotRun(f"the policy's groundedness method {method!r} asks a backend model; {NO_BACKEND}")
         result: dict[str, Any] = await job(services, args)
         return result
     finally:
@@ -160,8 +261,16 @@ async def _with_services(settings: Settings, args: argparse.Namespace, job: Any)
 
 def _print_summary(summary: dict[str, Any]) -> None:
     print(f"run {summary.get('run_id')} ({summary['kind']} {summary['name']}): {summary['status']}")
+    if summary.get("verdict"):
+        print(f"  {summary['verdict']}")
+    if summary.get("error"):
+        print(f"  {summary['error']}")
     for key, value in (summary.get("metrics") or {}).items():
         print(f"  {key:<24} {report._fmt(value)}")
+    previous = (summary.get("comparison") or {}).get("previous_run")
+    if "regressed" in summary and summary.get("status") != "error":
+        against = f"against run {previous}" if previous is not None else "no previous run to compare with"
+        print(f"  regressed: {'yes' if summary['regressed'] else 'no'} ({against})")
     for r in (summary.get("comparison") or {}).get("regressions", []):
         print(f"  REGRESSED {r['metric']}: {r['previous']} -> {r['current']} ({r['rule']})")
     for name in (summary.get("metrics") or {}).get("drifted", []) or []:
@@ -189,6 +298,7 @@ async def _dataset(services: Services, args: argparse.Namespace) -> dict[str, An
         "max_tokens": max_tokens,
         "policy": str(services.settings.policy) if services.settings.policy else None,
     }
+    thresholds: list[Threshold] = args.thresholds
     options = ds.RunOptions(
         model=args.model,
         collection=args.collection,
@@ -212,7 +322,12 @@ async def _dataset(services: Services, args: argparse.Namespace) -> dict[str, An
         options=options,
         tolerance=args.tolerance,
         latency_margin=args.latency_margin,
+        thresholds=thresholds,
     )
+
+
+def _thresholds_config(thresholds: Sequence[Threshold]) -> list[dict[str, Any]]:
+    return [{"metric": t.metric, "op": t.op, "value": t.value, "source": t.source} for t in thresholds]
 
 
 async def evaluate_dataset(
@@ -224,10 +339,14 @@ async def evaluate_dataset(
     config: dict[str, Any] | None = None,
     tolerance: float = 0.05,
     latency_margin: float = 0.5,
+    thresholds: Sequence[Threshold] | None = None,
 ) -> dict[str, Any]:
-    """Run, store, compare and report one eval set; returns the JSON summary (with `exit_code`)."""
+    """Run, judge, store, compare and report one eval set; returns the JSON summary (with
+    `exit_code`). `thresholds` None: the default (pass_rate >= 0.8)."""
     engine = services.engine
-    run_id = await store.create_run(engine, "dataset", name, config or {})
+    rules = list(DEFAULT_DATASET_THRESHOLDS if thresholds is None else thresholds)
+    config = {**(config or {}), "thresholds": _thresholds_config(rules)}
+    run_id = await store.create_run(engine, "dataset", name, config)
     try:
         results = await ds.run_items(services, items, options)
         # Audit rows are committed before answers are released; flushing again is harmless.
@@ -241,7 +360,9 @@ async def evaluate_dataset(
             latency_margin=latency_margin,
         )
         comparison["previous_run"] = previous["id"] if previous else None
-        status = "regressed" if comparison["regressed"] else "passed"
+        judged = verdict(rules, summary_metrics)
+        comparison["thresholds"] = judged.checks
+        status, regressed = judged.status, bool(comparison["regressed"])
         trend = await store.history(engine, "dataset", name)
         html_path, json_path = _paths(services, "dataset", run_id)
         await store.finish_run(
@@ -252,7 +373,10 @@ async def evaluate_dataset(
             "kind": "dataset",
             "name": name,
             "status": status,
-            "exit_code": EXIT_REGRESSED if comparison["regressed"] else EXIT_PASSED,
+            "verdict": judged.reason,
+            "regressed": regressed,
+            "thresholds": judged.checks,
+            "exit_code": exit_code(status, regressed),
             "metrics": summary_metrics,
             "comparison": comparison,
             "report": str(html_path),
@@ -263,12 +387,12 @@ async def evaluate_dataset(
         report.write(
             html_path.parent,
             html_path.stem,
-            _dataset_html(name, status, summary_metrics, comparison, results, trend),
+            _dataset_html(name, summary, comparison, results, trend),
             summary,
         )
         return summary
     except BaseException as exc:
-        return await _failed(engine, run_id, "dataset", name, exc)
+        return await _errored(engine, run_id, "dataset", name, exc)
 
 
 def _paths(services: Services, kind: str, run_id: int) -> tuple[Path, Path]:
@@ -289,14 +413,27 @@ def _trend_plots(trend: Sequence[dict[str, Any]], rates: Sequence[str], latencie
     )
 
 
+def _verdict_section(summary: dict[str, Any]) -> tuple[str, str]:
+    checks = summary.get("thresholds") or []
+    table = (
+        report.table(
+            [{**c, "result": "met" if c["ok"] else "NOT MET"} for c in checks],
+            ["metric", "op", "value", "actual", "result", "source", "note"],
+        )
+        if checks
+        else "<p>No thresholds: this run's status says nothing about its quality.</p>"
+    )
+    return "Verdict", f"<p>{report.escape(str(summary.get('verdict') or ''))}</p>{table}"
+
+
 def _dataset_html(
     name: str,
-    status: str,
-    summary: dict[str, Any],
+    run: dict[str, Any],
     comparison: dict[str, Any],
     results: Sequence[dict[str, Any]],
     trend: Sequence[dict[str, Any]],
 ) -> str:
+    summary: dict[str, Any] = run["metrics"]
     scores = [r["scores"] for r in results]
     latencies = [float(r["latency_ms"]) for r in results if "error" not in r]
     plots = (
@@ -345,8 +482,9 @@ def _dataset_html(
     ]
     return report.page(
         f"Eval run: {name}",
-        status,
+        run["status"],
         [
+            _verdict_section(run),
             ("Metrics", report.metrics_table(summary, comparison)),
             ("Plots", plots),
             (
@@ -359,6 +497,7 @@ def _dataset_html(
             ),
             ("Items", report.table(rows, columns)),
         ],
+        regressed=run["regressed"],
     )
 
 
@@ -375,6 +514,8 @@ async def _traffic(services: Services, args: argparse.Namespace) -> dict[str, An
         tolerance=args.tolerance,
         latency_margin=args.latency_margin,
         progress=not args.no_progress,
+        thresholds=args.thresholds,
+        include_eval=args.include_eval,
     )
 
 
@@ -389,8 +530,11 @@ async def evaluate_traffic(
     tolerance: float = 0.05,
     latency_margin: float = 0.5,
     progress: bool = False,
+    thresholds: Sequence[Threshold] = (),
+    include_eval: bool = False,
 ) -> dict[str, Any]:
-    """Re-score two windows of traffic, measure drift and label feedback, store, compare and report.
+    """Re-score two windows of traffic, measure drift, check the guards against reviewer labels and
+    user ratings, judge against `thresholds` (none: status "unchecked"), store, compare and report.
     A row the guards cannot re-score is left out and counted (`rescore_errors`), never fatal."""
     assert services.rails is not None, "call services.start() first"
     engine = services.engine
@@ -404,25 +548,40 @@ async def evaluate_traffic(
         "limit": limit,
         "labels_since": labels_since,
         "tolerance": tolerance,
+        "thresholds": _thresholds_config(thresholds),
+        "include_eval": include_eval,
     }
     run_id = await store.create_run(engine, "traffic", name, config)
     try:
-        current_rows = await traffic.load_rows(engine, now - window, now, limit)
-        previous_rows = await traffic.load_rows(engine, now - 2 * window, now - window, limit)
-        labelled_rows = await traffic.load_labelled(engine, now - traffic.parse_window(labels_since), limit)
+        origin = {"include_eval": include_eval}
+        labels_start = now - traffic.parse_window(labels_since)
+        current_rows = await traffic.load_rows(engine, now - window, now, limit, **origin)
+        previous_rows = await traffic.load_rows(engine, now - 2 * window, now - window, limit, **origin)
+        labelled_rows = await traffic.load_labelled(engine, labels_start, limit, **origin)
+        rated_rows = await traffic.load_rated(engine, labels_start, limit, **origin)
+        ratings_now = await traffic.load_ratings(engine, now - window, now, **origin)
+        ratings_before = await traffic.load_ratings(engine, now - 2 * window, now - window, **origin)
         rails = services.rails
-        total = len(current_rows) + len(previous_rows) + len(labelled_rows)
+        total = len(current_rows) + len(previous_rows) + len(labelled_rows) + len(rated_rows)
         with traffic.progress_bar(total, enabled=progress) as bar:
             current_or_none = await traffic.rescore_all(rails, current_rows, bar=bar)
             previous_or_none = await traffic.rescore_all(rails, previous_rows, bar=bar)
             labelled_or_none = await traffic.rescore_all(rails, [row for row, _ in labelled_rows], bar=bar)
-        failed = sum(r is None for r in (*current_or_none, *previous_or_none, *labelled_or_none))
+            rated_or_none = await traffic.rescore_all(rails, [row for row, _ in rated_rows], bar=bar)
+        failed = sum(r is None for r in (*current_or_none, *previous_or_none, *labelled_or_none, *rated_or_none))
         current = [r for r in current_or_none if r is not None]
         previous = [r for r in previous_or_none if r is not None]
         labelled = [(r, label) for r, (_, label) in zip(labelled_or_none, labelled_rows, strict=True) if r is not None]
+        rated = [(r, votes) for r, (_, votes) in zip(rated_or_none, rated_rows, strict=True) if r is not None]
         drift = await traffic.drift_report(previous, current, services.embedder)
-        feedback = traffic.label_feedback(labelled, traffic.current_thresholds(rails))
-        summary_metrics = traffic.summarise(current, previous, drift, feedback, len(labelled))
+        drift["ratings"] = metrics.categorical_drift(
+            traffic.rating_counts(ratings_before), traffic.rating_counts(ratings_now)
+        )
+        guard_thresholds = traffic.current_thresholds(rails)
+        feedback = traffic.label_feedback(labelled, guard_thresholds)
+        by_ratings = traffic.rating_feedback(rated, guard_thresholds)
+        mix, mix_before = traffic.rating_mix(ratings_now), traffic.rating_mix(ratings_before)
+        summary_metrics = traffic.summarise(current, previous, drift, feedback, len(labelled), mix, by_ratings)
         summary_metrics["rescore_errors"] = failed
         items = [
             {
@@ -450,12 +609,13 @@ async def evaluate_traffic(
             directions=traffic.directions(summary_metrics),
         )
         comparison["previous_run"] = previous_run["id"] if previous_run else None
-        drifted = summary_metrics["drifted"]
-        regressed = comparison["regressed"] or bool(drifted)
-        status = "regressed" if regressed else "passed"
-        exit_code = EXIT_REGRESSED if comparison["regressed"] else EXIT_DRIFT if drifted else EXIT_PASSED
+        drifted = list(summary_metrics["drifted"])
+        judged = verdict(thresholds, summary_metrics)
+        comparison["thresholds"] = judged.checks
+        status, regressed = judged.status, bool(comparison["regressed"])
         html_path, json_path = _paths(services, "traffic", run_id)
-        full_metrics = {**summary_metrics, "drift": drift, "labels": feedback}
+        ratings = {"mix": mix, "mix_previous": mix_before, "drift": drift["ratings"], "guards": by_ratings}
+        full_metrics = {**summary_metrics, "drift": drift, "labels": feedback, "rating_feedback": ratings}
         await store.finish_run(
             engine, run_id, status=status, metrics=full_metrics, comparison=comparison, report_path=str(html_path)
         )
@@ -464,10 +624,15 @@ async def evaluate_traffic(
             "kind": "traffic",
             "name": name,
             "status": status,
-            "exit_code": exit_code,
+            "verdict": judged.reason,
+            "regressed": regressed,
+            "drifted": drifted,
+            "thresholds": judged.checks,
+            "exit_code": exit_code(status, regressed, bool(drifted)),
             "metrics": summary_metrics,
             "drift": drift,
             "labels": feedback,
+            "rating_feedback": ratings,
             "comparison": comparison,
             "report": str(html_path),
             "summary": str(json_path),
@@ -476,25 +641,53 @@ async def evaluate_traffic(
         report.write(
             html_path.parent,
             html_path.stem,
-            _traffic_html(name, status, summary_metrics, comparison, drift, feedback, current, previous, trend),
+            _traffic_html(name, summary, comparison, current, previous, trend),
             summary,
         )
         return summary
     except BaseException as exc:
-        return await _failed(engine, run_id, "traffic", name, exc)
+        return await _errored(engine, run_id, "traffic", name, exc)
+
+
+def _ratings_section(ratings: dict[str, Any]) -> str:
+    mix, before, drift = ratings["mix"], ratings["mix_previous"], ratings["drift"]
+    rows = [
+        {"window": label, **{k: m.get(k) for k in ("ratings", "rated_requests", "rating_positive_rate",
+                                                    "rating_neutral_rate", "rating_negative_rate", "rating_mean",
+                                                    "negative_categories")}}
+        for label, m in (("previous", before), ("current", mix))
+    ]  # fmt: skip
+    statement = (
+        "<p>Per request and key the newest rating counts. Drift of the mix: PSI over the three shares "
+        f"({drift.get('status')}, PSI {report._fmt(drift.get('psi'))}, "
+        f"chi-square p {report._fmt(drift.get('chi2_p'))}; "
+        f"fewer than {metrics.MIN_SAMPLES} ratings in a window: insufficient data).</p>"
+    )
+    guard_rows = [{"guard": g, **{k: v for k, v in f.items() if k != "guard"}} for g, f in ratings["guards"].items()]
+    guards = report.table(
+        guard_rows,
+        ["guard", "positive_categories", "labelled", "positives", "hits", "precision", "recall", "f1",
+         "left_out_no_reason", "current_threshold", "best_threshold"],
+    )  # fmt: skip
+    mapping = (
+        "<p>A request is a positive for the toxicity guard (on the answer) and for the output guards as a whole "
+        "when a user's newest rating is -1 naming unsafe or toxic; for groundedness when it is -1 naming wrong or "
+        "hallucination. Other ratings are negatives; a -1 that names no category is left out.</p>"
+    )
+    return statement + report.table(rows, list(rows[0])) + mapping + guards
 
 
 def _traffic_html(
     name: str,
-    status: str,
-    summary: dict[str, Any],
+    run: dict[str, Any],
     comparison: dict[str, Any],
-    drift: dict[str, Any],
-    feedback: dict[str, Any],
     current: Sequence[traffic.Rescored],
     previous: Sequence[traffic.Rescored],
     trend: Sequence[dict[str, Any]],
 ) -> str:
+    summary: dict[str, Any] = run["metrics"]
+    drift: dict[str, Any] = run["drift"]
+    feedback: dict[str, Any] = run["labels"]
     drift_rows = [{"signal": f"guard score: {g}", **d} for g, d in drift["guard_scores"].items()]
     drift_rows += [{"signal": k, **drift[k]} for k in ("retrieval_top_score", "query_embeddings")]
     plots = []
@@ -531,8 +724,9 @@ def _traffic_html(
     )
     return report.page(
         f"Traffic eval: {name}",
-        status,
+        run["status"],
         [
+            _verdict_section(run),
             ("Metrics", report.metrics_table({k: v for k, v in summary.items()}, comparison)),
             (
                 "Drift",
@@ -572,10 +766,18 @@ def _traffic_html(
                     ],
                 ),
             ),
-            ("Trends", _trend_plots(trend, ("block_rate", "flag_rate", "toxicity_rate", "groundedness_mean"), ())),
+            ("User ratings", _ratings_section(run["rating_feedback"])),
+            (
+                "Trends",
+                _trend_plots(
+                    trend, ("block_rate", "flag_rate", "toxicity_rate", "groundedness_mean", "rating_negative_rate"), ()
+                ),
+            ),
             (
                 "Requests whose outcome changed under the current guards",
                 report.table(changed, ["request_id", "logged", "now", "query"]),
             ),
         ],
+        regressed=run["regressed"],
+        drifted=run["drifted"],
     )

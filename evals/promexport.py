@@ -5,7 +5,8 @@ same to a Pushgateway (job `gateway_eval`, grouped by kind and run name).
 
 Every number in the run's summary metrics becomes `gateway_eval_<metric>{kind, name}` (accuracy,
 block/flag rates, guard precision and recall, drift PSI, latency...); with them
-`gateway_eval_exit_code` and `gateway_eval_last_run_timestamp_seconds`.
+`gateway_eval_exit_code`, `gateway_eval_regressed`, `gateway_eval_passed` (only for runs with
+thresholds: 1 met, 0 not) and `gateway_eval_last_run_timestamp_seconds`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def render(summary: dict[str, Any], now: float | None = None) -> str:
 
     for name, value in sorted(_numbers(summary.get("metrics") or {}).items()):
         metric(name, value, f"{name} of the latest eval run")
-    metric("exit_code", float(summary.get("exit_code", 1)), "0 passed, 1 failed, 3 regressed, 4 drift")
+    status = str(summary.get("status", ""))
+    metric("exit_code", float(summary.get("exit_code", 2)), "0 passed, 1 failed, 2 could not run, 3 regressed, 4 drift")
+    if status in ("passed", "failed"):
+        metric("passed", 1.0 if status == "passed" else 0.0, "1 when the run met its thresholds, 0 when it did not")
+    metric("regressed", 1.0 if summary.get("regressed") else 0.0, "1 when the run got worse than the previous one")
     metric("last_run_timestamp_seconds", float(now if now is not None else time.time()), "when the run ended")
     return "\n".join(lines) + "\n"
 

@@ -153,15 +153,34 @@ def metrics_table(metrics: Mapping[str, Any], comparison: Mapping[str, Any] | No
     return f"<table><tr><th>metric</th><th>value</th><th>change vs previous run</th></tr>{rows}</table>"
 
 
-def page(title: str, status: str, sections: Sequence[tuple[str, str]]) -> str:
-    """A whole HTML document: inline CSS and SVG only, nothing fetched from anywhere."""
-    css_class = {"passed": "ok", "regressed": "bad", "failed": "bad"}.get(status, "warn")
+def escape(value: str) -> str:
+    """Text for HTML (quotes too)."""
+    return _e(value)
+
+
+def page(
+    title: str,
+    status: str,
+    sections: Sequence[tuple[str, str]],
+    *,
+    regressed: bool | None = None,
+    drifted: Sequence[str] = (),
+) -> str:
+    """A whole HTML document: inline CSS and SVG only, nothing fetched from anywhere. `status` is the
+    verdict against the thresholds; `regressed` (against the previous run) and `drifted` beside it."""
+    css_class = {"passed": "ok", "regressed": "bad", "failed": "bad", "error": "bad"}.get(status, "warn")
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     parts = "".join(f"<h2>{_e(heading)}</h2>{content}" for heading, content in sections)
+    extra = ""
+    if regressed is not None:
+        extra += f' · Regressed: <span class="{"bad" if regressed else "ok"}">{"yes" if regressed else "no"}</span>'
+    if drifted:
+        extra += f' · Drift: <span class="warn">{_e(", ".join(drifted))}</span>'
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f'<h1>{_e(title)}</h1><p>Status: <span class="{css_class}">{_e(status)}</span> · generated {generated}</p>'
+        f'<h1>{_e(title)}</h1><p>Status: <span class="{css_class}">{_e(status)}</span>{extra}'
+        f" · generated {generated}</p>"
         f"{parts}</body></html>"
     )
 

@@ -15,6 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from gateway.db import eval_items, eval_runs
 from gateway.eval_runs import get_run, list_runs, run_dict
 
+#: Runs with figures to compare with: everything that finished but could not run ("error"), and the
+#: "regressed" of runs stored before thresholds existed.
+_COMPARABLE = ("passed", "failed", "unchecked", "regressed")
+
 __all__ = ["add_items", "create_run", "dumps", "finish_run", "get_run", "history", "list_runs", "previous_run"]
 
 _encode = msgspec.json.Encoder().encode
@@ -79,28 +83,35 @@ async def finish_run(
         await conn.execute(update(eval_runs).where(eval_runs.c.id == run_id).values(**values))
 
 
+def _comparable(run: dict[str, Any]) -> bool:
+    """A run with figures: its verdict is not "error" (a run stored before thresholds that could not
+    run said "failed", with only the error in its metrics)."""
+    return run["status"] != "error" and isinstance(run["metrics"], dict)
+
+
 async def previous_run(engine: AsyncEngine, kind: str, name: str, before_id: int) -> dict[str, Any] | None:
-    """The latest finished run (passed or regressed) of the same kind and name before `before_id`."""
+    """The latest run of the same kind and name before `before_id` that finished with figures,
+    whatever its verdict (passed, failed or unchecked): regressions are run to run."""
     query = (
         select(eval_runs)
         .where(eval_runs.c.kind == kind, eval_runs.c.name == name, eval_runs.c.id < before_id)
-        .where(eval_runs.c.status.in_(("passed", "regressed")))
+        .where(eval_runs.c.status.in_(_COMPARABLE))
         .order_by(desc(eval_runs.c.id))
-        .limit(1)
+        .limit(20)
     )
     async with engine.connect() as conn:
-        row = (await conn.execute(query)).first()
-    return run_dict(row._mapping) if row is not None else None
+        rows = (await conn.execute(query)).fetchall()
+    return next((run for run in (run_dict(r._mapping) for r in rows) if _comparable(run)), None)
 
 
 async def history(engine: AsyncEngine, kind: str, name: str, limit: int = 30) -> list[dict[str, Any]]:
-    """Finished runs of one kind and name, oldest first (for trend plots)."""
+    """Runs of one kind and name that finished with figures, oldest first (for trend plots)."""
     query = (
         select(eval_runs)
-        .where(eval_runs.c.kind == kind, eval_runs.c.name == name, eval_runs.c.status.in_(("passed", "regressed")))
+        .where(eval_runs.c.kind == kind, eval_runs.c.name == name, eval_runs.c.status.in_(_COMPARABLE))
         .order_by(desc(eval_runs.c.id))
         .limit(limit)
     )
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).fetchall()
-    return [run_dict(r._mapping) for r in reversed(rows)]
+    return [run for run in (run_dict(r._mapping) for r in reversed(rows)) if _comparable(run)]

@@ -1,9 +1,20 @@
 """Re-score logged traffic with the current guards, measure drift against the previous window,
-and check the guards against reviewer labels.
+and check the guards against reviewer labels and end users' ratings.
 
 A window `--since 24h` is [now - 24h, now); the previous window is the 24 hours before it.
 Drift is measured per signal with PSI (bins: the previous window's deciles) and the two-sample
 Kolmogorov-Smirnov test; see `evals.metrics.drift` for the thresholds.
+
+Live traffic only: the rows of eval runs (`origin = 'eval'`) are left out of the windows, the
+labelled and the rated rows unless `include_eval` is set.
+
+Ratings (`feedback`, POST /v1/feedback): per request and key the newest rating counts. The rating
+mix of a window is over the ratings given in it; its drift against the previous window is PSI over
+the three shares with a chi-square test. Against the guards, a request is a positive for the
+toxicity guard (on the answer) and for the output guards as a whole when some key's newest rating
+is -1 naming "unsafe" or "toxic"; for groundedness when it is -1 naming "wrong" or "hallucination".
+Any other rating is a negative, except a -1 that names no category (the user's reason is unknown:
+the request is left out of that comparison). Only requests whose answer the guard checked count.
 
 Logged rows hold whatever clients sent, rejected requests included: bodies that are not JSON,
 of the wrong shape, or with lone surrogates (`"\ud800"`). They are read with
@@ -20,7 +31,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,8 +42,9 @@ from tqdm import tqdm
 
 from evals import metrics
 from gateway import guarding
-from gateway.db import audit_records, review_labels
+from gateway.db import audit_records, feedback, review_labels
 from gateway.jsontext import loads_stored, scrub
+from gateway.usage import origin_clause
 from guardrails import Guardrails, Passage, Verdict
 from retrieval import Embedder
 
@@ -62,12 +74,20 @@ def parse_window(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
 
 
-async def load_rows(engine: AsyncEngine, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
-    """Chat and completion audit rows created in [start, end), newest first, at most `limit`."""
+def _origin(include_eval: bool) -> list[Any]:
+    kept = origin_clause("all" if include_eval else "live")
+    return [] if kept is None else [kept]
+
+
+async def load_rows(
+    engine: AsyncEngine, start: datetime, end: datetime, limit: int, *, include_eval: bool = False
+) -> list[dict[str, Any]]:
+    """Chat and completion audit rows created in [start, end), newest first, at most `limit`;
+    live traffic only unless `include_eval`."""
     query = (
         select(*_COLUMNS)
         .where(audit_records.c.created_at >= start, audit_records.c.created_at < end)
-        .where(audit_records.c.endpoint.in_(("chat.completions", "completions")))
+        .where(audit_records.c.endpoint.in_(("chat.completions", "completions")), *_origin(include_eval))
         .order_by(audit_records.c.created_at.desc())
         .limit(limit)
     )
@@ -75,7 +95,18 @@ async def load_rows(engine: AsyncEngine, start: datetime, end: datetime, limit: 
         return [dict(r._mapping) for r in await conn.execute(query)]
 
 
-async def load_labelled(engine: AsyncEngine, since: datetime, limit: int) -> list[tuple[dict[str, Any], str]]:
+async def _rows_by_id(conn: Any, ids: Sequence[str], include_eval: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        query = select(*_COLUMNS).where(audit_records.c.request_id.in_(chunk), *_origin(include_eval))
+        rows.extend(dict(r._mapping) for r in await conn.execute(query))
+    return rows
+
+
+async def load_labelled(
+    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False
+) -> list[tuple[dict[str, Any], str]]:
     """Audit rows with a reviewer label created since `since`: (row, the request's latest label)."""
     query = (
         select(review_labels.c.request_id, review_labels.c.label)
@@ -84,13 +115,119 @@ async def load_labelled(engine: AsyncEngine, since: datetime, limit: int) -> lis
     )
     async with engine.connect() as conn:
         latest = {r.request_id: r.label for r in await conn.execute(query)}
-        ids = list(latest)[-limit:]
-        rows: list[dict[str, Any]] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            result = await conn.execute(select(*_COLUMNS).where(audit_records.c.request_id.in_(chunk)))
-            rows.extend(dict(r._mapping) for r in result)
+        rows = await _rows_by_id(conn, list(latest)[-limit:], include_eval)
     return [(row, latest[row["request_id"]]) for row in rows]
+
+
+# ------------------------------------------------------------------ ratings
+
+RATING_NAMES = {1: "positive", 0: "neutral", -1: "negative"}
+UNSAFE_CATEGORIES = frozenset({"unsafe", "toxic"})
+WRONG_CATEGORIES = frozenset({"wrong", "hallucination"})
+#: Which rating categories (on a -1) say the guard should have fired on the answer.
+RATING_POSITIVES: dict[str, frozenset[str]] = {
+    "toxicity": UNSAFE_CATEGORIES,
+    "groundedness": WRONG_CATEGORIES,
+    "output_guards": UNSAFE_CATEGORIES,  # any guard on the answer (block, flag or redact)
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rating:
+    """One key's newest rating of one request."""
+
+    request_id: str
+    key_id: str
+    rating: int
+    categories: frozenset[str]
+
+
+def _categories(text: Any) -> frozenset[str]:
+    value = loads_stored(text) if isinstance(text, str) else None
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(c.strip().lower() for c in value if isinstance(c, str) and c.strip())
+
+
+async def _newest_ratings(
+    engine: AsyncEngine, start: datetime, end: datetime | None, include_eval: bool
+) -> list[Rating]:
+    """Per (request, key) the newest rating given in [start, end), ratings of eval requests left out
+    unless `include_eval` (a rating whose request was pruned from the audit log counts as live)."""
+    f = feedback.c
+    query = (
+        select(f.request_id, f.key_id, f.rating, f.categories_json)
+        .select_from(feedback.outerjoin(audit_records, audit_records.c.request_id == f.request_id))
+        .where(f.created_at >= start, *_origin(include_eval))
+        .order_by(f.created_at, f.id)
+    )
+    if end is not None:
+        query = query.where(f.created_at < end)
+    newest: dict[tuple[str, str], Rating] = {}
+    async with engine.connect() as conn:
+        for r in await conn.execute(query):
+            if r.rating in RATING_NAMES:  # the API takes only 1, 0, -1; anything else was written by hand
+                newest[(r.request_id, r.key_id)] = Rating(
+                    r.request_id, r.key_id, int(r.rating), _categories(r.categories_json)
+                )
+    return list(newest.values())
+
+
+async def load_ratings(
+    engine: AsyncEngine, start: datetime, end: datetime, *, include_eval: bool = False
+) -> list[Rating]:
+    """The ratings given in [start, end): per request and key the newest one."""
+    return await _newest_ratings(engine, start, end, include_eval)
+
+
+async def load_rated(
+    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False
+) -> list[tuple[dict[str, Any], list[Rating]]]:
+    """Audit rows rated since `since`: (row, per key its newest rating), at most `limit` requests
+    (the most recently rated)."""
+    by_request: dict[str, list[Rating]] = {}
+    for rating in await _newest_ratings(engine, since, None, include_eval):
+        by_request.setdefault(rating.request_id, []).append(rating)
+    async with engine.connect() as conn:
+        rows = await _rows_by_id(conn, list(by_request)[-limit:], include_eval)
+    return [(row, by_request[row["request_id"]]) for row in rows]
+
+
+def rating_counts(ratings: Sequence[Rating]) -> dict[str, int]:
+    counts = {name: 0 for name in RATING_NAMES.values()}
+    for r in ratings:
+        counts[RATING_NAMES[r.rating]] += 1
+    return counts
+
+
+def rating_mix(ratings: Sequence[Rating]) -> dict[str, Any]:
+    """How many ratings, of how many requests, and the share of each rating; categories of the -1s."""
+    counts = rating_counts(ratings)
+    n = len(ratings)
+    categories: dict[str, int] = {}
+    for r in ratings:
+        if r.rating < 0:
+            for c in r.categories:
+                categories[c] = categories.get(c, 0) + 1
+    return {
+        "ratings": n,
+        "rated_requests": len({r.request_id for r in ratings}),
+        "rating_positive_rate": counts["positive"] / n if n else None,
+        "rating_neutral_rate": counts["neutral"] / n if n else None,
+        "rating_negative_rate": counts["negative"] / n if n else None,
+        "rating_mean": sum(r.rating for r in ratings) / n if n else None,
+        "negative_categories": dict(sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+
+
+def rating_truth(ratings: Sequence[Rating], positives: frozenset[str]) -> bool | None:
+    """True: some key's newest rating is -1 naming a category in `positives`; None: every rating is a
+    -1 without categories (no reason given); False otherwise."""
+    if any(r.rating < 0 and r.categories & positives for r in ratings):
+        return True
+    if all(r.rating < 0 and not r.categories for r in ratings):
+        return None
+    return False
 
 
 # ------------------------------------------------------------------ re-scoring
@@ -107,6 +244,8 @@ class Rescored:
     outcome: metrics.Outcome
     logged: metrics.Outcome
     retrieval_scores: list[float]
+    output_scores: dict[str, float] = field(default_factory=dict)  # the same, output-stage verdicts only
+    output_hits: dict[str, bool] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -187,10 +326,15 @@ async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
         verdicts.extend(output.verdicts)
     scores: dict[str, float] = {}
     hits: dict[str, bool] = {}
+    output_scores: dict[str, float] = {}
+    output_hits: dict[str, bool] = {}
     for v in verdicts:
         worse = min if v.guard == "groundedness" else max
         scores[v.guard] = worse(scores.get(v.guard, float(v.score)), float(v.score))
         hits[v.guard] = hits.get(v.guard, False) or v.hit
+        if v.stage == "output":
+            output_scores[v.guard] = worse(output_scores.get(v.guard, float(v.score)), float(v.score))
+            output_hits[v.guard] = output_hits.get(v.guard, False) or v.hit
     block = next((v.guard for v in verdicts if v.action == "block"), None)
     flagged = frozenset(v.guard for v in verdicts if v.action in ("flag", "redact"))
     logged_flags = frozenset(f for f in (row.get("flagged_by") or "").split(",") if f)
@@ -202,6 +346,8 @@ async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
         outcome=metrics.Outcome(block, flagged),
         logged=metrics.Outcome(row.get("blocked_by"), logged_flags),
         retrieval_scores=[s for s in (_score(p.get("score")) for p in records) if s is not None],
+        output_scores=output_scores,
+        output_hits=output_hits,
     )
 
 
@@ -286,7 +432,11 @@ async def _embedding_drift(previous: list[str], current: list[str], embedder: Em
 def drifted(report: dict[str, Any]) -> list[str]:
     """Names of the signals whose status is "drift"."""
     names = [f"guard_scores.{g}" for g, d in report["guard_scores"].items() if d.get("status") == "drift"]
-    names += [k for k in ("retrieval_top_score", "query_embeddings") if report[k].get("status") == "drift"]
+    names += [
+        k
+        for k in ("retrieval_top_score", "query_embeddings", "ratings")
+        if (report.get(k) or {}).get("status") == "drift"
+    ]
     return names
 
 
@@ -308,6 +458,40 @@ def label_feedback(
         if items:
             out[guard] = metrics.label_feedback(guard, items, thresholds.get(guard))
             out[guard]["current_threshold"] = thresholds.get(guard)
+    return out
+
+
+def rating_feedback(
+    rated: Sequence[tuple[Rescored, Sequence[Rating]]], thresholds: dict[str, float | None]
+) -> dict[str, dict[str, Any]]:
+    """Per guard (`RATING_POSITIVES`): precision, recall and the best threshold against user ratings,
+    over the rated requests whose answer the guard checked and whose ratings say yes or no."""
+    out: dict[str, dict[str, Any]] = {}
+    for guard, positives in RATING_POSITIVES.items():
+        items: list[metrics.LabelledScore] = []
+        unknown = 0
+        for r, ratings in rated:
+            if guard == "output_guards":
+                if not r.output_scores:
+                    continue
+                hit, score = any(r.output_hits.values()), None
+            elif guard in r.output_scores:
+                hit, score = r.output_hits.get(guard, False), r.output_scores[guard]
+            else:
+                continue
+            truth = rating_truth(ratings, positives)
+            if truth is None:
+                unknown += 1
+                continue
+            items.append(metrics.LabelledScore(r.row["request_id"], "positive" if truth else "negative", hit, score))
+        if not items and not unknown:
+            continue
+        result = metrics.label_feedback(guard, items, thresholds.get(guard), positives=frozenset({"positive"}))
+        result["labelled"] = len(items)
+        result["left_out_no_reason"] = unknown
+        result["current_threshold"] = thresholds.get(guard)
+        result["positive_categories"] = sorted(positives)
+        out[guard] = result
     return out
 
 
@@ -333,8 +517,11 @@ def summarise(
     drift: dict[str, Any],
     labels: dict[str, dict[str, Any]],
     labelled: int,
+    mix: dict[str, Any] | None = None,
+    ratings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run-level metrics of a traffic run."""
+    """Run-level metrics of a traffic run: rates, drifted signals, guards against reviewer labels
+    (`GUARD_precision`) and user ratings (`ratings_GUARD_precision`), and the rating mix."""
     answered = [r for r in current if "toxicity" in r.scores]
     out: dict[str, Any] = {
         "requests": len(current),
@@ -348,15 +535,22 @@ def summarise(
         "drifted": drifted(drift),
         "labelled": labelled,
     }
-    for guard, feedback in labels.items():
+    for guard, found in labels.items():
         for key in ("precision", "recall"):
-            if feedback.get(key) is not None:
-                out[f"{guard}_{key}"] = round(float(feedback[key]), 4)
+            if found.get(key) is not None:
+                out[f"{guard}_{key}"] = round(float(found[key]), 4)
+    for name, value in (mix or {}).items():
+        if name != "negative_categories":
+            out[name] = value
+    for guard, found in (ratings or {}).items():
+        for key in ("precision", "recall"):
+            if found.get(key) is not None:
+                out[f"ratings_{guard}_{key}"] = round(float(found[key]), 4)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def directions(summary: dict[str, Any]) -> dict[str, int]:
     """Which traffic metrics take part in the run-to-run comparison, and their good direction."""
-    out = {"toxicity_rate": -1, "groundedness_mean": 1}
+    out = {"toxicity_rate": -1, "groundedness_mean": 1, "rating_positive_rate": 1, "rating_negative_rate": -1}
     out.update({k: 1 for k in summary if k.endswith(("_precision", "_recall"))})
     return out

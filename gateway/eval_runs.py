@@ -2,6 +2,12 @@
 
 `evals` writes these rows (`evals.store`) and reads them back through here, so the dependency
 points one way: `evals` -> `gateway`, never the reverse.
+
+A run's `status` is its verdict against its thresholds: `passed`, `failed`, `unchecked` (it had
+none), `error` (it could not run) or `running`. Whether it got worse than the previous run is
+the separate `regressed` (from the stored comparison), and traffic drift is in its metrics'
+`drifted`. Runs stored before thresholds existed said `regressed` as their status (now: status
+`unchecked`, regressed true) and `failed` for a run that could not run (now: `error`).
 """
 
 from __future__ import annotations
@@ -58,17 +64,41 @@ async def get_run(engine: AsyncEngine, run_id: int, *, with_items: bool = False)
     return run
 
 
+#: Statuses of a finished run; "regressed" only in rows stored before thresholds existed.
+FINISHED = ("passed", "failed", "unchecked", "error", "regressed")
+
+
+def verdict(status: str, metrics: Any, comparison: Any) -> tuple[str, bool, bool]:
+    """(status, regressed, drifted) of a stored run, with the statuses of runs stored before
+    thresholds existed read as today's: "regressed" -> unchecked and regressed, and "failed"
+    with only an error in its metrics -> error."""
+    regressed = isinstance(comparison, dict) and comparison.get("regressed") is True
+    drifted = isinstance(metrics, dict) and bool(metrics.get("drifted"))
+    if status == "regressed":
+        return "unchecked", not drifted or regressed, drifted
+    if status == "failed" and isinstance(metrics, dict) and set(metrics) == {"error"}:
+        return "error", False, False
+    return status, regressed, drifted
+
+
 def run_dict(row: Any) -> dict[str, Any]:
-    """An `eval_runs` row as a dict; stored JSON edited or damaged by hand still loads (as its text)."""
+    """An `eval_runs` row as a dict; stored JSON edited or damaged by hand still loads (as its text).
+    `status`, `regressed` and `drifted` as `verdict` reads them; `thresholds`: the checks made."""
+    metrics = loads_stored(row["metrics_json"])
+    comparison = loads_stored(row["comparison_json"])
+    status, regressed, drifted = verdict(row["status"], metrics, comparison)
     return {
         "id": int(row["id"]),
         "kind": row["kind"],
         "name": row["name"],
-        "status": row["status"],
+        "status": status,
+        "regressed": regressed,
+        "drifted": drifted,
+        "thresholds": comparison.get("thresholds", []) if isinstance(comparison, dict) else [],
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
-        "metrics": loads_stored(row["metrics_json"]),
-        "comparison": loads_stored(row["comparison_json"]),
+        "metrics": metrics,
+        "comparison": comparison,
         "config": loads_stored(row["config_json"]),
         "report_path": row["report_path"],
     }

@@ -8,6 +8,9 @@ scrapes, so they cost nothing per request.
 
 Label values never come straight from a client: a model the gateway does not serve is counted as
 "other", a backend it does not know as "other"; guard names and stages come from the code.
+
+Requests of eval runs (`trace.origin == "eval"`) are not live traffic: they are counted only in
+`gateway_eval_requests_total` (by outcome), never in the request, stage, token or guard figures.
 """
 
 from __future__ import annotations
@@ -156,6 +159,11 @@ VERDICTS = _Family(
 )  # fmt: skip
 SCORES = _Family("gateway_guard_score", "Scores of the scoring guards (toxicity, groundedness), 0-1.", ("guard",),
                  SCORE_BUCKETS)  # fmt: skip
+EVAL_REQUESTS = _Family(
+    "gateway_eval_requests",
+    "Requests sent by eval runs through this process's pipeline, by outcome (left out of every other figure).",
+    ("outcome",),
+)
 
 
 class GatewayMetrics:
@@ -187,6 +195,7 @@ class GatewayMetrics:
         self.tokens_per_s: dict[tuple[str], _Hist] = {}
         self.verdicts: dict[tuple[str, str, str], float] = {}
         self.scores: dict[tuple[str], _Hist] = {}
+        self.eval_requests: dict[tuple[str], float] = {}
         self.registry.register(_RequestCollector(self))
         if live is not None:
             self.registry.register(_LiveCollector(live))
@@ -227,6 +236,10 @@ class GatewayMetrics:
             log.exception("metrics: observing a request failed")
 
     def _observe(self, trace: TraceLike) -> None:
+        if getattr(trace, "origin", None) == "eval":  # an eval run's request is not live traffic
+            key1 = (outcome(trace.status),)
+            self.eval_requests[key1] = self.eval_requests.get(key1, 0) + 1
+            return
         now = time.perf_counter()
         endpoint = trace.endpoint.name
         model = self.model_label(trace.model, now)
@@ -288,6 +301,7 @@ class _RequestCollector:
         yield _histogram(TOKENS_PER_S, m.tokens_per_s)
         yield _counter(VERDICTS, m.verdicts)
         yield _histogram(SCORES, m.scores)
+        yield _counter(EVAL_REQUESTS, m.eval_requests)
 
 
 def _counter(family: _Family, values: dict[Any, float]) -> Metric:
@@ -435,30 +449,36 @@ class EvalGauges:
     every `every_s` seconds (never during a request or a scrape), shown as gauges."""
 
     KINDS = ("dataset", "traffic")
-    STATUSES = ("passed", "regressed", "failed")
+    STATUSES = ("passed", "failed", "unchecked", "error")
 
     def __init__(self) -> None:
-        self.latest: dict[str, tuple[float, str, dict[str, float]]] = {}  # kind -> (finished, status, metrics)
+        # kind -> (finished, status, regressed or drifted, metrics)
+        self.latest: dict[str, tuple[float, str, bool, dict[str, float]]] = {}
 
     async def refresh(self, engine: AsyncEngine) -> None:
         from sqlalchemy import desc, select
 
         from gateway.db import eval_runs
+        from gateway.eval_runs import FINISHED, verdict
+        from gateway.jsontext import loads_stored
 
         latest = {}
         async with engine.connect() as conn:
             for kind in self.KINDS:
+                c = eval_runs.c
                 query = (
-                    select(eval_runs.c.finished_at, eval_runs.c.status, eval_runs.c.metrics_json)
-                    .where(eval_runs.c.kind == kind, eval_runs.c.status.in_(self.STATUSES))
-                    .order_by(desc(eval_runs.c.id))
+                    select(c.finished_at, c.status, c.metrics_json, c.comparison_json)
+                    .where(c.kind == kind, c.status.in_(FINISHED))
+                    .order_by(desc(c.id))
                     .limit(1)
                 )
                 row = (await conn.execute(query)).first()
                 if row is None or row.finished_at is None:
                     continue
                 finished = row.finished_at if row.finished_at.tzinfo else row.finished_at.replace(tzinfo=UTC)
-                latest[kind] = (finished.timestamp(), str(row.status), _numbers(row.metrics_json))
+                metrics, comparison = loads_stored(row.metrics_json), loads_stored(row.comparison_json)
+                status, regressed, drifted = verdict(str(row.status), metrics, comparison)
+                latest[kind] = (finished.timestamp(), status, regressed or drifted, _numbers(row.metrics_json))
         self.latest = latest
 
     async def run(self, engine: AsyncEngine, every_s: float = 60.0) -> None:
@@ -474,23 +494,36 @@ class EvalGauges:
             "gateway_eval_last_run_timestamp_seconds", "When the latest nightly run of this kind finished.",
             labels=["kind"],
         )  # fmt: skip
+        status_gauge = GaugeMetricFamily(
+            "gateway_eval_last_run_status",
+            "1 for the latest nightly run's status: passed, failed (below its thresholds), unchecked (no "
+            "thresholds) or error (could not run).",
+            labels=["kind", "status"],
+        )
         regressed = GaugeMetricFamily(
-            "gateway_eval_last_run_regressed", "1 when the latest nightly run regressed or drifted, else 0.",
+            "gateway_eval_last_run_regressed",
+            "1 when the latest nightly run got worse than the previous one, or drifted, else 0.",
             labels=["kind"],
         )  # fmt: skip
         failed = GaugeMetricFamily(
-            "gateway_eval_last_run_failed", "1 when the latest nightly run could not run.", labels=["kind"]
+            "gateway_eval_last_run_failed", "1 when the latest nightly run missed its thresholds.", labels=["kind"]
+        )
+        error = GaugeMetricFamily(
+            "gateway_eval_last_run_error", "1 when the latest nightly run could not run.", labels=["kind"]
         )
         values = GaugeMetricFamily(
             "gateway_eval_metric", "The latest nightly run's numeric results.", labels=["kind", "metric"]
         )
-        for kind, (finished, status, numbers) in list(self.latest.items()):
+        for kind, (finished, status, worse, numbers) in list(self.latest.items()):
             when.add_metric([kind], finished)
-            regressed.add_metric([kind], 1.0 if status == "regressed" else 0.0)
+            for name in self.STATUSES:
+                status_gauge.add_metric([kind, name], 1.0 if status == name else 0.0)
+            regressed.add_metric([kind], 1.0 if worse else 0.0)
             failed.add_metric([kind], 1.0 if status == "failed" else 0.0)
+            error.add_metric([kind], 1.0 if status == "error" else 0.0)
             for name, value in numbers.items():
                 values.add_metric([kind, name], value)
-        yield from (when, regressed, failed, values)
+        yield from (when, status_gauge, regressed, failed, error, values)
 
 
 def _numbers(text: str | None) -> dict[str, float]:

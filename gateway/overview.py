@@ -5,6 +5,8 @@ Everything is aggregated in SQL by time bucket (one GROUP BY over the window, re
 order), so the page reads one row per bucket, status, guard and latency bin, not one per record.
 Latency percentiles come from a histogram counted in SQL (fixed bins, CASE), interpolated inside
 the bin as Prometheus does: exact enough for a chart, and the same on SQLite and PostgreSQL.
+Live traffic only by default: eval runs' rows (`origin = 'eval'`) are left out unless
+`?origin=eval` or `?origin=all` asks for them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from gateway.db import audit_records
 from gateway.errors import InvalidRequest
 from gateway.review import REVIEWER, SIGN_IN_FIRST, Reviewer, _context
 from gateway.services import Services
-from gateway.usage import parse_since
+from gateway.usage import ORIGINS, origin_clause, parse_since
 
 _encode = msgspec.json.Encoder().encode
 WINDOWS = ("1h", "6h", "24h", "7d", "30d")
@@ -65,6 +67,7 @@ class Overview:
     bucket_s: int
     buckets: list[Bucket]
     guards: list[dict[str, Any]]  # per guard: blocked, flagged, their rates over the window
+    origin: str = "live"
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -88,6 +91,7 @@ class Overview:
             "since": self.since.isoformat(),
             "until": self.until.isoformat(),
             "bucket_s": self.bucket_s,
+            "origin": self.origin,
             "totals": self.totals,
             "guards": self.guards,
             "buckets": [
@@ -164,10 +168,12 @@ def _latency_bin() -> ColumnElement[Any]:
 #: everything is read afresh (rows replayed late from the audit spool, retention's deletes).
 CLOSED_AFTER_S = 600
 CLOSED_TTL_S = 300.0
-_closed: dict[tuple[str, int], tuple[float, int, int, list[Any]]] = {}  # (engine, bucket_s) -> (made, lo, hi, rows)
+_closed: dict[tuple[str, int, str], tuple[float, int, int, list[Any]]] = {}  # (engine, bucket_s, origin) -> ...
 
 
-async def _scan(conn: Any, bucket_s: int, lo: datetime, hi: datetime, dialect: str, *, small: bool) -> list[Any]:
+async def _scan(
+    conn: Any, bucket_s: int, lo: datetime, hi: datetime, dialect: str, *, small: bool, origin: str = "live"
+) -> list[Any]:
     """Grouped rows (key, bin, status, blocked_by, flagged_by, n) of records with lo <= created_at < hi.
 
     A small range is read through the created_at index. A large one is scanned by primary key from
@@ -186,6 +192,9 @@ async def _scan(conn: Any, bucket_s: int, lo: datetime, hi: datetime, dialect: s
         # The time bounds through coalesce(): no index for them, so the scan runs by id, in table order.
         at = func.coalesce(c.created_at, c.created_at)
         bounds = [c.id >= first_id, at >= lo, at < hi]
+    kept = origin_clause(origin)
+    if kept is not None:
+        bounds.append(kept)
     query = (
         select(key, latency_bin, c.status, c.blocked_by, c.flagged_by, func.count().label("n"))
         .where(*bounds)
@@ -194,30 +203,34 @@ async def _scan(conn: Any, bucket_s: int, lo: datetime, hi: datetime, dialect: s
     return list((await conn.execute(query)).all())
 
 
-async def _rows(engine: AsyncEngine, bucket_s: int, since: datetime, until: datetime, live: bool) -> list[Any]:
+async def _rows(
+    engine: AsyncEngine, bucket_s: int, since: datetime, until: datetime, live: bool, origin: str
+) -> list[Any]:
     """The window's grouped rows; for the live page, whole closed buckets come from the cache."""
     dialect = engine.dialect.name
     async with engine.connect() as conn:
         if not live:
-            return await _scan(conn, bucket_s, since, until + timedelta(microseconds=1), dialect, small=False)
+            end = until + timedelta(microseconds=1)
+            return await _scan(conn, bucket_s, since, end, dialect, small=False, origin=origin)
         # [since, head) the window's partial first bucket; [head, tail) whole closed buckets; [tail, until].
         head = int(since.timestamp()) // bucket_s + 1
         tail = max(head, (int(until.timestamp()) - CLOSED_AFTER_S) // bucket_s)
-        cached = _closed.get((str(engine.url), bucket_s))
+        cached = _closed.get((str(engine.url), bucket_s, origin))
         clock = time.monotonic()
         if cached is None or clock - cached[0] > CLOSED_TTL_S or cached[1] > head or cached[2] < tail:
-            scanned = await _scan(conn, bucket_s, _at(head, bucket_s), _at(tail, bucket_s), dialect, small=False)
+            lo, hi = _at(head, bucket_s), _at(tail, bucket_s)
+            scanned = await _scan(conn, bucket_s, lo, hi, dialect, small=False, origin=origin)
             keys: dict[Any, int] = {}  # each row's bucket, worked out once per time key
             for row in scanned:
                 if row.key not in keys:
                     keys[row.key] = _bucket_of(row.key, bucket_s)
             indexed = [(keys[row.key], row) for row in scanned]
-            cached = _closed[(str(engine.url), bucket_s)] = (clock, head, tail, indexed)
+            cached = _closed[(str(engine.url), bucket_s, origin)] = (clock, head, tail, indexed)
         rows = [r for index, r in cached[3] if head <= index < tail]
         # The partial first bucket and the open ones: small ranges, read through the created_at index.
-        rows += await _scan(conn, bucket_s, since, _at(head, bucket_s), dialect, small=True)
+        rows += await _scan(conn, bucket_s, since, _at(head, bucket_s), dialect, small=True, origin=origin)
         end = until + timedelta(microseconds=1)
-        rows += await _scan(conn, bucket_s, _at(tail, bucket_s), end, dialect, small=True)
+        rows += await _scan(conn, bucket_s, _at(tail, bucket_s), end, dialect, small=True, origin=origin)
         return rows
 
 
@@ -225,19 +238,24 @@ def _at(index: int, bucket_s: int) -> datetime:
     return datetime.fromtimestamp(index * bucket_s, UTC)
 
 
-async def overview(engine: AsyncEngine, since: datetime, until: datetime | None = None) -> Overview:
-    """Figures per time bucket between `since` and `until` (now), aggregated in the database.
+async def overview(
+    engine: AsyncEngine, since: datetime, until: datetime | None = None, *, origin: str = "live"
+) -> Overview:
+    """Figures per time bucket between `since` and `until` (now), aggregated in the database; live
+    traffic only unless `origin` is "eval" or "all".
 
     One scan of the window: rows are grouped by (time key, latency bin, status, blocked_by,
     flagged_by), a few thousand groups at most, and folded into buckets here. Without `until` (the
     live page) closed buckets are read once and kept for CLOSED_TTL_S; only the newest are read."""
+    if origin not in ORIGINS:
+        raise ValueError(f"origin {origin!r}: choose one of {', '.join(ORIGINS)}")
     live = until is None
     until = until or datetime.now(UTC)
     bucket_s = bucket_size(max((until - since).total_seconds(), 1.0))
     first = int(since.timestamp()) // bucket_s
     last = int(until.timestamp()) // bucket_s
     buckets = {i: Bucket(datetime.fromtimestamp(i * bucket_s, UTC)) for i in range(first, last + 1)}
-    rows = await _rows(engine, bucket_s, since, until, live)
+    rows = await _rows(engine, bucket_s, since, until, live, origin)
     indexes: dict[Any, int] = {}
     for row in rows:
         index = indexes.get(row.key)
@@ -274,7 +292,7 @@ async def overview(engine: AsyncEngine, since: datetime, until: datetime | None 
             "guard": name, "blocked": blocked, "flagged": flagged,
             "block_rate": blocked / total if total else None, "flag_rate": flagged / total if total else None,
         })  # fmt: skip
-    return Overview(since, until, bucket_s, ordered, guards)
+    return Overview(since, until, bucket_s, ordered, guards, origin)
 
 
 # ----------------------------------------------------------------------------------- charts
@@ -407,7 +425,10 @@ async def _figures(request: Request[Any, Any, Any], services: Services) -> tuple
         raise InvalidRequest(str(exc).replace("--since", "window"), param="window") from exc
     if since >= datetime.now(UTC) - timedelta(seconds=1):
         raise InvalidRequest(f"window {window!r} is empty", param="window")
-    return window, await overview(services.engine, since)
+    origin = request.query_params.get("origin") or "live"
+    if origin not in ORIGINS:
+        raise InvalidRequest(f"origin {origin!r}: choose one of {', '.join(ORIGINS)}", param="origin")
+    return window, await overview(services.engine, since, origin=origin)
 
 
 @get("/review/overview", include_in_schema=False, dependencies=REVIEWER, exception_handlers=SIGN_IN_FIRST)

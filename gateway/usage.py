@@ -3,6 +3,10 @@
 Served by `gateway usage` and by the reviewer UI's usage page (admins). One pass over the
 audit rows of the window (streamed, so memory holds only each group's latencies); the
 `created_at` index bounds the scan. Percentiles are exact (nearest rank), over `total_ms`.
+
+Live traffic only by default: the rows of eval runs (`origin = 'eval'`, migration 0009) are
+left out unless `origin="eval"` (only them) or `"all"` is asked for. `origin_clause` is that
+filter, shared by the overview, the metrics and the nightly traffic re-scoring.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.db import api_keys, audit_records
 
 GROUPINGS = ("key", "model", "day")
+ORIGINS = ("live", "eval", "all")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _ERRORS = {"backend_error", "error", "limits_unavailable"}
 
@@ -34,6 +40,18 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     except ValueError:
         raise ValueError(f"--since {text!r}: use a duration like 30m, 24h, 7d, 2w or a date like 2026-11-01") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def origin_clause(origin: str = "live") -> ColumnElement[bool] | None:
+    """The WHERE condition for audit rows of `origin`: "live" (NULL, or anything but "eval"), "eval",
+    or None for "all". Written through coalesce() so that no plan turns to the origin index: the
+    created_at (and id) plans that bound every windowed scan stay as they are."""
+    if origin not in ORIGINS:
+        raise ValueError(f"origin {origin!r}: choose one of {', '.join(ORIGINS)}")
+    if origin == "all":
+        return None
+    stored = func.coalesce(audit_records.c.origin, "")
+    return stored == "eval" if origin == "eval" else stored != "eval"
 
 
 @dataclass(slots=True)
@@ -66,8 +84,11 @@ def _percentile(ordered: list[float], q: float) -> float | None:
     return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 1)
 
 
-async def usage(engine: AsyncEngine, since: datetime, by: str = "key", until: datetime | None = None) -> list[UsageRow]:
-    """Figures per group for requests created in [since, until), busiest group first."""
+async def usage(
+    engine: AsyncEngine, since: datetime, by: str = "key", until: datetime | None = None, *, origin: str = "live"
+) -> list[UsageRow]:
+    """Figures per group for requests created in [since, until), busiest group first; live traffic
+    only unless `origin` is "eval" or "all"."""
     if by not in GROUPINGS:
         raise ValueError(f"--by {by!r}: choose one of {', '.join(GROUPINGS)}")
     r = audit_records.c
@@ -76,6 +97,9 @@ async def usage(engine: AsyncEngine, since: datetime, by: str = "key", until: da
     ).where(r.created_at >= since)
     if until is not None:
         query = query.where(r.created_at < until)
+    kept = origin_clause(origin)
+    if kept is not None:
+        query = query.where(kept)
     groups: dict[str, UsageRow] = {}
     async with engine.connect() as conn:
         result = await conn.stream(query.execution_options(yield_per=5000))

@@ -15,7 +15,15 @@ from sqlalchemy import insert, select
 
 from evals import store
 from evals.dataset import RunOptions, load_dataset
-from evals.nightly import EXIT_DRIFT, EXIT_PASSED, EXIT_REGRESSED, evaluate_dataset, evaluate_traffic
+from evals.nightly import (
+    EXIT_DRIFT,
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_PASSED,
+    EXIT_REGRESSED,
+    evaluate_dataset,
+    evaluate_traffic,
+)
 from gateway.cli import main as gateway_main
 from gateway.db import audit_records, review_labels
 from gateway.services import Services
@@ -57,7 +65,15 @@ async def _test_sample_set_runs_through_the_pipeline_and_is_stored(services: Ser
     assert len(items) >= 25
     summary = await evaluate_dataset(services, items, name="sample", options=RunOptions(progress=False))
 
-    assert summary["status"] == "passed" and summary["exit_code"] == EXIT_PASSED
+    # The fake backend's answers are not the references: a first run with a low pass rate is no pass
+    # (the sample set names no thresholds, so the default pass_rate >= 0.8 applies).
+    assert summary["status"] == "failed" and summary["exit_code"] == EXIT_FAILED
+    assert summary["regressed"] is False and summary["comparison"]["previous_run"] is None
+    assert summary["thresholds"] == [
+        {"metric": "pass_rate", "op": ">=", "value": 0.8, "actual": summary["metrics"]["pass_rate"], "ok": False,
+         "source": "default"}
+    ]  # fmt: skip
+    assert "pass_rate" in summary["verdict"] and "default threshold" in summary["verdict"]
     m = summary["metrics"]
     assert m["items"] == len(items) and m["errors"] == 0
     # Both injection attempts were blocked by the injection guard, as the set expects.
@@ -69,7 +85,8 @@ async def _test_sample_set_runs_through_the_pipeline_and_is_stored(services: Ser
     assert m["exact_match"] == 0.0 and m["semantic_similarity"] is not None
 
     run = await store.get_run(services.engine, summary["run_id"], with_items=True)
-    assert run is not None and run["status"] == "passed" and run["kind"] == "dataset"
+    assert run is not None and run["status"] == "failed" and run["kind"] == "dataset"
+    assert run["regressed"] is False and run["thresholds"] == summary["thresholds"]
     assert len(run["items"]) == len(items)
     blocked = [i for i in run["items"] if i["input"].get("expect") == "blocked:injection"]
     assert blocked and all(i["scores"]["outcome"] == "blocked:injection" and i["passed"] for i in blocked)
@@ -81,6 +98,7 @@ async def _test_sample_set_runs_through_the_pipeline_and_is_stored(services: Ser
         result = await conn.execute(select(audit_records).where(audit_records.c.api_key_id == "eval"))
         rows = [dict(r._mapping) for r in result]
     assert len(rows) == len(items)
+    assert {r["origin"] for r in rows} == {"eval"}  # kept apart from live traffic
     assert {r["request_id"] for r in rows} == {i["request_id"] for i in run["items"]}
     assert sum(r["status"] == "blocked" for r in rows) == len(blocked)
 
@@ -110,15 +128,17 @@ def test_cli_regression_exits_non_zero_and_writes_a_self_contained_report(
     assert gateway_main(argv) == EXIT_PASSED
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["metrics"]["exact_match"] == 1.0 and first["metrics"]["pass_rate"] == 1.0
+    assert first["status"] == "passed" and first["regressed"] is False
 
-    # Same name, wrong answers now: correctness falls far beyond the tolerance.
+    # Same name, wrong answers now: below the default threshold (failed, exit 1), and correctness
+    # falls far beyond the tolerance (regressed, reported beside the status).
     _write(
         good,
         [{"question": q, "reference": r, "fake": {"answer": "Purple elephants dance at noon."}} for q, r in questions],
     )
-    assert gateway_main(argv) == EXIT_REGRESSED
+    assert gateway_main(argv) == EXIT_FAILED
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert second["status"] == "regressed"
+    assert second["status"] == "failed" and second["regressed"] is True
     assert second["comparison"]["previous_run"] == first["run_id"]
     regressed = {r["metric"] for r in second["comparison"]["regressions"]}
     assert {"exact_match", "pass_rate"} <= regressed
@@ -127,11 +147,12 @@ def test_cli_regression_exits_non_zero_and_writes_a_self_contained_report(
     assert report.parent == tmp_path / "data" / "reports" and report.is_file()
     html = report.read_text(encoding="utf-8")
     assert "<svg" in html and "regressed" in html and "Purple elephants" in html
+    assert "Regressed: <span class=\"bad\">yes</span>" in html and "NOT MET" in html
     assert not re.search(r"<script|<link|<img|src=|url\(|@import", html, re.IGNORECASE)
     assert json.loads(Path(second["summary"]).read_text())["run_id"] == second["run_id"]
 
-    # Without a backend the command says so instead of failing later.
-    assert gateway_main(["eval", "run", "--dataset", str(good), "--data-dir", str(tmp_path / "data")]) == 1
+    # Without a backend the command says so instead of failing later: it could not run (2).
+    assert gateway_main(["eval", "run", "--dataset", str(good), "--data-dir", str(tmp_path / "data")]) == EXIT_ERROR
     assert "no backend" in capsys.readouterr().err
 
 
@@ -220,7 +241,10 @@ async def _test_traffic_rescoring_flags_drift_and_scores_guards_against_labels(s
     assert drift["query_embeddings"]["status"] in {"drift", "watch"}
     assert drift["query_embeddings"]["centroid_cosine_distance"] > 0
     assert "retrieval_top_score" in summary["metrics"]["drifted"]
-    assert summary["status"] == "regressed" and summary["exit_code"] == EXIT_DRIFT
+    assert summary["drifted"] == summary["metrics"]["drifted"]
+    # No --threshold: nothing was checked, and the summary says so; drift is its own field and exit code.
+    assert summary["status"] == "unchecked" and summary["thresholds"] == [] and "no thresholds" in summary["verdict"]
+    assert summary["regressed"] is False and summary["exit_code"] == EXIT_DRIFT
 
     grounded = summary["labels"]["groundedness"]
     assert grounded["labelled"] == 40 and grounded["positives"] == 20
