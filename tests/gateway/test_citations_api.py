@@ -41,11 +41,11 @@ def make_key(
     return asyncio.run(go())
 
 
-@pytest.fixture
-def settings(tmp_path: Path, fake_backend: FakeBackendThread) -> Settings:
+def rag_settings(tmp_path: Path, backend_url: str) -> Settings:
+    """A gateway with two collections: "products" (two documents) and "internal" (one)."""
     settings = make_settings(
         tmp_path,
-        fake_backend.url,
+        backend_url,
         alias=("docs-model=products:fake-model", "docs-footer=products:fake-model;sources=footer"),
     )
     docs = tmp_path / "docs"
@@ -55,6 +55,11 @@ def settings(tmp_path: Path, fake_backend: FakeBackendThread) -> Settings:
     write(tmp_path / "other", "secret.txt", "The internal launch code name is Bluebird.")
     ingest(settings, "internal", tmp_path / "other")
     return settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_backend: FakeBackendThread) -> Settings:
+    return rag_settings(tmp_path, fake_backend.url)
 
 
 @pytest.fixture
