@@ -3,6 +3,8 @@
     --groundedness FILE.jsonl   HaluEval QA lines (knowledge, question, right_answer,
                                 hallucinated_answer): both answers are checked against the
                                 knowledge; positive class = hallucinated (not grounded).
+                                With --split: a seeded fit half and held-out half, the
+                                sentence threshold chosen on the fit half only.
     --toxicity FILE.csv         `text,label` (1 = toxic) or the Davidson et al. CSV as is
                                 (`class` 0/1 toxic, 2 not; text in `tweet`).
     --injection                 the 15 prompts of jailbreak-corpus-mini-py (all attacks) plus
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import guardrails
-from guardrails.base import GuardContext, GuardResources, Passage, make_executor
+from guardrails.base import GuardContext, GuardResources, GuardSettings, Passage, make_executor
 from guardrails.errors import GuardrailsError
 from guardrails.groundedness import GroundednessGuard
 from guardrails.injection import score_injection
@@ -64,6 +66,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--halves", action="store_true", help="groundedness: also report the even and odd halves separately"
+    )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="groundedness: split the items in two with --seed (fit half, held-out half); pick the sentence "
+        "threshold that scores best on the fit half only and report both halves at it and at the policy's",
     )
     parser.add_argument("--toxicity-scorer", choices=("auto", "detoxify", "profanity-check"), default=None)
     parser.add_argument("--detoxify-checkpoint", metavar="PATH")
@@ -123,8 +131,63 @@ def read_halueval(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+async def _check_halueval(
+    guard: GroundednessGuard, rows: list[dict[str, Any]]
+) -> tuple[list[bool], list[bool], list[float]]:
+    """(flagged, hallucinated, ms) for both answers of every row, right answer first."""
+    preds: list[bool] = []
+    gold: list[bool] = []
+    ms: list[float] = []
+    for i, r in enumerate(rows):
+        passages = (Passage(f"k{i}", r["knowledge"]),)
+        for answer, hallucinated in ((r["right_answer"], False), (r["hallucinated_answer"], True)):
+            ctx = GuardContext(stage="output", text=answer, passages=passages, prompt=r["question"])
+            t0 = time.perf_counter()
+            verdict = await guard.check(ctx)
+            ms.append((time.perf_counter() - t0) * 1000)
+            preds.append(verdict.hit)
+            gold.append(hallucinated)
+    return preds, gold, ms
+
+
+#: Sentence thresholds `--split` chooses from (on the fit half only).
+SPLIT_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))
+
+
+def split_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """Row indexes of the fit half and the held-out half: a seeded shuffle cut in two."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[: n // 2]), sorted(order[n // 2 :])
+
+
+async def _eval_split(
+    settings: GuardSettings, resources: GuardResources, rows: list[dict[str, Any]], seed: int
+) -> dict[str, Any]:
+    """Pick the sentence threshold on the fit half; report both halves at it and at the policy's."""
+    fit_idx, held_idx = split_halves(len(rows), seed)
+    fit_rows, held_rows = [rows[i] for i in fit_idx], [rows[i] for i in held_idx]
+    policy_threshold = GroundednessGuard(settings, resources).thresholds["sentence"]
+    scores: dict[float, float] = {}
+    for t in SPLIT_THRESHOLDS:
+        guard = GroundednessGuard(replace(settings, thresholds={**settings.thresholds, "sentence": t}), resources)
+        scores[t] = metrics(*await _check_halueval(guard, fit_rows))["accuracy"]
+    # best on the fit half; ties go to the lower threshold (it flags less of real, paraphrasing answers)
+    fitted = max(SPLIT_THRESHOLDS, key=lambda t: (scores[t], -t))
+    out: dict[str, Any] = {"seed": seed, "fit_items": len(fit_rows), "held_out_items": len(held_rows)}
+    out["fit_accuracy_by_threshold"] = {str(t): round(a, 4) for t, a in scores.items()}
+    for label, t in (("fitted", fitted), ("policy", policy_threshold)):
+        guard = GroundednessGuard(replace(settings, thresholds={**settings.thresholds, "sentence": t}), resources)
+        out[label] = {
+            "threshold": t,
+            "fit_half": metrics(*await _check_halueval(guard, fit_rows)),
+            "held_out_half": metrics(*await _check_halueval(guard, held_rows)),
+        }
+    return out
+
+
 async def eval_groundedness(
-    path: Path, policy: Policy, limit: int | None, how: str, seed: int, halves: bool
+    path: Path, policy: Policy, limit: int | None, how: str, seed: int, halves: bool, split: bool = False
 ) -> dict[str, Any]:
     rows = read_halueval(path)
     for i, r in enumerate(rows):
@@ -135,19 +198,10 @@ async def eval_groundedness(
     settings = replace(policy.for_request().guards["groundedness"], action="flag")
     executor = make_executor(1)
     try:
-        guard = GroundednessGuard(settings, GuardResources(executor=executor))
-        preds: list[bool] = []
-        gold: list[bool] = []
-        ms: list[float] = []
-        for i, r in enumerate(rows):
-            passages = (Passage(f"k{i}", r["knowledge"]),)
-            for answer, hallucinated in ((r["right_answer"], False), (r["hallucinated_answer"], True)):
-                ctx = GuardContext(stage="output", text=answer, passages=passages, prompt=r["question"])
-                t0 = time.perf_counter()
-                verdict = await guard.check(ctx)
-                ms.append((time.perf_counter() - t0) * 1000)
-                preds.append(verdict.hit)
-                gold.append(hallucinated)
+        resources = GuardResources(executor=executor)
+        guard = GroundednessGuard(settings, resources)
+        preds, gold, ms = await _check_halueval(guard, rows)
+        split_result = await _eval_split(settings, resources, rows, seed) if split else None
     finally:
         executor.shutdown()
     result: dict[str, Any] = {
@@ -161,6 +215,8 @@ async def eval_groundedness(
         for name, parity in (("even_half", 0), ("odd_half", 1)):
             idx = [j for j in range(len(preds)) if (j // 2) % 2 == parity]
             result[name] = metrics([preds[j] for j in idx], [gold[j] for j in idx], [ms[j] for j in idx])
+    if split_result is not None:
+        result["split"] = split_result
     return result
 
 
@@ -280,7 +336,9 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         report: dict[str, Any] = {}
         if args.groundedness:
             g = asyncio.run(
-                eval_groundedness(Path(args.groundedness), policy, args.limit, args.sample, args.seed, args.halves)
+                eval_groundedness(
+                    Path(args.groundedness), policy, args.limit, args.sample, args.seed, args.halves, args.split
+                )
             )
             report["groundedness"] = g
             print(f"groundedness ({g['method']}, sentence threshold {g['threshold']}), positive = hallucinated answer")
@@ -288,6 +346,16 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
             for half in ("even_half", "odd_half"):
                 if half in g:
                     print(_table(f"  {half}", g[half]))
+            if "split" in g:
+                sp = g["split"]
+                print(
+                    f"  split (seed {sp['seed']}): {sp['fit_items']} fit items, {sp['held_out_items']} held out; "
+                    f"threshold fitted on the fit half: {sp['fitted']['threshold']}"
+                )
+                for label in ("fitted", "policy"):
+                    t = sp[label]["threshold"]
+                    print(_table(f"  fit half @ {t} ({label})", sp[label]["fit_half"]))
+                    print(_table(f"  held-out half @ {t} ({label})", sp[label]["held_out_half"]))
         if args.toxicity:
             cfg = policy.toxicity
             overrides = {

@@ -226,6 +226,17 @@ META_WORDS = frozenset(
 )
 
 _TOKEN = re.compile(r"\d+(?:[.,:/-]\d+)*(?:st|nd|rd|th|s)?|[^\W\d_]+(?:['’][^\W\d_]+)*")
+#: Words that turn a claim around: "X is not Y" needs a passage that says so.
+NEGATIONS = frozenset(["not", "no", "never", "neither", "nor", "none", "nothing", "nobody", "cannot"])
+#: Pronouns that, in encyclopaedic text, mostly stand for the paragraph's subject.
+_PRONOUNS = frozenset(["he", "she", "his", "her", "him", "hers", "it", "its", "they", "their", "them"])
+#: Two paragraphs glued without a space ("...century.First for Women is ..."), as scraped text often is.
+_GLUED = re.compile(r"([a-z0-9)\]\"'])\.([A-Z])")
+#: Where a sentence's clauses part: names are only checked for co-occurrence inside one clause.
+_CLAUSE = re.compile(
+    r"[,;:()\u2013\u2014]|\s-\s|\b(?:who|which|whose|whom|while|whereas|where|when|although|though|but)\b",
+    re.IGNORECASE,
+)
 _SUFFIXES = ("'s", "’s", "ies", "es", "s", "ing", "ed", "ly")
 
 
@@ -241,20 +252,75 @@ def _norm_number(t: str) -> str:
     return t.replace(",", "")
 
 
+def _folded_tokens(text: str) -> list[str]:
+    return [simple_fold(m.group()) for m in _TOKEN.finditer(text)]
+
+
+def _is_negation(token: str) -> bool:
+    return token in NEGATIONS or token.endswith("n't") or token.endswith("n’t")
+
+
+def _name_runs(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Capitalised word runs and numbers ("Southwest Georgia Regional Airport", "1968"), as
+    (raw text, folded tokens); a capitalised stop word opening the text is not a name."""
+    runs: list[tuple[str, tuple[str, ...]]] = []
+    raw: list[str] = []
+    cur: list[str] = []
+    for i, m in enumerate(_TOKEN.finditer(text)):
+        word = m.group()
+        tok = simple_fold(word)
+        if (word[0].isupper() or word[0].isdigit()) and not (i == 0 and tok in STOPWORDS):
+            raw.append(word)
+            cur.append(tok)
+            continue
+        if cur:
+            runs.append((" ".join(raw), tuple(cur)))
+            raw, cur = [], []
+    if cur:
+        runs.append((" ".join(raw), tuple(cur)))
+    return runs
+
+
+def _sentence_sets(text: str) -> list[frozenset[str]]:
+    """The tokens of each sentence of a passage; a sentence with a pronoun also holds the tokens of
+    the first name of its paragraph and of the sentence before it (the likely subjects), so
+    "She won it in 1966" links her name and 1966."""
+    out: list[frozenset[str]] = []
+    for para in _GLUED.sub("\\1.\n\n\\2", text).split("\n\n"):
+        subject: frozenset[str] | None = None
+        previous: frozenset[str] = frozenset()
+        for start, end in split_sentences(para):
+            sentence = para[start:end]
+            tokens = set(_folded_tokens(sentence))
+            runs = _name_runs(sentence)
+            first = frozenset(runs[0][1]) if runs else frozenset()
+            if subject is None:
+                subject = first
+            if tokens & _PRONOUNS:
+                tokens |= subject | previous
+            previous = first
+            out.append(frozenset(tokens))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Support:
-    """The vocabulary of a set of passages."""
+    """The vocabulary of a set of passages, and which words stand in one sentence together."""
 
     words: frozenset[str]
     stems: frozenset[str]
     prefixes: frozenset[str]
     numbers: frozenset[str]
+    sentences: tuple[frozenset[str], ...] = ()
+    tokens: frozenset[str] = frozenset()
 
 
 def build_support(texts: list[str]) -> Support:
     words: set[str] = set()
     numbers: set[str] = set()
+    sentences: list[frozenset[str]] = []
     for text in texts:
+        sentences.extend(_sentence_sets(text))
         for m in _TOKEN.finditer(text):
             tok = simple_fold(m.group())
             if tok[0].isdigit():
@@ -269,7 +335,43 @@ def build_support(texts: list[str]) -> Support:
         frozenset(_stem(w) for w in words),
         frozenset(w[:5] for w in words if len(w) >= 5),
         frozenset(numbers),
+        tuple(sentences),
+        frozenset().union(*sentences),
     )
+
+
+def unlinked_names(sentence: str, support: Support) -> list[str]:
+    """Pairs of names (or numbers) that one clause of `sentence` puts together but no passage
+    sentence mentions together: "Stanford University is located in Chestnut Hill" when the
+    passages place Boston College there. Names the passages lack entirely are left to the
+    strong-signal check; pairs across clauses ("X, who ..., did Y") are not compared."""
+    out: list[str] = []
+    for clause in _CLAUSE.split(sentence):
+        if not clause or not clause.strip():
+            continue
+        names: list[tuple[str, frozenset[str]]] = []
+        for raw, toks in _name_runs(clause.strip()):
+            known = frozenset(t for t in toks if t in support.tokens and t not in STOPWORDS)
+            if known:
+                names.append((raw, known))
+        for i, (raw_a, a) in enumerate(names):
+            for raw_b, b in names[i + 1 :]:
+                if a & b or any(a <= s and b <= s for s in support.sentences):
+                    continue
+                out.append(f"{raw_a} + {raw_b}")
+    return out
+
+
+def unsupported_negation(sentence: str, support: Support) -> bool:
+    """True when `sentence` denies something ("X was not a suspect") and no passage sentence that
+    shares its content words carries a negation: a denial needs a source as much as a claim."""
+    tokens = _folded_tokens(sentence)
+    if not any(_is_negation(t) for t in tokens):
+        return False
+    content = {t for t in tokens if t not in STOPWORDS and t not in META_WORDS and not _is_negation(t) and len(t) > 2}
+    if not content:
+        return False
+    return not any(s & content and any(_is_negation(t) for t in s) for s in support.sentences)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +382,8 @@ class SentenceSupport:
     weight: float
     unsupported: tuple[str, ...]
     strong: tuple[str, ...]  # unsupported numbers and names
+    unlinked: tuple[str, ...] = ()  # name pairs no passage sentence puts together
+    negation: bool = False  # denies something no passage denies
 
 
 def score_sentence(text: str, start: int, end: int, support: Support, asked: frozenset[str]) -> SentenceSupport:
@@ -321,7 +425,9 @@ def score_sentence(text: str, start: int, end: int, support: Support, asked: fro
             if is_name:
                 strong.append(raw)
     score = 1.0 if total == 0 else supported / total
-    return SentenceSupport(start, end, score, total, tuple(unsupported), tuple(strong))
+    unlinked = tuple(unlinked_names(sentence, support)) if support.sentences else ()
+    negation = bool(support.sentences) and unsupported_negation(sentence, support)
+    return SentenceSupport(start, end, score, total, tuple(unsupported), tuple(strong), unlinked, negation)
 
 
 def question_words(prompt: str | None) -> frozenset[str]:
@@ -380,12 +486,22 @@ def parse_judgement(reply: str) -> bool | None:
     return None
 
 
+def _sentence_details(s: SentenceSupport) -> dict[str, Any]:
+    out: dict[str, Any] = {"span": [s.start, s.end], "support": round(s.score, 4), "unsupported": list(s.unsupported)}
+    if s.unlinked:
+        out["unlinked"] = list(s.unlinked)
+    if s.negation:
+        out["negation"] = True
+    return out
+
+
 class GroundednessOptions(GuardOptions, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The groundedness guard's policy keys."""
 
     #: lexical (default), llm (judge every answer) or hybrid (judge flagged sentences)
     mode: Literal["lexical", "llm", "hybrid"] = "lexical"
-    #: flag a sentence with any unsupported number, date or name
+    #: flag a sentence with any unsupported number, date or name, with names that no passage
+    #: sentence mentions together, or with a denial no passage makes
     strict_entities: bool = True
 
     problems: ClassVar[dict[str, str]] = {
@@ -439,14 +555,15 @@ class GroundednessGuard(Guard):
             result = self._lexical(ctx)
         threshold = self.thresholds["sentence"]
         strict = self.options.strict_entities
-        flagged = [s for s in result.sentences if s.weight > 0 and (s.score < threshold or (strict and s.strong))]
+        flagged = [
+            s
+            for s in result.sentences
+            if (s.weight > 0 and s.score < threshold) or (strict and (s.strong or s.unlinked or s.negation))
+        ]
         details: dict[str, Any] = {
             "method": "lexical",
             "mean": round(result.mean, 4),
-            "sentences": [
-                {"span": [s.start, s.end], "support": round(s.score, 4), "unsupported": list(s.unsupported)}
-                for s in result.sentences
-            ],
+            "sentences": [_sentence_details(s) for s in result.sentences],
         }
         score = result.score
         if self.mode != "lexical" and self.resources.judge is not None:
@@ -471,9 +588,14 @@ class GroundednessGuard(Guard):
             return self.allow(ctx, score, started, **details)
         spans: tuple[Span, ...] = tuple((s.start, s.end) for s in flagged)
         strong = [t for s in flagged for t in s.strong]
+        unlinked = [p for s in flagged for p in s.unlinked]
         reason = f"{len(flagged)} sentence(s) not supported by the passages"
         if strong:
             reason += f" (unsupported: {', '.join(strong[:5])})"
+        if unlinked:
+            reason += f" (never together in the passages: {'; '.join(unlinked[:3])})"
+        if any(s.negation for s in flagged):
+            reason += " (a denial the passages do not make)"
         return self.hit(ctx, score, started, reason, spans, **details)
 
     async def _ask_judge(self, ctx: GuardContext, answer: str) -> bool | None:

@@ -93,6 +93,74 @@ async def test_llm_and_hybrid_modes_use_the_judge(executor):
     assert not v.allowed and len(asked) == 1
 
 
+TWO_SCHOOLS = [
+    "Boston College is a private research university located in Chestnut Hill, Massachusetts. It was founded "
+    "in 1863.Stanford University is a private research university in Stanford, California. Jane Stanford "
+    "founded it with her husband in 1885. She survived him by 12 years."
+]
+
+
+def test_names_that_no_passage_sentence_puts_together_are_unlinked():
+    q = "Which private research university is located in Chestnut Hill, Boston College or Stanford University?"
+    wrong = score_groundedness("Stanford University is located in Chestnut Hill.", TWO_SCHOOLS, q)
+    right = score_groundedness("Boston College is located in Chestnut Hill.", TWO_SCHOOLS, q)
+    (w,) = wrong.sentences
+    assert w.score == 1.0 and w.unlinked == ("Stanford University + Chestnut Hill",)  # every word is supported
+    assert right.sentences[0].unlinked == ()
+    # the glued paragraph boundary ("1863.Stanford") still separates the two schools' sentences
+    assert score_groundedness("Boston College was founded in 1885.", TWO_SCHOOLS).sentences[0].unlinked
+
+
+def test_synthesis_across_clauses_and_pronouns_is_not_unlinked():
+    answers = [
+        # the pronoun "She" stands for the paragraph's subject, Jane Stanford
+        "Jane Stanford survived her husband by 12 years.",
+        # names in different clauses are not compared with each other
+        "Stanford University, which Jane Stanford founded in 1885, is in California.",
+        "Boston College, founded in 1863, is in Chestnut Hill, while Stanford University is in Stanford.",
+    ]
+    for answer in answers:
+        assert all(not s.unlinked for s in score_groundedness(answer, TWO_SCHOOLS).sentences), answer
+
+
+def test_a_denial_needs_a_passage_that_denies():
+    assert score_groundedness("Stanford University was not founded in 1885.", TWO_SCHOOLS).sentences[0].negation
+    denied = ["Boston College is not in California; it was never moved from Chestnut Hill."]
+    assert not score_groundedness("Boston College is not in California.", denied).sentences[0].negation
+    assert not score_groundedness("Boston College was founded in 1863.", TWO_SCHOOLS).sentences[0].negation
+
+
+async def test_guard_flags_unlinked_names_and_denials_under_strict_entities(executor):
+    passages = (Passage("p1", TWO_SCHOOLS[0]),)
+    strict = GroundednessGuard(GuardSettings(action="flag"), GuardResources(executor=executor))
+    v = await strict.check(
+        GuardContext("output", "Stanford University is located in Chestnut Hill.", passages=passages)
+    )
+    assert v.action == "flag" and "never together in the passages: Stanford University + Chestnut Hill" in v.reason
+    assert v.details["sentences"][0]["unlinked"] == ["Stanford University + Chestnut Hill"]
+    v = await strict.check(GuardContext("output", "Boston College was not founded in 1863.", passages=passages))
+    assert v.action == "flag" and "a denial the passages do not make" in v.reason
+    lax = GroundednessGuard(
+        GuardSettings(action="flag", options={"strict_entities": False}), GuardResources(executor=executor)
+    )
+    v = await lax.check(GuardContext("output", "Stanford University is located in Chestnut Hill.", passages=passages))
+    assert v.action == "allow"
+
+
+@pytest.mark.skipif(not HALUEVAL.is_file(), reason=f"HaluEval dev set not found at {HALUEVAL}")
+async def test_halueval_held_out_half_reaches_the_target():
+    from evals.guards import eval_groundedness
+    from guardrails.policy import default_policy
+
+    g = await eval_groundedness(HALUEVAL, default_policy(), None, "random", 0, halves=False, split=True)
+    sp = g["split"]
+    assert sp["fit_items"] + sp["held_out_items"] == 250
+    # measured: 0.912 at the policy's 0.8 on the half no rule or threshold was chosen on
+    assert sp["policy"]["held_out_half"]["accuracy"] >= 0.88, sp
+    assert sp["fitted"]["threshold"] in {float(k) for k in sp["fit_accuracy_by_threshold"]}
+    assert g["ms_p50"] < 20.0
+
+
 @pytest.mark.skipif(not HALUEVAL.is_file(), reason=f"HaluEval dev set not found at {HALUEVAL}")
 async def test_halueval_dev_accuracy_above_target_on_each_half(executor):
     rows = [json.loads(line) for line in HALUEVAL.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -106,4 +174,4 @@ async def test_halueval_dev_accuracy_above_target_on_each_half(executor):
         )
         correct[i % 2] += (not right.hit) + wrong.hit
     halves = [correct[h] / (2 * len(rows[h::2])) for h in (0, 1)]
-    assert min(halves) > 0.75, halves
+    assert min(halves) > 0.88, halves  # measured about 0.93 / 0.91 (0.864 / 0.844 before unlinked names)
