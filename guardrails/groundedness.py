@@ -6,7 +6,10 @@ question, do not count as claims). A token is supported when the passages contai
 light stem, or, for partial credit, the same 5-letter prefix). Numbers and dates weigh 3,
 names (capitalised words not at the start of a sentence) weigh 2, other words 1: an unsupported
 number or name is a strong signal. A sentence's support is its supported weight over its total
-weight; the answer's score is its weakest sentence's. Runs in well under a millisecond on CPU.
+weight; the answer's score is its weakest sentence's. Two relation checks (under
+`strict_entities`) catch claims whose every word is in the passages: names that one clause puts
+together but no passage sentence mentions together (a pronoun sentence counts its subject), and
+a denial that no passage sentence makes. Runs in well under a millisecond on CPU.
 
 An optional `llm` or `hybrid` mode asks a judge model (an async callable handed in by the
 gateway): `llm` judges every answer, `hybrid` only the sentences the lexical check flags.
