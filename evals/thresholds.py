@@ -138,9 +138,10 @@ def parse_flag(text: str) -> Threshold:
         raise ThresholdError(f"{where}: write METRIC=VALUE, METRIC>=VALUE or METRIC<=VALUE (e.g. pass_rate=0.8)")
     metric, op, raw = match.groups()
     try:
-        value = _number(float(raw), where)
+        number = float(raw)
     except ValueError as exc:
         raise ThresholdError(f"{where}: {raw!r} is not a number") from exc
+    value = _number(number, where)
     if not known(metric):
         _bare(metric, value, "flag", where)  # raises, naming the known metrics
     if op == "=":

@@ -94,6 +94,10 @@ def _rows(now: datetime) -> list[dict[str, Any]]:
     rows = [row("key_a", "small", "ok", float(ms), 10, 1) for ms in range(1, 101)]  # 1..100 ms
     rows += [row("key_a", "small", "rate_limited", 0.5, None, 2), row("key_b", "big", "blocked", 5, None, 3)]
     rows += [row("key_b", "big", "backend_error", 7, None, 3), row("key_b", "big", "ok", 9, 50, 30)]  # a day ago
+    for r in rows:
+        r["origin"] = None
+    # An eval run's requests (origin 'eval'): not usage, so `gateway usage` leaves them out.
+    rows += [{**row("eval", "small", "ok", 3.0, 1000, 1), "origin": "eval"} for _ in range(5)]
     return rows
 
 
@@ -114,6 +118,7 @@ def test_usage_from_the_audit_log(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, _ = cli(capsys, "usage", "--since", "24h", "--by", "key", "--json", "--data-dir", str(tmp_path))
     assert code == 0
     rows = {r["group"]: r for r in json.loads(out)["rows"]}
+    assert set(rows) == {"key_a", "key_b"}  # no "eval" group
     a, b = rows["key_a"], rows["key_b"]
     assert (a["requests"], a["ok"], a["rate_limited"], a["tokens"], a["p50_ms"], a["p95_ms"]) == (
         101,

@@ -229,6 +229,22 @@ def test_observer_is_cheap_enough_to_measure() -> None:
     assert total(scrape(metrics.render().decode()), "gateway_requests_total", model="other") == 1
 
 
+def test_eval_requests_are_counted_apart() -> None:
+    """An eval run's request (origin 'eval') is not live traffic: only gateway_eval_requests counts it."""
+    metrics = GatewayMetrics()
+    live, evaluation = _FakeTrace("m"), _FakeTrace("m")
+    evaluation.origin = "eval"  # type: ignore[attr-defined]
+    evaluation.status = "ok"
+    metrics.observe(live)
+    metrics.observe(evaluation)
+    metrics.observe(evaluation)
+    s = scrape(metrics.render().decode())
+    assert total(s, "gateway_requests_total") == 1
+    assert total(s, "gateway_guard_verdicts_total") == 1
+    assert total(s, "gateway_request_stage_duration_seconds_count", stage="total") == 1
+    assert total(s, "gateway_eval_requests_total", outcome="ok") == 2
+
+
 def test_a_client_that_leaves_mid_stream_is_counted(tmp_path: Path, slow_backend: FakeBackendThread) -> None:
     settings = make_settings(tmp_path, slow_backend.url, metrics="open")
     _, key = create_key(settings)
@@ -281,7 +297,47 @@ def test_latest_nightly_runs_as_gauges(settings: Settings) -> None:
             await engine.dispose()
 
     s = scrape(asyncio.run(go()))
+    # A run stored before thresholds ("regressed" as its status): unchecked, and regressed.
     assert total(s, "gateway_eval_last_run_regressed", kind="dataset") == 1
+    assert total(s, "gateway_eval_last_run_status", kind="dataset", status="unchecked") == 1
+    assert total(s, "gateway_eval_last_run_status", kind="dataset") == 1
     assert total(s, "gateway_eval_metric", kind="dataset", metric="pass_rate") == 0.25
     assert total(s, "gateway_eval_last_run_regressed", kind="traffic") == 0  # a running one is not "latest"
     assert "traffic" not in {lab.get("kind") for lab, _ in s.get("gateway_eval_last_run_timestamp_seconds", [])}
+
+
+def test_latest_nightly_verdicts_as_gauges(settings: Settings) -> None:
+    """A run below its thresholds is failed (and may also have regressed); one that could not run is error."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from gateway.db import create_engine, eval_runs
+    from gateway.metrics import EvalGauges
+
+    async def go() -> str:
+        engine = create_engine(settings.database_url)
+        try:
+            now = datetime.now(UTC)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    eval_runs.insert(),
+                    [
+                        {"kind": "dataset", "name": "a.jsonl", "started_at": now, "finished_at": now,
+                         "status": "failed", "metrics_json": '{"pass_rate": 0.18}',
+                         "comparison_json": '{"regressed": true, "thresholds": []}'},
+                        {"kind": "traffic", "name": "24h", "started_at": now, "finished_at": now,
+                         "status": "error", "metrics_json": '{"error": "database gone"}', "comparison_json": None},
+                    ],
+                )  # fmt: skip
+            gauges = EvalGauges()
+            await gauges.refresh(engine)
+            return GatewayMetrics(live=gauges.collect).render().decode()
+        finally:
+            await engine.dispose()
+
+    s = scrape(asyncio.run(go()))
+    assert total(s, "gateway_eval_last_run_failed", kind="dataset") == 1
+    assert total(s, "gateway_eval_last_run_status", kind="dataset", status="failed") == 1
+    assert total(s, "gateway_eval_last_run_regressed", kind="dataset") == 1
+    assert total(s, "gateway_eval_last_run_error", kind="traffic") == 1
+    assert total(s, "gateway_eval_last_run_failed", kind="traffic") == 0
