@@ -62,14 +62,23 @@ def settings(tmp_path: Path, fake_backend: FakeBackendThread) -> Settings:
     return rag_settings(tmp_path, fake_backend.url)
 
 
+_CLIENTS: list[openai.OpenAI] = []  # closed when the test's gateway stops
+
+
 @pytest.fixture
 def gw(settings: Settings) -> Iterator[GatewayServer]:
     with GatewayServer(settings) as server:
-        yield server
+        try:
+            yield server
+        finally:
+            while _CLIENTS:
+                _CLIENTS.pop().close()
 
 
 def client_for(gw: GatewayServer, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=60)
+    _CLIENTS.append(client)
+    return client
 
 
 def ask(client: openai.OpenAI, model: str = "fake-model", **rag: object) -> openai.types.chat.ChatCompletion:
@@ -165,8 +174,11 @@ def test_collection_base_url_makes_web_links(tmp_path: Path, fake_backend: FakeB
     settings = make_settings(tmp_path, fake_backend.url, citation_base_url=("products=https://docs.example.com/kb/",))
     write(tmp_path / "docs" / "phones", "quibble.md", "# Quibble phone\n\nThe Quibble battery lasts 31 hours.")
     ingest(settings, "products", tmp_path / "docs")
-    with GatewayServer(settings) as server:
-        reply = ask(client_for(server, make_key(settings)), collection="products", min_score=-1.0)
+    with (
+        GatewayServer(settings) as server,
+        openai.OpenAI(base_url=server.url + "/v1", api_key=make_key(settings), max_retries=0) as client,
+    ):
+        reply = ask(client, collection="products", min_score=-1.0)
     urls = {a.url_citation.url for a in reply.choices[0].message.annotations or []}
     assert urls == {"https://docs.example.com/kb/phones/quibble.md"}
 

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from langchain_core.messages import HumanMessage
@@ -22,7 +23,6 @@ from llama_index.core.llms import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 from pydantic import BaseModel
 
-from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.gateway.test_citations_api import ANSWER, QUESTION, make_key, rag_settings
 from tests.helpers import GatewayServer
@@ -62,38 +62,39 @@ TOOL_ANSWER = {
 }
 
 
+Env = tuple[str, str, httpx.Client]  # the gateway's /v1 URL, a client key, one HTTP client all tests close
+
+
 @pytest.fixture(scope="module")
-def env(
-    tmp_path_factory: pytest.TempPathFactory, fake_backend: FakeBackendThread
-) -> Iterator[tuple[str, str, Settings]]:
+def env(tmp_path_factory: pytest.TempPathFactory, fake_backend: FakeBackendThread) -> Iterator[Env]:
     settings = rag_settings(tmp_path_factory.mktemp("clients"), fake_backend.url)
     key = make_key(settings)
-    with GatewayServer(settings) as server:
-        yield server.url + "/v1", key, settings
+    with GatewayServer(settings) as server, httpx.Client(timeout=60) as http:
+        yield server.url + "/v1", key, http
 
 
-def sdk(env: tuple[str, str, Settings]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=env[0], api_key=env[1], max_retries=0, timeout=60)
+def sdk(env: Env) -> openai.OpenAI:
+    return openai.OpenAI(base_url=env[0], api_key=env[1], max_retries=0, http_client=env[2])
 
 
-def chat(env: tuple[str, str, Settings], **kwargs: Any) -> ChatOpenAI:
-    return ChatOpenAI(model="fake-model", base_url=env[0], api_key=env[1], max_retries=0, timeout=60, **kwargs)
+def chat(env: Env, **kwargs: Any) -> ChatOpenAI:
+    kwargs.setdefault("http_client", env[2])
+    return ChatOpenAI(model="fake-model", base_url=env[0], api_key=env[1], max_retries=0, **kwargs)
 
 
-def llama(env: tuple[str, str, Settings], **kwargs: Any) -> OpenAILike:
-    return OpenAILike(
-        model="fake-model", api_base=env[0], api_key=env[1], is_chat_model=True, max_retries=0, timeout=60, **kwargs
-    )
+def llama(env: Env, **kwargs: Any) -> OpenAILike:
+    kwargs.setdefault("http_client", env[2])
+    return OpenAILike(model="fake-model", api_base=env[0], api_key=env[1], is_chat_model=True, max_retries=0, **kwargs)
 
 
-def sdk_answer(env: tuple[str, str, Settings], text: str) -> openai.types.chat.ChatCompletion:
+def sdk_answer(env: Env, text: str) -> openai.types.chat.ChatCompletion:
     return sdk(env).chat.completions.create(model="fake-model", messages=[{"role": "user", "content": text}])
 
 
 # ---------------------------------------------------------------- LangChain
 
 
-def test_langchain_invoke_stream_batch_and_async_match_the_sdk(env: tuple[str, str, Settings]) -> None:
+def test_langchain_invoke_stream_batch_and_async_match_the_sdk(env: Env) -> None:
     expected = sdk_answer(env, "Say something about gateways.")
     llm = chat(env)
     reply = llm.invoke("Say something about gateways.")
@@ -106,11 +107,15 @@ def test_langchain_invoke_stream_batch_and_async_match_the_sdk(env: tuple[str, s
     assert streamed == expected.choices[0].message.content
     batch = llm.batch(["Say something about gateways.", "Say something about gateways."])
     assert [m.content for m in batch] == [expected.choices[0].message.content] * 2
-    again = asyncio.run(llm.ainvoke([HumanMessage("Say something about gateways.")]))
-    assert again.content == expected.choices[0].message.content
+
+    async def in_a_loop() -> Any:
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await chat(env, http_async_client=http).ainvoke([HumanMessage("Say something about gateways.")])
+
+    assert asyncio.run(in_a_loop()).content == expected.choices[0].message.content
 
 
-def test_langchain_shows_rag_sources_through_the_footer(env: tuple[str, str, Settings]) -> None:
+def test_langchain_shows_rag_sources_through_the_footer(env: Env) -> None:
     reply = chat(env, extra_body=FOOTER_RAG).invoke(QUESTION)
     text = str(reply.content)
     assert text.startswith(ANSWER)
@@ -120,7 +125,7 @@ def test_langchain_shows_rag_sources_through_the_footer(env: tuple[str, str, Set
     assert streamed == text
 
 
-def test_langchain_bind_tools_gets_the_tool_call(env: tuple[str, str, Settings]) -> None:
+def test_langchain_bind_tools_gets_the_tool_call(env: Env) -> None:
     direct = sdk(env).chat.completions.create(
         model="fake-model",
         messages=[{"role": "user", "content": "Weather in Paris?"}],
@@ -136,7 +141,7 @@ def test_langchain_bind_tools_gets_the_tool_call(env: tuple[str, str, Settings])
     assert reply.response_metadata["finish_reason"] == "tool_calls"
 
 
-def test_langchain_structured_output(env: tuple[str, str, Settings]) -> None:
+def test_langchain_structured_output(env: Env) -> None:
     class Product(BaseModel):
         name: str
         weight_kg: float
@@ -147,11 +152,12 @@ def test_langchain_structured_output(env: tuple[str, str, Settings]) -> None:
     assert result == Product(name="Zorblat 3000", weight_kg=4.2)
 
 
-def test_langchain_embeddings_match_the_sdk(env: tuple[str, str, Settings]) -> None:
+def test_langchain_embeddings_match_the_sdk(env: Env) -> None:
     # check_embedding_ctx_length=False: send text, not tiktoken ids (which need a download).
     embeddings = OpenAIEmbeddings(
-        model="hashing-384", base_url=env[0], api_key=env[1], check_embedding_ctx_length=False, max_retries=0
-    )
+        model="hashing-384", base_url=env[0], api_key=env[1], check_embedding_ctx_length=False, max_retries=0,
+        http_client=env[2],
+    )  # fmt: skip
     vectors = embeddings.embed_documents(["first text", "second text"])
     direct = sdk(env).embeddings.create(model="hashing-384", input=["first text", "second text"])
     for got, want in zip(vectors, [d.embedding for d in direct.data], strict=True):
@@ -159,19 +165,21 @@ def test_langchain_embeddings_match_the_sdk(env: tuple[str, str, Settings]) -> N
     assert embeddings.embed_query("first text") == pytest.approx(vectors[0], abs=1e-6)
 
 
-def test_langchain_errors_are_the_sdk_errors(env: tuple[str, str, Settings]) -> None:
+def test_langchain_errors_are_the_sdk_errors(env: Env) -> None:
     bad = chat(env, extra_body={"rag": {"collection": "products", "sources": "endnotes"}})
     with pytest.raises(openai.BadRequestError) as caught:
         bad.invoke("hi")
     assert caught.value.body["param"] == "rag.sources"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
-        ChatOpenAI(model="fake-model", base_url=env[0], api_key="sk-gw-wrong", max_retries=0).invoke("hi")
+        ChatOpenAI(
+            model="fake-model", base_url=env[0], api_key="sk-gw-wrong", max_retries=0, http_client=env[2]
+        ).invoke("hi")
 
 
 # ---------------------------------------------------------------- LlamaIndex
 
 
-def test_llamaindex_chat_stream_and_complete_match_the_sdk(env: tuple[str, str, Settings]) -> None:
+def test_llamaindex_chat_stream_and_complete_match_the_sdk(env: Env) -> None:
     expected = sdk_answer(env, "Tell me about logs.").choices[0].message.content
     llm = llama(env)
     reply = llm.chat([ChatMessage(role="user", content="Tell me about logs.")])
@@ -179,11 +187,16 @@ def test_llamaindex_chat_stream_and_complete_match_the_sdk(env: tuple[str, str, 
     streamed = list(llm.stream_chat([ChatMessage(role="user", content="Tell me about logs.")]))
     assert streamed[-1].message.content == expected
     assert llm.complete("Tell me about logs.").text == expected
-    again = asyncio.run(llm.achat([ChatMessage(role="user", content="Tell me about logs.")]))
-    assert again.message.content == expected
+
+    async def in_a_loop() -> Any:
+        async with httpx.AsyncClient(timeout=60) as http:
+            asking = llama(env, async_http_client=http)
+            return await asking.achat([ChatMessage(role="user", content="Tell me about logs.")])
+
+    assert asyncio.run(in_a_loop()).message.content == expected
 
 
-def test_llamaindex_shows_rag_sources(env: tuple[str, str, Settings]) -> None:
+def test_llamaindex_shows_rag_sources(env: Env) -> None:
     llm = llama(env, additional_kwargs={"extra_body": FOOTER_RAG})
     reply = llm.chat([ChatMessage(role="user", content=QUESTION)])
     text = reply.message.content or ""
