@@ -326,8 +326,9 @@ def label_feedback(
 
 def categorical_drift(reference: Mapping[str, int], current: Mapping[str, int]) -> dict[str, Any]:
     """Drift of a distribution over a few categories (the rating mix): PSI over the categories'
-    shares (an empty share counts as 1e-4) and the chi-square test of the two windows' counts.
-    Same verdicts as `drift`; insufficient_data below MIN_SAMPLES in either window."""
+    shares, each smoothed by half a count (so one vote in a category that had none moves PSI by a
+    little, not by ln(1e4)), and the chi-square test of the two windows' counts. Same verdicts as
+    `drift`; insufficient_data below MIN_SAMPLES in either window."""
     names = sorted(set(reference) | set(current))
     n_ref, n_cur = sum(reference.values()), sum(current.values())
     out: dict[str, Any] = {
@@ -338,8 +339,9 @@ def categorical_drift(reference: Mapping[str, int], current: Mapping[str, int]) 
     }
     if n_ref < MIN_SAMPLES or n_cur < MIN_SAMPLES:
         return out | {"psi": None, "chi2_p": None, "status": "insufficient_data"}
-    ref = np.clip(np.array([reference.get(k, 0) / n_ref for k in names]), 1e-4, None)
-    cur = np.clip(np.array([current.get(k, 0) / n_cur for k in names]), 1e-4, None)
+    half = 0.5 * len(names)
+    ref = np.array([(reference.get(k, 0) + 0.5) / (n_ref + half) for k in names])
+    cur = np.array([(current.get(k, 0) + 0.5) / (n_cur + half) for k in names])
     value = float(np.sum((cur - ref) * np.log(cur / ref)))
     table = np.array([[reference.get(k, 0) for k in names], [current.get(k, 0) for k in names]])
     table = table[:, table.sum(axis=0) > 0]

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -204,7 +206,19 @@ def _flags(args: argparse.Namespace) -> list[Threshold]:
     return flags
 
 
+def _quiet_model_loading() -> None:
+    """`--no-progress` means no bars on stderr at all: Hugging Face libraries draw their own while a
+    model loads (transformers' "Loading weights"), unless told not to."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when they are imported
+    for module, function in (("huggingface_hub.utils", "disable_progress_bars"),
+                             ("transformers.utils.logging", "disable_progress_bar")):  # fmt: skip
+        if module.split(".")[0] in sys.modules:  # imported already: tell it directly
+            getattr(importlib.import_module(module), function)()
+
+
 def _main(args: argparse.Namespace, settings: Settings, job: Any, *, needs_backend: bool) -> int:
+    if getattr(args, "no_progress", False):
+        _quiet_model_loading()
     try:
         if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
             raise ValueError("--max-tokens must be at least 1")

@@ -244,7 +244,7 @@ class Rescored:
     outcome: metrics.Outcome
     logged: metrics.Outcome
     retrieval_scores: list[float]
-    output_scores: dict[str, float] = field(default_factory=dict)  # the same, output-stage verdicts only
+    output_scores: dict[str, float] = field(default_factory=dict)  # the same, output-stage verdicts that checked
     output_hits: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -332,7 +332,7 @@ async def rescore(rails: Guardrails, row: dict[str, Any]) -> Rescored:
         worse = min if v.guard == "groundedness" else max
         scores[v.guard] = worse(scores.get(v.guard, float(v.score)), float(v.score))
         hits[v.guard] = hits.get(v.guard, False) or v.hit
-        if v.stage == "output":
+        if v.stage == "output" and "skipped" not in v.details:  # "skipped": it had nothing to check against
             output_scores[v.guard] = worse(output_scores.get(v.guard, float(v.score)), float(v.score))
             output_hits[v.guard] = output_hits.get(v.guard, False) or v.hit
     block = next((v.guard for v in verdicts if v.action == "block"), None)
