@@ -42,12 +42,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -187,12 +188,19 @@ class Redactor:
     """The policy's redacting guards (action "redact"), applied to exported text per stage.
 
     Only those guards are built, so an export loads no model unless a redacting guard needs one.
-    Each guard runs on the text the previous one masked, so every mask lands where it should."""
+    Each guard runs on the text the previous one masked, so every mask lands where it should.
+    Messages and passages repeat across traffic (an app's system prompt, a popular chunk), so
+    their results are kept in a bounded LRU; answers are checked each time (groundedness reads
+    the passages and the prompt with them)."""
+
+    CACHE_ENTRIES = 4096
+    CACHE_MAX_CHARS = 4000  # longer texts are not cached: the cache holds at most ~16M characters
 
     def __init__(self, policy: Policy, resources: GuardResources) -> None:
         self.policy = policy
         self._resources = resources
         self._guards: dict[tuple[str | None, str | None], list[Guard]] = {}
+        self._cache: OrderedDict[tuple[Any, ...], str] = OrderedDict()
 
     @classmethod
     async def load(cls, policy: Policy, executor: Executor) -> Redactor:
@@ -204,11 +212,15 @@ class Redactor:
         redactor.guards(None, None)  # a guard that cannot be built fails now, not mid-export
         return redactor
 
-    def guards(self, api_key_id: str | None, model: str | None) -> list[Guard]:
-        key = (
+    def _combination(self, api_key_id: str | None, model: str | None) -> tuple[str | None, str | None]:
+        """The (key, model) overrides that apply: requests without overrides share one entry."""
+        return (
             api_key_id if api_key_id in self.policy.key_overrides else None,
             model if model in self.policy.model_overrides else None,
         )
+
+    def guards(self, api_key_id: str | None, model: str | None) -> list[Guard]:
+        key = self._combination(api_key_id, model)
         found = self._guards.get(key)
         if found is None:
             settings = self.policy.for_request(*key).guards
@@ -229,7 +241,35 @@ class Redactor:
     ) -> str:
         """`text` with what the policy redacts at `stage` ("input" for a message of `role`,
         "passage", "output") masked."""
-        for guard in self.guards(api_key_id, model):
+        guards = self.guards(api_key_id, model)
+        if not guards:
+            return text
+        cache_key = None
+        if stage != "output" and len(text) <= self.CACHE_MAX_CHARS:
+            cache_key = (self._combination(api_key_id, model), stage, role, text)
+            cached = self._cache.get(cache_key)
+            if cached is not None:
+                self._cache.move_to_end(cache_key)
+                return cached
+        redacted = await self._redact(guards, text, stage, api_key_id, model, role, passages, prompt)
+        if cache_key is not None:
+            self._cache[cache_key] = redacted
+            if len(self._cache) > self.CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return redacted
+
+    @staticmethod
+    async def _redact(
+        guards: list[Guard],
+        text: str,
+        stage: Stage,
+        api_key_id: str | None,
+        model: str | None,
+        role: str | None,
+        passages: tuple[Passage, ...],
+        prompt: str | None,
+    ) -> str:
+        for guard in guards:
             s = guard.settings
             if stage == "input" and not ("input" in s.stages and s.reads(role or "user")):
                 continue
@@ -372,7 +412,7 @@ class Builder:
     def __init__(self, options: ExportOptions, redactor: Redactor) -> None:
         self.options = options
         self.redactor = redactor
-        self._seen: set[str] = set()
+        self._seen: set[bytes] = set()  # digests of the prompts exported so far (32 bytes each)
 
     def screen(self, record: Record) -> None:
         """The filters that need no text: endpoint, status, blocks, labels, ratings."""
@@ -410,9 +450,10 @@ class Builder:
         else:
             line = await self._eval_line(record, body, messages, hits)
             key = json.dumps([line.get("system"), line["question"], line.get("collection")], ensure_ascii=False)
-        if key in self._seen:
+        digest = hashlib.sha256(key.encode("utf-8", "replace")).digest()
+        if digest in self._seen:
             raise LeftOut("duplicate_prompt")
-        self._seen.add(key)
+        self._seen.add(digest)
         return line
 
     async def _redacted_messages(self, record: Record, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

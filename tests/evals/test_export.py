@@ -6,10 +6,11 @@ eval set loaded with `load_dataset` and run with `gateway eval run`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,15 @@ from openai.types.chat import ChatCompletionMessageParam
 from sqlalchemy import func, select
 
 from evals.dataset import load_dataset
-from evals.export import corrected_answer, label_state
+from evals.export import Redactor, corrected_answer, label_state
 from gateway.cli import main as gateway_main
 from gateway.db import audit_records, create_engine, review_labels
+from gateway.migrate import upgrade
 from gateway.settings import Settings
+from guardrails import make_executor, parse_policy
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
-from tests.helpers import GatewayServer, create_key
+from tests.helpers import PG_ADMIN, GatewayServer, create_key, throwaway_postgres
 
 POLICY = """
 [guards.keywords]
@@ -408,3 +411,69 @@ def test_reviewer_corrections_and_label_history() -> None:
     assert (state.label, state.correction) == ("ok", "A")
     assert label_state([("ok", "Correction: A"), ("cleared", None)]) == label_state([])
     assert label_state([("ok", None), ("cleared", None), ("toxic", "reference: B")]).correction == "B"
+
+
+@pytest.mark.parametrize("engine_kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_paging_reads_every_row_once_in_sqlite_and_postgresql(
+    tmp_path: Path, engine_kind: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1,203 rows over pages of 100, many sharing a timestamp: each is exported or counted once."""
+    monkeypatch.setattr("evals.export.PAGE", 100)
+    with contextlib.ExitStack() as stack:
+        if engine_kind == "postgresql":
+            name = stack.enter_context(throwaway_postgres("gw_export"))
+            database = ["--database", f"{PG_ADMIN}/{name}"]
+            settings = Settings(data_dir=tmp_path, database=f"{PG_ADMIN}/{name}")
+        else:
+            database = []
+            settings = Settings(data_dir=tmp_path)
+        upgrade(settings.database_url)
+        now = datetime.now(UTC).replace(microsecond=0)
+        rows = [_row(f"r{i:05d}", created_at=now - timedelta(seconds=i // 10)) for i in range(1200)]
+        for i in range(0, 1200, 50):  # every 50th row asks the question of the row before it
+            rows[i]["request_json"] = rows[i + 1]["request_json"]
+        rows.append(_row("old", created_at=now - timedelta(days=30)))  # outside the window
+        rows.append(_row("failed", status="backend_error", http_status=502))
+        rows.append(_row("embed", endpoint="embeddings"))
+        rows.append(_row("evalrow", origin="eval"))
+        _insert_rows(settings, rows)
+        out = tmp_path / "set.jsonl"
+        argv = ["export", "dataset", "--data-dir", str(tmp_path), *database, "--format", "eval", "--out", str(out),
+                "--since", "7d", "--json"]  # fmt: skip
+        assert gateway_main(argv) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    exported = [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(exported) == len(set(exported)) == 1200 - 24 == summary["exported"]
+    assert summary["left_out"] == {"duplicate_prompt": 24, "eval_run": 1, "failed_request": 1, "not_chat": 1}
+    # Newest first (ties by row id, newest first); of two identical prompts the newer is kept.
+    expected = [f"r{i:05d}" for second in range(120) for i in range(second * 10 + 9, second * 10 - 1, -1)]
+    assert exported == [i for i in expected if int(i[1:]) % 50 != 0]
+
+
+async def test_redaction_follows_the_policy_per_key_and_stage() -> None:
+    policy = parse_policy(
+        """
+[guards.keywords]
+action = "redact"
+stages = ["input"]
+roles = ["user"]
+terms = ["secretword"]
+mask = "#"
+
+[overrides.api_key."team".guards.keywords]
+enabled = false
+""",
+        "test-policy",
+    )
+    executor = make_executor(1)
+    try:
+        redactor = await Redactor.load(policy, executor)
+        for _ in range(2):  # the second round comes from the cache, with the same answers
+            assert await redactor.redact("a secretword here", "input", "key_a", "m", role="user") == "a ########## here"
+            assert await redactor.redact("a secretword here", "input", "team", "m", role="user") == "a secretword here"
+            # This guard reads user messages, not the system's; and it has no output stage.
+            assert await redactor.redact("a secretword", "input", "key_a", "m", role="system") == "a secretword"
+            assert await redactor.redact("a secretword", "output", "key_a", "m") == "a secretword"
+            assert await redactor.redact("the secretword", "passage", "key_a", "m") == "the ##########"
+    finally:
+        executor.shutdown()
