@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from evals.metrics import cited_documents
@@ -672,21 +673,27 @@ def _options(args: argparse.Namespace) -> ExportOptions:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Entry point of `gateway export dataset`: 0 when written, 2 for bad arguments."""
+    """Entry point of `gateway export dataset`: 0 when written, 2 for bad arguments, 1 when the
+    database cannot be read."""
     try:
         options = _options(args)
     except ExportError as exc:
         print(f"gateway export: {exc}", file=sys.stderr)
         return 2
-    policy = load_policy(settings.policy) if settings.policy else default_policy()
-    if settings.migrate_on_start:
-        from gateway.migrate import upgrade
+    policy = load_policy(settings.policy) if settings.policy else default_policy()  # PolicyError: exit 2 (cli)
+    try:
+        if settings.migrate_on_start:
+            from gateway.migrate import upgrade
 
-        upgrade(settings.database_url)
-    if args.out == "-":
-        report = asyncio.run(_export(settings, options, policy, sys.stdout))
-    else:
-        report = _export_to_file(settings, options, policy, Path(args.out))
+            upgrade(settings.database_url)
+        if args.out == "-":
+            report = asyncio.run(_export(settings, options, policy, sys.stdout))
+        else:
+            report = _export_to_file(settings, options, policy, Path(args.out))
+    except (SQLAlchemyError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"gateway export: cannot read the audit database: {first}", file=sys.stderr)
+        return 1
     summary = report.public() | {"out": args.out}
     reasons = ", ".join(f"{k} {v}" for k, v in summary["left_out"].items()) or "none"
     print(

@@ -477,3 +477,12 @@ enabled = false
             assert await redactor.redact("the secretword", "passage", "key_a", "m") == "the ##########"
     finally:
         executor.shutdown()
+
+
+def test_an_unreachable_database_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["export", "dataset", "--data-dir", str(tmp_path), "--database", "postgresql://user@127.0.0.1:1/none",
+            "--format", "eval", "--out", str(tmp_path / "x.jsonl")]  # fmt: skip
+    assert gateway_main(argv) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("gateway export: cannot read the audit database: ")
+    assert not (tmp_path / "x.jsonl").exists() and list(tmp_path.glob(".x.jsonl.*")) == []
