@@ -88,6 +88,10 @@ class IngestReport:
             f"collection now holds {self.total_chunks} chunks"
             + (f" in a {self.index_type} index (version {self.version})" if self.version else ""),
         ]
+        if self.version:
+            lines.append(
+                "live now: every gateway reading this index folder answers from this version from its next search on"
+            )
         lines.extend(f"  skipped {s.path}: {s.reason}" for s in self.skipped)
         return "\n".join(lines)
 

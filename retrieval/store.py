@@ -1,9 +1,14 @@
 """`CollectionStore`: search the collections on disk, picking up new versions without a restart.
 
-At most every `check_interval_s` per collection, a search stats the collection's CURRENT
-pointer (one `os.stat`). When it changed, the new version loads in the background while
-requests keep using the old one; once loaded it is swapped in with one assignment. A version
-that fails to load is logged and the old one stays in service.
+Every search stats the collection's CURRENT pointer (one `os.stat`, a few microseconds; at most
+every `check_interval_s` when that is set above 0). When it changed, the new version loads once
+and is swapped in with one assignment. With `fresh` (the default) the requests that see the
+change wait for that load, so once an ingest has swapped CURRENT on the shared folder, every
+replica's next search uses the new version: an ingest's completion means "served from now on".
+Without `fresh`, the load happens in the background while requests keep using the old version.
+A version that fails to load is logged, the old one stays in service, and the load is tried again
+after `retry_s` (not on every request). With object storage, a replica sees a new version when
+its `IndexSync` has copied it (its poll interval), then as above.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class _State:
     signature: tuple[int, int, int] | None
     checked_at: float
     pending: asyncio.Task[None] | None = None
+    retry_at: float = 0.0  # after a failed load: no new attempt before this time (monotonic)
 
 
 @dataclass
@@ -61,7 +67,9 @@ class CollectionStore:
 
     data_dir: Path
     embedder: Embedder
-    check_interval_s: float = 0.25
+    check_interval_s: float = 0.0  # 0: stat CURRENT on every search
+    fresh: bool = True  # requests that see a new version wait for it (False: it loads in the background)
+    retry_s: float = 5.0  # a version that failed to load is tried again after this long
     executor: Executor | None = None
     sync: IndexSync | None = None
     _states: dict[str, _State] = field(default_factory=dict, init=False, repr=False)
@@ -194,8 +202,12 @@ class CollectionStore:
             raise UnknownCollection(collection)
         if state is not None:
             state.checked_at = now
-            if signature != state.signature and state.pending is None:
-                state.pending = asyncio.create_task(self._swap(collection, state, signature))
+            if signature != state.signature and now >= state.retry_at:
+                pending = state.pending
+                if pending is None:
+                    pending = state.pending = asyncio.create_task(self._swap(collection, state, signature))
+                if self.fresh:
+                    await asyncio.shield(pending)  # this request is served by the new version
             return state.snapshot
         # first use: every concurrent caller waits for the same load
         task = self._first_loads.get(collection)
@@ -219,9 +231,14 @@ class CollectionStore:
                 return
             snapshot = await self._load(collection)
         except (RetrievalError, OSError) as exc:
-            # keep serving the version we have; the next check tries again
+            # keep serving the version we have; try again after retry_s
+            state.retry_at = time.monotonic() + self.retry_s
             logger.warning(
-                "collection %r: new version not loaded, keeping %s: %s", collection, state.snapshot.version, exc
+                "collection %r: new version not loaded, keeping %s (next try in %.0f s): %s",
+                collection,
+                state.snapshot.version,
+                self.retry_s,
+                exc,
             )
             return
         finally:

@@ -171,3 +171,29 @@ async def test_first_load_is_shared_by_concurrent_requests(
     assert all(r[0].document_id == "camel" for r in results)
     assert loads == 1
     await store.aclose()
+
+
+async def test_an_ingest_is_served_by_every_replica_from_its_completion(
+    data_dir: Path, database_url: str, embedder: HashingEmbedder
+) -> None:
+    """Two stores on one shared folder (two replicas): the first search after an ingest returns,
+    on both, uses the new version; no sleep, no retry loop."""
+    await _ingest(data_dir, database_url, embedder, "zoo", ANIMALS)
+    replicas = [CollectionStore(data_dir, embedder), CollectionStore(data_dir, embedder)]
+    for store in replicas:
+        assert await store.search("zoo", "camel humps", top_k=1)
+    for round_number in range(3):
+        extra = make_doc(f"extra-{round_number}", f"Arctic walrus note number {round_number} about clams.")
+        await _ingest(data_dir, database_url, embedder, "zoo", [*ANIMALS, extra])
+        latest = storage.read_pointer(storage.collection_dir(data_dir, "zoo"))
+        for store in replicas:
+            outcome = await store.search_detailed("zoo", f"walrus note number {round_number}", top_k=10)
+            assert outcome.version == latest
+            assert f"extra-{round_number}" in {h.document_id for h in outcome.hits}
+    background = CollectionStore(data_dir, embedder, fresh=False)
+    first = (await background.search_detailed("zoo", "camel", top_k=1)).version
+    await _ingest(data_dir, database_url, embedder, "zoo", [*ANIMALS, make_doc("later", "A later note.")])
+    # Without `fresh` the request that notices the new version is still served by the old one.
+    assert (await background.search_detailed("zoo", "camel", top_k=1)).version == first
+    for store in (*replicas, background):
+        await store.aclose()
