@@ -32,6 +32,7 @@ from evals.metrics import percentile
 from evals.traffic import parse_window
 from gateway.db import audit_records
 from gateway.settings import Settings, open_engine
+from gateway.usage import origin_clause
 
 _ERRORS = ("backend_error", "error")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -90,7 +91,7 @@ async def load(engine: AsyncEngine, model: str, since: datetime, limit: int) -> 
     query = (
         select(*_COLUMNS)
         .where(audit_records.c.model == model, audit_records.c.created_at >= since)
-        .where(audit_records.c.deployment.is_not(None))
+        .where(audit_records.c.deployment.is_not(None), origin_clause("live"))  # eval runs' rows are no traffic
         .order_by(audit_records.c.created_at.desc())
         .limit(limit)
     )

@@ -92,6 +92,12 @@ def configure_usage_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", default="24h", help="a duration (30m, 24h, 7d, 2w) or an ISO date (default 24h)")
     parser.add_argument("--by", choices=["key", "model", "day"], default="key", help="how to group (default key)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--origin",
+        choices=["live", "eval", "all"],
+        default="live",
+        help="live traffic (default: eval runs' requests left out), only eval runs', or all",
+    )
 
 
 def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,12 +114,14 @@ def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> list[Any]:
         async with open_engine(settings) as engine:
-            return await usage(engine, since, args.by)
+            return await usage(engine, since, args.by, origin=args.origin)
 
     rows = asyncio.run(go())
     if args.json:
-        print(json.dumps({"since": since.isoformat(), "by": args.by, "rows": [r.public() for r in rows]}, indent=1))
+        body = {"since": since.isoformat(), "by": args.by, "origin": args.origin, "rows": [r.public() for r in rows]}
+        print(json.dumps(body, indent=1))
     else:
-        print(f"usage since {since.isoformat(timespec='seconds')} by {args.by}")
+        origin = "" if args.origin == "live" else f" (origin: {args.origin})"
+        print(f"usage since {since.isoformat(timespec='seconds')} by {args.by}{origin}")
         print(format_table(rows, args.by))
     return 0
