@@ -133,7 +133,7 @@ def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF
     port = free_port()
     extra = ["--policy", str(policy)] if policy else []
     proc = Proc(
-        [*GATEWAY, "serve", "--backend", backend, "--port", str(port), *extra], f"http://127.0.0.1:{port}/healthz", env
+        [*GATEWAY, "serve", "--backend", backend, "--port", str(port), *extra], f"http://127.0.0.1:{port}/readyz", env
     )
     return proc, f"http://127.0.0.1:{port}", key
 

@@ -168,7 +168,7 @@ def _start(backend: str, data_dir: Path, redis_prefix: str | None) -> tuple[Proc
     port = free_port()
     proc = Proc(
         [*GATEWAY, "serve", "--backend", backend, "--port", str(port), "--policy", str(GUARDS_OFF)],
-        f"http://127.0.0.1:{port}/healthz",
+        f"http://127.0.0.1:{port}/readyz",
         env,
     )
     return proc, f"http://127.0.0.1:{port}", keys[0], keys[1]

@@ -126,7 +126,7 @@ def start(data_dir: Path, config: str | None, backend: str | None) -> tuple[Proc
         path.write_text(config, encoding="utf-8")
         extra += ["--config", str(path)]
     args = [*GATEWAY, "serve", "--port", str(port), "--policy", str(GUARDS_OFF), *extra]
-    return Proc(args, f"http://127.0.0.1:{port}/healthz", env), f"http://127.0.0.1:{port}", key
+    return Proc(args, f"http://127.0.0.1:{port}/readyz", env), f"http://127.0.0.1:{port}", key
 
 
 def deployment_config(primary: str, shadow: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -35,6 +36,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 REQUEST_ID_HEADER = "x-gateway-request-id"
+_ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz"})  # while the models load in the background
 
 
 def _new_request_id() -> str:
@@ -91,17 +93,37 @@ async def _ensure_request_id(response: Response[Any]) -> Response[Any]:
     return response
 
 
-def create_app(settings: Settings, *, backend: Backend | None = None) -> Litestar:
-    """Build the gateway. `backend` replaces the router built from `settings.backend` (tests, tools)."""
+def create_app(settings: Settings, *, backend: Backend | None = None, start_in_background: bool = False) -> Litestar:
+    """Build the gateway. `backend` replaces the router built from `settings.backend` (tests, tools).
+
+    `start_in_background` (`gateway serve`): the port opens before the models load; until they
+    have, /healthz answers 200, /readyz 503 with what is loading, every other route 503 `starting`."""
     services = Services(settings, backend)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        await services.start()
+        if not start_in_background:
+            await services.start()
+            try:
+                yield
+            finally:
+                await services.stop()
+            return
+        starting = asyncio.create_task(services.start_in_background(), name="gateway-start")
         try:
             yield
         finally:
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
             await services.stop()
+
+    async def while_starting(request: Request[Any, Any, Any]) -> Response[bytes] | None:
+        loading = services.loading_since is not None and services.loading()
+        if not loading or request.url.path in _ALWAYS_ANSWERED:
+            return None
+        message = f"The gateway is starting ({loading}); retry shortly."
+        return _error_response(503, message, "server_error", "starting", {"retry-after": "5"})
 
     app = Litestar(
         route_handlers=[
@@ -122,6 +144,8 @@ def create_app(settings: Settings, *, backend: Backend | None = None) -> Litesta
             Exception: _unexpected_error,
         },
         after_request=_ensure_request_id,
+        logging_config=None,  # the process's logging is gateway.logs' (one format), not Litestar's default
+        before_request=while_starting if start_in_background else None,
         middleware=[middleware_factory(lambda: services.tracer is not None)],
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,

@@ -34,6 +34,7 @@ from gateway.settings import SETTING_NAMES, Settings, SettingsError, load_settin
 
 if TYPE_CHECKING:
     from gateway.httpserver import ReadyLine
+    from gateway.services import Services
     from serving.local import LocalStart
 
 log = logging.getLogger("gateway")
@@ -105,10 +106,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # answered (a drain, what Kubernetes asks for); 128+N for a signal that cut something short.
     server: DrainingServer | None = None
     starting: LocalStart | None = None
+    services: Services | None = None
 
     def exit_on_signal(signum: int, _frame: object) -> None:
         if starting is not None and starting.error is not None:
             raise SystemExit(1)  # the local vLLM failed: LocalStart asked us to stop
+        if services is not None and services.start_error is not None:
+            raise SystemExit(1)  # loading the models failed (logged): the start-up asked us to stop
         drained = server is not None and server.drained
         raise SystemExit(0 if signum == signal.SIGTERM and drained else 128 + signum)
 
@@ -119,9 +123,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         ready = ReadyLine(settings, {"listening"})
         if not settings.backend and not settings.deployments:  # deployments name their own backends
             settings, starting = _start_local(settings, ready)
-        app = create_app(settings)
+        app = create_app(settings, start_in_background=True)  # listen first, then load the models
+        services = app.state.services
         if starting is not None:
-            app.state.services.startup = starting.status  # /readyz: 503 "starting local vLLM: 45 s"
+            services.startup = starting.status  # /readyz: 503 "starting local vLLM: 45 s"
+        ready.waiting.add("models")
+        services.on_started = lambda: ready.done("models")
+        services.on_start_failed = lambda: os.kill(os.getpid(), signal.SIGTERM)
         log.info(
             "gateway listening on http://%s:%s (backends: %s; database: %s)",
             settings.host,
@@ -135,7 +143,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         server = DrainingServer(server_config(app, settings))
         server.on_started = lambda: ready.done("listening")
         server.run()
-        if starting is not None and starting.error is not None:
+        if (starting is not None and starting.error is not None) or services.start_error is not None:
             return 1
         if not server.started:
             print("gateway: start-up failed (the reason is logged above)", file=sys.stderr, flush=True)

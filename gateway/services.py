@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -107,6 +109,12 @@ class Services:
         self.started_at = time.time()
         # `gateway serve` with the local vLLM: what it is doing until vLLM answers (None: ready).
         self.startup: Callable[[], str | None] | None = None
+        # `gateway serve` starts listening first: while `start()` runs in the background, /healthz
+        # answers, /readyz says what is loading, and other routes answer 503 `starting`.
+        self.loading_since: float | None = None
+        self.start_error: BaseException | None = None
+        self.on_started: Callable[[], None] | None = None  # the "ready" line waits for this
+        self.on_start_failed: Callable[[], None] | None = None  # `gateway serve` stops (exit 1)
         # Metrics: one registry per app, fed once per request from Pipeline.record.
         self.metrics: GatewayMetrics | None = None
         self.metrics_server: MetricsServer | None = None
@@ -136,12 +144,14 @@ class Services:
         if self.evals is not None:
             self._evals_task = asyncio.create_task(self.evals.run(self.engine), name="eval-gauges")
         await self.limiter.start()
+        # A server's log gets lines, not Hugging Face's "Loading weights" bars (imports: off the loop).
+        await asyncio.to_thread(_no_progress_bars)
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
         self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
         described = self.rails.describe()
         enabled = [name for name, g in described["guards"].items() if g["enabled"]]
         scorer = described["toxicity_scorer"] or {}
-        log.warning(
+        log.info(
             "guardrails: policy %s; enabled: %s; toxicity scorer: %s%s",
             described["policy"],
             ", ".join(enabled) or "none",
@@ -210,15 +220,40 @@ class Services:
                 endpoint_url=self.settings.s3_endpoint_url,
             )
             if report is not None:
-                log.warning("ingested the sample corpus as collection 'sample' (%s chunks)", report.chunks)
+                log.info("ingested the sample corpus as collection 'sample' (%s chunks)", report.chunks)
         self.store = CollectionStore(self.settings.index_root, self.embedder, executor=self.executor, sync=sync)
-        log.warning(
+        log.info(
             "retrieval: embedding model %s; collections: %s; aliases: %s (%.1f s)",
             self.embedder.name,
             ", ".join(self.store.list_collections()) or "none",
             ", ".join(f"{a} -> {c}:{m}" for a, (c, m) in self.settings.aliases.items()) or "none",
             time.perf_counter() - started,
         )
+
+    async def start_in_background(self) -> None:
+        """`start()` for a server that already listens: failures are logged and reported, not raised."""
+        self.loading_since = time.monotonic()
+        try:
+            await self.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.start_error = exc
+            log.error("start-up failed: %s", exc)
+            if self.on_start_failed is not None:
+                self.on_start_failed()
+            return
+        self.loading_since = None
+        if self.on_started is not None:
+            self.on_started()
+
+    def loading(self) -> str | None:
+        """While start-up runs in the background: what it is doing, for /readyz and 503 answers."""
+        since = self.loading_since
+        if since is None:
+            return None
+        parts = "guard models, the embedding model and the index" if self.settings.rag else "guard models"
+        return f"loading {parts}: {time.monotonic() - since:.0f} s"
 
     async def stop(self) -> None:
         await self.rollout.stop()  # shadow copies in flight get a few seconds, before the audit writer stops
@@ -239,9 +274,9 @@ class Services:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """What `/readyz` reports: backend and database reachability and the models served."""
-        starting = self.startup() if self.startup is not None else None
-        if starting is not None:
-            return False, {"status": "starting", "message": starting}
+        starting = [m for m in (self.startup() if self.startup is not None else None, self.loading()) if m]
+        if starting:
+            return False, {"status": "starting", "message": "; ".join(starting)}
         database_ok = True
         database_error = None
         try:
@@ -278,3 +313,12 @@ class Services:
             if self.embedder is not None and self.store is not None
             else None,
         }
+
+
+def _no_progress_bars() -> None:
+    for module, function in (
+        ("huggingface_hub.utils", "disable_progress_bars"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+    ):
+        with contextlib.suppress(ImportError, AttributeError):  # not installed: it draws no bars
+            getattr(importlib.import_module(module), function)()

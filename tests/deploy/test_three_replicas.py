@@ -64,7 +64,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[Proc], list[s
                     replica_env = {**env, "GATEWAY_DATA_DIR": str(tmp_path / f"replica{i}")}
                     args = [*GATEWAY, "serve", "--backend", fake_url, "--port", str(port),
                             "--policy", str(ROOT / "benchmarks" / "guards-off.toml")]  # fmt: skip
-                    replicas.append(Proc(args, f"http://127.0.0.1:{port}/healthz", replica_env))
+                    replicas.append(Proc(args, f"http://127.0.0.1:{port}/readyz", replica_env))
                     urls.append(f"http://127.0.0.1:{port}")
                 yield env, replicas, urls
             finally:

@@ -84,7 +84,7 @@ def test_sigkill_under_load_loses_no_received_response(tmp_path: Path, fake_back
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(url + "/healthz").status_code == 200:
+                if httpx.get(url + "/readyz").status_code == 200:  # listening and models loaded
                     break
             except httpx.TransportError:
                 pass

@@ -136,7 +136,7 @@ def wait_serving(served: Served) -> None:
     def up() -> bool:
         assert served.process.poll() is None, served.log.read_text()[-2000:]
         try:
-            return httpx.get(served.url + "/healthz").status_code == 200
+            return httpx.get(served.url + "/readyz").status_code == 200  # listening, models loaded
         except httpx.TransportError:
             return False
 

@@ -41,6 +41,14 @@ def wait_until(condition: object, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def ready(url: str) -> bool:
+    """`gateway serve` listens first and loads its models after: ready is /readyz 200."""
+    try:
+        return httpx.get(url + "/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def refused(url: str) -> bool:
     try:
         httpx.get(url + "/healthz", timeout=5)
@@ -64,7 +72,7 @@ def test_sigterm_finishes_the_stream_in_flight_commits_its_audit_row_and_exits_0
 
         def up() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            return not refused(url)
+            return ready(url)
 
         wait_until(up, 90, "the gateway did not start")
         # The backend sends the first event at once, then the rest a byte every few milliseconds:
@@ -127,7 +135,7 @@ def test_a_stream_longer_than_the_grace_is_cut_audited_and_the_exit_is_not_0(
 
         def up() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            return not refused(url)
+            return ready(url)
 
         wait_until(up, 90, "the gateway did not start")
         body = {  # the rest of this stream takes minutes: far past the 1 s of grace

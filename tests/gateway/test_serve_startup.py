@@ -87,3 +87,70 @@ def test_a_local_vllm_that_dies_while_starting_stops_the_gateway_with_exit_1(tmp
     assert done.returncode == 1, done.stderr
     assert "local vLLM failed: vLLM exited with code 3" in done.stderr
     assert "gateway ready" not in done.stderr
+
+
+def test_models_load_after_the_port_listens(tmp_path: Path, monkeypatch: object) -> None:
+    """`create_app(start_in_background=True)` (what `gateway serve` uses): while the models load,
+    /healthz is 200, /readyz 503 saying what loads, any other route 503 `starting` with Retry-After;
+    then everything answers. A start-up that fails is reported, not raised into the server."""
+    import asyncio
+    import threading
+
+    import pytest
+    from litestar.testing import AsyncTestClient
+
+    from gateway.app import create_app
+    from gateway.services import Services
+    from gateway.settings import Settings
+    from serving.fake import FakeBackendThread, FakeConfig
+    from tests.conftest import make_settings
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    real_start = Services.start
+    release = threading.Event()  # the app runs on the test client's own loop, in another thread
+
+    async def slow_start(self: Services) -> None:
+        await asyncio.to_thread(release.wait, 30)  # the models are "loading" until the test says so
+        await real_start(self)
+
+    async def first(settings: Settings) -> None:
+        app = create_app(settings, start_in_background=True)
+        started: list[bool] = []
+        app.state.services.on_started = lambda: started.append(True)
+        async with AsyncTestClient(app) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            readyz = await client.get("/readyz")
+            assert readyz.status_code == 503 and readyz.json()["message"].startswith("loading guard models")
+            models = await client.get("/v1/models")
+            assert models.status_code == 503 and models.headers["retry-after"] == "5"
+            assert models.json()["error"]["code"] == "starting"
+            assert not started
+            release.set()
+            for _ in range(200):
+                if started:
+                    break
+                await asyncio.sleep(0.05)
+            assert started == [True]
+            assert (await client.get("/v1/models")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+
+    async def broken_start(self: Services) -> None:
+        raise RuntimeError("policy file vanished")
+
+    async def second(settings: Settings) -> None:
+        app = create_app(settings, start_in_background=True)
+        failures: list[bool] = []
+        app.state.services.on_start_failed = lambda: failures.append(True)
+        async with AsyncTestClient(app) as client:
+            for _ in range(100):
+                if failures:
+                    break
+                await asyncio.sleep(0.02)
+            assert failures == [True] and "vanished" in str(app.state.services.start_error)
+            assert (await client.get("/healthz")).status_code == 200
+
+    monkeypatch.setattr(Services, "start", slow_start)
+    with FakeBackendThread(FakeConfig(models=("fake-model",))) as fake:
+        asyncio.run(first(make_settings(tmp_path, fake.url, open_mode=True)))
+    monkeypatch.setattr(Services, "start", broken_start)
+    asyncio.run(second(make_settings(tmp_path / "second", "http://127.0.0.1:9", open_mode=True)))
