@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 from litestar.response import Redirect, Stream, Template
@@ -35,7 +35,7 @@ from litestar.types import ExceptionHandlersMap
 from gateway import eval_runs
 from gateway.auth import OPEN_MODE_KEY, KeyInfo
 from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound, PermissionDenied
-from gateway.review_store import LABELS, Filters
+from gateway.review_store import CLEARED, LABELS, RATINGS, Filters
 from gateway.services import Services
 from gateway.sessions import SESSION_TTL_S
 
@@ -182,7 +182,7 @@ async def list_page(
     return Template(
         "review/list.html",
         context=_context(services, reviewer, rows=page["data"], filters=filters.query_string(), next_link=next_link,
-                         elapsed_ms=elapsed_ms, title="Requests"),
+                         elapsed_ms=elapsed_ms, title="Requests", labels=LABELS, ratings=RATINGS),
     )  # fmt: skip
 
 
@@ -191,13 +191,22 @@ async def queue_page(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
     params = _params(request)
-    page = await services.review.queue(sample_rate=services.settings.review_sample_rate, before=params.get("before"))
-    next_link = "/review/queue?" + urlencode({"before": page["next"]}) if page["next"] else None
+    origin = _queue_origin(params)
+    page = await services.review.queue(
+        sample_rate=services.settings.review_sample_rate, before=params.get("before"), origin=origin
+    )
+    shown = {"origin": origin} if origin else {}
+    next_link = "/review/queue?" + urlencode({**shown, "before": page["next"]}) if page["next"] else None
     return Template(
         "review/list.html",
-        context=_context(services, reviewer, rows=page["data"], filters={}, next_link=next_link, elapsed_ms=None,
+        context=_context(services, reviewer, rows=page["data"], filters=shown, next_link=next_link, elapsed_ms=None,
                          title="Review queue", queue=True),
     )  # fmt: skip
+
+
+def _queue_origin(params: dict[str, str]) -> str | None:
+    """The queue's one filter, `origin` (live, eval or all), checked as the list checks it."""
+    return Filters.parse({"origin": params.get("origin", "")}).origin
 
 
 def _show(value: Any) -> str:
@@ -297,15 +306,44 @@ def _highlight(answer: str | None, guards: Any) -> list[tuple[str, bool]]:
 async def detail_page(
     request_id: FromPath[str], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[Any]:
+    return await _detail(request_id, services, reviewer)
+
+
+async def _detail(
+    request_id: str,
+    services: Services,
+    reviewer: Reviewer,
+    *,
+    error: str | None = None,
+    note: str | None = None,
+    status_code: int = 200,
+) -> Response[Any]:
+    """The detail page; a label form that failed comes back here with its error and its note."""
     record = await services.review.record(request_id)
     return Template(
         "review/detail.html",
+        status_code=status_code,
         context=_context(services, reviewer, r=record, messages=_conversation(record.get("request")),
                          raw_request=_show(record.get("request")), passages=_passage_rows(record.get("passages")),
-                         guards=_guard_rows(record.get("guards")), labels=LABELS,
+                         dropped=record["dropped_passages"], guards=_guard_rows(record.get("guards")),
+                         labels=LABELS, cleared=CLEARED, label_error=error, note=note or "",
+                         feedback=_feedback_rows(record["feedback"]),
                          answer=_highlight(record.get("response_text"), record.get("guards")),
                          title=f"Request {request_id[:8]}"),
     )  # fmt: skip
+
+
+def _feedback_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Feedback for the page: categories as a list of strings whatever the column held."""
+    out = []
+    for f in rows:
+        categories = f.get("categories")
+        if isinstance(categories, list):
+            shown = [_show(c) for c in categories]
+        else:
+            shown = [_show(categories)] if categories not in (None, "") else []
+        out.append({**f, "categories": shown, "rating": f["rating"] if isinstance(f["rating"], int) else None})
+    return out
 
 
 @post("/review/requests/{request_id:str}/labels", include_in_schema=False, status_code=303, dependencies=REVIEWER)
@@ -317,7 +355,11 @@ async def label_form(
 ) -> Response[Any]:
     form = await request.form()
     label, note = str(form.get("label", "")), str(form.get("note") or "") or None
-    await services.review.add_label(request_id, label, note, reviewer.key.id)
+    try:
+        await services.review.add_label(request_id, label, note, reviewer.key.id)
+    except InvalidRequest as exc:
+        # Back to the page, with what went wrong and the note as typed; nothing is stored.
+        return await _detail(request_id, services, reviewer, error=exc.message, note=note, status_code=exc.status)
     return Redirect("/review/requests/" + quote(request_id, safe=""), status_code=303)
 
 
@@ -425,12 +467,21 @@ async def api_label(
     return _json(await services.review.add_label(request_id, str(body.get("label")), note, reviewer.key.id), 201)
 
 
+@delete("/api/review/requests/{request_id:str}/labels", status_code=200, dependencies=REVIEWER)
+async def api_clear_label(
+    request_id: FromPath[str], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
+) -> Response[bytes]:
+    """Remove the current label: a `cleared` row, so the history keeps what it was."""
+    return _json(await services.review.add_label(request_id, CLEARED, None, reviewer.key.id))
+
+
 @get("/api/review/queue", dependencies=REVIEWER)
 async def api_queue(
     request: Request[Any, Any, Any], services: NamedDependency[Services], reviewer: NamedDependency[Reviewer]
 ) -> Response[bytes]:
+    params = _params(request)
     page = await services.review.queue(
-        sample_rate=services.settings.review_sample_rate, before=request.query_params.get("before")
+        sample_rate=services.settings.review_sample_rate, before=params.get("before"), origin=_queue_origin(params)
     )
     return _json(page)
 
@@ -451,6 +502,6 @@ async def api_evals(
 
 REVIEW_ROUTES = [
     login_page, login, logout, list_page, queue_page, detail_page, label_form, export_page, evals_page,
-    eval_report, api_list, api_detail, api_label, api_queue, api_export, api_evals,
+    eval_report, api_list, api_detail, api_label, api_clear_label, api_queue, api_export, api_evals,
 ]  # fmt: skip
 __all__ = ["REVIEWER", "REVIEW_ROUTES", "SIGN_IN_FIRST", "Reviewer", "provide_reviewer"]

@@ -1,8 +1,15 @@
 """Reviewer queries over the audit log: filtered keyset pages, one record, labels, queue, export.
 
 Paging is keyset (created_at, id) on indexed columns, never OFFSET, so page 1,000 costs what
-page 1 costs however many records there are. Plain code over the async engine; the HTML pages
-and the JSON API both call it.
+page 1 costs however many records there are. A page costs a fixed number of queries whatever
+its length: the page itself, then the labels and the ratings of all its rows at once. Plain
+code over the async engine; the HTML pages and the JSON API both call it.
+
+Labels are append-only: a change is a new row, a removal is a row labelled `cleared`, and a
+request's current label is its newest row (None once cleared). End-user ratings (`feedback`)
+count per key: a key's newest rating of a request is that key's rating, and a request's score
+is the mean of those. Eval runs' rows (`origin = 'eval'`) stay out of lists and the queue unless
+asked for.
 """
 
 from __future__ import annotations
@@ -16,17 +23,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import Select, and_, func, or_, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select, true
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from gateway.db import audit_records, review_labels
+from gateway.db import audit_records, feedback, review_labels
 from gateway.errors import InvalidRequest, NotFound
 from gateway.jsontext import loads_stored, scrub
 
 LABELS = ("ok", "hallucination", "toxic", "false_positive", "bad_retrieval", "other")
+CLEARED = "cleared"  # the label row that removes a request's label (the history stays)
+RATINGS = ("negative", "neutral", "positive", "unrated")  # the sign of a request's mean rating, or none
+ORIGINS = ("live", "eval", "all")  # live: origin IS NULL (the default); eval: eval runs' rows
+EXCERPT_CHARS = 120
 _MAX_ROW_ID = 2**63 - 1  # BIGINT; a larger cursor id would overflow the database driver
 _MAX_REQUEST_ID = 40  # audit_records.request_id is String(40): a longer id names no record
 _JSON_COLUMNS = ("request_json", "response_json", "passages_json", "citations_json", "guards_json")
+_COMMENTS_SHOWN = 3  # latest comments per request on the list
 _LIST_COLUMNS = [
     audit_records.c.id,
     audit_records.c.request_id,
@@ -43,6 +55,14 @@ _LIST_COLUMNS = [
     audit_records.c.toxicity,
     audit_records.c.total_ms,
     audit_records.c.total_tokens,
+    audit_records.c.origin,
+    # For the excerpts (the request is parsed for its last user turn; only the answer's start is read)
+    # and for "were passages used", which decides whether a groundedness score means anything.
+    audit_records.c.request_json,
+    func.substr(audit_records.c.response_text, 1, 4 * EXCERPT_CHARS).label("answer_start"),
+    and_(audit_records.c.passages_json.is_not(None), audit_records.c.passages_json.not_in(["", "[]"])).label(
+        "passages_used"
+    ),
 ]
 
 
@@ -60,11 +80,15 @@ class Filters:
     groundedness_below: float | None = None
     toxicity_above: float | None = None
     q: str | None = None  # text in the prompt or the answer
+    rating: str | None = None  # one of RATINGS
+    label: str | None = None  # the current label: one of LABELS, or "none" for unlabelled
+    origin: str | None = None  # one of ORIGINS; None is "live"
 
     @classmethod
     def parse(cls, params: dict[str, str]) -> Filters:
         """From query parameters, with a 400 naming the parameter that is wrong."""
         values: dict[str, Any] = {}
+        choices = {"outcome": ("blocked", "flagged"), "rating": RATINGS, "label": (*LABELS, "none"), "origin": ORIGINS}
         for f in fields(cls):
             raw = params.get(f.name)
             if raw is None or raw == "":
@@ -78,12 +102,16 @@ class Filters:
                     values[f.name] = float(raw)
                     if not math.isfinite(values[f.name]):
                         raise ValueError("must be a finite number")
-                elif f.name == "outcome" and raw not in ("blocked", "flagged"):
-                    raise ValueError("must be blocked or flagged")
+                elif f.name in choices:
+                    if raw not in choices[f.name]:
+                        raise ValueError("must be one of " + ", ".join(choices[f.name]))
+                    values[f.name] = raw
                 else:
                     values[f.name] = scrub(raw)
             except (ValueError, OverflowError) as exc:
-                raise InvalidRequest(f"bad filter {f.name}={raw!r}: {exc}", param=f.name) from exc
+                raise InvalidRequest(f"bad filter {f.name}={raw[:100]!r}: {exc}", param=f.name) from exc
+        if values.get("origin") == "live":
+            del values["origin"]  # the default, spelled out
         return cls(**values)
 
     def query_string(self) -> dict[str, str]:
@@ -96,7 +124,7 @@ class Filters:
 
     def apply(self, query: Select[Any]) -> Select[Any]:
         c = audit_records.c
-        conditions = []
+        conditions = [origin_condition(self.origin)]
         if self.since:
             conditions.append(c.created_at >= self.since)
         if self.until:
@@ -132,7 +160,63 @@ class Filters:
             conditions.append(
                 or_(c.request_json.contains(self.q, autoescape=True), c.response_text.contains(self.q, autoescape=True))
             )
-        return query.where(and_(*conditions)) if conditions else query
+        if self.rating:
+            conditions.append(rating_condition(self.rating))
+        if self.label == "none":
+            conditions.append(~label_condition(None))
+        elif self.label:
+            conditions.append(label_condition(self.label))
+        return query.where(and_(*conditions))
+
+
+def origin_condition(origin: str | None) -> ColumnElement[bool]:
+    """Live traffic only (the default: NULL origin, which the (origin, created_at) index serves
+    in keyset order), eval runs' rows only, or everything."""
+    if origin == "eval":
+        return audit_records.c.origin == "eval"
+    if origin == "all":
+        return true()
+    return audit_records.c.origin.is_(None)
+
+
+def _current_feedback() -> Select[Any]:
+    """Each key's newest feedback row per request (newest: created_at, then id)."""
+    f, newer = feedback, feedback.alias("newer")
+    return select(f.c.request_id, f.c.key_id, f.c.rating, f.c.comment, f.c.created_at).where(
+        ~exists().where(
+            newer.c.request_id == f.c.request_id,
+            newer.c.key_id == f.c.key_id,
+            or_(newer.c.created_at > f.c.created_at, and_(newer.c.created_at == f.c.created_at, newer.c.id > f.c.id)),
+        )
+    )
+
+
+def rating_condition(rating: str) -> ColumnElement[bool]:
+    """The audit rows whose mean current rating is below, at or above zero, or that nobody rated.
+    The sum has the mean's sign and stays an integer on both databases."""
+    if rating == "unrated":
+        return ~exists().where(feedback.c.request_id == audit_records.c.request_id)
+    current = _current_feedback().subquery()
+    total = func.sum(current.c.rating)
+    having = total < 0 if rating == "negative" else total > 0 if rating == "positive" else total == 0
+    return audit_records.c.request_id.in_(select(current.c.request_id).group_by(current.c.request_id).having(having))
+
+
+def _newest_label(r: Any) -> ColumnElement[bool]:
+    """`r` (review_labels or an alias) is its request's newest label row (created_at, then id)."""
+    newer = review_labels.alias("newer")
+    return ~exists().where(
+        newer.c.request_id == r.c.request_id,
+        or_(newer.c.created_at > r.c.created_at, and_(newer.c.created_at == r.c.created_at, newer.c.id > r.c.id)),
+    )
+
+
+def label_condition(label: str | None) -> ColumnElement[bool]:
+    """The audit rows whose current label is `label`; any label for None (not a removal).
+    Correlated, so the database can probe the label index for each row a page looks at."""
+    r = review_labels.alias("label_now")
+    matches = r.c.label != CLEARED if label is None else r.c.label == label
+    return exists().where(r.c.request_id == audit_records.c.request_id, matches, _newest_label(r))
 
 
 def encode_cursor(row: dict[str, Any]) -> str:
@@ -170,6 +254,95 @@ def _plain(row: Any) -> dict[str, Any]:
     return out
 
 
+def excerpt(text: str | None, limit: int = EXCERPT_CHARS) -> str:
+    """`text` on one line (runs of whitespace as one space), cut at `limit` characters with an ellipsis."""
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "\u2026"
+
+
+def _content_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: their text, in order
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return None
+
+
+def last_user_message(request: Any) -> str | None:
+    """The last user turn of a decoded stored request: a chat request's last `user` message, a
+    completion's prompt (its last string when a list); None when the body holds neither in a
+    usable shape."""
+    if not isinstance(request, dict):
+        return None
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return _content_text(message.get("content"))
+        return None
+    prompt = request.get("prompt")
+    if isinstance(prompt, list):
+        strings = [p for p in prompt if isinstance(p, str)]
+        return strings[-1] if strings else None
+    return prompt if isinstance(prompt, str) else None
+
+
+def _prompt_excerpt(request_json: Any) -> str:
+    """The list's prompt excerpt: the last user turn, or the start of a body that is not a request."""
+    body = loads_stored(request_json) if isinstance(request_json, str | bytes) else None
+    if isinstance(body, str):
+        return excerpt(body)  # stored as it came: not JSON
+    return excerpt(last_user_message(body))
+
+
+def rating_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Counts, mean and the latest comments of current (per-key newest) feedback rows; None for none."""
+    if not rows:
+        return None
+    ratings = [r["rating"] for r in rows if isinstance(r["rating"], int)]
+    comments = sorted((r for r in rows if r.get("comment")), key=lambda r: r["created_at"], reverse=True)
+    return {
+        "score": round(sum(ratings) / len(ratings), 3) if ratings else None,
+        "positive": sum(1 for x in ratings if x > 0),
+        "neutral": sum(1 for x in ratings if x == 0),
+        "negative": sum(1 for x in ratings if x < 0),
+        "count": len(rows),
+        "comments": [
+            {"comment": scrub(r["comment"]), "created_at": r["created_at"]} for r in comments[:_COMMENTS_SHOWN]
+        ],
+    }
+
+
+def _is_current(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """The newest (created_at, id) row per key of `rows`."""
+    newest: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        held = newest.get(r["key_id"])
+        if held is None or (r["created_at"], r["id"]) > (held["created_at"], held["id"]):
+            newest[r["key_id"]] = r
+    return newest
+
+
+def _dropped_passages(guards: Any) -> list[dict[str, Any]]:
+    """The passages a passage guard blocked (dropped before the prompt), from the stored verdicts:
+    one entry per passage id, with the guards that blocked it."""
+    dropped: dict[str, dict[str, Any]] = {}
+    for g in guards if isinstance(guards, list) else []:
+        if not isinstance(g, dict) or g.get("stage") != "passage" or g.get("action") != "block":
+            continue
+        details = g.get("details")
+        passage_id = details.get("passage_id") if isinstance(details, dict) else None
+        if not isinstance(passage_id, str):
+            continue
+        entry = dropped.setdefault(passage_id, {"passage_id": passage_id, "guards": [], "reasons": [], "text": None})
+        entry["guards"].append(str(g.get("guard")))
+        if isinstance(g.get("reason"), str) and g["reason"]:
+            entry["reasons"].append(g["reason"])
+    return list(dropped.values())
+
+
 class ReviewStore:
     """Queries reviewers need, over one async engine."""
 
@@ -179,15 +352,13 @@ class ReviewStore:
     async def page(self, filters: Filters, *, before: str | None = None, limit: int = 50) -> dict[str, Any]:
         """One page, newest first; `next` is the cursor of the following page (None at the end)."""
         query = filters.apply(select(*_LIST_COLUMNS))
-        rows, next_cursor = await self._keyset(query, before, limit)
-        if rows:
-            labels = await self._labels([r["request_id"] for r in rows])
-            for r in rows:
-                r["labels"] = labels.get(r["request_id"], [])
+        async with self.engine.connect() as conn:
+            rows, next_cursor = await self._keyset(conn, query, before, limit)
+            await self._annotate(conn, rows)
         return {"data": rows, "next": next_cursor}
 
     async def _keyset(
-        self, query: Select[Any], before: str | None, limit: int
+        self, conn: AsyncConnection, query: Select[Any], before: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first from the cursor on; returns the rows and the next page's cursor (or None)."""
         limit = max(1, min(limit, 500))
@@ -196,24 +367,40 @@ class ReviewStore:
             c = audit_records.c
             query = query.where(or_(c.created_at < moment, and_(c.created_at == moment, c.id < ident)))
         query = query.order_by(audit_records.c.created_at.desc(), audit_records.c.id.desc()).limit(limit + 1)
-        async with self.engine.connect() as conn:
-            rows = [_plain(r) for r in await conn.execute(query)]
+        rows = [_plain(r) for r in await conn.execute(query)]
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, encode_cursor(rows[-1]) if more and rows else None
 
-    async def _labels(self, request_ids: list[str]) -> dict[str, list[str]]:
-        query = select(review_labels.c.request_id, review_labels.c.label).where(
-            review_labels.c.request_id.in_(request_ids)
+    async def _annotate(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Excerpts, labels and ratings of a page's rows: two queries for the whole page."""
+        if not rows:
+            return
+        ids = [r["request_id"] for r in rows]
+        history: dict[str, list[str]] = {}
+        labels = (
+            select(review_labels.c.request_id, review_labels.c.label)
+            .where(review_labels.c.request_id.in_(ids))
+            .order_by(review_labels.c.created_at, review_labels.c.id)
         )
-        out: dict[str, list[str]] = {}
-        async with self.engine.connect() as conn:
-            for request_id, label in await conn.execute(query):
-                out.setdefault(request_id, []).append(label)
-        return out
+        for request_id, label in await conn.execute(labels):
+            history.setdefault(request_id, []).append(label)
+        current: dict[str, list[dict[str, Any]]] = {}
+        for row in await conn.execute(_current_feedback().where(feedback.c.request_id.in_(ids))):
+            current.setdefault(row.request_id, []).append(_plain(row))
+        for r in rows:
+            r["prompt_excerpt"] = _prompt_excerpt(r.pop("request_json"))
+            answer = r.pop("answer_start")
+            r["answer_excerpt"] = excerpt(scrub(answer) if isinstance(answer, str) else None)
+            r["passages_used"] = bool(r["passages_used"])
+            r["labels"] = history.get(r["request_id"], [])
+            newest = r["labels"][-1] if r["labels"] else None
+            r["label"] = None if newest == CLEARED else newest
+            r["rating"] = rating_summary(current.get(r["request_id"], []))
 
     async def record(self, request_id: str) -> dict[str, Any]:
-        """One audit record, its JSON columns decoded (whatever they hold: see `loads_stored`), with its labels."""
+        """One audit record, its JSON columns decoded (whatever they hold: see `loads_stored`), with
+        its label history and current label, its feedback and rating, and the passages dropped."""
         if not _could_be_request_id(request_id):
             raise NotFound(f"no request {request_id[:60]!r} in the audit log", param="request_id")
         async with self.engine.connect() as conn:
@@ -221,19 +408,60 @@ class ReviewStore:
             if row is None:
                 raise NotFound(f"no request {request_id!r} in the audit log", param="request_id")
             labels = await conn.execute(
-                select(review_labels).where(review_labels.c.request_id == request_id).order_by(review_labels.c.id)
+                select(review_labels)
+                .where(review_labels.c.request_id == request_id)
+                .order_by(review_labels.c.created_at, review_labels.c.id)
             )
             label_rows = [_plain(r) for r in labels]
-        record = _plain(row)
-        for column in _JSON_COLUMNS:
-            # A malformed request is stored as it came, and comes back as its text.
-            record[column.removesuffix("_json")] = loads_stored(record.pop(column))
+            notes = await conn.execute(
+                select(feedback)
+                .where(feedback.c.request_id == request_id)
+                .order_by(feedback.c.created_at.desc(), feedback.c.id.desc())
+            )
+            feedback_rows = [_plain(r) for r in notes]
+            record = _plain(row)
+            for column in _JSON_COLUMNS:
+                # A malformed request is stored as it came, and comes back as its text.
+                record[column.removesuffix("_json")] = loads_stored(record.pop(column))
+            record["dropped_passages"] = await self._dropped_texts(conn, record)
         record["labels"] = label_rows
+        record["label"] = label_rows[-1]["label"] if label_rows and label_rows[-1]["label"] != CLEARED else None
+        current = _is_current(feedback_rows)
+        for f in feedback_rows:
+            f["categories"] = loads_stored(f.pop("categories_json"))
+            f["current"] = current.get(f["key_id"]) is f
+        record["feedback"] = feedback_rows
+        record["rating"] = rating_summary(list(current.values()))
         return record
 
+    async def _dropped_texts(self, conn: AsyncConnection, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The dropped passages with their text as the collection's catalogue holds it now (the
+        audit row keeps only the passages the model saw). The collections are the ones the request
+        searched (`index_versions`); a chunk re-ingested or deleted since has another text or none."""
+        dropped = _dropped_passages(record.get("guards"))
+        searched = loads_stored(record.get("index_versions"))
+        if not dropped or not isinstance(searched, dict) or not searched:
+            return dropped
+        from retrieval.db import rag_chunks  # the gateway's migrations create the rag_ tables too
+
+        query = select(rag_chunks.c.chunk_id, rag_chunks.c.text).where(
+            rag_chunks.c.collection.in_([str(k) for k in searched]),
+            rag_chunks.c.chunk_id.in_([d["passage_id"] for d in dropped]),
+        )
+        texts = {chunk_id: text for chunk_id, text in await conn.execute(query)}
+        for d in dropped:
+            d["text"] = scrub(texts[d["passage_id"]]) if d["passage_id"] in texts else None
+        return dropped
+
     async def add_label(self, request_id: str, label: str, note: str | None, reviewer: str) -> dict[str, Any]:
-        if label not in LABELS:
-            raise InvalidRequest(f"label must be one of {', '.join(LABELS)}; got {label!r}", param="label")
+        """Append a label row; `cleared` removes the current label (400 when there is none)."""
+        if label not in (*LABELS, CLEARED):
+            if label == "":
+                raise InvalidRequest(f"choose a label: one of {', '.join(LABELS)}", param="label")
+            raise InvalidRequest(
+                f"label must be one of {', '.join(LABELS)}, or {CLEARED} to remove it; got {label[:60]!r}",
+                param="label",
+            )
         if note is not None and len(note) > 10_000:
             raise InvalidRequest("the note is longer than 10,000 characters", param="note")
         if note is not None and "\x00" in note:
@@ -242,41 +470,86 @@ class ReviewStore:
         if not _could_be_request_id(request_id):
             raise NotFound(f"no request {request_id[:60]!r} in the audit log", param="request_id")
         async with self.engine.begin() as conn:
-            exists = (
+            exists_ = (
                 await conn.execute(select(audit_records.c.id).where(audit_records.c.request_id == request_id))
             ).first()
-            if exists is None:
+            if exists_ is None:
                 raise NotFound(f"no request {request_id!r} in the audit log", param="request_id")
+            if label == CLEARED:
+                newest = (
+                    await conn.execute(
+                        select(review_labels.c.label)
+                        .where(review_labels.c.request_id == request_id)
+                        .order_by(review_labels.c.created_at.desc(), review_labels.c.id.desc())
+                        .limit(1)
+                    )
+                ).scalar()
+                if newest is None or newest == CLEARED:
+                    raise InvalidRequest(f"request {request_id!r} has no label to remove", param="label")
             row = {"request_id": request_id, "label": label, "note": note or None, "reviewer": reviewer,
                    "created_at": datetime.now(UTC)}  # fmt: skip
             await conn.execute(review_labels.insert().values(**row))
         return row
 
-    async def queue(self, *, sample_rate: float, before: str | None = None, limit: int = 50) -> dict[str, Any]:
-        """What needs a look: blocked or flagged, plus a stable random sample of the rest,
-        minus what a reviewer has labelled already. The sample is the requests whose random id
-        starts below a threshold, so it is the same on every page and every replica."""
+    async def queue(
+        self, *, sample_rate: float, before: str | None = None, limit: int = 50, origin: str | None = None
+    ) -> dict[str, Any]:
+        """What needs a look: negatively rated, blocked or flagged, plus a stable random sample of
+        the rest, minus what has a current label; live traffic only unless `origin` says otherwise.
+        Negatively rated records come first (newest first), then the others (newest first); the
+        cursor says which part a page continues ("n|..." or "r|..."). The sample is the requests
+        whose random id starts below a threshold, so it is the same on every page and every replica."""
+        if origin is not None and origin not in ORIGINS:
+            raise InvalidRequest(f"origin must be one of {', '.join(ORIGINS)}", param="origin")
         threshold = format(min(255, max(0, round(sample_rate * 256))), "02x")
         c = audit_records.c
-        labelled = select(review_labels.c.request_id)
-        query = select(*_LIST_COLUMNS).where(
-            or_(c.blocked_by.is_not(None), c.flagged_by.is_not(None), c.request_id < threshold),
-            c.request_id.not_in(labelled),
+        negative = rating_condition("negative")
+        base = select(*_LIST_COLUMNS).where(
+            origin_condition(origin),
+            or_(c.blocked_by.is_not(None), c.flagged_by.is_not(None), c.request_id < threshold, negative),
+            ~label_condition(None),
         )
-        rows, next_cursor = await self._keyset(query, before, limit)
-        for r in rows:
-            r["labels"] = []
-            r["reason"] = "blocked" if r["blocked_by"] else "flagged" if r["flagged_by"] else "sample"
+        part, cursor = "n", before
+        if before is not None and before[:2] in ("n|", "r|"):
+            part, cursor = before[0], before[2:] or None
+        elif before:
+            part = "r"  # a plain cursor (older pages): the rest
+        limit = max(1, min(limit, 500))
+        rows: list[dict[str, Any]] = []
+        next_cursor: str | None = None
+        async with self.engine.connect() as conn:
+            if part == "n":
+                rows, after = await self._keyset(conn, base.where(negative), cursor, limit)
+                for r in rows:
+                    r["reason"] = "rated negative"
+                if after:
+                    next_cursor = "n|" + after
+                cursor = None
+            if next_cursor is None:
+                room = limit - len(rows)
+                rest, after = await self._keyset(conn, base.where(~negative), cursor, room or 1)
+                if room == 0:
+                    next_cursor = "r|" if rest else None
+                else:
+                    for r in rest:
+                        r["reason"] = "blocked" if r["blocked_by"] else "flagged" if r["flagged_by"] else "sample"
+                    rows += rest
+                    next_cursor = "r|" + after if after else None
+            await self._annotate(conn, rows)
         return {"data": rows, "next": next_cursor}
 
     async def counts(self) -> dict[str, int]:
+        """How many requests have a current label."""
         async with self.engine.connect() as conn:
-            total = (await conn.execute(select(func.count()).select_from(review_labels))).scalar_one()
+            current = select(review_labels.c.id).where(review_labels.c.label != CLEARED, _newest_label(review_labels))
+            total = (await conn.execute(select(func.count()).select_from(current.subquery()))).scalar_one()
         return {"labels": int(total)}
 
     def export(self, fmt: str, label: str | None = None) -> AsyncIterator[bytes]:
-        """Labelled records as JSONL or CSV, streamed in batches (one line per label). The
-        arguments are checked here, before the first byte, so a bad one is a 400, not a cut download."""
+        """Labelled records as JSONL or CSV, streamed in batches: one line per request with a
+        current label, `prompt` its last user message and `request_json` the request as sent.
+        The arguments are checked here, before the first byte, so a bad one is a 400, not a cut
+        download."""
         if fmt not in ("jsonl", "csv"):
             raise InvalidRequest("format must be jsonl or csv", param="format")
         if label is not None and label not in LABELS:
@@ -285,7 +558,8 @@ class ReviewStore:
 
     async def _export(self, fmt: str, label: str | None) -> AsyncIterator[bytes]:
         columns = ["request_id", "label", "note", "reviewer", "labelled_at", "created_at", "model", "status",
-                   "blocked_by", "flagged_by", "groundedness", "toxicity", "prompt", "answer"]  # fmt: skip
+                   "blocked_by", "flagged_by", "groundedness", "toxicity", "prompt", "answer",
+                   "request_json"]  # fmt: skip
         if fmt == "csv":
             buffer = io.StringIO()
             csv.writer(buffer).writerow(columns)
@@ -307,11 +581,11 @@ class ReviewStore:
                     audit_records.c.flagged_by,
                     audit_records.c.groundedness,
                     audit_records.c.toxicity,
-                    audit_records.c.request_json.label("prompt"),
+                    audit_records.c.request_json,
                     audit_records.c.response_text.label("answer"),
                 )
                 .join(audit_records, audit_records.c.request_id == review_labels.c.request_id)
-                .where(review_labels.c.id > last)
+                .where(review_labels.c.id > last, review_labels.c.label != CLEARED, _newest_label(review_labels))
                 .order_by(review_labels.c.id)
                 .limit(1000)
             )
@@ -322,6 +596,9 @@ class ReviewStore:
             if not rows:
                 return
             last = rows[-1]["id"]
+            for r in rows:
+                request = r["request_json"]
+                r["prompt"] = last_user_message(loads_stored(request) if isinstance(request, str) else None)
             if fmt == "jsonl":
                 yield b"".join(msgspec.json.encode({k: _jsonable(r[k]) for k in columns}) + b"\n" for r in rows)
             else:
