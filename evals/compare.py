@@ -35,6 +35,8 @@ from gateway.settings import Settings, open_engine
 from gateway.usage import origin_clause
 
 _ERRORS = ("backend_error", "error")
+_LIVE = origin_clause("live")
+assert _LIVE is not None
 _WORD = re.compile(r"\w+", re.UNICODE)
 _COLUMNS = (
     audit_records.c.request_id,
@@ -91,7 +93,8 @@ async def load(engine: AsyncEngine, model: str, since: datetime, limit: int) -> 
     query = (
         select(*_COLUMNS)
         .where(audit_records.c.model == model, audit_records.c.created_at >= since)
-        .where(audit_records.c.deployment.is_not(None), origin_clause("live"))  # eval runs' rows are no traffic
+        .where(audit_records.c.deployment.is_not(None))
+        .where(_LIVE)  # eval runs' rows are no traffic
         .order_by(audit_records.c.created_at.desc())
         .limit(limit)
     )
