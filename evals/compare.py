@@ -22,10 +22,13 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement
 
 from evals import report, store
 from evals.metrics import percentile
@@ -35,8 +38,7 @@ from gateway.settings import Settings, open_engine
 from gateway.usage import origin_clause
 
 _ERRORS = ("backend_error", "error")
-_LIVE = origin_clause("live")
-assert _LIVE is not None
+_LIVE = cast("ColumnElement[bool]", origin_clause("live"))  # "live" is never None (only "all" is)
 _WORD = re.compile(r"\w+", re.UNICODE)
 _COLUMNS = (
     audit_records.c.request_id,
