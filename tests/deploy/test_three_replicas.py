@@ -1,6 +1,7 @@
 """Three `gateway serve` processes on one PostgreSQL database and one Redis (issue 11): a rate limit
-holds across them, one SIGKILLed mid-load loses no accepted request's audit row, and a revoked key
-is refused by every replica."""
+holds across them, a document ingested by a separate process is cited by all of them, one
+SIGKILLed mid-load loses no accepted request's audit row, and a revoked key is refused by every
+replica."""
 
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[Proc], list[s
                 "GATEWAY_EMBEDDING_MODEL": "hashing",
                 "GATEWAY_SAMPLE_CORPUS": "false",
                 "GATEWAY_DATA_DIR": str(tmp_path / "shared"),
+                "GATEWAY_INDEX_STORAGE": str(tmp_path / "indexes"),  # the shared volume of a real deployment
             }
+            (tmp_path / "indexes").mkdir()
             _cli(env, "db", "upgrade")
             replicas, urls = [], []
             try:
@@ -107,6 +110,24 @@ def test_three_replicas_share_limits_keep_audit_rows_and_see_revocations(
     answers = asyncio.run(burst())
     codes = [code for code, _ in answers]
     assert sorted(codes) == [200] * 9 + [429] * 9, answers
+
+    # An ingest run by a separate process (a batch job, no gateway in it): every replica cites the
+    # new document from the ingest's completion on (the bound the issue sets is 30 s).
+    docs = Path(env["GATEWAY_INDEX_STORAGE"]).parent / "docs"
+    docs.mkdir()
+    (docs / "zorblat.md").write_text("# Zorblat\n\nThe Zorblat 3000 weighs 4.2 kg and costs 199 euros.\n")
+    _cli(env, "ingest", str(docs), "--collection", "kb", "--no-progress")
+    ingested = time.monotonic()
+    ask = {**CHAT, "messages": [{"role": "user", "content": "How much does the Zorblat 3000 weigh?"}],
+           "rag": {"collection": "kb", "min_score": 0.0}}  # fmt: skip
+    for url in urls:
+        while True:
+            reply = httpx.post(url + "/v1/chat/completions", json=ask, headers={"authorization": f"Bearer {steady}"})
+            cited = reply.status_code == 200 and [c["document"] for c in reply.json()["gateway"]["citations"]]
+            if cited == ["zorblat.md"]:
+                break
+            assert time.monotonic() - ingested < 30, (url, reply.status_code, reply.text[:300])
+            time.sleep(0.5)
 
     # SIGKILL one replica mid-load: every request it answered 200 has its audit row.
     async def load() -> list[str]:
