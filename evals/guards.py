@@ -9,6 +9,11 @@
                                 (`class` 0/1 toxic, 2 not; text in `tweet`).
     --injection                 the 15 prompts of jailbreak-corpus-mini-py (all attacks) plus
                                 the benign prompts in guardrails/benign_prompts.txt.
+    --benign [FILE.jsonl]       benign chat (`prompt`, `answer`, optional `kind`; default
+                                guardrails/datasets/benign_chat.jsonl) through the policy's input
+                                guards (the prompt as a user message) and output guards (the
+                                answer): block and flag rates per stage and per guard, and
+                                every text that was blocked or flagged.
 
 Each prints a table (accuracy, precision, recall, F1, ms per check p50/p99); `--json` adds one
 JSON object as the last line.
@@ -29,17 +34,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import guardrails
-from guardrails.base import GuardContext, GuardResources, GuardSettings, Passage, make_executor
+from guardrails.base import GuardContext, GuardResources, GuardSettings, Passage, Verdict, make_executor
+from guardrails.engine import Guardrails
 from guardrails.errors import GuardrailsError
 from guardrails.groundedness import GroundednessGuard
 from guardrails.injection import score_injection
 from guardrails.policy import Policy, default_policy, load_policy
-from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityScorer, build_scorer
+from guardrails.toxicity import DETOXIFY_MODEL_TYPES, SCORER_KINDS, ToxicityConfig, ToxicityScorer, build_scorer
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
 
 BENIGN_PROMPTS = Path(guardrails.__file__).resolve().parent / "benign_prompts.txt"
+BENIGN_CHAT = Path(guardrails.__file__).resolve().parent / "datasets" / "benign_chat.jsonl"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +57,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--injection",
         action="store_true",
         help="score the jailbreak-corpus-mini-py prompts plus the bundled benign prompts",
+    )
+    parser.add_argument(
+        "--benign",
+        nargs="?",
+        const=str(BENIGN_CHAT),
+        metavar="FILE.jsonl",
+        help="benign prompts and answers: block and flag rates of the policy (default file: the bundled set)",
     )
     parser.add_argument(
         "--policy", metavar="FILE", help="policy TOML (thresholds, scorer config; default: the policy setting)"
@@ -73,7 +87,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="groundedness: split the items in two with --seed (fit half, held-out half); pick the sentence "
         "threshold that scores best on the fit half only and report both halves at it and at the policy's",
     )
-    parser.add_argument("--toxicity-scorer", choices=("auto", "detoxify", "profanity-check"), default=None)
+    parser.add_argument("--toxicity-scorer", choices=SCORER_KINDS, default=None)
+    parser.add_argument(
+        "--trained-model", metavar="DIR", help="trained scorer folder (default: the head shipped in the package)"
+    )
     parser.add_argument("--detoxify-checkpoint", metavar="PATH")
     parser.add_argument("--detoxify-model-type", choices=DETOXIFY_MODEL_TYPES)
     parser.add_argument(
@@ -269,10 +286,101 @@ def eval_toxicity(
     return result
 
 
+def _toxicity_config(args: argparse.Namespace, policy: Policy) -> ToxicityConfig:
+    """The policy's [scorers.toxicity] with the command line's overrides."""
+    overrides = {
+        k: v
+        for k, v in {
+            "scorer": args.toxicity_scorer,
+            "checkpoint": args.detoxify_checkpoint,
+            "model_type": args.detoxify_model_type,
+            "huggingface_config_dir": args.huggingface_config_dir,
+            "trained_model": args.trained_model,
+        }.items()
+        if v is not None
+    }
+    return replace(policy.toxicity, **overrides)
+
+
 def _tox_defaults() -> dict[str, float]:
     from guardrails.toxicity import ToxicityGuard
 
     return dict(ToxicityGuard.default_thresholds)
+
+
+# ------------------------------------------------------------------------- benign chat
+
+
+def read_benign(path: Path) -> list[dict[str, str]]:
+    """`{"prompt", "answer", "kind"?}` lines; a line without prompt or answer is an error."""
+    items = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i}: not JSON: {exc}") from None
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("prompt"), str)
+            or not isinstance(item.get("answer"), str)
+        ):
+            raise ValueError(f"{path}:{i}: expected an object with string fields prompt and answer")
+        items.append({"prompt": item["prompt"], "answer": item["answer"], "kind": str(item.get("kind", ""))})
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def _hits(verdicts: Sequence[Verdict], action: str) -> list[str]:
+    return sorted({v.guard for v in verdicts if v.action == action})
+
+
+async def eval_benign(path: Path, policy: Policy, scorer: ToxicityScorer | None) -> dict[str, Any]:
+    """Every prompt through the input guards and every answer through the output guards of the
+    policy, as the gateway runs them (one user message; the answer without passages)."""
+    items = read_benign(path)
+    executor = make_executor(2)
+    try:
+        rails = await Guardrails.load(policy, executor, toxicity_scorer=scorer)
+        counts = {f"{stage}_{what}": 0 for stage in ("input", "output") for what in ("blocked", "flagged")}
+        by_guard: dict[str, dict[str, int]] = {}
+        hits: list[dict[str, Any]] = []
+        ms: list[float] = []
+        for item in items:
+            t0 = time.perf_counter()
+            inp = await rails.check_input([{"role": "user", "content": item["prompt"]}])
+            out = await rails.check_output(item["answer"], prompt=item["prompt"])
+            ms.append((time.perf_counter() - t0) * 1000)
+            for stage, verdicts in (("input", inp.verdicts), ("output", out.verdicts)):
+                blocked, flagged = _hits(verdicts, "block"), _hits(verdicts, "flag")
+                counts[f"{stage}_blocked"] += bool(blocked)
+                counts[f"{stage}_flagged"] += bool(flagged)
+                for guard in blocked + flagged:
+                    what = "blocked" if guard in blocked else "flagged"
+                    per = by_guard.setdefault(guard, {})
+                    per[f"{stage}_{what}"] = per.get(f"{stage}_{what}", 0) + 1
+                if blocked or flagged:
+                    scores = {v.guard: round(v.score, 3) for v in verdicts if v.hit}
+                    text = item["prompt"] if stage == "input" else item["answer"]
+                    hits.append({"stage": stage, "kind": item["kind"], "blocked": blocked, "flagged": flagged,
+                                 "scores": scores, "text": text})  # fmt: skip
+        described = rails.describe()
+    finally:
+        executor.shutdown()
+    n = len(items)
+    return {
+        "file": str(path),
+        "n": n,
+        "toxicity_scorer": (described["toxicity_scorer"] or {}).get("scorer"),
+        **counts,
+        **{f"{k}_rate": round(v / n, 4) for k, v in counts.items()},
+        "by_guard": by_guard,
+        "ms_p50": _percentile(ms, 50),
+        "ms_p99": _percentile(ms, 99),
+        "hits": hits,
+    }
 
 
 # ------------------------------------------------------------------------- injection
@@ -327,8 +435,11 @@ def _table(title: str, m: dict[str, Any]) -> str:
 def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     """Run the requested evaluations; 0 on success, 2 on bad input. The policy is the `policy`
     setting (gateway.cli puts `--policy` there); without settings, `--policy` itself."""
-    if not (args.groundedness or args.toxicity or args.injection):
-        print("eval guards: give --groundedness FILE, --toxicity FILE and/or --injection", file=sys.stderr)
+    if not (args.groundedness or args.toxicity or args.injection or args.benign):
+        print(
+            "eval guards: give --groundedness FILE, --toxicity FILE, --benign [FILE] and/or --injection",
+            file=sys.stderr,
+        )
         return 2
     policy_path = settings.policy if settings is not None else args.policy
     try:
@@ -356,20 +467,11 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                     t = sp[label]["threshold"]
                     print(_table(f"  fit half @ {t} ({label})", sp[label]["fit_half"]))
                     print(_table(f"  held-out half @ {t} ({label})", sp[label]["held_out_half"]))
+        scorer: ToxicityScorer | None = None
+        if args.toxicity or (args.benign and policy.uses_toxicity()):
+            scorer = build_scorer(_toxicity_config(args, policy))
         if args.toxicity:
-            cfg = policy.toxicity
-            overrides = {
-                k: v
-                for k, v in {
-                    "scorer": args.toxicity_scorer,
-                    "checkpoint": args.detoxify_checkpoint,
-                    "model_type": args.detoxify_model_type,
-                    "huggingface_config_dir": args.huggingface_config_dir,
-                }.items()
-                if v is not None
-            }
-            cfg = replace(cfg, **overrides)
-            scorer = build_scorer(cfg)
+            assert scorer is not None
             t = eval_toxicity(Path(args.toxicity), scorer, policy, args.limit, args.sample, args.seed)
             report["toxicity"] = t
             print(
@@ -377,6 +479,19 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                 f"batched {t['ms_per_text_batched']:.3f} ms/text; latency = single-text calls"
             )
             print(_table("  all", t))
+        if args.benign:
+            b = asyncio.run(eval_benign(Path(args.benign), policy, scorer))
+            report["benign"] = b
+            print(
+                f"benign chat ({b['n']} prompts and answers; toxicity scorer {b['toxicity_scorer']}), {policy.source}"
+            )
+            for stage in ("input", "output"):
+                print(f"  {stage:<7} blocked {b[f'{stage}_blocked']:>3} ({b[f'{stage}_blocked_rate']:.1%})  "
+                      f"flagged {b[f'{stage}_flagged']:>3} ({b[f'{stage}_flagged_rate']:.1%})")  # fmt: skip
+            for hit in b["hits"]:
+                what = "BLOCKED" if hit["blocked"] else "flagged"
+                guards_hit = ",".join(hit["blocked"] + hit["flagged"])
+                print(f"  {what} {hit['stage']:<6} {guards_hit:<14} {hit['scores']} {hit['text'][:80]!r}")
         if args.injection:
             i = eval_injection(policy)
             report["injection"] = i

@@ -23,7 +23,7 @@ import msgspec
 from guardrails import groundedness, injection, keywords, moderation, toxicity  # noqa: F401
 from guardrails.base import GUARDS, HIT_ACTIONS, Guard, GuardSettings, Stage, error_path
 from guardrails.errors import PolicyError
-from guardrails.toxicity import DETOXIFY_MODEL_TYPES, ToxicityConfig
+from guardrails.toxicity import DETOXIFY_MODEL_TYPES, SCORER_KINDS, ToxicityConfig
 
 EmptyRetrieval = Literal["answer_without_passages", "refuse"]
 EMPTY_RETRIEVAL: tuple[EmptyRetrieval, ...] = ("answer_without_passages", "refuse")
@@ -232,7 +232,7 @@ def _settings(name: str, layers: list[Mapping[str, Any]], base_dir: Path) -> Gua
         action=merged.get("action", cls.default_action),
         message=merged.get("message", cls.default_message),
         thresholds=thresholds,
-        roles=_roles(merged.get("roles")),
+        roles=_roles(merged.get("roles", getattr(cls, "default_roles", None))),
         stages=frozenset(cast(list[Stage], merged.get("stages", sorted(cls.default_stages)))),
         passages=bool(merged.get("passages", cls.default_passages)),
         options=options,
@@ -299,22 +299,25 @@ def _check_layer(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator
 
 def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -> ToxicityConfig:
     path = ("scorers", "toxicity")
-    known = {"scorer", "model_type", "checkpoint", "huggingface_config_dir", "device", "batch_size", "max_wait_ms"}
+    known = {"scorer", "model_type", "checkpoint", "huggingface_config_dir", "trained_model", "device", "batch_size",
+             "max_wait_ms"}  # fmt: skip
     for key in raw:
         if key not in known:
             raise loc.error(
                 (*path, key), f"unknown key '{key}' in [scorers.toxicity] (known: {', '.join(sorted(known))})"
             )
     scorer = raw.get("scorer", "auto")
-    if scorer not in ("auto", "detoxify", "profanity-check"):
-        raise loc.error((*path, "scorer"), f"scorer must be auto, detoxify or profanity-check, not {scorer!r}")
+    if scorer not in SCORER_KINDS:
+        raise loc.error(
+            (*path, "scorer"), f"scorer must be {', '.join(SCORER_KINDS[:-1])} or {SCORER_KINDS[-1]}, not {scorer!r}"
+        )
     model_type = raw.get("model_type", "original")
     if model_type not in DETOXIFY_MODEL_TYPES:
         raise loc.error(
             (*path, "model_type"), f"model_type must be one of {', '.join(DETOXIFY_MODEL_TYPES)}, not {model_type!r}"
         )
     paths: dict[str, str | None] = {}
-    for key in ("checkpoint", "huggingface_config_dir"):
+    for key in ("checkpoint", "huggingface_config_dir", "trained_model"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise loc.error((*path, key), f"'{key}' must be a path")
@@ -332,6 +335,7 @@ def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -
         model_type=model_type,
         checkpoint=paths["checkpoint"],
         huggingface_config_dir=paths["huggingface_config_dir"],
+        trained_model=paths["trained_model"],
         device=str(raw.get("device", "cpu")),
         batch_size=batch,
         max_wait_ms=float(wait),

@@ -3,8 +3,14 @@
 - `DetoxifyScorer`: Detoxify (original, unbiased, multilingual, original-small, unbiased-small)
   from a local checkpoint plus a local Hugging Face config/tokenizer folder (nothing can be
   downloaded on these machines); seven categories, batched.
+- `TrainedToxicityScorer` (guardrails/trained_toxicity.py): a logistic-regression head on
+  all-MiniLM-L6-v2 embeddings, trained by the project and shipped in the package: the default
+  when no Detoxify checkpoint is configured. One category, `toxicity`.
 - `ProfanityCheckScorer`: alt-profanity-check, whose trained weights ship inside the package:
-  the default whenever no Detoxify checkpoint is configured. One category, `toxicity`.
+  the fallback when the trained scorer cannot load. One category, `toxicity`.
+
+`build_scorer` picks, for `scorer = "auto"`: a configured Detoxify checkpoint, else the trained
+scorer, else alt-profanity-check; each scorer's `describe()["note"]` says why it runs.
 
 Scorers are synchronous and CPU-heavy; the guard reaches them through `BatchingScorer`, which
 gathers texts from concurrent requests for a millisecond or two and scores them in one call in
@@ -17,12 +23,23 @@ import abc
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from guardrails.base import Guard, GuardContext, GuardResources, GuardSettings, Span, Verdict, register
+from guardrails.base import (
+    Guard,
+    GuardContext,
+    GuardOptions,
+    GuardResources,
+    GuardSettings,
+    HitAction,
+    Span,
+    Verdict,
+    mask_spans,
+    register,
+)
 from guardrails.errors import ScorerUnavailable
 from guardrails.sentences import split_sentences
 
@@ -42,14 +59,18 @@ DETOXIFY_MODEL_TYPES: tuple[str, ...] = (
     "original-small",
     "unbiased-small",
 )
-ScorerKind = Literal["auto", "detoxify", "profanity-check"]
+ScorerKind = Literal["auto", "detoxify", "trained", "profanity-check"]
+SCORER_KINDS: tuple[ScorerKind, ...] = ("auto", "detoxify", "trained", "profanity-check")
 
 
 @dataclass(frozen=True)
 class ToxicityConfig:
-    """Which scorer to load. `auto`: Detoxify when a checkpoint is set, else profanity-check."""
+    """Which scorer to load. `auto`: Detoxify when a checkpoint is set, else the trained scorer,
+    else profanity-check. `trained_model`: a folder written by `gateway guards train-toxicity`
+    (None: the head shipped in the package)."""
 
     scorer: ScorerKind = "auto"
+    trained_model: str | None = None
     model_type: str = "original"
     checkpoint: str | None = None
     huggingface_config_dir: str | None = None
@@ -79,7 +100,8 @@ class ProfanityCheckScorer(ToxicityScorer):
     name = "alt-profanity-check"
     categories = ("toxicity",)
 
-    def __init__(self) -> None:
+    def __init__(self, note: str | None = None) -> None:
+        self.note = note or "trained weights bundled in the package"
         try:
             import profanity_check.profanity_check as package
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -134,7 +156,7 @@ class ProfanityCheckScorer(ToxicityScorer):
             "scorer": self.name,
             "version": version,
             "categories": list(self.categories),
-            "note": "trained weights bundled in the package; used because no Detoxify checkpoint is configured",
+            "note": self.note,
         }
 
 
@@ -156,7 +178,9 @@ class DetoxifyScorer(ToxicityScorer):
         checkpoint: str | None = None,
         huggingface_config_dir: str | None = None,
         device: str = "cpu",
+        note: str | None = None,
     ) -> None:
+        self.note = note or "a Detoxify checkpoint is configured"
         if model_type not in DETOXIFY_MODEL_TYPES:
             raise ScorerUnavailable(
                 f"unknown Detoxify model type {model_type!r}; use one of {', '.join(DETOXIFY_MODEL_TYPES)}"
@@ -227,19 +251,46 @@ class DetoxifyScorer(ToxicityScorer):
             "checkpoint": self.checkpoint,
             "huggingface_config_dir": self.huggingface_config_dir,
             "categories": list(self.categories),
+            "note": self.note,
         }
 
 
-def build_scorer(config: ToxicityConfig) -> ToxicityScorer:
-    """Load the configured scorer (blocking: call at start-up, off the event loop)."""
+def build_scorer(config: ToxicityConfig, embed: Any = None) -> ToxicityScorer:
+    """Load the configured scorer (blocking: call at start-up, off the event loop).
+
+    `auto` tries, in order: a configured Detoxify checkpoint (its errors are raised: a
+    checkpoint that was asked for must load), the trained scorer, alt-profanity-check. `embed`
+    (an `embed(texts) -> array` callable) lets a caller share its sentence encoder with the
+    trained scorer; without it the scorer loads the bundled MiniLM itself."""
+    from guardrails.trained_toxicity import TrainedToxicityScorer
+
     kind = config.scorer
-    if kind == "auto":
-        kind = "detoxify" if config.checkpoint else "profanity-check"
-    if kind == "detoxify":
-        return DetoxifyScorer(config.model_type, config.checkpoint, config.huggingface_config_dir, config.device)
+    if kind == "detoxify" or (kind == "auto" and config.checkpoint):
+        why = (
+            "a Detoxify checkpoint is configured" if config.checkpoint else "scorer = detoxify (downloads its weights)"
+        )
+        return DetoxifyScorer(
+            config.model_type, config.checkpoint, config.huggingface_config_dir, config.device, note=why
+        )
+    if kind == "trained" or (kind == "auto" and config.trained_model):  # a model that was asked for must load
+        return TrainedToxicityScorer(
+            config.trained_model, embed=embed, note="the policy names the trained scorer or its model folder"
+        )
     if kind == "profanity-check":
-        return ProfanityCheckScorer()
-    raise ScorerUnavailable(f"unknown toxicity scorer {kind!r}")
+        return ProfanityCheckScorer(note="scorer = profanity-check in the policy")
+    if kind != "auto":
+        raise ScorerUnavailable(f"unknown toxicity scorer {kind!r}")
+    try:
+        return TrainedToxicityScorer(
+            config.trained_model,
+            embed=embed,
+            note="no Detoxify checkpoint is configured: the trained MiniLM head runs",
+        )
+    except ScorerUnavailable as exc:
+        return ProfanityCheckScorer(
+            note=f"no Detoxify checkpoint is configured and the trained scorer cannot load ({exc}): "
+            "alt-profanity-check runs, which catches profanity but not threats or insults without swear words"
+        )
 
 
 class BatchingScorer:
@@ -302,13 +353,33 @@ class BatchingScorer:
             self._flush()  # whoever queued while this batch ran goes now
 
 
+class ToxicityOptions(GuardOptions, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The toxicity guard's own policy key: what a hit on user input does (`action` is the
+    answer's). Flag by default: an abusive message is recorded and reviewable, but a false
+    positive never refuses a user."""
+
+    input_action: HitAction = "flag"
+
+    problems: ClassVar[dict[str, str]] = {
+        **GuardOptions.problems,
+        "input_action": "input_action must be one of block, redact, flag, not {value!r}",
+    }
+
+
 @register
 class ToxicityGuard(Guard):
-    """Scores each sentence; a hit is any category at or above its threshold."""
+    """Scores each sentence; a hit is any category at or above its threshold.
+
+    By default it checks the answer (a hit blocks it) and the users' messages (a hit flags the
+    request: `input_action`); other roles (system prompts, tool results) only when the policy
+    lists them in `roles`."""
 
     name: ClassVar[str] = "toxicity"
     stages = frozenset({"input", "output", "passage"})
-    default_stages = frozenset({"output"})
+    default_stages = frozenset({"input", "output"})
+    default_roles: ClassVar[tuple[str, ...]] = ("user",)
+    options_type = ToxicityOptions
+    options: ToxicityOptions
     default_message = "The answer was withheld because it may contain toxic content."
     default_thresholds: ClassVar[dict[str, float]] = {
         "toxicity": 0.5,
@@ -331,6 +402,23 @@ class ToxicityGuard(Guard):
             batcher = BatchingScorer(scorer, resources, max_batch=cfg.batch_size, max_wait_ms=cfg.max_wait_ms)
             resources.toxicity_batcher = batcher
         self.batcher: BatchingScorer = batcher
+
+    def hit(
+        self,
+        ctx: GuardContext,
+        score: float,
+        started: float,
+        reason: str,
+        spans: tuple[Span, ...] = (),
+        **details: Any,
+    ) -> Verdict:
+        """The policy's `action`, except on input, where `input_action` decides."""
+        verdict = super().hit(ctx, score, started, reason, spans, **details)
+        action = self.options.input_action
+        if ctx.stage != "input" or action == verdict.action:
+            return verdict
+        redacted = mask_spans(ctx.text, spans, self.options.mask) if action == "redact" else None
+        return replace(verdict, action=action, allowed=action != "block", redacted_text=redacted)
 
     async def check(self, ctx: GuardContext) -> Verdict:
         started = time.perf_counter()

@@ -50,7 +50,7 @@ def test_groundedness_and_toxicity_report(tmp_path: Path, capsys: pytest.Capture
     report = json.loads(out[-1])
     g, t = report["groundedness"], report["toxicity"]
     assert g["n"] == 4 and g["accuracy"] == 1.0 and g["f1"] == 1.0 and g["ms_p99"] >= g["ms_p50"] > 0
-    assert t["n"] == 3 and t["tp"] == 1 and t["fp"] == 0 and t["scorer"]["scorer"] == "alt-profanity-check"
+    assert t["n"] == 3 and t["tp"] == 1 and t["fp"] == 0 and t["scorer"]["scorer"] == "trained"
 
 
 def test_davidson_format_and_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

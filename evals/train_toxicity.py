@@ -1,0 +1,474 @@
+"""`gateway guards train-toxicity` and `gateway guards fetch detoxify`.
+
+train-toxicity: fits the trained toxicity scorer's head (guardrails/trained_toxicity.py), a
+logistic regression on all-MiniLM-L6-v2 embeddings, on
+
+- a seeded, class-balanced subsample of Davidson et al. (../shared/data/toxicity; classes 0 hate
+  and 1 offensive = toxic, 2 = not), with disjoint validation and test samples, and
+- the project's labelled set (guardrails/datasets/toxicity_labelled.csv, evals/toxicity_data.py):
+  non-profane threats, harassment, insults and dehumanising language, and benign look-alikes,
+  split by whole templates and fillers.
+
+The regularisation strength and the threshold are chosen on the validation splits only; the
+test splits are scored once, at the end. The same data and seed give a byte-identical head.npz
+(its sha256 is in meta.json, next to the data's hash, the sizes and the metrics).
+
+fetch detoxify: downloads Detoxify's published checkpoint and its Hugging Face config and
+tokenizer files into a folder, for a machine with internet access; the policy then points
+`[scorers.toxicity] checkpoint` and `huggingface_config_dir` at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import guardrails
+from evals import toxicity_data
+from guardrails.errors import GuardrailsError
+from guardrails.trained_toxicity import (
+    ARTEFACT_DIR,
+    ENCODER_NAME,
+    EmbedFn,
+    build_features,
+    load_encoder,
+    logit,
+    write_artefact,
+)
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+SHARED = Path(guardrails.__file__).resolve().parents[2] / "shared" / "data"
+DAVIDSON = SHARED / "toxicity" / "davidson_labeled_data.csv"
+HALUEVAL = SHARED / "halueval_qa" / "dev.jsonl"
+C_GRID = (0.5, 2.0, 8.0)
+
+_MENTION = re.compile(r"@\w+:?")
+_URL = re.compile(r"https?://\S+")
+_RT = re.compile(r"^\s*(?:!+\s*)?RT\b:?\s*")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    davidson: Path = DAVIDSON
+    labelled: Path = toxicity_data.SHIPPED
+    seed: int = 0
+    davidson_train: int = 3000  # class-balanced: half toxic, half "neither"
+    davidson_eval: int = 1200  # each of validation and test, natural class mix
+    labelled_limit: int | None = None  # per split, for quick runs (tests)
+    davidson_agreed_only: bool = True  # train on tweets whose annotators all agreed
+    #: Benign encyclopedic sentences and questions (HaluEval's knowledge, question and right
+    #: answer): formal text that Davidson's "neither" tweets do not cover. None: not used.
+    halueval: Path | None = HALUEVAL
+    halueval_max: int = 900  # sentences in all, split 60/20/20 by item
+    #: Training weight of a labelled-set row relative to a Davidson tweet (the look-alikes are few
+    #: but they are what the tweets cannot teach).
+    labelled_weight: float = 10.0
+    profanity_feature: bool = False
+    min_precision: float = 0.95
+    c_grid: tuple[float, ...] = C_GRID
+
+
+@dataclass
+class Split:
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)  # "davidson" or the labelled set's kind
+
+    def add(self, text: str, label: int, source: str) -> None:
+        self.texts.append(text)
+        self.labels.append(label)
+        self.source.append(source)
+
+
+def clean_tweet(text: str) -> str:
+    """Tweet noise the gateway never sees: RT markers, @handles, URLs, HTML entities."""
+    text = _RT.sub("", text)
+    text = _URL.sub("", _MENTION.sub("", text))
+    text = text.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&#8220;", '"')
+    return re.sub(r"\s+", " ", text).strip(' "') or text
+
+
+def _davidson(cfg: TrainConfig) -> tuple[Split, Split, Split]:
+    if not cfg.davidson.is_file():
+        raise FileNotFoundError(f"Davidson data not found at {cfg.davidson} (see ../shared/data/README.md)")
+    with cfg.davidson.open(encoding="utf-8", newline="") as fh:
+        raw = list(csv.DictReader(fh))
+    rows = [(r["tweet"], 1 if r["class"].strip() in ("0", "1") else 0) for r in raw]
+    # Training takes only tweets whose annotators agreed (toxic: nobody said "neither"; not
+    # toxic: everybody did); validation and test keep every tweet, noise included.
+    agreed = [
+        r.get("neither", "0").strip() == "0" if label else r.get("neither", "") == r.get("count", "")
+        for r, (_, label) in zip(raw, rows, strict=True)
+    ]
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    test_idx = order[: cfg.davidson_eval]
+    val_idx = order[cfg.davidson_eval : 2 * cfg.davidson_eval]
+    train, val, test = Split(), Split(), Split()
+    per_class = {0: cfg.davidson_train // 2, 1: cfg.davidson_train - cfg.davidson_train // 2}
+    for i in order[2 * cfg.davidson_eval :]:
+        text, label = rows[i]
+        if per_class[label] > 0 and (agreed[i] or not cfg.davidson_agreed_only):
+            per_class[label] -= 1
+            train.add(clean_tweet(text), label, "davidson")
+    for idx, split in ((val_idx, val), (test_idx, test)):
+        for i in idx:
+            split.add(rows[i][0], rows[i][1], "davidson")  # scored as users would send them: raw
+    return train, val, test
+
+
+def _labelled(cfg: TrainConfig) -> dict[str, Split]:
+    out = {s: Split() for s in toxicity_data.SPLITS}
+    for r in toxicity_data.read_csv(cfg.labelled):
+        out[r.split].add(r.text, r.label, r.kind)
+    if cfg.labelled_limit is not None:
+        rng = random.Random(cfg.seed)
+        for name, split in out.items():
+            keep = sorted(rng.sample(range(len(split.texts)), min(cfg.labelled_limit, len(split.texts))))
+            out[name] = Split(
+                [split.texts[i] for i in keep], [split.labels[i] for i in keep], [split.source[i] for i in keep]
+            )
+    return out
+
+
+def _halueval(cfg: TrainConfig) -> dict[str, Split]:
+    from guardrails.sentences import split_sentences
+
+    out = {s: Split() for s in toxicity_data.SPLITS}
+    if cfg.halueval is None:
+        return out
+    if not cfg.halueval.is_file():
+        raise FileNotFoundError(f"HaluEval data not found at {cfg.halueval} (see ../shared/data/README.md)")
+    items = [json.loads(line) for line in cfg.halueval.read_text(encoding="utf-8").splitlines() if line.strip()]
+    order = list(range(len(items)))
+    random.Random(cfg.seed + 1).shuffle(order)
+    a, b = round(0.6 * len(order)), round(0.8 * len(order))
+    for name, idx in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:])):
+        budget = round(cfg.halueval_max * len(idx) / max(1, len(order)))
+        for i in idx:
+            knowledge = re.sub(r"\.(?=[A-Z])", ". ", str(items[i].get("knowledge", "")))  # "1846.First for Women"
+            texts = [knowledge[s:e] for s, e in split_sentences(knowledge)]
+            texts += [str(items[i].get("question", "")), str(items[i].get("right_answer", ""))]
+            for text in texts:
+                if budget > 0 and len(text.split()) >= 3:
+                    out[name].add(text, 0, "halueval")
+                    budget -= 1
+    return out
+
+
+def _merge(a: Split, b: Split) -> Split:
+    return Split(a.texts + b.texts, a.labels + b.labels, a.source + b.source)
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _data_hash(splits: dict[str, Split]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        s = splits[name]
+        for t, y, src in zip(s.texts, s.labels, s.source, strict=True):
+            h.update(f"{name}\x1f{y}\x1f{src}\x1f{t}\x1e".encode())
+    return h.hexdigest()
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int, weights: np.ndarray) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000, solver="lbfgs", random_state=seed)
+    model.fit(x, y, sample_weight=weights)
+    return np.asarray(model.coef_[0], dtype=np.float64), float(model.intercept_[0])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
+    return out
+
+
+def prf(pred: np.ndarray, gold: np.ndarray) -> dict[str, float | int]:
+    tp = int(np.sum(pred & gold))
+    fp = int(np.sum(pred & ~gold))
+    fn = int(np.sum(~pred & gold))
+    tn = int(len(pred) - tp - fp - fn)
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"n": len(pred), "tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": round(p, 4), "recall": round(r, 4),
+            "f1": round(f1, 4), "accuracy": round((tp + tn) / max(1, len(pred)), 4)}  # fmt: skip
+
+
+def choose_threshold(probs: np.ndarray, gold: np.ndarray, sources: np.ndarray, min_precision: float) -> float:
+    """The threshold with the best worst-source F1 (Davidson vs the labelled set) among those
+    whose overall precision is at least `min_precision` (when any is); validation data only.
+    (Asking that precision of each source separately cost a third of the recall on validation.)"""
+    candidates = np.unique(np.round(probs, 4))
+    groups = [sources == "davidson", sources != "davidson"]
+    groups = [g for g in groups if g.any()]
+    best: tuple[bool, float, float] | None = None
+    best_t = 0.5
+    for t in candidates:
+        pred = probs >= t
+        worst = min(float(prf(pred[g], gold[g])["f1"]) for g in groups)
+        precise = float(prf(pred, gold)["precision"]) >= min_precision
+        key = (precise, worst, -abs(float(t) - 0.5))
+        if best is None or key > best:
+            best, best_t = key, float(t)
+    return best_t
+
+
+def report(probs: np.ndarray, split: Split, threshold: float) -> dict[str, Any]:
+    """Metrics overall, per source (davidson / labelled) and, on the labelled set, per kind."""
+    gold = np.array(split.labels, dtype=bool)
+    pred = probs >= threshold
+    src = np.array(split.source)
+    out: dict[str, Any] = {"all": prf(pred, gold)}
+    dav = src == "davidson"
+    if dav.any():
+        out["davidson"] = prf(pred[dav], gold[dav])
+    if (~dav).any():
+        out["labelled"] = prf(pred[~dav], gold[~dav])
+        kinds: dict[str, dict[str, float | int]] = {}
+        for kind in sorted(set(src[~dav])):
+            m = src == kind
+            positives = int(np.sum(pred[m]))
+            kinds[kind] = {"n": int(m.sum()), "flagged": positives, "rate": round(positives / int(m.sum()), 4)}
+        out["labelled_by_kind"] = kinds
+    return out
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    head_sha256: str
+    meta: dict[str, Any]
+    seconds: float
+
+
+def train(
+    cfg: TrainConfig, out_dir: Path, embed: EmbedFn | None = None, log: Callable[[str], None] = print
+) -> TrainResult:
+    """Fit, choose C and the threshold on validation, score test once, write the artefact."""
+    started = time.perf_counter()
+    d_train, d_val, d_test = _davidson(cfg)
+    lab = _labelled(cfg)
+    hal = _halueval(cfg)
+    splits = {
+        name: _merge(_merge(dav, lab[name]), hal[name])
+        for name, dav in (("train", d_train), ("val", d_val), ("test", d_test))
+    }
+    log(", ".join(f"{k}: {len(v.texts)} texts ({sum(v.labels)} toxic)" for k, v in splits.items()))
+    if embed is None:
+        embed = load_encoder()
+    profanity = None
+    if cfg.profanity_feature:
+        from guardrails.toxicity import ProfanityCheckScorer
+
+        scorer = ProfanityCheckScorer()
+
+        def profanity(texts: Sequence[str]) -> np.ndarray:
+            return np.array([s["toxicity"] for s in scorer.score_batch(texts)])
+
+    feats = {k: build_features(v.texts, embed, profanity) for k, v in splits.items()}
+    log(f"features: {feats['train'].shape[1]} per text ({time.perf_counter() - started:.1f} s)")
+    y = {k: np.array(v.labels, dtype=np.int64) for k, v in splits.items()}
+    val_src = np.array(splits["val"].source)
+    best: tuple[float, float, np.ndarray, float, float] | None = None
+    grid: dict[str, float] = {}
+    train_src = np.array(splits["train"].source)
+    sample_weight = np.where(np.isin(train_src, ["davidson", "halueval"]), 1.0, cfg.labelled_weight)
+    for c in cfg.c_grid:
+        w, b = _fit(feats["train"], y["train"], c, cfg.seed, sample_weight)
+        probs = _sigmoid(feats["val"] @ w + b)
+        t = choose_threshold(probs, y["val"].astype(bool), val_src, cfg.min_precision)
+        m = report(probs, splits["val"], t)
+        score = min(m["davidson"]["f1"], m["labelled"]["f1"]) if "davidson" in m and "labelled" in m else m["all"]["f1"]
+        grid[str(c)] = score
+        if best is None or score > best[0]:
+            best = (score, c, w, b, t)
+    assert best is not None
+    _, c, w, b, threshold = best
+    w = np.round(w, 6)
+    b = round(b, 6)
+    val_probs = _sigmoid(feats["val"] @ w + b)
+    test_probs = _sigmoid(feats["test"] @ w + b)
+    meta: dict[str, Any] = {
+        "encoder": ENCODER_NAME,
+        "features": {"dimension": 384, "profanity_check": cfg.profanity_feature},
+        "head": {"kind": "logistic-regression", "C": c, "class_weight": "balanced", "c_grid_val_score": grid},
+        "seed": cfg.seed,
+        "threshold": {"raw": threshold, "chosen_on": "val", "min_precision": cfg.min_precision,
+                      "note": "scores are shifted so that this raw probability scores 0.5"},
+        "data": {
+            "hash": _data_hash(splits),
+            "davidson_sha256": _file_sha(cfg.davidson),
+            "labelled_sha256": _file_sha(cfg.labelled),
+            "halueval_sha256": _file_sha(cfg.halueval) if cfg.halueval is not None else None,
+            "sizes": {k: {"texts": len(v.texts), "toxic": int(sum(v.labels))} for k, v in splits.items()},
+            "summary": (f"Davidson {len(d_train.texts)} balanced + labelled set {len(lab['train'].texts)} + "
+                        f"HaluEval sentences {len(hal['train'].texts)} (train); threshold chosen on val "
+                        f"({len(splits['val'].texts)})"),
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                       if k not in ("davidson", "labelled", "halueval")},
+        },
+        "metrics": {"val": report(val_probs, splits["val"], threshold),
+                    "test": report(test_probs, splits["test"], threshold)},
+    }  # fmt: skip
+    digest = write_artefact(out_dir, w, b, logit(threshold), meta)
+    seconds = time.perf_counter() - started
+    (out_dir / "metrics.json").write_text(
+        json.dumps(
+            {"head_sha256": digest, "train_seconds": round(seconds, 1), **meta["metrics"]}, indent=2, sort_keys=True
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return TrainResult(digest, {**meta, "head_sha256": digest}, seconds)
+
+
+# ------------------------------------------------------------------------- CLI: train-toxicity
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `guards train-toxicity` options to `parser`."""
+    parser.add_argument("--davidson", metavar="CSV", default=str(DAVIDSON), help="Davidson et al. labelled_data CSV")
+    parser.add_argument("--labelled", metavar="CSV", default=str(toxicity_data.SHIPPED),
+                        help="the project's labelled set (text,label,kind,template,split)")  # fmt: skip
+    parser.add_argument("--out", metavar="DIR", default=str(ARTEFACT_DIR),
+                        help="folder for head.npz, meta.json, metrics.json (default: the shipped one)")  # fmt: skip
+    parser.add_argument("--halueval", metavar="JSONL", default=str(HALUEVAL),
+                        help="HaluEval QA file: benign formal sentences ('' to leave out)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--davidson-train", type=int, default=3000, metavar="N", help="balanced training sample")
+    parser.add_argument("--davidson-eval", type=int, default=1200, metavar="N", help="validation and test size each")
+    parser.add_argument(
+        "--labelled-limit", type=int, default=None, metavar="N", help="at most N labelled rows per split"
+    )
+    parser.add_argument("--labelled-weight", type=float, default=10.0, help="weight of a labelled-set row vs a tweet")
+    parser.add_argument("--profanity-feature", action="store_true", help="add alt-profanity-check's score as a feature")
+    parser.add_argument(
+        "--min-precision", type=float, default=0.95, help="validation precision the threshold must keep"
+    )
+    parser.add_argument("--json", action="store_true", help="print meta.json's content as the last line")
+
+
+def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """Train and write the artefact; 0 on success, 2 on missing or bad data, 1 when the encoder
+    cannot load."""
+    cfg = TrainConfig(
+        davidson=Path(args.davidson),
+        labelled=Path(args.labelled),
+        halueval=Path(args.halueval) if args.halueval else None,
+        seed=args.seed,
+        davidson_train=args.davidson_train,
+        davidson_eval=args.davidson_eval,
+        labelled_limit=args.labelled_limit,
+        profanity_feature=args.profanity_feature,
+        labelled_weight=args.labelled_weight,
+        min_precision=args.min_precision,
+    )
+    try:
+        result = train(cfg, Path(args.out))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"guards train-toxicity: {exc}", file=sys.stderr)
+        return 2
+    except GuardrailsError as exc:
+        print(f"guards train-toxicity: {exc}", file=sys.stderr)
+        return 1
+    test = result.meta["metrics"]["test"]
+    print(f"wrote {args.out} in {result.seconds:.1f} s; head sha256 {result.head_sha256[:16]}; "
+          f"threshold {result.meta['threshold']['raw']} (chosen on val)")  # fmt: skip
+    for part in ("all", "davidson", "labelled"):
+        if part in test:
+            m = test[part]
+            print(f"  test {part:<9} n={m['n']:<5} P={m['precision']:.3f} R={m['recall']:.3f} F1={m['f1']:.3f}")
+    if args.json:
+        print(json.dumps(result.meta, sort_keys=True))
+    return 0
+
+
+# ------------------------------------------------------------------------- CLI: fetch detoxify
+
+#: Detoxify's published checkpoints (github.com/unitaryai/detoxify releases) and the Hugging Face
+#: model whose config and tokenizer each one needs.
+DETOXIFY_RELEASES: dict[str, tuple[str, str]] = {
+    "original": ("https://github.com/unitaryai/detoxify/releases/download/v0.1-alpha/toxic_original-c1212f89.ckpt",
+                 "bert-base-uncased"),
+    "unbiased": ("https://github.com/unitaryai/detoxify/releases/download/v0.3-alpha/toxic_debiased-c7548aa0.ckpt",
+                 "roberta-base"),
+    "multilingual": ("https://github.com/unitaryai/detoxify/releases/download/v0.4-alpha/multilingual_debiased-0b549669.ckpt",
+                     "xlm-roberta-base"),
+    "original-small": ("https://github.com/unitaryai/detoxify/releases/download/v0.1.2/original-albert-0e1d6498.ckpt",
+                       "albert-base-v2"),
+    "unbiased-small": ("https://github.com/unitaryai/detoxify/releases/download/v0.1.2/unbiased-albert-c8519128.ckpt",
+                       "albert-base-v2"),
+}  # fmt: skip
+HF_FILES = ("config.json", "tokenizer_config.json", "vocab.txt", "tokenizer.json", "special_tokens_map.json",
+            "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def configure_fetch_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the `guards fetch` options to `parser`."""
+    parser.add_argument("what", choices=("detoxify",), help="what to download")
+    parser.add_argument("--to", metavar="DIR", required=True, help="folder for the checkpoint and the config files")
+    parser.add_argument("--model-type", choices=sorted(DETOXIFY_RELEASES), default="original")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per connection attempt")
+
+
+def _download(url: str, dest: Path, timeout: float) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(url, timeout=timeout) as resp, tmp.open("wb") as fh:
+        while chunk := resp.read(1 << 20):
+            fh.write(chunk)
+    tmp.replace(dest)
+
+
+def run_fetch(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """Download the checkpoint and its HF config/tokenizer; 1 with one clear line when offline."""
+    ckpt_url, hf_model = DETOXIFY_RELEASES[args.model_type]
+    root = Path(args.to)
+    hf_dir = root / hf_model
+    try:
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = root / ckpt_url.rsplit("/", 1)[1]
+        if not ckpt.is_file():
+            print(f"downloading {ckpt_url}", file=sys.stderr)
+            _download(ckpt_url, ckpt, args.timeout)
+        got = []
+        for name in HF_FILES:
+            try:
+                _download(f"https://huggingface.co/{hf_model}/resolve/main/{name}", hf_dir / name, args.timeout)
+                got.append(name)
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:  # each model has only some of these files
+                    raise
+        if "config.json" not in got:
+            raise OSError(f"https://huggingface.co/{hf_model} has no config.json")
+    except (OSError, urllib.error.URLError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(
+            f"guards fetch detoxify: cannot download ({reason}); this machine has no access to GitHub or the "
+            "Hugging Face hub. Run the command on a machine with internet access and copy the folder here.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"Detoxify {args.model_type} saved in {root}. In the policy:")
+    print("[scorers.toxicity]")
+    print(f'scorer = "detoxify"\nmodel_type = "{args.model_type}"')
+    print(f'checkpoint = "{ckpt.resolve()}"\nhuggingface_config_dir = "{hf_dir.resolve()}"')
+    return 0

