@@ -191,15 +191,43 @@ def _current_feedback() -> Select[Any]:
     )
 
 
+def _current_rating_sum() -> Any:
+    """The sum of each key's newest rating of the audit row's request (correlated: a few probes of
+    the feedback index per row). It has the sign of the mean rating and stays an integer."""
+    rated, newer = feedback.alias("rated"), feedback.alias("newer")
+    return (
+        select(func.sum(rated.c.rating))
+        .where(
+            rated.c.request_id == audit_records.c.request_id,
+            ~exists().where(
+                newer.c.request_id == rated.c.request_id,
+                newer.c.key_id == rated.c.key_id,
+                or_(
+                    newer.c.created_at > rated.c.created_at,
+                    and_(newer.c.created_at == rated.c.created_at, newer.c.id > rated.c.id),
+                ),
+            ),
+        )
+        .scalar_subquery()
+    )
+
+
 def rating_condition(rating: str) -> ColumnElement[bool]:
     """The audit rows whose mean current rating is below, at or above zero, or that nobody rated.
-    The sum has the mean's sign and stays an integer on both databases."""
+
+    A negative mean needs at least one -1 row (a positive one a +1 row): that set, read from the
+    (rating, created_at) index, narrows the rows before the exact per-key sum is taken for them,
+    so a page costs what its candidates cost, not the whole feedback table."""
     if rating == "unrated":
         return ~exists().where(feedback.c.request_id == audit_records.c.request_id)
-    current = _current_feedback().subquery()
-    total = func.sum(current.c.rating)
-    having = total < 0 if rating == "negative" else total > 0 if rating == "positive" else total == 0
-    return audit_records.c.request_id.in_(select(current.c.request_id).group_by(current.c.request_id).having(having))
+    total = _current_rating_sum()
+    if rating == "negative":
+        candidates, exact = select(feedback.c.request_id).where(feedback.c.rating < 0), total < 0
+    elif rating == "positive":
+        candidates, exact = select(feedback.c.request_id).where(feedback.c.rating > 0), total > 0
+    else:
+        candidates, exact = select(feedback.c.request_id), total == 0
+    return and_(audit_records.c.request_id.in_(candidates), exact)
 
 
 def _newest_label(r: Any) -> ColumnElement[bool]:
@@ -215,8 +243,12 @@ def label_condition(label: str | None) -> ColumnElement[bool]:
     """The audit rows whose current label is `label`; any label for None (not a removal).
     Correlated, so the database can probe the label index for each row a page looks at."""
     r = review_labels.alias("label_now")
-    matches = r.c.label != CLEARED if label is None else r.c.label == label
-    return exists().where(r.c.request_id == audit_records.c.request_id, matches, _newest_label(r))
+    if label is None:
+        return exists().where(r.c.request_id == audit_records.c.request_id, r.c.label != CLEARED, _newest_label(r))
+    # One label is a small set of requests: read it from the (label, created_at) index first.
+    candidates = select(review_labels.c.request_id).where(review_labels.c.label == label)
+    current = exists().where(r.c.request_id == audit_records.c.request_id, r.c.label == label, _newest_label(r))
+    return and_(audit_records.c.request_id.in_(candidates), current)
 
 
 def encode_cursor(row: dict[str, Any]) -> str:
@@ -504,11 +536,8 @@ class ReviewStore:
         threshold = format(min(255, max(0, round(sample_rate * 256))), "02x")
         c = audit_records.c
         negative = rating_condition("negative")
-        base = select(*_LIST_COLUMNS).where(
-            origin_condition(origin),
-            or_(c.blocked_by.is_not(None), c.flagged_by.is_not(None), c.request_id < threshold, negative),
-            ~label_condition(None),
-        )
+        base = select(*_LIST_COLUMNS).where(origin_condition(origin), ~label_condition(None))
+        needs_look = or_(c.blocked_by.is_not(None), c.flagged_by.is_not(None), c.request_id < threshold)
         part, cursor = "n", before
         if before is not None and before[:2] in ("n|", "r|"):
             part, cursor = before[0], before[2:] or None
@@ -527,7 +556,7 @@ class ReviewStore:
                 cursor = None
             if next_cursor is None:
                 room = limit - len(rows)
-                rest, after = await self._keyset(conn, base.where(~negative), cursor, room or 1)
+                rest, after = await self._keyset(conn, base.where(needs_look, ~negative), cursor, room or 1)
                 if room == 0:
                     next_cursor = "r|" if rest else None
                 else:
