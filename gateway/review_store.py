@@ -26,6 +26,7 @@ import msgspec
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from gateway import usage
 from gateway.db import audit_records, feedback, review_labels
 from gateway.errors import InvalidRequest, NotFound
 from gateway.jsontext import loads_stored, scrub
@@ -33,7 +34,7 @@ from gateway.jsontext import loads_stored, scrub
 LABELS = ("ok", "hallucination", "toxic", "false_positive", "bad_retrieval", "other")
 CLEARED = "cleared"  # the label row that removes a request's label (the history stays)
 RATINGS = ("negative", "neutral", "positive", "unrated")  # the sign of a request's mean rating, or none
-ORIGINS = ("live", "eval", "all")  # live: origin IS NULL (the default); eval: eval runs' rows
+ORIGINS = usage.ORIGINS  # live (the default: all but eval runs' rows), eval, all
 EXCERPT_CHARS = 120
 _MAX_ROW_ID = 2**63 - 1  # BIGINT; a larger cursor id would overflow the database driver
 _MAX_REQUEST_ID = 40  # audit_records.request_id is String(40): a longer id names no record
@@ -170,13 +171,12 @@ class Filters:
 
 
 def origin_condition(origin: str | None) -> ColumnElement[bool]:
-    """Live traffic only (the default: NULL origin, which the (origin, created_at) index serves
-    in keyset order), eval runs' rows only, or everything."""
+    """Live traffic only (the default: every row but eval runs' ones), eval runs' rows only, or
+    everything: the same reading of `origin` as usage, drift and the nightly traffic eval."""
     if origin == "eval":
-        return audit_records.c.origin == "eval"
-    if origin == "all":
-        return true()
-    return audit_records.c.origin.is_(None)
+        return audit_records.c.origin == "eval"  # the same rows; the (origin, created_at) index finds them
+    clause = usage.origin_clause(origin or "live")
+    return true() if clause is None else clause
 
 
 def _current_feedback() -> Select[Any]:
