@@ -107,8 +107,11 @@ def audit_columns(verdicts: list[Verdict]) -> dict[str, Any]:
     """The audit row's guard columns: every verdict, who blocked, who flagged, the key scores."""
     if not verdicts:
         return {}
-    blocked = next((v.guard for v in verdicts if v.action == "block"), None)
-    flagged = sorted({v.guard for v in verdicts if v.action in ("flag", "redact")})
+    # A passage guard's block drops one passage; the request itself was answered: a flag, not a block.
+    blocked = next((v.guard for v in verdicts if v.action == "block" and v.stage != "passage"), None)
+    flagged = sorted(
+        {v.guard for v in verdicts if v.action in ("flag", "redact") or (v.action == "block" and v.stage == "passage")}
+    )
     toxicity = [float(v.score) for v in verdicts if v.guard == "toxicity"]
     grounded = [float(v.score) for v in verdicts if v.guard == "groundedness"]
     return {

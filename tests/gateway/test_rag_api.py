@@ -209,6 +209,9 @@ def test_poisoned_passage_is_dropped_before_the_prompt(tmp_path: Path, fake_back
     assert any(g["guard"] == "injection" and g["stage"] == "passage" and g["action"] == "block"
                for g in gateway["guards"])  # fmt: skip
     assert gateway["retrieval"]["dropped"]
+    # The request was answered: the audit row says a guard flagged it, not that it was blocked.
+    [row] = audit_rows(settings)
+    assert row["status"] == "ok" and row["blocked_by"] is None and "injection" in row["flagged_by"]
 
 
 def test_a_new_index_is_picked_up_without_restart(
