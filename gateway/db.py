@@ -213,3 +213,36 @@ eval_items = Table(
     Column("error", Text),
     Index("ix_eval_items_run", "run_id", "position"),
 )
+
+#: Upper bounds (ms) of the latency histogram kept per rollup bucket (`lat_00` ... `lat_17`, the
+#: last one open): the overview's percentiles are read from these counts.
+ROLLUP_LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000,
+                            120_000, 300_000)  # fmt: skip
+ROLLUP_LATENCY_COLUMNS = tuple(f"lat_{i:02d}" for i in range(len(ROLLUP_LATENCY_BOUNDS_MS) + 1))
+
+# Pre-aggregated audit figures (gateway.rollup): one row per time bucket (5 minutes or an hour) and
+# origin, model, status and guard outcome, so the overview reads thousands of rows, not millions.
+# NULLs are stored as '' (a primary key column cannot be NULL). A computed bucket without any
+# record still has one row (status '', zero counts), so "computed" and "empty" are told apart.
+audit_rollups = Table(
+    "audit_rollups",
+    metadata,
+    Column("size_s", Integer, primary_key=True),  # 300 or 3600
+    Column("bucket_start", BigInteger, primary_key=True),  # epoch seconds, a multiple of size_s
+    Column("origin", String(16), primary_key=True),  # '' live traffic, 'eval'
+    Column("model", String(200), primary_key=True),
+    Column("status", String(32), primary_key=True),
+    Column("blocked_by", String(64), primary_key=True),
+    Column("flagged_by", String(200), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("total_tokens", BigInteger, nullable=False),
+    Column("latency_n", BigInteger, nullable=False),  # records with a total_ms
+    Column("latency_sum_ms", Float, nullable=False),
+    Column("toxicity_n", BigInteger, nullable=False),
+    Column("toxicity_sum", Float, nullable=False),
+    Column("groundedness_n", BigInteger, nullable=False),
+    Column("groundedness_sum", Float, nullable=False),
+    *(Column(name, BigInteger, nullable=False) for name in ROLLUP_LATENCY_COLUMNS),
+)

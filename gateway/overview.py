@@ -1,10 +1,13 @@
 """The reviewer overview (`/review/overview`, `/api/review/overview`): requests, block and flag rates per
 guard, and latency percentiles over the last hours or days, as server-rendered SVG charts.
 
-Everything is aggregated in SQL by time bucket (one GROUP BY over the window, read in primary-key
-order), so the page reads one row per bucket, status, guard and latency bin, not one per record.
-Latency percentiles come from a histogram counted in SQL (fixed bins, CASE), interpolated inside
-the bin as Prometheus does: exact enough for a chart, and the same on SQLite and PostgreSQL.
+Closed buckets come from `audit_rollups` (gateway.rollup computes them in the background, once,
+on whichever replica gets there first), so a first load over 30 days of a million records reads a
+few thousand rows; only the open bucket and the window's partial first bucket are aggregated from
+raw rows (a small range of the created_at index). Where no rollups exist yet, raw rows are read.
+Latency percentiles come from a histogram of fixed bins (LATENCY_BINS_MS), interpolated inside the
+bin as Prometheus does: the same figures from rollups as from raw rows, and within the bin of the
+exact percentile, so off by at most that bin's width (e.g. 100-200 ms: up to 100 ms).
 Live traffic only by default: eval runs' rows (`origin = 'eval'`) are left out unless
 `?origin=eval` or `?origin=all` asks for them.
 """
@@ -12,7 +15,6 @@ Live traffic only by default: eval runs' rows (`origin = 'eval'`) are left out u
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from html import escape
@@ -27,9 +29,10 @@ from sqlalchemy import Integer, case, cast, extract, func, literal_column, selec
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.db import audit_records
+from gateway.db import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups
 from gateway.errors import InvalidRequest
 from gateway.review import REVIEWER, SIGN_IN_FIRST, Reviewer, _context
+from gateway.rollup import COARSE_S, FINE_S, computed_range
 from gateway.services import Services
 from gateway.usage import ORIGINS, origin_clause, parse_since
 
@@ -38,8 +41,8 @@ WINDOWS = ("1h", "6h", "24h", "7d", "30d")
 #: Bucket sizes (seconds) to choose from: the smallest that keeps a chart under MAX_BUCKETS points.
 _BUCKET_SIZES = (60, 300, 900, 1800, 3600, 7200, 21600, 43200, 86400, 7 * 86400)
 MAX_BUCKETS = 120
-#: Upper bounds (ms) of the latency bins counted in SQL; the last bin is open.
-LATENCY_BINS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000, 120_000, 300_000)
+#: Upper bounds (ms) of the latency bins (the rollups' histogram columns); the last bin is open.
+LATENCY_BINS_MS = ROLLUP_LATENCY_BOUNDS_MS
 _ERRORS = ("backend_error", "error", "limits_unavailable")
 PERCENTILES = (50, 95, 99)
 
@@ -137,9 +140,9 @@ def bucket_size(span_s: float) -> int:
 
 
 def _time_key(dialect: str, bucket_s: int) -> ColumnElement[Any]:
-    """What rows are grouped by in SQL: on SQLite the stored UTC text cut to the minute (or the hour,
-    for buckets of an hour or more), which costs far less per row than parsing it; elsewhere the
-    bucket number itself. Bucket sizes are whole minutes (hours), so both give the same buckets."""
+    """What raw rows are grouped by in SQL: on SQLite the stored UTC text cut to the minute (or the
+    hour, for buckets of an hour or more), which costs far less per row than parsing it; elsewhere
+    the bucket number itself. Bucket sizes are whole minutes (hours), so both give the same buckets."""
     column = audit_records.c.created_at
     if dialect == "sqlite":
         return func.substr(column, 1, 13 if bucket_s >= 3600 else 16)
@@ -163,18 +166,14 @@ def _latency_bin() -> ColumnElement[Any]:
     )
 
 
-#: A bucket that ended this long ago gets no more rows (audit rows commit within seconds of their
-#: start), so its figures are kept in process and not read again; kept for CLOSED_TTL_S, after which
-#: everything is read afresh (rows replayed late from the audit spool, retention's deletes).
-CLOSED_AFTER_S = 600
-CLOSED_TTL_S = 300.0
-_closed: dict[tuple[str, int, str], tuple[float, int, int, list[Any]]] = {}  # (engine, bucket_s, origin) -> ...
+#: A raw range up to this long is read through the created_at index; a longer one by primary key.
+_SMALL_RANGE_S = 6 * 3600
 
 
 async def _scan(
     conn: Any, bucket_s: int, lo: datetime, hi: datetime, dialect: str, *, small: bool, origin: str = "live"
 ) -> list[Any]:
-    """Grouped rows (key, bin, status, blocked_by, flagged_by, n) of records with lo <= created_at < hi.
+    """Grouped raw rows (key, bin, status, blocked_by, flagged_by, n) of records with lo <= created_at < hi.
 
     A small range is read through the created_at index. A large one is scanned by primary key from
     its first row on (ids grow with time, roughly: a row is written when its request ends), so the
@@ -203,84 +202,106 @@ async def _scan(
     return list((await conn.execute(query)).all())
 
 
-async def _rows(
-    engine: AsyncEngine, bucket_s: int, since: datetime, until: datetime, live: bool, origin: str
-) -> list[Any]:
-    """The window's grouped rows; for the live page, whole closed buckets come from the cache."""
-    dialect = engine.dialect.name
-    async with engine.connect() as conn:
-        if not live:
-            end = until + timedelta(microseconds=1)
-            return await _scan(conn, bucket_s, since, end, dialect, small=False, origin=origin)
-        # [since, head) the window's partial first bucket; [head, tail) whole closed buckets; [tail, until].
-        head = int(since.timestamp()) // bucket_s + 1
-        tail = max(head, (int(until.timestamp()) - CLOSED_AFTER_S) // bucket_s)
-        cached = _closed.get((str(engine.url), bucket_s, origin))
-        clock = time.monotonic()
-        if cached is None or clock - cached[0] > CLOSED_TTL_S or cached[1] > head or cached[2] < tail:
-            lo, hi = _at(head, bucket_s), _at(tail, bucket_s)
-            scanned = await _scan(conn, bucket_s, lo, hi, dialect, small=False, origin=origin)
-            keys: dict[Any, int] = {}  # each row's bucket, worked out once per time key
-            for row in scanned:
-                if row.key not in keys:
-                    keys[row.key] = _bucket_of(row.key, bucket_s)
-            indexed = [(keys[row.key], row) for row in scanned]
-            cached = _closed[(str(engine.url), bucket_s, origin)] = (clock, head, tail, indexed)
-        rows = [r for index, r in cached[3] if head <= index < tail]
-        # The partial first bucket and the open ones: small ranges, read through the created_at index.
-        rows += await _scan(conn, bucket_s, since, _at(head, bucket_s), dialect, small=True, origin=origin)
-        end = until + timedelta(microseconds=1)
-        rows += await _scan(conn, bucket_s, _at(tail, bucket_s), end, dialect, small=True, origin=origin)
-        return rows
+async def _read_rollups(conn: Any, size: int, lo: int, hi: int, origin: str) -> list[Any]:
+    """Rollup rows of buckets [lo, hi) (epoch s) summed over model: one per bucket, status and guard outcome."""
+    r = audit_rollups.c
+    bounds = [r.size_s == size, r.bucket_start >= lo, r.bucket_start < hi, r.requests > 0]
+    if origin != "all":
+        bounds.append(r.origin == "eval" if origin == "eval" else r.origin != "eval")
+    query = (
+        select(r.bucket_start, r.status, r.blocked_by, r.flagged_by, func.sum(r.requests).label("n"),
+               *(func.sum(getattr(r, name)).label(name) for name in ROLLUP_LATENCY_COLUMNS))
+        .where(*bounds)
+        .group_by(r.bucket_start, r.status, r.blocked_by, r.flagged_by)
+    )  # fmt: skip
+    return list((await conn.execute(query)).all())
 
 
-def _at(index: int, bucket_s: int) -> datetime:
-    return datetime.fromtimestamp(index * bucket_s, UTC)
+def rollup_size_for(bucket_s: int) -> int | None:
+    """The rollup bucket size a chart of `bucket_s` buckets is summed from (None: read raw rows)."""
+    return next((size for size in (COARSE_S, FINE_S) if bucket_s % size == 0), None)
+
+
+def _at(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _count(b: Bucket, status: str, blocked_by: str | None, flagged_by: str | None, n: int) -> None:
+    b.requests += n
+    if status == "blocked":
+        b.blocked += n
+    elif status == "rate_limited":
+        b.rate_limited += n
+    elif status in _ERRORS:
+        b.errors += n
+    if blocked_by:
+        b.blocked_by[blocked_by] = b.blocked_by.get(blocked_by, 0) + n
+    if flagged_by:
+        b.flagged += n
+        for guard in flagged_by.split(","):  # "toxicity,groundedness": one count each
+            if guard.strip():
+                b.flagged_by[guard.strip()] = b.flagged_by.get(guard.strip(), 0) + n
 
 
 async def overview(
-    engine: AsyncEngine, since: datetime, until: datetime | None = None, *, origin: str = "live"
+    engine: AsyncEngine,
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    origin: str = "live",
+    rollups: bool = True,
 ) -> Overview:
-    """Figures per time bucket between `since` and `until` (now), aggregated in the database; live
-    traffic only unless `origin` is "eval" or "all".
+    """Figures per time bucket between `since` and `until` (now); live traffic only unless `origin`
+    is "eval" or "all".
 
-    One scan of the window: rows are grouped by (time key, latency bin, status, blocked_by,
-    flagged_by), a few thousand groups at most, and folded into buckets here. Without `until` (the
-    live page) closed buckets are read once and kept for CLOSED_TTL_S; only the newest are read."""
+    Whole buckets the rollup task has computed (gateway.rollup) are read from `audit_rollups`, a few
+    thousand rows for 30 days; the rest (the window's partial first bucket, the open bucket, and
+    anything not rolled up yet) from the raw rows, grouped in SQL by (time key, latency bin, status,
+    blocked_by, flagged_by). `rollups=False` reads every raw row (the benchmark's "before")."""
     if origin not in ORIGINS:
         raise ValueError(f"origin {origin!r}: choose one of {', '.join(ORIGINS)}")
-    live = until is None
     until = until or datetime.now(UTC)
     bucket_s = bucket_size(max((until - since).total_seconds(), 1.0))
     first = int(since.timestamp()) // bucket_s
     last = int(until.timestamp()) // bucket_s
-    buckets = {i: Bucket(datetime.fromtimestamp(i * bucket_s, UTC)) for i in range(first, last + 1)}
-    rows = await _rows(engine, bucket_s, since, until, live, origin)
-    indexes: dict[Any, int] = {}
-    for row in rows:
-        index = indexes.get(row.key)
-        if index is None:
-            index = indexes[row.key] = _bucket_of(row.key, bucket_s)
+    buckets = {i: Bucket(_at(i * bucket_s)) for i in range(first, last + 1)}
+
+    def bucket(index: int) -> Bucket:
         b = buckets.get(index)
         if b is None:
-            b = buckets[index] = Bucket(datetime.fromtimestamp(index * bucket_s, UTC))
-        n = int(row.n)
-        b.requests += n
-        if row.bin >= 0:
-            b.latency_bins[int(row.bin)] += n
-        if row.status == "blocked":
-            b.blocked += n
-        elif row.status == "rate_limited":
-            b.rate_limited += n
-        elif row.status in _ERRORS:
-            b.errors += n
-        if row.blocked_by is not None:
-            b.blocked_by[row.blocked_by] = b.blocked_by.get(row.blocked_by, 0) + n
-        if row.flagged_by is not None:
-            b.flagged += n
-            for guard in str(row.flagged_by).split(","):  # "toxicity,groundedness": one count each
-                if guard.strip():
-                    b.flagged_by[guard.strip()] = b.flagged_by.get(guard.strip(), 0) + n
+            b = buckets[index] = Bucket(_at(index * bucket_s))
+        return b
+
+    end = until + timedelta(microseconds=1)
+    raw_ranges = [(since, end)]
+    dialect = engine.dialect.name
+    async with engine.connect() as conn:
+        size = rollup_size_for(bucket_s) if rollups else None
+        done = await computed_range(conn, size) if size else None
+        if size and done:
+            lo = max(-(-int(since.timestamp()) // size) * size, done[0])
+            hi = min(int(end.timestamp()) // size * size, done[1])
+            if lo < hi:
+                raw_ranges = [(since, _at(lo)), (_at(hi), end)]
+                for row in await _read_rollups(conn, size, lo, hi, origin):
+                    b = bucket(int(row.bucket_start) // bucket_s)
+                    _count(b, row.status, row.blocked_by, row.flagged_by, int(row.n))
+                    for i, name in enumerate(ROLLUP_LATENCY_COLUMNS):
+                        b.latency_bins[i] += int(getattr(row, name))
+        indexes: dict[Any, int] = {}
+        for lo_at, hi_at in raw_ranges:
+            if lo_at >= hi_at:
+                continue
+            small = (hi_at - lo_at).total_seconds() <= _SMALL_RANGE_S
+            for row in await _scan(conn, bucket_s, lo_at, hi_at, dialect, small=small, origin=origin):
+                index = indexes.get(row.key)
+                if index is None:
+                    index = indexes[row.key] = _bucket_of(row.key, bucket_s)
+                b = bucket(index)
+                n = int(row.n)
+                _count(b, row.status, row.blocked_by, row.flagged_by, n)
+                if row.bin >= 0:
+                    b.latency_bins[int(row.bin)] += n
     ordered = [buckets[k] for k in sorted(buckets)]
     total = sum(b.requests for b in ordered)
     names = sorted({g for b in ordered for g in (*b.blocked_by, *b.flagged_by)})

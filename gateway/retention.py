@@ -4,6 +4,8 @@ Each batch is one short transaction (select a batch of ids, optionally append th
 their labels to a JSONL archive with fsync, delete them), with a pause between batches, so the
 audit writer's group commits keep going while a prune runs. An interrupted prune loses
 nothing: a batch is archived before it is deleted, and rerunning continues where it stopped.
+The overview's rollups of buckets before the cutoff are dropped first (gateway.rollup), so the
+overview reads what is left of those records raw and never counts a pruned one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.db import audit_records, review_labels
+from gateway.rollup import prune_rollups
 
 
 @dataclass
@@ -27,6 +30,7 @@ class PruneReport:
     cutoff: datetime
     records: int = 0
     labels: int = 0
+    rollups: int = 0  # audit_rollups rows dropped
     batches: int = 0
     archive: Path | None = None
 
@@ -56,6 +60,8 @@ async def prune(
                 )
             ).scalar_one()
         return report
+    async with engine.begin() as conn:
+        report.rollups = await prune_rollups(conn, cutoff)
     while True:
         async with engine.begin() as conn:
             rows = [

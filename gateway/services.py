@@ -25,6 +25,7 @@ from gateway.migrate import upgrade
 from gateway.pipeline import Pipeline, Trace
 from gateway.review_store import ReviewStore
 from gateway.rollout import Rollout
+from gateway.rollup import RollupTask
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.tracing import RequestTracer
@@ -120,6 +121,8 @@ class Services:
         self.metrics_server: MetricsServer | None = None
         self.evals: EvalGauges | None = None  # the latest nightly runs, refreshed in the background
         self._evals_task: asyncio.Task[None] | None = None
+        # The overview's rollups: closed buckets aggregated in the background, every minute.
+        self.rollups = RollupTask(self.engine)
         if settings.metrics != "off" or settings.metrics_port:
             self.evals = EvalGauges()
             self.metrics = build_metrics(self)
@@ -139,6 +142,7 @@ class Services:
             # Alembic runs its own event loop, so it gets a thread of its own.
             await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
+        self.rollups.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
         if self.evals is not None:
@@ -264,6 +268,7 @@ class Services:
             await asyncio.gather(self._evals_task, return_exceptions=True)
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.close)
+        await self.rollups.stop()
         await self.audit.stop()
         await self.limiter.aclose()
         if self.store is not None:

@@ -5,6 +5,7 @@ through the pipeline, so the review queue, usage, drift and metrics can leave th
 `feedback` holds end-user ratings sent to POST /v1/feedback (issue 16).
 `api_keys.collections` (JSON list, NULL: all) limits which collections a key may search and whose
 documents it may read; `api_keys.rag_sources` is the key's default for showing sources (issue 17).
+`audit_rollups` holds the overview's pre-aggregated buckets (gateway.rollup, issue 9).
 
 Revision ID: 0009
 Revises: 0008
@@ -42,9 +43,32 @@ def upgrade() -> None:
     )
     op.create_index("ix_feedback_request_created", "feedback", ["request_id", "created_at"])
     op.create_index("ix_feedback_rating_created", "feedback", ["rating", "created_at"])
+    key = [
+        sa.Column("size_s", sa.Integer(), primary_key=True),
+        sa.Column("bucket_start", sa.BigInteger(), primary_key=True),
+        sa.Column("origin", sa.String(16), primary_key=True),
+        sa.Column("model", sa.String(200), primary_key=True),
+        sa.Column("status", sa.String(32), primary_key=True),
+        sa.Column("blocked_by", sa.String(64), primary_key=True),
+        sa.Column("flagged_by", sa.String(200), primary_key=True),
+    ]
+    counts = ["requests", "prompt_tokens", "completion_tokens", "total_tokens", "latency_n"]
+    op.create_table(
+        "audit_rollups",
+        *key,
+        *(sa.Column(name, sa.BigInteger(), nullable=False) for name in counts),
+        sa.Column("latency_sum_ms", sa.Float(), nullable=False),
+        sa.Column("toxicity_n", sa.BigInteger(), nullable=False),
+        sa.Column("toxicity_sum", sa.Float(), nullable=False),
+        sa.Column("groundedness_n", sa.BigInteger(), nullable=False),
+        sa.Column("groundedness_sum", sa.Float(), nullable=False),
+        *(sa.Column(f"lat_{i:02d}", sa.BigInteger(), nullable=False) for i in range(18)),
+        sa.PrimaryKeyConstraint(*(c.name for c in key), name="pk_audit_rollups"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("audit_rollups")
     op.drop_index("ix_feedback_rating_created", table_name="feedback")
     op.drop_index("ix_feedback_request_created", table_name="feedback")
     op.drop_table("feedback")
