@@ -11,13 +11,15 @@
 - turn a mid-stream failure into an SSE `error` event (`_failure`, `_failed`);
 - audit a disconnect (`_disconnected`).
 
-Output guards over a stream (`StreamGuard`) release only text they have checked.
+Output guards over a stream (`StreamGuard`) release only text they have checked, re-chunked
+into word-sized events so that a guarded stream flows like an unguarded one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -150,6 +152,8 @@ class StreamRelay:
             self.guard.hold_event(event)  # everything in it is held back for now
         else:
             self.guard.merge_event(event)
+            for piece in self.guard.rechunk(event, self.shape):  # the released words, one by one
+                self._send(piece, _encode(piece), True, False, piece["choices"])
             self._send(event, _encode(event), released, closing, choices)
 
     def _send(
@@ -338,7 +342,11 @@ class StreamRelay:
 
 
 class StreamGuard:
-    """Output guards over a stream: one sentence-by-sentence checker per choice."""
+    """Output guards over a stream: one checker per choice (`guardrails.StreamChecker`).
+
+    In checked mode a checker releases text as the blocking guards pass it, often several
+    words at once; `rechunk` splits such a release back into word-sized events, so the client
+    sees a steady stream rather than lumps."""
 
     def __init__(
         self,
@@ -363,7 +371,8 @@ class StreamGuard:
     def _checker(self, index: int) -> StreamChecker:
         checker = self._checkers.get(index)
         if checker is None:
-            checker = self._rails.stream(self._passages, self._api_key_id, self._model, self._prompt)
+            flow = self._sent is None  # optimistic mode sends the text anyway: no early checks
+            checker = self._rails.stream(self._passages, self._api_key_id, self._model, self._prompt, flow)
             self._checkers[index] = checker
         return checker
 
@@ -406,6 +415,32 @@ class StreamGuard:
                 sent[index] = sent.get(index, "") + piece
                 sent_any = True
         return sent_any, None
+
+    def rechunk(self, event: dict[str, Any], shape: Shape) -> list[dict[str, Any]]:
+        """Events for the leading words of each choice's released text, taken out of `event`.
+
+        `event` keeps each choice's last word with all its other fields (logprobs, token ids,
+        finish_reason, ...: they belong to the text as a whole and stay in order); the events
+        before it carry one word each (with the whitespace before the next) and `event`'s
+        scalar top-level fields (id, object, created, model, system_fingerprint, ...). A choice
+        whose delta says more than its text (a role, tool calls) is left whole."""
+        if self._sent is not None:
+            return []  # optimistic: events go out as the backend sent them
+        pieces: list[dict[str, Any]] = []
+        envelope: dict[str, Any] | None = None
+        for choice in event["choices"]:
+            text = shape.delta_text(choice)
+            if not text or (isinstance(choice.get("delta"), dict) and choice["delta"].keys() - {"content"}):
+                continue
+            words = _WORD_CHUNK.findall(text)
+            if len(words) < 2:
+                continue
+            if envelope is None:
+                envelope = {k: v for k, v in event.items() if _scalar(v)}  # not choices, usage, ...
+            index = choice.get("index", 0)
+            pieces.extend(envelope | {"choices": [shape.content_choice(index, word)]} for word in words[:-1])
+            shape.set_delta_text(choice, words[-1])
+        return pieces
 
     @staticmethod
     async def _release(checker: StreamChecker, piece: str | None, choice: dict[str, Any]) -> tuple[str, Verdict | None]:
@@ -471,6 +506,15 @@ def closing_text(released: str, message: str) -> str:
 
 
 _CHOICE_OWN = frozenset({"index", "delta", "text", "finish_reason"})  # what the guard rewrites itself
+#: One word-sized piece: leading whitespace (only at the start of a release), a word, the
+#: whitespace after it. Joined, the pieces are the text again.
+_WORD_CHUNK = re.compile(r"\s*\S+\s*|\s+")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 _EVENT_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
 
 

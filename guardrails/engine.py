@@ -6,7 +6,7 @@ message dicts, answer strings, `Passage`s) and returns plain results.
     kept = await rails.check_passages(passages, api_key_id=k, model=m)
     out = await rails.check_output(answer, passages, api_key_id=k, model=m, prompt=question)
     stream = rails.stream(passages, api_key_id=k, model=m, prompt=question)
-    safe = await stream.feed(delta); ...; tail = await stream.finish()
+    safe = await stream.feed(delta); ...; tail = await stream.finish()  # safe: text to send now
 
 Guards run concurrently per request; model-backed guards batch across requests in the shared,
 bounded executor. Every verdict carries its guard's milliseconds.
@@ -19,13 +19,15 @@ import copy
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from guardrails.base import GUARDS, Guard, GuardContext, GuardResources, JudgeFn, Passage, Span, Verdict, mask_spans
 from guardrails.groundedness import GroundednessOptions
+from guardrails.holdback import WordWindow, keyword_hold_start, word_window
+from guardrails.keywords import KeywordGuard
 from guardrails.policy import Policy, RequestPolicy, default_policy
 from guardrails.sentences import last_boundary
-from guardrails.toxicity import ToxicityScorer, build_scorer
+from guardrails.toxicity import ToxicityGuard, ToxicityScorer, build_scorer
 
 _SEVERITY = {"allow": 0, "flag": 1, "redact": 2, "block": 3}
 
@@ -416,23 +418,62 @@ class Guardrails:
         api_key_id: str | None = None,
         model: str | None = None,
         prompt: str | None = None,
+        flow: bool = True,
     ) -> StreamChecker:
-        """A checker for one streamed answer (see `StreamChecker`)."""
-        return StreamChecker(self, tuple(passages), api_key_id, model, prompt)
+        """A checker for one streamed answer (see `StreamChecker`); without `flow`, text is
+        released a whole sentence at a time (for a caller that sends it anyway: optimistic)."""
+        return StreamChecker(self, tuple(passages), api_key_id, model, prompt, flow)
 
 
 def _fields(v: Verdict) -> dict[str, Any]:
     return {f: getattr(v, f) for f in Verdict.__dataclass_fields__}
 
 
+#: How far a blocking or redacting output guard's verdict on an unfinished sentence can be
+#: trusted while streaming: "probe" (exact terms: up to where a term could still begin),
+#: "words" (a sentence model: words with `hold_words` checked words after them), "sentence"
+#: (only a complete sentence: the whole sentence is held, as for a non-streamed answer).
+HoldKind = Literal["probe", "words", "sentence"]
+
+
+def hold_kind(guard: Guard) -> HoldKind:
+    """How a guard that can block or redact lets a stream flow (see `HoldKind`).
+
+    Keywords without regex terms are exact: "probe". Toxicity set to block scores the sentence
+    so far: "words". Everything else holds whole sentences: groundedness or moderation set to
+    block (they judge claims and context, not words), toxicity set to redact (its span is the
+    whole sentence, so no part of it may go out unmasked) and keyword regexes (unbounded)."""
+    if isinstance(guard, KeywordGuard):
+        return "sentence" if guard.matcher.regexes else "probe"
+    if isinstance(guard, ToxicityGuard) and guard.settings.action == "block":
+        return "words"
+    return "sentence"
+
+
 @dataclass
 class StreamChecker:
-    """Checks a streamed answer sentence by sentence.
+    """Checks a streamed answer as it grows; releases only what the blocking guards passed.
 
-    `feed(delta)` returns the text that is safe to send now: every complete sentence that the
-    output guards passed (redacted where the policy says so). Only the current unfinished
-    sentence is held back. When a guard blocks, the step says so, the flagged sentence is never
-    released and every later call releases nothing. `finish()` checks and releases the tail.
+    The answer is cut into units: sentences (see `guardrails.sentences`), or, for text without a
+    sentence end, at most `max_hold_chars` cut at a space. A complete unit is checked whole by
+    every output guard, exactly as before: a blocking verdict ends the stream and nothing more
+    of that unit is released; a redacting one masks the rest of the unit before it goes out.
+    Guards that only flag never hold text: they check each unit beside the stream and their
+    verdicts are collected by the next call (`finish` waits for them).
+
+    With `flow` (the "checked" stream mode), text of the unfinished unit goes out before the
+    unit ends, as soon as every guard that can block or redact has passed it (`hold_kind`):
+    keywords up to where a listed term could still begin (checked on every delta, evasions
+    included); toxicity for words followed by `hold_words` complete words in the scored text
+    (the whole unit so far is scored, every `step_words` new words, through the batching
+    scorer), so a phrase of up to `hold_words + 1` words that straddles a release point is
+    scored whole before any of it is released. Any other blocking guard holds whole units. When
+    a check of the unfinished unit finds something, nothing more of the unit goes out until it
+    is complete and decided whole: a block or a redaction is decided on the same text as
+    without flow, and of a blocked unit only words that passed with their look-ahead were sent.
+
+    `feed(delta)` returns the text safe to send now; once blocked, every call releases nothing.
+    `finish()` checks and releases the tail.
     """
 
     rails: Guardrails
@@ -440,15 +481,34 @@ class StreamChecker:
     api_key_id: str | None
     model: str | None
     prompt: str | None
+    flow: bool = True
+    #: complete words held after the last released word while toxicity may still block
+    hold_words: int = 2
+    #: new complete words between two scorings of the unfinished unit (the first comes at once)
+    step_words: int = 2
+    # Text without any sentence end (code, lists, run-on output) is not held forever: past this
+    # many characters, check and release up to the last space.
+    max_hold_chars: int = 240
     text: str = ""
-    checked: int = 0
+    checked: int = 0  # text[:checked] is released (or, once blocked, decided)
+    unit_start: int = 0  # where the unfinished unit begins
     released: str = ""
     verdicts: list[Verdict] = field(default_factory=list)
     blocked_by: Verdict | None = None
     finished: bool = False
-    # Text without any sentence end (code, lists, run-on output) is not held forever: past this
-    # many characters, check and release up to the last space.
-    max_hold_chars: int = 240
+    _unit_hit: bool = False  # a check of the unfinished unit found something: hold it to its end
+    _cleared: int = 0  # the "words" guards passed text[:_cleared] of the unfinished unit
+    _scored_words: int = 0  # complete words of the unit at its last scoring
+    _probe_ms: dict[str, float] = field(default_factory=dict)
+    _flag_tasks: list[asyncio.Task[list[Verdict]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        guards = self.rails._output_guards(self.api_key_id, self.model)
+        self._masks = self.rails._masks(guards)
+        self._gating = [g for g in guards.values() if g.settings.action != "flag"]
+        self._flagging = [g for g in guards.values() if g.settings.action == "flag"]
+        self._kinds = [(g, hold_kind(g)) for g in self._gating if not g.inert]
+        self._sentences = any(kind == "sentence" for _, kind in self._kinds)
 
     @property
     def blocked(self) -> bool:
@@ -457,64 +517,160 @@ class StreamChecker:
     async def feed(self, delta: str) -> StreamStep:
         if self.blocked or self.finished:
             return StreamStep("", self.blocked, self.blocked_by)
+        self._harvest()
         self.text += delta
-        pending = self.text[self.checked :]
-        boundary = last_boundary(pending)
-        if boundary == 0 and len(pending) > self.max_hold_chars:
-            boundary = pending.rfind(" ") + 1
-        if boundary == 0:
-            return StreamStep("")
-        return await self._check(self.checked + boundary)
+        release = ""
+        verdicts: tuple[Verdict, ...] = ()
+        end = self._unit_end()
+        if end:
+            step = await self._decide(end)
+            if step.blocked:
+                return step
+            release, verdicts = step.release, step.verdicts
+        if self.flow:
+            release += await self._flow()
+        return StreamStep(release, False, None, verdicts)
 
     async def finish(self) -> StreamStep:
         """Check and release whatever is left (the last, unterminated sentence)."""
         if self.blocked or self.finished:
             return StreamStep("", self.blocked, self.blocked_by)
-        step = await self._check(len(self.text))
+        self._harvest()
+        step = await self._decide(len(self.text))
+        await self._settle()
         self.finished = True
         return step
 
-    async def _check(self, upto: int) -> StreamStep:
-        chunk = self.text[self.checked : upto]
-        if not chunk.strip():
-            self.checked = upto
-            self.released += chunk
-            return StreamStep(chunk)
-        guards = self.rails._output_guards(self.api_key_id, self.model)
-        ctx = GuardContext(
+    def _unit_end(self) -> int:
+        """Where the complete units in the text end (0 when the current unit is unfinished)."""
+        pending = self.text[self.unit_start :]
+        boundary = last_boundary(pending)
+        if boundary == 0 and len(pending) > self.max_hold_chars:
+            boundary = pending.rfind(" ") + 1
+        return self.unit_start + boundary if boundary else 0
+
+    def _context(self, text: str) -> GuardContext:
+        return GuardContext(
             stage="output",
-            text=chunk,
+            text=text,
             passages=self.passages,
             prompt=self.prompt,
             api_key_id=self.api_key_id,
             model=self.model,
         )
-        verdicts = await self.rails._run(list(guards.values()), ctx)
-        offset = self.checked
-        verdicts = [
-            Verdict(**{**_fields(v), "spans": tuple((s + offset, e + offset) for s, e in v.spans)}) for v in verdicts
-        ]
+
+    async def _decide(self, upto: int) -> StreamStep:
+        """Check the complete unit text[unit_start:upto] whole and release what is left of it."""
+        start, rest = self.unit_start, self.checked
+        unit = self.text[start:upto]
+        self.unit_start = self._cleared = upto
+        self._unit_hit, self._scored_words = False, 0
+        if not unit.strip():
+            return self._release(upto, [])
+        ctx = self._context(unit)
+        if self._flagging:
+            task = asyncio.get_running_loop().create_task(self._flags(ctx, start))
+            self._flag_tasks.append(task)
+        verdicts = [_shifted(v, start) for v in await self.rails._run(self._gating, ctx)]
         self.verdicts.extend(verdicts)
-        self.checked = upto
         blocked = _first_block(verdicts)
         if blocked is not None:
+            self.checked = upto
             self.blocked_by = blocked
+            await self._settle()
             return StreamStep("", True, blocked, tuple(verdicts))
-        masks = self.rails._masks(guards)
-        local = [
-            Verdict(**{**_fields(v), "spans": tuple((s - offset, e - offset) for s, e in v.spans)}) for v in verdicts
-        ]
-        release = _apply_redactions(chunk, local, masks)
-        self.released += release
-        return StreamStep(release, False, None, tuple(verdicts))
+        # Redact what is still unreleased (a span reaching into released text is cut at it).
+        local = [_shifted(v, -rest, limit=upto - rest) for v in verdicts if v.action == "redact"]
+        step = self._release(upto, local)
+        return StreamStep(step.release, False, None, tuple(verdicts))
+
+    def _release(self, upto: int, redacting: Sequence[Verdict]) -> StreamStep:
+        chunk = _apply_redactions(self.text[self.checked : upto], redacting, self._masks)
+        self.checked = upto
+        self.released += chunk
+        return StreamStep(chunk)
+
+    async def _flow(self) -> str:
+        """Release what the blocking guards passed of the unfinished unit (see the class doc)."""
+        if self._sentences or self._unit_hit:
+            return ""
+        start = self.unit_start
+        unit = self.text[start:]
+        limit = len(self.text)
+        jobs: list[tuple[Guard, str]] = []  # (guard, text it checks): run only if something may go
+        scoring: WordWindow | None = None
+        for guard, kind in self._kinds:
+            if kind == "probe":
+                assert isinstance(guard, KeywordGuard)
+                limit = min(limit, start + keyword_hold_start(guard.matcher, unit))
+                jobs.append((guard, unit))
+                continue
+            window = word_window(unit, self.hold_words)
+            due = (
+                window.words > self.hold_words
+                and start + window.release > self._cleared
+                and (self._scored_words == 0 or window.words - self._scored_words >= self.step_words)
+            )
+            if due:
+                scoring = window
+                jobs.append((guard, unit[: window.scored]))
+            limit = min(limit, start + window.release if due else self._cleared)
+        if limit <= self.checked:
+            return ""
+        verdicts = await asyncio.gather(*(guard.check(self._context(text)) for guard, text in jobs))
+        for v in verdicts:
+            self._probe_ms[v.guard] = self._probe_ms.get(v.guard, 0.0) + v.ms
+        if any(v.hit for v in verdicts):
+            self._unit_hit = True  # decided when the unit is complete
+            return ""
+        if scoring is not None:
+            self._cleared, self._scored_words = start + scoring.release, scoring.words
+        return self._release(limit, []).release
+
+    async def _flags(self, ctx: GuardContext, offset: int) -> list[Verdict]:
+        return [_shifted(v, offset) for v in await self.rails._run(self._flagging, ctx)]
+
+    def _harvest(self) -> None:
+        """Collect the verdicts of flag-only checks that are done (raising a guard's error)."""
+        pending = []
+        for task in self._flag_tasks:
+            if task.done():
+                self.verdicts.extend(task.result())
+            else:
+                pending.append(task)
+        self._flag_tasks = pending
+
+    async def _settle(self) -> None:
+        """Wait for the flag-only checks still running and collect their verdicts."""
+        tasks, self._flag_tasks = self._flag_tasks, []
+        for verdicts in await asyncio.gather(*tasks):
+            self.verdicts.extend(verdicts)
 
     def summary(self) -> list[Verdict]:
-        """One verdict per guard for the whole stream: the most severe, with summed milliseconds."""
+        """One verdict per guard for the whole stream: the most severe, with summed milliseconds
+        (the checks of unfinished sentences included). Flag-only checks still running when the
+        stream ended early (a client gone) are cancelled and left out."""
+        for task in self._flag_tasks:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.verdicts.extend(task.result())
+            else:
+                task.cancel()
+        self._flag_tasks = []
         by_guard: dict[str, Verdict] = {}
-        total_ms: dict[str, float] = {}
+        total_ms: dict[str, float] = dict(self._probe_ms)
         for v in self.verdicts:
             total_ms[v.guard] = total_ms.get(v.guard, 0.0) + v.ms
             cur = by_guard.get(v.guard)
             if cur is None or _SEVERITY[v.action] > _SEVERITY[cur.action]:
                 by_guard[v.guard] = v
         return [Verdict(**{**_fields(v), "ms": total_ms[g]}) for g, v in by_guard.items()]
+
+
+def _shifted(v: Verdict, offset: int, limit: int | None = None) -> Verdict:
+    """The verdict with its spans moved by `offset` (and clipped to [0, limit) when given)."""
+    if not v.spans:
+        return v
+    spans = [(s + offset, e + offset) for s, e in v.spans]
+    if limit is not None:
+        spans = [(max(s, 0), min(e, limit)) for s, e in spans if e > 0 and s < limit]
+    return Verdict(**{**_fields(v), "spans": tuple(spans)})

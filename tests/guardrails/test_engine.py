@@ -121,20 +121,36 @@ async def _stream(rails: Guardrails, deltas: list[str], **kw) -> tuple[list[str]
     return released, checker
 
 
-async def test_stream_releases_sentence_by_sentence(rails: Guardrails):
+async def test_stream_without_flow_releases_sentence_by_sentence(rails: Guardrails):
     deltas = ["The Eiffel", " Tower is 330 metres", " tall. It was completed", " in 1889. Nice"]
-    released, checker = await _stream(rails, deltas)
+    released, checker = await _stream(rails, deltas, flow=False)
     # nothing before the first sentence ends; then each complete sentence; the tail on finish
     assert released == ["", "", "The Eiffel Tower is 330 metres tall.", " It was completed in 1889.", " Nice"]
     assert "".join(released) == "".join(deltas)
     assert not checker.blocked
 
 
+async def test_stream_flows_behind_the_look_ahead(rails: Guardrails):
+    """Checked mode: words go out once toxicity scored them with two complete words after them;
+    the rest of a sentence when it is complete; an unfinished word never."""
+    deltas = ["The Eiffel", " Tower is 330 metres", " tall. It was completed", " in 1889. Nice"]
+    released, checker = await _stream(rails, deltas)
+    assert released == ["", "The Eiffel Tower ", "is 330 metres tall.", " It was completed in 1889.", " Nice"]
+    assert "".join(released) == "".join(deltas)
+    assert not checker.blocked
+    # every sentence was still checked whole: one toxicity verdict per sentence (3), plus the
+    # scorings of unfinished sentences in its milliseconds
+    assert [v.guard for v in checker.verdicts].count("toxicity") == 3
+
+
 async def test_stream_block_never_releases_the_flagged_sentence(rails: Guardrails):
     deltas = ["The tower is tall. ", "You are a stu", "pid idiot. ", "More text follows. ", "And more."]
+    released, checker = await _stream(rails, deltas, flow=False)
+    assert "".join(released) == "The tower is tall."
     released, checker = await _stream(rails, deltas)
     text = "".join(released)
-    assert text == "The tower is tall."
+    # "You" passed with "are a" after it; nothing toxic ever went out
+    assert text == "The tower is tall. You "
     assert "idiot" not in text and "stu" not in text
     assert checker.blocked and checker.blocked_by.guard == "toxicity"
     # later calls release nothing
