@@ -25,7 +25,7 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.response import Template
 from markupsafe import Markup
-from sqlalchemy import Integer, case, cast, extract, func, literal_column, select
+from sqlalchemy import BigInteger, Integer, case, cast, extract, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -202,17 +202,19 @@ async def _scan(
     return list((await conn.execute(query)).all())
 
 
-async def _read_rollups(conn: Any, size: int, lo: int, hi: int, origin: str) -> list[Any]:
-    """Rollup rows of buckets [lo, hi) (epoch s) summed over model: one per bucket, status and guard outcome."""
+async def _read_rollups(conn: Any, size: int, lo: int, hi: int, bucket_s: int, origin: str) -> list[Any]:
+    """Rollups of buckets [lo, hi) (epoch s), summed in SQL per chart bucket (its index), status and
+    guard outcome: (index, status, blocked_by, flagged_by, n, *latency bins), a few hundred rows."""
     r = audit_rollups.c
     bounds = [r.size_s == size, r.bucket_start >= lo, r.bucket_start < hi, r.requests > 0]
     if origin != "all":
         bounds.append(r.origin == "eval" if origin == "eval" else r.origin != "eval")
+    index = r.bucket_start // literal_column(str(int(bucket_s)), BigInteger)
     query = (
-        select(r.bucket_start, r.status, r.blocked_by, r.flagged_by, func.sum(r.requests).label("n"),
-               *(func.sum(getattr(r, name)).label(name) for name in ROLLUP_LATENCY_COLUMNS))
+        select(index, r.status, r.blocked_by, r.flagged_by, func.sum(r.requests),
+               *(func.sum(getattr(r, name)) for name in ROLLUP_LATENCY_COLUMNS))
         .where(*bounds)
-        .group_by(r.bucket_start, r.status, r.blocked_by, r.flagged_by)
+        .group_by(index, r.status, r.blocked_by, r.flagged_by)
     )  # fmt: skip
     return list((await conn.execute(query)).all())
 
@@ -283,11 +285,12 @@ async def overview(
             hi = min(int(end.timestamp()) // size * size, done[1])
             if lo < hi:
                 raw_ranges = [(since, _at(lo)), (_at(hi), end)]
-                for row in await _read_rollups(conn, size, lo, hi, origin):
-                    b = bucket(int(row.bucket_start) // bucket_s)
-                    _count(b, row.status, row.blocked_by, row.flagged_by, int(row.n))
-                    for i, name in enumerate(ROLLUP_LATENCY_COLUMNS):
-                        b.latency_bins[i] += int(getattr(row, name))
+                for index, status, blocked_by, flagged_by, n, *bins in await _read_rollups(
+                    conn, size, lo, hi, bucket_s, origin
+                ):
+                    b = bucket(int(index))
+                    _count(b, status, blocked_by, flagged_by, int(n))
+                    b.latency_bins = [int(x) + y for x, y in zip(bins, b.latency_bins, strict=True)]
         indexes: dict[Any, int] = {}
         for lo_at, hi_at in raw_ranges:
             if lo_at >= hi_at:
