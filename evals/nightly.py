@@ -21,20 +21,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import importlib
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from evals import dataset as ds
 from evals import metrics, promexport, report, store, traffic
 from evals.thresholds import DEFAULT_DATASET_THRESHOLDS, Threshold, ThresholdError, combine, parse_flag, verdict
+from gateway.db import create_engine
 from gateway.services import Services
 from gateway.settings import Settings
 from serving.backend import Backend, ModelCard
@@ -175,6 +180,51 @@ def configure_traffic_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--include-eval", action="store_true", help="re-score eval runs' own requests too (default: live traffic only)"
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="rows re-scored at once (default 1). Above 1 the toxicity model batches rows together as they "
+        "happen to meet, and a score then moves in its last bits with its batch: PSI at tied decile edges can "
+        "change, so runs (and a sharded run against an unsharded one) are exactly reproducible only at 1",
+    )
+    parser.add_argument(
+        "--until",
+        default=None,
+        metavar="TIME",
+        help="the window's end: an ISO 8601 time (UTC unless it names a zone) or `today` (00:00 UTC); "
+        "default now; the shards of a run and its merge need the same one",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="re-score only shard I of N (0 <= I < N) of every row set and store it for --merge; exits 0 once "
+        "stored (a Kubernetes indexed Job: --shard $(JOB_COMPLETION_INDEX)/N)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="?",
+        type=int,
+        const=0,
+        default=None,
+        metavar="N",
+        help="make one run of the shards stored under this run key (all N of them: N as they say, or as "
+        "given): figures, verdict, comparison and report as one process would; exit 2 if a shard is missing",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --merge: wait up to this long for missing shards (default 0: check once)",
+    )
+    parser.add_argument(
+        "--run-key",
+        default=None,
+        help="what the shards and the merge of one run share "
+        "(default: NAME@UNTIL, e.g. 'last 24h@2026-11-29T00:00:00Z')",
+    )
     _common(parser)
 
 
@@ -186,7 +236,25 @@ def run_dataset(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_traffic(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point of `gateway eval traffic`: no backend needed (see the module's docstring)."""
-    return _main(args, settings, _traffic, needs_backend=False)
+    return _main(args, settings, _traffic, needs_backend=False, before=_shards_stored)
+
+
+async def _shards_stored(settings: Settings, args: argparse.Namespace) -> None:
+    """With --merge: wait for (or check) the shards on a bare database connection, before the guard
+    and embedding models load, so that a missing shard is a quick exit 2 and a waiting merge holds
+    no models. Where the database cannot answer yet, the run itself says why."""
+    if args.merge is None:
+        return
+    name = args.name or f"last {args.since}"
+    key = args.run_key or traffic_run_key(name, args.until)
+    scope = _traffic_config(args.since, args.until, args.limit, args.labels_since, args.include_eval)
+    engine = create_engine(settings.database_url)
+    try:
+        await wait_for_shards(engine, key, args.merge or None, scope, args.wait, not args.no_progress)
+    except SQLAlchemyError:
+        return
+    finally:
+        await engine.dispose()
 
 
 def _progress(args: argparse.Namespace, message: str) -> None:
@@ -216,7 +284,7 @@ def _quiet_model_loading() -> None:
             getattr(importlib.import_module(module), function)()
 
 
-def _main(args: argparse.Namespace, settings: Settings, job: Any, *, needs_backend: bool) -> int:
+def _main(args: argparse.Namespace, settings: Settings, job: Any, *, needs_backend: bool, before: Any = None) -> int:
     if getattr(args, "no_progress", False):
         _quiet_model_loading()
     try:
@@ -228,6 +296,7 @@ def _main(args: argparse.Namespace, settings: Settings, job: Any, *, needs_backe
         if getattr(args, "since", None) is not None:
             traffic.parse_window(args.since)
             traffic.parse_window(args.labels_since)
+            _traffic_flags(args)
         if getattr(args, "dataset", None) is not None:
             eval_set = ds.load_eval_set(args.dataset)
             args.items = eval_set.items
@@ -240,11 +309,14 @@ def _main(args: argparse.Namespace, settings: Settings, job: Any, *, needs_backe
     # An eval command never serves /metrics: a metrics_port shared with the gateway's config would clash.
     settings = replace(settings, metrics_port=0)
     try:
+        if before is not None:
+            asyncio.run(before(settings, args))
         summary = asyncio.run(_with_services(settings, args, job))
     except CannotRun as exc:
         print(f"gateway eval: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    promexport.export(summary, args)
+    if summary.get("kind") != SHARD_KIND:  # a shard is no run with figures to export
+        promexport.export(summary, args)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
@@ -273,7 +345,32 @@ async def _with_services(settings: Settings, args: argparse.Namespace, job: Any)
         await services.stop()
 
 
+def _traffic_flags(args: argparse.Namespace) -> None:
+    """Check and convert `--until`, `--shard`, `--merge`, `--wait`, `--run-key` (ValueError: exit 2)."""
+    args.until = parse_until(args.until) if args.until is not None else None
+    args.shard = parse_shard(args.shard) if args.shard is not None else None
+    if args.shard is not None and args.merge is not None:
+        raise ValueError("--shard and --merge are separate steps: the shards first, then one --merge")
+    if args.merge is not None and args.merge < 0:
+        raise ValueError(f"--merge {args.merge}: the number of shards, at least 1")
+    if args.wait < 0 or (args.wait and args.merge is None):
+        raise ValueError("--wait SECONDS (>= 0) goes with --merge")
+    if (args.shard is not None or args.merge is not None) and args.until is None:
+        raise ValueError("--shard and --merge need --until TIME: all shards and the merge must cover one window")
+    if args.run_key is not None and not 0 < len(args.run_key) <= 200:
+        raise ValueError("--run-key: 1 to 200 characters")
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
+    if summary.get("kind") == SHARD_KIND and summary.get("status") == "stored":
+        stored = summary["stored"]
+        sets = ", ".join(f"{name} {n}" for name, n in stored["sets"].items())
+        print(
+            f"shard {summary['shard']} of run {summary['name']!r}: stored {stored['items']} re-scored items "
+            f"({sets}; {stored['rescore_errors']} could not be re-scored) as eval run {summary['run_id']} "
+            f"in {stored['seconds']} s"
+        )
+        return
     print(f"run {summary.get('run_id')} ({summary['kind']} {summary['name']}): {summary['status']}")
     if summary.get("verdict"):
         print(f"  {summary['verdict']}")
@@ -519,18 +616,124 @@ def _dataset_html(
 
 
 async def _traffic(services: Services, args: argparse.Namespace) -> dict[str, Any]:
-    return await evaluate_traffic(
-        services,
-        since=args.since,
-        limit=args.limit,
-        labels_since=args.labels_since,
-        name=args.name,
-        tolerance=args.tolerance,
-        latency_margin=args.latency_margin,
-        progress=not args.no_progress,
-        thresholds=args.thresholds,
-        include_eval=args.include_eval,
-    )
+    common: dict[str, Any] = {
+        "since": args.since,
+        "limit": args.limit,
+        "labels_since": args.labels_since,
+        "name": args.name,
+        "now": args.until,
+        "progress": not args.no_progress,
+        "include_eval": args.include_eval,
+        "concurrency": args.concurrency,
+    }
+    if args.shard is not None:
+        index, shards = args.shard
+        return await rescore_traffic_shard(services, shard=index, shards=shards, run_key=args.run_key, **common)
+    rules = {"tolerance": args.tolerance, "latency_margin": args.latency_margin, "thresholds": args.thresholds}
+    if args.merge is not None:
+        return await merge_traffic(
+            services, shards=args.merge or None, wait=args.wait, run_key=args.run_key, **common, **rules
+        )
+    return await evaluate_traffic(services, **common, **rules)
+
+
+#: `eval_runs.kind` of a shard's stored items; its `name` is the run key that its shards share.
+SHARD_KIND = "traffic-shard"
+#: The row sets a traffic run re-scores: the two windows, the reviewer-labelled and the user-rated requests.
+SETS = ("current", "previous", "labelled", "rated")
+
+
+def parse_until(text: str) -> datetime:
+    """`--until`: an ISO 8601 time (UTC unless it names a zone), or `today` (00:00 UTC of the
+    current day, so that pods started minutes apart agree on it)."""
+    if text.strip().lower() == "today":
+        return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"--until {text!r}: an ISO 8601 time such as 2026-11-29T00:00:00Z, or today") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N), 0 <= I < N."""
+    index, slash, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not slash or n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: I/N with 0 <= I < N, e.g. --shard 0/3")
+    return i, n
+
+
+def traffic_run_key(name: str, until: datetime) -> str:
+    """What the shards of one run and its merge share: the run name and the window's end."""
+    return f"{name}@{until.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _traffic_config(since: str, now: datetime, limit: int, labels_since: str, include_eval: bool) -> dict[str, Any]:
+    window = traffic.parse_window(since)
+    return {
+        "since": since,
+        "window": [str(now - window), str(now)],
+        "previous": [str(now - 2 * window), str(now - window)],
+        "limit": limit,
+        "labels_since": labels_since,
+        "include_eval": include_eval,
+    }
+
+
+async def _load_sets(
+    engine: Any, scope: dict[str, Any], now: datetime, shard: int = 0, shards: int = 1
+) -> tuple[dict[str, list[tuple[int, dict[str, Any], Any]]], dict[str, str]]:
+    """Every row set of the run, each in its order: (position in the whole set, row, extra), where
+    extra is the reviewer label (labelled), the ratings (rated) or None; only this shard's share
+    (a hash of the request id) unless `shards` is 1. Also a digest of each whole set, which the
+    shards of one run must agree on (they saw the same traffic)."""
+    window = traffic.parse_window(scope["since"])
+    labels_start = now - traffic.parse_window(scope["labels_since"])
+    limit, include_eval = scope["limit"], scope["include_eval"]
+    labels = await traffic.labels_since(engine, labels_start, limit, now)
+    ratings = await traffic.ratings_by_request(engine, labels_start, limit, include_eval=include_eval, until=now)
+    extras: dict[str, dict[str, Any]] = {
+        "current": dict.fromkeys(await traffic.window_ids(engine, now - window, now, limit, include_eval=include_eval)),
+        "previous": dict.fromkeys(
+            await traffic.window_ids(engine, now - 2 * window, now - window, limit, include_eval=include_eval)
+        ),
+        "labelled": dict(labels),
+        "rated": dict(ratings),
+    }
+    sets: dict[str, list[tuple[int, dict[str, Any], Any]]] = {}
+    digests: dict[str, str] = {}
+    for name in SETS:
+        whole = extras[name]
+        digest = hashlib.sha256()
+        for request_id, extra in whole.items():
+            kept = extra if name != "rated" else [traffic.rating_json(r) for r in extra]
+            digest.update(store.dumps([request_id, kept]).encode("utf-8", "surrogatepass") + b"\n")
+        digests[name] = digest.hexdigest()
+        mine = [(pos, i) for pos, i in enumerate(whole) if shards == 1 or traffic.shard_of(i, shards) == shard]
+        rows = {r["request_id"]: r for r in await traffic.rows_by_id(engine, [i for _, i in mine], **_origin(scope))}
+        sets[name] = [(pos, rows[i], whole[i]) for pos, i in mine if i in rows]
+    return sets, digests
+
+
+def _origin(scope: dict[str, Any]) -> dict[str, bool]:
+    return {"include_eval": bool(scope["include_eval"])}
+
+
+async def _rescore_sets(
+    services: Services, sets: dict[str, list[tuple[int, dict[str, Any], Any]]], progress: bool, concurrency: int
+) -> dict[str, list[tuple[int, traffic.Rescored | None, Any]]]:
+    assert services.rails is not None
+    out: dict[str, list[tuple[int, traffic.Rescored | None, Any]]] = {}
+    with traffic.progress_bar(sum(len(s) for s in sets.values()), enabled=progress) as bar:
+        for name in SETS:
+            rows = [row for _, row, _ in sets[name]]
+            rescored = await traffic.rescore_all(services.rails, rows, concurrency=concurrency, bar=bar)
+            out[name] = [(pos, r, extra) for (pos, _, extra), r in zip(sets[name], rescored, strict=True)]
+    return out
 
 
 async def evaluate_traffic(
@@ -546,121 +749,306 @@ async def evaluate_traffic(
     progress: bool = False,
     thresholds: Sequence[Threshold] = (),
     include_eval: bool = False,
+    concurrency: int = 1,
 ) -> dict[str, Any]:
     """Re-score two windows of traffic, measure drift, check the guards against reviewer labels and
     user ratings, judge against `thresholds` (none: status "unchecked"), store, compare and report.
     A row the guards cannot re-score is left out and counted (`rescore_errors`), never fatal."""
     assert services.rails is not None, "call services.start() first"
-    engine = services.engine
-    window = traffic.parse_window(since)
     now = now or datetime.now(UTC)
     name = name or f"last {since}"
-    config = {
-        "since": since,
-        "window": [str(now - window), str(now)],
-        "previous": [str(now - 2 * window), str(now - window)],
-        "limit": limit,
-        "labels_since": labels_since,
-        "tolerance": tolerance,
-        "thresholds": _thresholds_config(thresholds),
-        "include_eval": include_eval,
+    scope = _traffic_config(since, now, limit, labels_since, include_eval)
+    config = {**scope, "tolerance": tolerance, "thresholds": _thresholds_config(thresholds)}
+    run_id = await store.create_run(services.engine, "traffic", name, config)
+    try:
+        sets, _ = await _load_sets(services.engine, scope, now)
+        rescored = await _rescore_sets(services, sets, progress, concurrency)
+        return await _conclude_traffic(
+            services, run_id, name, scope, now, rescored,
+            tolerance=tolerance, latency_margin=latency_margin, thresholds=thresholds,
+        )  # fmt: skip
+    except BaseException as exc:
+        return await _errored(services.engine, run_id, "traffic", name, exc)
+
+
+async def rescore_traffic_shard(
+    services: Services,
+    *,
+    shard: int,
+    shards: int,
+    now: datetime | None,
+    since: str = "24h",
+    limit: int = 5000,
+    labels_since: str = "30d",
+    name: str | None = None,
+    run_key: str | None = None,
+    progress: bool = False,
+    include_eval: bool = False,
+    concurrency: int = 1,
+) -> dict[str, Any]:
+    """Shard `shard` of `shards`: re-score this shard's share of every row set of the run and store
+    it as items of a `traffic-shard` run named by the run key, for `merge_traffic`. Nothing is
+    judged here; the summary says what was stored (exit code 0, or 2 when it could not run)."""
+    if now is None:
+        raise CannotRun("--shard needs --until: every shard and the merge must cover the same window")
+    name = name or f"last {since}"
+    key = run_key or traffic_run_key(name, now)
+    scope = _traffic_config(since, now, limit, labels_since, include_eval)
+    started = time.perf_counter()
+    config: dict[str, Any] = {"run_key": key, "run_name": name, "shard": shard, "shards": shards, "scope": scope}
+    run_id = await store.create_run(services.engine, SHARD_KIND, key, config)
+    try:
+        sets, digests = await _load_sets(services.engine, scope, now, shard, shards)
+        rescored = await _rescore_sets(services, sets, progress, concurrency)
+        items: list[dict[str, Any]] = []
+        for set_name in SETS:
+            for (pos, row, extra), (_, r, _) in zip(sets[set_name], rescored[set_name], strict=True):
+                request_id = row["request_id"]
+                item: dict[str, Any] = {"position": len(items), "input": {"set": set_name, "pos": pos}}
+                if set_name == "labelled":
+                    item["input"]["label"] = extra
+                elif set_name == "rated":
+                    item["input"]["ratings"] = [traffic.rating_json(x) for x in extra]
+                if r is None:
+                    item |= {"request_id": request_id, "error": "could not re-score"}
+                else:
+                    item["input"] |= {"query": r.query, "model": r.row.get("model")}
+                    item |= {"request_id": request_id, "scores": traffic.rescored_scores(r), "passed": not r.changed}
+                    if set_name == "current":  # the merged run's items show the answer
+                        item["output_text"] = r.row.get("response_text")
+                items.append(item)
+        await store.add_items(services.engine, run_id, items)
+        counts = {s: len(rescored[s]) for s in SETS}
+        failed = sum(1 for s in SETS for _, r, _ in rescored[s] if r is None)
+        stored = {"items": len(items), "sets": counts, "rescore_errors": failed,
+                  "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+        await store.finish_run(
+            services.engine, run_id, status="stored", metrics=stored, comparison={"digests": digests}
+        )
+    except BaseException as exc:
+        return await _errored(services.engine, run_id, SHARD_KIND, key, exc)
+    return {
+        "run_id": run_id,
+        "kind": SHARD_KIND,
+        "name": key,
+        "status": "stored",
+        "shard": f"{shard}/{shards}",
+        "stored": stored,
+        "exit_code": EXIT_PASSED,
     }
+
+
+async def _shards_ready(
+    engine: Any, key: str, shards: int | None, scope: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The newest stored run of each shard of `key`, or what is missing; raises CannotRun where the
+    stored shards cannot make one run (different N, a different window or options, other traffic)."""
+    stored = [r for r in await store.runs_named(engine, SHARD_KIND, key) if r["status"] == "stored"]
+    counts = sorted({int(r["config"]["shards"]) for r in stored})
+    if len(counts) > 1 or (shards is not None and counts and counts != [shards]):
+        said = f"; --merge {shards}" if shards is not None else ""
+        raise CannotRun(
+            f"run {key}: shards of different N were stored ({', '.join(f'N={n}' for n in counts)}{said}); "
+            "they cannot merge: rerun every shard with one N, or under a new --run-key"
+        )
+    total = shards or (counts[0] if counts else None)
+    newest = {int(r["config"]["shard"]): r for r in stored}  # oldest first: a retried shard's newest wins
+    for r in newest.values():
+        if r["config"]["scope"] != scope:
+            raise CannotRun(
+                f"run {key}: shard {r['config']['shard']}/{total} covered {r['config']['scope']}, the merge "
+                f"{scope}: give the merge the same --since, --until, --limit, --labels-since and --include-eval"
+            )
+    if total is None:
+        return [], f"run {key}: no shard stored yet"
+    missing = [i for i in range(total) if i not in newest]
+    if missing:
+        return [], f"run {key}: shard(s) {', '.join(f'{i}/{total}' for i in missing)} not stored yet"
+    runs = [newest[i] for i in range(total)]
+    return runs, None
+
+
+async def wait_for_shards(
+    engine: Any, key: str, shards: int | None, scope: dict[str, Any], wait: float, progress: bool
+) -> list[dict[str, Any]]:
+    """The stored run of every shard of `key`, once all are stored, waiting up to `wait` seconds;
+    CannotRun (exit 2) for one still missing then, or for shards that cannot make one run."""
+    deadline = time.monotonic() + wait
+    while True:
+        runs, missing = await _shards_ready(engine, key, shards, scope)
+        if missing is None:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            hint = " (--wait SECONDS waits for them)" if wait <= 0 else f" after waiting {wait:g} s"
+            raise CannotRun(missing + hint)
+        _progress_message(progress, f"{missing}; waiting")
+        await asyncio.sleep(min(5.0, left))
+    digests = [r["comparison"].get("digests") for r in runs]
+    if any(d != digests[0] for d in digests):
+        raise CannotRun(f"run {key}: the shards saw different traffic in the same window (rows or labels changed "
+                        "between them); rerun every shard")  # fmt: skip
+    return runs
+
+
+async def merge_traffic(
+    services: Services,
+    *,
+    shards: int | None,
+    now: datetime | None,
+    wait: float = 0.0,
+    since: str = "24h",
+    limit: int = 5000,
+    labels_since: str = "30d",
+    name: str | None = None,
+    run_key: str | None = None,
+    tolerance: float = 0.05,
+    latency_margin: float = 0.5,
+    progress: bool = False,
+    thresholds: Sequence[Threshold] = (),
+    include_eval: bool = False,
+    concurrency: int = 1,
+) -> dict[str, Any]:
+    """One traffic run from the items its shards stored: waits up to `wait` seconds for every shard
+    (CannotRun, exit 2, if one is still missing), then computes, stores, judges, compares and reports
+    exactly as `evaluate_traffic` in one process would."""
+    assert services.rails is not None, "call services.start() first"
+    if now is None:
+        raise CannotRun("--merge needs --until: the window end its shards were given")
+    name = name or f"last {since}"
+    key = run_key or traffic_run_key(name, now)
+    scope = _traffic_config(since, now, limit, labels_since, include_eval)
+    engine = services.engine
+    runs = await wait_for_shards(engine, key, shards, scope, wait, progress)
+    rescored: dict[str, list[tuple[int, traffic.Rescored | None, Any]]] = {s: [] for s in SETS}
+    for item in await store.run_items(engine, [r["id"] for r in runs]):
+        given, stored = item["input"], item["scores"]
+        set_name, request_id = given["set"], str(item["request_id"])
+        extra: Any = None
+        if set_name == "labelled":
+            extra = given["label"]
+        elif set_name == "rated":
+            extra = [traffic.rating_from(request_id, x) for x in given["ratings"]]
+        r = None
+        if item["error"] is None:
+            r = traffic.rescored_from(request_id, given["query"], given["model"], item["output_text"], stored)
+        rescored[set_name].append((int(given["pos"]), r, extra))
+    for set_name in SETS:
+        rescored[set_name].sort(key=lambda entry: entry[0])
+    config = {**scope, "tolerance": tolerance, "thresholds": _thresholds_config(thresholds),
+              "run_key": key, "shards": len(runs), "shard_runs": [r["id"] for r in runs]}  # fmt: skip
     run_id = await store.create_run(engine, "traffic", name, config)
     try:
-        origin = {"include_eval": include_eval}
-        labels_start = now - traffic.parse_window(labels_since)
-        current_rows = await traffic.load_rows(engine, now - window, now, limit, **origin)
-        previous_rows = await traffic.load_rows(engine, now - 2 * window, now - window, limit, **origin)
-        labelled_rows = await traffic.load_labelled(engine, labels_start, limit, **origin)
-        rated_rows = await traffic.load_rated(engine, labels_start, limit, **origin)
-        ratings_now = await traffic.load_ratings(engine, now - window, now, **origin)
-        ratings_before = await traffic.load_ratings(engine, now - 2 * window, now - window, **origin)
-        rails = services.rails
-        total = len(current_rows) + len(previous_rows) + len(labelled_rows) + len(rated_rows)
-        with traffic.progress_bar(total, enabled=progress) as bar:
-            current_or_none = await traffic.rescore_all(rails, current_rows, bar=bar)
-            previous_or_none = await traffic.rescore_all(rails, previous_rows, bar=bar)
-            labelled_or_none = await traffic.rescore_all(rails, [row for row, _ in labelled_rows], bar=bar)
-            rated_or_none = await traffic.rescore_all(rails, [row for row, _ in rated_rows], bar=bar)
-        failed = sum(r is None for r in (*current_or_none, *previous_or_none, *labelled_or_none, *rated_or_none))
-        current = [r for r in current_or_none if r is not None]
-        previous = [r for r in previous_or_none if r is not None]
-        labelled = [(r, label) for r, (_, label) in zip(labelled_or_none, labelled_rows, strict=True) if r is not None]
-        rated = [(r, votes) for r, (_, votes) in zip(rated_or_none, rated_rows, strict=True) if r is not None]
-        drift = await traffic.drift_report(previous, current, services.embedder)
-        drift["ratings"] = metrics.categorical_drift(
-            traffic.rating_counts(ratings_before), traffic.rating_counts(ratings_now)
-        )
-        guard_thresholds = traffic.current_thresholds(rails)
-        feedback = traffic.label_feedback(labelled, guard_thresholds)
-        by_ratings = traffic.rating_feedback(rated, guard_thresholds)
-        mix, mix_before = traffic.rating_mix(ratings_now), traffic.rating_mix(ratings_before)
-        summary_metrics = traffic.summarise(current, previous, drift, feedback, len(labelled), mix, by_ratings)
-        summary_metrics["rescore_errors"] = failed
-        items = [
-            {
-                "position": i,
-                "request_id": r.row["request_id"],
-                "input": {"query": r.query, "model": r.row["model"]},
-                "output_text": r.row.get("response_text"),
-                "scores": {
-                    **r.scores,
-                    "outcome": r.outcome.label,
-                    "logged_outcome": r.logged.label,
-                    "retrieval_top": max(r.retrieval_scores) if r.retrieval_scores else None,
-                },
-                "passed": not r.changed,
-            }
-            for i, r in enumerate(current)
-        ]
-        await store.add_items(engine, run_id, items)
-        previous_run = await store.previous_run(engine, "traffic", name, run_id)
-        comparison = metrics.compare(
-            summary_metrics,
-            previous_run["metrics"] if previous_run else None,
-            tolerance=tolerance,
-            latency_margin=latency_margin,
-            directions=traffic.directions(summary_metrics),
-        )
-        comparison["previous_run"] = previous_run["id"] if previous_run else None
-        drifted = list(summary_metrics["drifted"])
-        judged = verdict(thresholds, summary_metrics)
-        comparison["thresholds"] = judged.checks
-        status, regressed = judged.status, bool(comparison["regressed"])
-        html_path, json_path = _paths(services, "traffic", run_id)
-        ratings = {"mix": mix, "mix_previous": mix_before, "drift": drift["ratings"], "guards": by_ratings}
-        full_metrics = {**summary_metrics, "drift": drift, "labels": feedback, "rating_feedback": ratings}
-        await store.finish_run(
-            engine, run_id, status=status, metrics=full_metrics, comparison=comparison, report_path=str(html_path)
-        )
-        summary = {
-            "run_id": run_id,
-            "kind": "traffic",
-            "name": name,
-            "status": status,
-            "verdict": judged.reason,
-            "regressed": regressed,
-            "drifted": drifted,
-            "thresholds": judged.checks,
-            "exit_code": exit_code(status, regressed, bool(drifted)),
-            "metrics": summary_metrics,
-            "drift": drift,
-            "labels": feedback,
-            "rating_feedback": ratings,
-            "comparison": comparison,
-            "report": str(html_path),
-            "summary": str(json_path),
-        }
-        trend = await store.history(engine, "traffic", name)
-        report.write(
-            html_path.parent,
-            html_path.stem,
-            _traffic_html(name, summary, comparison, current, previous, trend),
-            summary,
-        )
-        return summary
+        return await _conclude_traffic(
+            services, run_id, name, scope, now, rescored,
+            tolerance=tolerance, latency_margin=latency_margin, thresholds=thresholds,
+        )  # fmt: skip
     except BaseException as exc:
         return await _errored(engine, run_id, "traffic", name, exc)
+
+
+def _progress_message(enabled: bool, message: str) -> None:
+    if enabled:
+        print(f"gateway eval: {message}", file=sys.stderr, flush=True)
+
+
+async def _conclude_traffic(
+    services: Services,
+    run_id: int,
+    name: str,
+    scope: dict[str, Any],
+    now: datetime,
+    rescored: dict[str, list[tuple[int, traffic.Rescored | None, Any]]],
+    *,
+    tolerance: float,
+    latency_margin: float,
+    thresholds: Sequence[Threshold],
+) -> dict[str, Any]:
+    """Everything after re-scoring, the same for one process and for a merge of shards: drift, the
+    guards against labels and ratings, the verdict, the stored items, the comparison and the report."""
+    assert services.rails is not None
+    engine = services.engine
+    window = traffic.parse_window(scope["since"])
+    ratings_now = await traffic.load_ratings(engine, now - window, now, **_origin(scope))
+    ratings_before = await traffic.load_ratings(engine, now - 2 * window, now - window, **_origin(scope))
+    failed = sum(1 for s in SETS for _, r, _ in rescored[s] if r is None)
+    current = [r for _, r, _ in rescored["current"] if r is not None]
+    previous = [r for _, r, _ in rescored["previous"] if r is not None]
+    labelled = [(r, str(label)) for _, r, label in rescored["labelled"] if r is not None]
+    rated = [(r, list(votes)) for _, r, votes in rescored["rated"] if r is not None]
+    rails = services.rails
+    drift = await traffic.drift_report(previous, current, services.embedder)
+    drift["ratings"] = metrics.categorical_drift(
+        traffic.rating_counts(ratings_before), traffic.rating_counts(ratings_now)
+    )
+    guard_thresholds = traffic.current_thresholds(rails)
+    feedback = traffic.label_feedback(labelled, guard_thresholds)
+    by_ratings = traffic.rating_feedback(rated, guard_thresholds)
+    mix, mix_before = traffic.rating_mix(ratings_now), traffic.rating_mix(ratings_before)
+    summary_metrics = traffic.summarise(current, previous, drift, feedback, len(labelled), mix, by_ratings)
+    summary_metrics["rescore_errors"] = failed
+    items = [
+        {
+            "position": i,
+            "request_id": r.row["request_id"],
+            "input": {"query": r.query, "model": r.row["model"]},
+            "output_text": r.row.get("response_text"),
+            "scores": {
+                **r.scores,
+                "outcome": r.outcome.label,
+                "logged_outcome": r.logged.label,
+                "retrieval_top": max(r.retrieval_scores) if r.retrieval_scores else None,
+            },
+            "passed": not r.changed,
+        }
+        for i, r in enumerate(current)
+    ]
+    await store.add_items(engine, run_id, items)
+    previous_run = await store.previous_run(engine, "traffic", name, run_id)
+    comparison = metrics.compare(
+        summary_metrics,
+        previous_run["metrics"] if previous_run else None,
+        tolerance=tolerance,
+        latency_margin=latency_margin,
+        directions=traffic.directions(summary_metrics),
+    )
+    comparison["previous_run"] = previous_run["id"] if previous_run else None
+    drifted = list(summary_metrics["drifted"])
+    judged = verdict(thresholds, summary_metrics)
+    comparison["thresholds"] = judged.checks
+    status, regressed = judged.status, bool(comparison["regressed"])
+    html_path, json_path = _paths(services, "traffic", run_id)
+    ratings = {"mix": mix, "mix_previous": mix_before, "drift": drift["ratings"], "guards": by_ratings}
+    full_metrics = {**summary_metrics, "drift": drift, "labels": feedback, "rating_feedback": ratings}
+    await store.finish_run(
+        engine, run_id, status=status, metrics=full_metrics, comparison=comparison, report_path=str(html_path)
+    )
+    summary = {
+        "run_id": run_id,
+        "kind": "traffic",
+        "name": name,
+        "status": status,
+        "verdict": judged.reason,
+        "regressed": regressed,
+        "drifted": drifted,
+        "thresholds": judged.checks,
+        "exit_code": exit_code(status, regressed, bool(drifted)),
+        "metrics": summary_metrics,
+        "drift": drift,
+        "labels": feedback,
+        "rating_feedback": ratings,
+        "comparison": comparison,
+        "report": str(html_path),
+        "summary": str(json_path),
+    }
+    trend = await store.history(engine, "traffic", name)
+    report.write(
+        html_path.parent,
+        html_path.stem,
+        _traffic_html(name, summary, comparison, current, previous, trend),
+        summary,
+    )
+    return summary
 
 
 def _ratings_section(ratings: dict[str, Any]) -> str:

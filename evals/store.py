@@ -19,7 +19,18 @@ from gateway.eval_runs import get_run, list_runs, run_dict
 #: "regressed" of runs stored before thresholds existed.
 _COMPARABLE = ("passed", "failed", "unchecked", "regressed")
 
-__all__ = ["add_items", "create_run", "dumps", "finish_run", "get_run", "history", "list_runs", "previous_run"]
+__all__ = [
+    "add_items",
+    "create_run",
+    "dumps",
+    "finish_run",
+    "get_run",
+    "history",
+    "list_runs",
+    "previous_run",
+    "run_items",
+    "runs_named",
+]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -115,3 +126,57 @@ async def history(engine: AsyncEngine, kind: str, name: str, limit: int = 30) ->
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).fetchall()
     return [run for run in (run_dict(r._mapping) for r in reversed(rows)) if _comparable(run)]
+
+
+async def runs_named(engine: AsyncEngine, kind: str, name: str) -> list[dict[str, Any]]:
+    """Every run of one kind and name, oldest first: id, status, config, metrics, comparison (decoded)."""
+    query = (
+        select(
+            eval_runs.c.id,
+            eval_runs.c.status,
+            eval_runs.c.config_json,
+            eval_runs.c.metrics_json,
+            eval_runs.c.comparison_json,
+        )
+        .where(eval_runs.c.kind == kind, eval_runs.c.name == name)
+        .order_by(eval_runs.c.id)
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).fetchall()
+    return [
+        {
+            "id": int(r.id),
+            "status": r.status,
+            "config": _decode(r.config_json),
+            "metrics": _decode(r.metrics_json),
+            "comparison": _decode(r.comparison_json) or {},
+        }
+        for r in rows
+    ]
+
+
+async def run_items(engine: AsyncEngine, run_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The items of the runs `run_ids`, decoded: run_id, position, request_id, input, output_text,
+    scores, passed, error; by run and position."""
+    out: list[dict[str, Any]] = []
+    async with engine.connect() as conn:
+        for run_id in run_ids:
+            query = select(eval_items).where(eval_items.c.run_id == run_id).order_by(eval_items.c.position)
+            for r in await conn.execute(query):
+                out.append(
+                    {
+                        "run_id": int(r.run_id),
+                        "position": int(r.position),
+                        "request_id": r.request_id,
+                        "input": _decode(r.input_json),
+                        "output_text": r.output_text,
+                        "scores": _decode(r.scores_json),
+                        "passed": r.passed,
+                        "error": r.error,
+                    }
+                )
+    return out
+
+
+def _decode(text: str | None) -> Any:
+    return None if text is None else msgspec.json.decode(text)

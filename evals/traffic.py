@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,35 +89,73 @@ async def load_rows(
         select(*_COLUMNS)
         .where(audit_records.c.created_at >= start, audit_records.c.created_at < end)
         .where(audit_records.c.endpoint.in_(("chat.completions", "completions")), *_origin(include_eval))
-        .order_by(audit_records.c.created_at.desc())
+        .order_by(audit_records.c.created_at.desc(), audit_records.c.request_id.desc())
         .limit(limit)
     )
     async with engine.connect() as conn:
         return [dict(r._mapping) for r in await conn.execute(query)]
 
 
+async def window_ids(
+    engine: AsyncEngine, start: datetime, end: datetime, limit: int, *, include_eval: bool = False
+) -> list[str]:
+    """The request ids of `load_rows(start, end, limit)`, in its order (newest first): what every
+    shard of a run lists in full before it takes its share."""
+    query = (
+        select(audit_records.c.request_id)
+        .where(audit_records.c.created_at >= start, audit_records.c.created_at < end)
+        .where(audit_records.c.endpoint.in_(("chat.completions", "completions")), *_origin(include_eval))
+        .order_by(audit_records.c.created_at.desc(), audit_records.c.request_id.desc())
+        .limit(limit)
+    )
+    async with engine.connect() as conn:
+        return [r.request_id for r in await conn.execute(query)]
+
+
+async def rows_by_id(engine: AsyncEngine, ids: Sequence[str], *, include_eval: bool = False) -> list[dict[str, Any]]:
+    """The audit rows of `ids`, in the order of `ids`; ids without a (kept) row are left out."""
+    async with engine.connect() as conn:
+        return await _rows_by_id(conn, ids, include_eval)
+
+
 async def _rows_by_id(conn: Any, ids: Sequence[str], include_eval: bool) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+    found: dict[str, dict[str, Any]] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         query = select(*_COLUMNS).where(audit_records.c.request_id.in_(chunk), *_origin(include_eval))
-        rows.extend(dict(r._mapping) for r in await conn.execute(query))
-    return rows
+        found.update((r.request_id, dict(r._mapping)) for r in await conn.execute(query))
+    return [found[i] for i in ids if i in found]
 
 
-async def load_labelled(
-    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False
-) -> list[tuple[dict[str, Any], str]]:
-    """Audit rows with a reviewer label created since `since`: (row, the request's latest label)."""
+async def labels_since(
+    engine: AsyncEngine, since: datetime, limit: int, until: datetime | None = None
+) -> dict[str, str]:
+    """Per request its latest reviewer label given in [since, until), the `limit` most recently
+    labelled requests, oldest first."""
     query = (
         select(review_labels.c.request_id, review_labels.c.label)
         .where(review_labels.c.created_at >= since)
         .order_by(review_labels.c.created_at, review_labels.c.id)
     )
+    if until is not None:
+        query = query.where(review_labels.c.created_at < until)
     async with engine.connect() as conn:
         latest = {r.request_id: r.label for r in await conn.execute(query)}
-        rows = await _rows_by_id(conn, list(latest)[-limit:], include_eval)
+    return {i: latest[i] for i in list(latest)[-limit:]}
+
+
+async def load_labelled(
+    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False, until: datetime | None = None
+) -> list[tuple[dict[str, Any], str]]:
+    """Audit rows with a reviewer label given in [since, until): (row, the request's latest label)."""
+    latest = await labels_since(engine, since, limit, until)
+    rows = await rows_by_id(engine, list(latest), include_eval=include_eval)
     return [(row, latest[row["request_id"]]) for row in rows]
+
+
+def shard_of(request_id: str, shards: int) -> int:
+    """Which of `shards` shards re-scores this request: a hash of its id, the same in every process."""
+    return zlib.crc32(request_id.encode("utf-8", "surrogatepass")) % shards
 
 
 # ------------------------------------------------------------------ ratings
@@ -180,16 +219,24 @@ async def load_ratings(
     return await _newest_ratings(engine, start, end, include_eval)
 
 
-async def load_rated(
-    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False
-) -> list[tuple[dict[str, Any], list[Rating]]]:
-    """Audit rows rated since `since`: (row, per key its newest rating), at most `limit` requests
-    (the most recently rated)."""
+async def ratings_by_request(
+    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False, until: datetime | None = None
+) -> dict[str, list[Rating]]:
+    """Per rated request (the `limit` most recently rated, given in [since, until)) its ratings:
+    per key the newest one."""
     by_request: dict[str, list[Rating]] = {}
-    for rating in await _newest_ratings(engine, since, None, include_eval):
+    for rating in await _newest_ratings(engine, since, until, include_eval):
         by_request.setdefault(rating.request_id, []).append(rating)
-    async with engine.connect() as conn:
-        rows = await _rows_by_id(conn, list(by_request)[-limit:], include_eval)
+    return {i: by_request[i] for i in list(by_request)[-limit:]}
+
+
+async def load_rated(
+    engine: AsyncEngine, since: datetime, limit: int, *, include_eval: bool = False, until: datetime | None = None
+) -> list[tuple[dict[str, Any], list[Rating]]]:
+    """Audit rows rated in [since, until): (row, per key its newest rating), at most `limit` requests
+    (the most recently rated)."""
+    by_request = await ratings_by_request(engine, since, limit, include_eval=include_eval, until=until)
+    rows = await rows_by_id(engine, list(by_request), include_eval=include_eval)
     return [(row, by_request[row["request_id"]]) for row in rows]
 
 
@@ -250,6 +297,44 @@ class Rescored:
     @property
     def changed(self) -> bool:
         return self.outcome.label != self.logged.label
+
+
+def rescored_scores(r: Rescored) -> dict[str, Any]:
+    """Everything of `r` that the run's figures are computed from, as JSON (a shard stores it so that
+    the merge recomputes them exactly as one process would; JSON numbers keep every float bit)."""
+    return {
+        "scores": r.scores,
+        "hits": r.hits,
+        "output_scores": r.output_scores,
+        "output_hits": r.output_hits,
+        "outcome": [r.outcome.blocked_by, sorted(r.outcome.flagged)],
+        "logged": [r.logged.blocked_by, sorted(r.logged.flagged)],
+        "retrieval_scores": r.retrieval_scores,
+    }
+
+
+def rescored_from(request_id: str, query: str, model: Any, response_text: Any, stored: dict[str, Any]) -> Rescored:
+    """A `Rescored` back from `rescored_scores`: its row keeps only what the figures and the report read."""
+    outcome, logged = stored["outcome"], stored["logged"]
+    return Rescored(
+        row={"request_id": request_id, "model": model, "response_text": response_text},
+        query=query,
+        scores={k: float(v) for k, v in stored["scores"].items()},
+        hits={k: bool(v) for k, v in stored["hits"].items()},
+        outcome=metrics.Outcome(outcome[0], frozenset(outcome[1])),
+        logged=metrics.Outcome(logged[0], frozenset(logged[1])),
+        retrieval_scores=[float(v) for v in stored["retrieval_scores"]],
+        output_scores={k: float(v) for k, v in stored["output_scores"].items()},
+        output_hits={k: bool(v) for k, v in stored["output_hits"].items()},
+    )
+
+
+def rating_json(rating: Rating) -> list[Any]:
+    return [rating.key_id, rating.rating, sorted(rating.categories)]
+
+
+def rating_from(request_id: str, stored: Sequence[Any]) -> Rating:
+    return Rating(request_id, str(stored[0]), int(stored[1]), frozenset(stored[2]))
 
 
 def _content(content: Any) -> str | list[dict[str, str]] | None:
