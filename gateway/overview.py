@@ -71,6 +71,8 @@ class Overview:
     buckets: list[Bucket]
     guards: list[dict[str, Any]]  # per guard: blocked, flagged, their rates over the window
     origin: str = "live"
+    #: The window's buckets before this moment came from the rollups (None: every figure from raw rows).
+    rollups_through: datetime | None = None
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -95,6 +97,7 @@ class Overview:
             "until": self.until.isoformat(),
             "bucket_s": self.bucket_s,
             "origin": self.origin,
+            "rollups_through": self.rollups_through.isoformat() if self.rollups_through else None,
             "totals": self.totals,
             "guards": self.guards,
             "buckets": [
@@ -276,6 +279,7 @@ async def overview(
 
     end = until + timedelta(microseconds=1)
     raw_ranges = [(since, end)]
+    through: datetime | None = None
     dialect = engine.dialect.name
     async with engine.connect() as conn:
         size = rollup_size_for(bucket_s) if rollups else None
@@ -285,6 +289,7 @@ async def overview(
             hi = min(int(end.timestamp()) // size * size, done[1])
             if lo < hi:
                 raw_ranges = [(since, _at(lo)), (_at(hi), end)]
+                through = _at(hi)
                 for index, status, blocked_by, flagged_by, n, *bins in await _read_rollups(
                     conn, size, lo, hi, bucket_s, origin
                 ):
@@ -316,7 +321,7 @@ async def overview(
             "guard": name, "blocked": blocked, "flagged": flagged,
             "block_rate": blocked / total if total else None, "flag_rate": flagged / total if total else None,
         })  # fmt: skip
-    return Overview(since, until, bucket_s, ordered, guards, origin)
+    return Overview(since, until, bucket_s, ordered, guards, origin, through)
 
 
 # ----------------------------------------------------------------------------------- charts

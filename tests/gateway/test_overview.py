@@ -130,7 +130,9 @@ def test_page_and_api(settings: Settings, tmp_path: Path) -> None:
             time.sleep(0.2)
         assert _rolled_up(settings) >= 50
         api = http.get("/api/review/overview?window=6h", headers={"authorization": f"Bearer {reviewer}"}).json()
-        assert api["totals"]["requests"] == 58 and api["totals"]["blocked"] == 29
+        assert api["totals"]["requests"] == 58 and api["totals"]["blocked"] == 29 and api["rollups_through"]
+        page = http.get("/review/overview?window=24h", headers={"authorization": f"Bearer {reviewer}"})
+        assert "come from the rollups" in page.text
 
 
 def _rolled_up(settings: Settings) -> int:
