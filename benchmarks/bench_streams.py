@@ -10,12 +10,16 @@ closing and usage events, unguarded, and reports the CPU time per stream and per
 Both record into a no-op audit writer. Rounds alternate between the two so machine noise hits
 both alike.
 
-With `--live`, also the streaming feel (issue 15) against the fake backend at 30 tokens/s (60
-tokens an answer), direct and through a gateway (SQLite audit log on) with guards off, the
-default guards (`stream_mode = "checked"`) and the default guards with
-`stream_mode = "optimistic"`: time to the first content token, and content events per token.
+With `--live N`, also the streaming feel (issue 15) against the fake backend at 30 tokens/s (60
+tokens an answer, one word per event), direct and through `gateway serve` processes (SQLite
+audit log on) with guards off, the default guards (`stream_mode = "checked"`) and the default
+guards with `stream_mode = "optimistic"`: time to the first content token (median, p90, and
+added over guards off), content events per token, and the longest gap between content events.
+With `--before DIR` (a checkout of an earlier commit: `git worktree add DIR REV`), the same
+rows for that code in the same run, from the same virtualenv.
 
-Usage: `.venv/bin/python benchmarks/bench_streams.py [--rounds 7] [--streams 400] [--live N]`.
+Usage: `.venv/bin/python benchmarks/bench_streams.py [--rounds 7] [--streams 400] [--live N [--before DIR]]
+[--only-live] [--scorer KIND] [--json FILE]`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,16 +132,18 @@ async def _measure(run: Callable[[list[bytes]], AsyncIterator[bytes]], events: l
     return (time.process_time() - began) / streams
 
 
-def _feel(url: str, key: str | None, n: int) -> tuple[float, float]:
-    """(median ms to the first content token, content events per token) over n streams."""
+def _feel(url: str, key: str | None, n: int) -> dict[str, float]:
+    """Over n streams: median and 90th percentile ms to the first content token, content events
+    per token (tokens: the words of the answer, one per backend event), and the longest gap
+    between two content events (a stall the client sees)."""
     import httpx
 
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "Tell me about streams."}], "stream": True}
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    ttfts, ratios = [], []
+    ttfts, ratios, gaps = [], [], []
     with httpx.Client(timeout=60) as client:
         for _ in range(n):
-            began, first, events, text = time.perf_counter(), None, 0, ""
+            began, seen, text = time.perf_counter(), [], ""
             with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as reply:
                 for line in reply.iter_lines():
                     if not line.startswith("data: {"):
@@ -142,48 +151,107 @@ def _feel(url: str, key: str | None, n: int) -> tuple[float, float]:
                     event = msgspec.json.decode(line[6:])
                     piece = "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices") or [])
                     if piece:
-                        first = first or time.perf_counter()
-                        events += 1
+                        seen.append(time.perf_counter())
                         text += piece
-            assert first is not None
-            ttfts.append((first - began) * 1000)
-            ratios.append(events / len(text.split()))
-    return statistics.median(ttfts), statistics.median(ratios)
+            assert seen, "no content arrived"
+            ttfts.append((seen[0] - began) * 1000)
+            ratios.append(len(seen) / len(text.split()))
+            gaps.append(max((b - a for a, b in itertools.pairwise(seen)), default=0.0) * 1000)
+    ttfts.sort()
+    return {
+        "ttft_ms": statistics.median(ttfts),
+        "ttft_p90_ms": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+        "events_per_token": statistics.median(ratios),
+        "max_gap_ms": statistics.median(gaps),
+    }
 
 
-def live(n: int) -> None:
-    from gateway.settings import Settings
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve(tree: Path, data_dir: Path, backend: str, policy: Path | None) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`gateway serve` run from the checkout `tree` (its own code, this virtualenv): (process, url, key)."""
+    import httpx
+
+    env = {
+        **os.environ,
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "GATEWAY_EMBEDDING_MODEL": "hashing",
+        "GATEWAY_SAMPLE_CORPUS": "false",
+        "GATEWAY_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(tree),
+    }
+    cli = [sys.executable, "-m", "gateway.cli"]
+    subprocess.run([*cli, "db", "upgrade"], cwd=tree, env=env, check=True, capture_output=True)
+    made = subprocess.run(
+        [*cli, "keys", "create", "--role", "client"], cwd=tree, env=env, check=True, capture_output=True
+    )
+    key = made.stdout.decode().strip().splitlines()[0]
+    port = _free_port()
+    args = [*cli, "serve", "--backend", backend, "--port", str(port), *(["--policy", str(policy)] if policy else [])]
+    proc = subprocess.Popen(args, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError((proc.stderr.read() if proc.stderr else b"").decode())
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the gateway from {tree} did not become ready")
+
+
+def live(n: int, before: Path | None, scorer: str | None = None) -> list[dict[str, Any]]:
     from serving.fake import FakeBackendThread, FakeConfig
-    from tests.helpers import GatewayServer, create_key, prepare_database
 
     tmp = Path(tempfile.mkdtemp())
+    scorers = f'[scorers.toxicity]\nscorer = "{scorer}"\n' if scorer else ""
+    checked = tmp / "checked.toml"
+    checked.write_text("version = 1\n" + scorers)
     optimistic = tmp / "optimistic.toml"
-    optimistic.write_text('version = 1\n[defaults]\nstream_mode = "optimistic"\n')
+    optimistic.write_text('version = 1\n[defaults]\nstream_mode = "optimistic"\n' + scorers)
     policies = {
         "guards off": ROOT / "benchmarks" / "guards-off.toml",
-        "default guards, checked": None,
+        "default guards, checked": checked,
         "default guards, optimistic": optimistic,
     }
+    trees = {"after": ROOT, **({"before": before} if before else {})}
+    rows: list[dict[str, Any]] = []
     with FakeBackendThread(FakeConfig(models=("fake-model",), tokens_per_s=30, answer_tokens=60)) as fake:
-        rows = [("direct", *_feel(fake.url, None, n))]
-        for name, policy in policies.items():
-            settings = Settings(
-                data_dir=tmp / name.replace(" ", "_").replace(",", ""),
-                backend=(fake.url,),
-                embedding_model="hashing",
-                sample_corpus=False,
-                policy=policy,
-            )
-            prepare_database(settings)
-            _, key = create_key(settings, "client", "bench")
-            with GatewayServer(settings) as server:
-                _feel(server.url, key, 1)  # warm up
-                rows.append((name, *_feel(server.url, key, n)))
-    base = rows[1][1]
-    print(f"streaming feel, fake backend at 30 tokens/s, 60 tokens (median of {n} streams)")
-    for name, ttft, ratio in rows:
-        added = f"{ttft - base:+7.1f} ms vs guards off" if name != "direct" else ""
-        print(f"  {name:28s} first token {ttft:7.1f} ms {added:24s} content events per token {ratio:4.2f}")
+        rows.append({"tree": "", "name": "direct", **_feel(fake.url, None, n)})
+        for tree_name, tree in trees.items():
+            for name, policy in policies.items():
+                data_dir = tmp / f"{tree_name}-{name.replace(' ', '_').replace(',', '')}"
+                proc, url, key = _serve(tree, data_dir, fake.url, policy)
+                try:
+                    _feel(url, key, 1)  # warm up
+                    rows.append({"tree": tree_name, "name": name, **_feel(url, key, n)})
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+    off = {r["tree"]: r["ttft_ms"] for r in rows if r["name"] == "guards off"}
+    which = f"toxicity scorer {scorer}" if scorer else "the default toxicity scorer"
+    print(f"\nstreaming feel, fake backend at 30 tokens/s, 60 tokens, {which} (median of {n} streams)")
+    print(
+        f"  {'':36s} {'first token':>11s} {'p90':>7s} {'vs guards off':>13s} {'events/token':>12s} {'longest gap':>11s}"
+    )
+    for r in rows:
+        added = f"{r['ttft_ms'] - off[r['tree']]:+9.1f} ms" if r["tree"] else ""
+        label = f"{r['tree']}: {r['name']}" if r["tree"] else r["name"]
+        print(
+            f"  {label:36s} {r['ttft_ms']:8.1f} ms {r['ttft_p90_ms']:7.1f} {added:>13s} "
+            f"{r['events_per_token']:12.2f} {r['max_gap_ms']:8.1f} ms"
+        )
+    return rows
 
 
 async def main(rounds: int, streams: int) -> None:
@@ -214,7 +282,21 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--live", type=int, default=0, help="also the streaming feel, over this many streams each")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="with --live: a checkout of an earlier commit (git worktree add DIR REV) measured in the same run",
+    )
+    parser.add_argument("--only-live", action="store_true", help="skip the relay CPU rounds")
+    parser.add_argument(
+        "--scorer", default=None, help="with --live: the policy's [scorers.toxicity] scorer (default: the default)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the live rows here")
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.streams))
+    if not args.only_live:
+        asyncio.run(main(args.rounds, args.streams))
     if args.live:
-        live(args.live)
+        rows = live(args.live, args.before, args.scorer)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))

@@ -467,10 +467,13 @@ class StreamChecker:
     included); toxicity for words followed by `hold_words` complete words in the scored text
     (the whole unit so far is scored, every `step_words` new words, through the batching
     scorer), so a phrase of up to `hold_words + 1` words that straddles a release point is
-    scored whole before any of it is released. Any other blocking guard holds whole units. When
-    a check of the unfinished unit finds something, nothing more of the unit goes out until it
-    is complete and decided whole: a block or a redaction is decided on the same text as
-    without flow, and of a blocked unit only words that passed with their look-ahead were sent.
+    scored whole before any of it is released. Any other blocking guard holds whole units.
+    A listed term found in the unfinished unit holds the rest of it until it is complete. A
+    toxicity hit on the unfinished sentence holds it too, and it is scored again at every new
+    word: short fragments often score high on their own (the trained scorer gives "You are a"
+    0.92), and their words go out once a longer prefix, with its look-ahead, scores clean. A
+    block or a redaction is always decided on the complete unit, as without flow; of a blocked
+    unit only words that passed with their look-ahead were sent.
 
     `feed(delta)` returns the text safe to send now; once blocked, every call releases nothing.
     `finish()` checks and releases the tail.
@@ -496,7 +499,8 @@ class StreamChecker:
     verdicts: list[Verdict] = field(default_factory=list)
     blocked_by: Verdict | None = None
     finished: bool = False
-    _unit_hit: bool = False  # a check of the unfinished unit found something: hold it to its end
+    _unit_hit: bool = False  # a listed term is in the unfinished unit: hold it to its end
+    _stalled: bool = False  # its last scoring found it toxic: score again at the next word
     _cleared: int = 0  # the "words" guards passed text[:_cleared] of the unfinished unit
     _scored_words: int = 0  # complete words of the unit at its last scoring
     _probe_ms: dict[str, float] = field(default_factory=dict)
@@ -564,7 +568,7 @@ class StreamChecker:
         start, rest = self.unit_start, self.checked
         unit = self.text[start:upto]
         self.unit_start = self._cleared = upto
-        self._unit_hit, self._scored_words = False, 0
+        self._unit_hit, self._stalled, self._scored_words = False, False, 0
         if not unit.strip():
             return self._release(upto, [])
         ctx = self._context(unit)
@@ -606,10 +610,11 @@ class StreamChecker:
                 jobs.append((guard, unit))
                 continue
             window = word_window(unit, self.hold_words)
+            step = 1 if self._stalled else self.step_words
             due = (
                 window.words > self.hold_words
                 and start + window.release > self._cleared
-                and (self._scored_words == 0 or window.words - self._scored_words >= self.step_words)
+                and (self._scored_words == 0 or window.words - self._scored_words >= step)
             )
             if due:
                 scoring = window
@@ -620,11 +625,16 @@ class StreamChecker:
         verdicts = await asyncio.gather(*(guard.check(self._context(text)) for guard, text in jobs))
         for v in verdicts:
             self._probe_ms[v.guard] = self._probe_ms.get(v.guard, 0.0) + v.ms
-        if any(v.hit for v in verdicts):
+        hits = {v.guard for v in verdicts if v.hit}
+        if scoring is not None:
+            self._scored_words = scoring.words
+            self._stalled = any(g.name in hits for g, kind in self._kinds if kind == "words")
+        if any(g.name in hits for g, kind in self._kinds if kind == "probe"):
             self._unit_hit = True  # decided when the unit is complete
+        if hits:
             return ""
         if scoring is not None:
-            self._cleared, self._scored_words = start + scoring.release, scoring.words
+            self._cleared = start + scoring.release
         return self._release(limit, []).release
 
     async def _flags(self, ctx: GuardContext, offset: int) -> list[Verdict]:

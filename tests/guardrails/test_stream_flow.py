@@ -221,3 +221,23 @@ async def test_sentence_holding_guards_keep_whole_sentences(executor, profanity_
     released = await _run(checker, _cuts(CLEAN_ANSWER, "words"))
     first = CLEAN_ANSWER.index(".") + 1
     assert all(sent in ("", CLEAN_ANSWER[:first]) for sent in released[:12])
+
+
+class FragmentScorer(PhraseScorer):
+    """Like the trained scorer on short fragments: anything under four words scores toxic."""
+
+    def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        self.scored.extend(texts)
+        return [{"toxicity": float(len(t.split()) < 4)} for t in texts]
+
+
+async def test_a_fragment_that_scores_toxic_alone_is_scored_again_at_the_next_word(executor):
+    scorer = FragmentScorer()
+    rails = await _rails(executor, TOXICITY_BLOCKS, scorer)
+    checker = rails.stream()
+    releases = [(await checker.feed(delta)).release for delta in _cuts(CLEAN_ANSWER, "words")]
+    # three words score toxic (held), four pass: the first two words go out with the fourth,
+    # long before the sentence ends
+    assert releases[:4] == ["", "", "", "The tower "]
+    assert scorer.scored[:2] == ["The tower stands", "The tower stands in"]
+    assert not checker.blocked
