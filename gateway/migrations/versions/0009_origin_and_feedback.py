@@ -14,6 +14,8 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -43,7 +45,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_feedback_request_created", "feedback", ["request_id", "created_at"])
     op.create_index("ix_feedback_rating_created", "feedback", ["rating", "created_at"])
-    key = [
+    key: list[sa.Column[Any]] = [
         sa.Column("size_s", sa.Integer(), primary_key=True),
         sa.Column("bucket_start", sa.BigInteger(), primary_key=True),
         sa.Column("origin", sa.String(16), primary_key=True),
