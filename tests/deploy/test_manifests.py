@@ -339,3 +339,53 @@ def test_models_folder_renders_on_its_own() -> None:
     for folder in sorted((K8S / "models").iterdir()):
         docs = render(folder)
         assert {d["kind"] for d in docs} == {"Deployment", "Service", "PersistentVolumeClaim"}
+
+
+def _traffic_args(words: list[str]) -> argparse.Namespace:
+    """`gateway eval traffic` flags parsed by the command's own parser, checked as the CLI checks them."""
+    from evals import nightly
+
+    assert words[:3] == ["gateway", "eval", "traffic"], words
+    sub = argparse.ArgumentParser(prog="gateway eval traffic", exit_on_error=False)
+    nightly.configure_traffic_parser(sub)
+    parsed = sub.parse_args(words[3:])
+    nightly._traffic_flags(parsed)
+    return parsed
+
+
+def test_traffic_shards_are_an_indexed_job_with_a_merge(docs: list[dict[str, Any]]) -> None:
+    shards_cron = one(docs, "CronJob", "gateway-eval-traffic-shards")
+    merge_cron = one(docs, "CronJob", "gateway-eval-traffic-merge")
+    job = shards_cron["spec"]["jobTemplate"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] >= 2
+    n = job["completions"]
+    # An example that is off until asked for: the two run together or not at all, never beside the
+    # nightly's own unsharded traffic run by accident.
+    assert shards_cron["spec"]["suspend"] is True and merge_cron["spec"]["suspend"] is True
+    assert shards_cron["spec"]["schedule"] == merge_cron["spec"]["schedule"]
+
+    shard = pod_spec(shards_cron)["containers"][0]
+    env = {e["name"]: e for e in shard["env"]}
+    index = env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert shard["command"] == ["gateway"] and "$(JOB_COMPLETION_INDEX)" in " ".join(shard["args"])
+    # Every pod I of the Job gets `--shard I/N`, a valid shard of the N the merge waits for.
+    parsed = [
+        _traffic_args(["gateway", *(a.replace("$(JOB_COMPLETION_INDEX)", str(i)) for a in shard["args"])])
+        for i in range(n)
+    ]
+    assert [p.shard for p in parsed] == [(i, n) for i in range(n)]
+    merge = pod_spec(merge_cron)["containers"][0]
+    merged = _traffic_args(["gateway", *merge["args"]])
+    assert merged.merge == n and merged.shard is None
+    # The same run: the merge's window, name and options are every shard's.
+    same = ("since", "until", "limit", "labels_since", "include_eval", "name", "run_key", "concurrency")
+    for p in parsed:
+        assert {k: getattr(p, k) for k in same} == {k: getattr(merged, k) for k in same}
+    assert "--until" in shard["args"], "pods started apart must be given one window end"
+    # The merge waits for the shards, within its own deadline; a verdict is not retried.
+    assert 0 < merged.wait < merge_cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+    assert merge_cron["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+    for container in (shard, merge):
+        assert "secretKeyRef" in container_env(docs, container)["GATEWAY_DATABASE"]
+        assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/data", "/etc/gateway"}
