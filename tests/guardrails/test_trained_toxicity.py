@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,9 +196,10 @@ async def test_input_action_block_refuses_abusive_input(executor, trained):
 
 async def test_benign_chat_set_blocks_and_flags_little(executor, trained):
     """The bundled benign chat (230 prompts and answers, look-alikes included) under the default
-    policy. Measured with the shipped head: no prompt blocked by toxicity (input only flags),
-    4 of 230 answers blocked (a requested villain line, an agenda fragment, two answers about
-    bullying and a heist plot); the bound below keeps that from growing unnoticed."""
+    policy. Measured with the shipped head: no prompt blocked by toxicity (input only flags; 5
+    of 230 flagged), 4 of 230 answers blocked (two regular-expression answers, one about
+    workplace bullying, a requested villain line): the issue's target of 0 blocks is not met,
+    and the bounds below keep it from growing unnoticed."""
     from evals.guards import BENIGN_CHAT, eval_benign
 
     report = await eval_benign(BENIGN_CHAT, default_policy(), trained)
@@ -226,7 +228,8 @@ def test_labelled_set_is_reproducible_and_holds_out_templates_and_fillers():
         held_out = [f for f, split in fillers[slot].items() if split == "test"]
         # ("nobody" is a filler and also a word of some templates)
         distinctive = [f for f in held_out if f.lower() not in templates]
-        assert distinctive and not [f for f in distinctive if f.lower() in train_texts], slot
+        leaked = [f for f in distinctive if re.search(rf"\b{re.escape(f.lower())}\b", train_texts)]
+        assert distinctive and not leaked, slot
     assert 1000 <= len(rows) <= 5000 and {r.label for r in rows} == {0, 1}
 
 
