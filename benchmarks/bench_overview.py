@@ -104,9 +104,11 @@ async def measure(url: str) -> None:
             warm, _ = await _time(overview(engine, parse_since(window), rollups=False))
             before[window] = (first, warm, data)
         took, report = await _time(roll_up(engine))
-        print(f"  rollup backfill (empty table, in the background): {took / 1000:.1f} s, {report.rows:,} rollup rows")
+        print(f"  rollup backfill (empty table, in the background): {took / 1000:.1f} s, {report.rows:,} rollup rows, "
+              f"longest write transaction {report.longest_write_ms:.0f} ms")  # fmt: skip
         took, report = await _time(roll_up(engine))
-        print(f"  rollup pass (steady state, every minute, in the background): {took:.0f} ms, {report.rows:,} rows")
+        print(f"  rollup pass (steady state, every minute, in the background): {took:.0f} ms, {report.rows:,} rows, "
+              f"longest write transaction {report.longest_write_ms:.1f} ms")  # fmt: skip
         for window in WINDOWS:
             first, data = await _time(overview(engine, parse_since(window)))
             warm, _ = await _time(overview(engine, parse_since(window)))

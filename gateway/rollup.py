@@ -5,7 +5,8 @@ and flagged_by: counts, token sums, score sums and a latency histogram in the ov
 (`roll_up`) recomputes whole buckets from the raw rows: for each bucket range, in one transaction,
 delete its rollups and insert them again from one GROUP BY (hours from the 5-minute rows). So a pass
 is idempotent, and replicas may run it at the same time: on PostgreSQL they take turns on an
-advisory lock, SQLite takes one writer at a time anyway.
+advisory lock. On SQLite the GROUP BY is read first and the write transaction only swaps the rows,
+so the audit writer (the other writer) waits for a few milliseconds at most.
 
 Which buckets: from the newest computed one, LATE_S back (rows committed late, e.g. a long stream
 whose `created_at` is its start, are counted by the next pass), up to the last closed bucket; on
@@ -15,7 +16,8 @@ the overview reads raw rows outside it. Rows older than LATE_S that arrive after
 spool replayed after a long outage) are counted after `rebuild(engine, since)`.
 
 The request path pays nothing: audit writes are unchanged (no trigger), and a pass runs in
-`RollupTask`, a background task of the gateway, every INTERVAL_S.
+`RollupTask`, a background task of the gateway, every INTERVAL_S (`PassReport.longest_write_ms`:
+how long a pass held a write transaction).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.db import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups
@@ -68,6 +71,7 @@ class PassReport:
     coarse: tuple[int, int] | None = None
     rows: int = 0
     seconds: float = 0.0
+    longest_write_ms: float = 0.0  # the longest transaction that wrote rollups
 
 
 def _epoch_bucket(dialect: str, size: int) -> ColumnElement[Any]:
@@ -108,10 +112,9 @@ def _moment(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-async def _fine(conn: AsyncConnection, lo: int, hi: int) -> int:
-    """Recompute the 5-minute buckets in [lo, hi) from the raw rows; returns the rows written."""
+def _fine_query(dialect: str, lo: int, hi: int) -> Select[Any]:
+    """The 5-minute rollup rows of buckets [lo, hi), from the raw rows."""
     c = audit_records.c
-    dialect = conn.dialect.name
     start = _epoch_bucket(dialect, FINE_S).label("bucket_start")
     keys = [
         func.coalesce(c.origin, "").label("origin"),
@@ -120,7 +123,7 @@ async def _fine(conn: AsyncConnection, lo: int, hi: int) -> int:
         func.coalesce(c.blocked_by, "").label("blocked_by"),
         func.coalesce(c.flagged_by, "").label("flagged_by"),
     ]
-    query = (
+    return (
         select(
             _inline(FINE_S).label("size_s"),
             start,
@@ -140,28 +143,48 @@ async def _fine(conn: AsyncConnection, lo: int, hi: int) -> int:
         .where(c.created_at >= _moment(lo), c.created_at < _moment(hi))
         .group_by(start, *keys)
     )
-    r = audit_rollups.c
-    await conn.execute(delete(audit_rollups).where(r.size_s == FINE_S, r.bucket_start >= lo, r.bucket_start < hi))
-    columns = ["size_s", "bucket_start", *_KEYS, *_SUMS]
-    written = (await conn.execute(insert(audit_rollups).from_select(columns, query))).rowcount or 0
-    return written + await _mark_empty(conn, FINE_S, lo, hi)
 
 
-async def _coarse(conn: AsyncConnection, lo: int, hi: int) -> int:
-    """Recompute the hourly buckets in [lo, hi) from the 5-minute rollups."""
+def _coarse_query(lo: int, hi: int) -> Select[Any]:
+    """The hourly rollup rows of buckets [lo, hi), from the 5-minute rollups."""
     r = audit_rollups.c
     start = ((r.bucket_start // _inline(COARSE_S)) * _inline(COARSE_S)).label("bucket_start")
     keys = [getattr(r, k) for k in _KEYS]
-    query = (
+    return (
         select(_inline(COARSE_S).label("size_s"), start, *keys,
                *(func.sum(getattr(r, name)).label(name) for name in _SUMS))
         .where(r.size_s == FINE_S, r.bucket_start >= lo, r.bucket_start < hi, r.requests > 0)
         .group_by(start, *keys)
     )  # fmt: skip
-    await conn.execute(delete(audit_rollups).where(r.size_s == COARSE_S, r.bucket_start >= lo, r.bucket_start < hi))
-    columns = ["size_s", "bucket_start", *_KEYS, *_SUMS]
-    written = (await conn.execute(insert(audit_rollups).from_select(columns, query))).rowcount or 0
-    return written + await _mark_empty(conn, COARSE_S, lo, hi)
+
+
+async def _recompute(engine: AsyncEngine, size: int, lo: int, hi: int, query: Select[Any], report: PassReport) -> None:
+    """Replace the rollups of buckets [lo, hi) by `query`'s rows, in one transaction.
+
+    PostgreSQL: delete and INSERT ... SELECT under an advisory lock (one replica at a time; the
+    audit writer's inserts never wait on it). SQLite has one writer at a time, and the audit
+    writer is another: the rows are read first, and the write lock is held only to swap them."""
+    r = audit_rollups.c
+    stale = delete(audit_rollups).where(r.size_s == size, r.bucket_start >= lo, r.bucket_start < hi)
+    if engine.dialect.name == "postgresql":
+        began = time.perf_counter()
+        async with engine.begin() as conn:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+            await conn.execute(stale)
+            columns = ["size_s", "bucket_start", *_KEYS, *_SUMS]
+            written = (await conn.execute(insert(audit_rollups).from_select(columns, query))).rowcount or 0
+            written += await _mark_empty(conn, size, lo, hi)
+    else:
+        async with engine.connect() as conn:
+            rows = [dict(row._mapping) for row in await conn.execute(query)]
+        began = time.perf_counter()
+        async with engine.begin() as conn:
+            await conn.execute(stale)
+            if rows:
+                await conn.execute(insert(audit_rollups), rows)
+            written = len(rows) + await _mark_empty(conn, size, lo, hi)
+    report.rows += written
+    report.longest_write_ms = max(report.longest_write_ms, (time.perf_counter() - began) * 1000)
 
 
 async def _mark_empty(conn: AsyncConnection, size: int, lo: int, hi: int) -> int:
@@ -191,11 +214,6 @@ async def computed_range(conn: AsyncConnection, size: int) -> tuple[int, int] | 
     return None if row[0] is None else (int(row[0]), int(row[1]) + size)
 
 
-async def _lock(conn: AsyncConnection) -> None:
-    if conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
-
-
 async def roll_up(engine: AsyncEngine, now: float | None = None, *, since: float | None = None) -> PassReport:
     """One pass: recompute the closed buckets from the newest computed one (less LATE_S) or from
     `since`, or from the oldest record when nothing is computed; then drop old 5-minute rows."""
@@ -220,18 +238,16 @@ async def roll_up(engine: AsyncEngine, now: float | None = None, *, since: float
     if lo >= closed:
         report.seconds = time.perf_counter() - began
         return report
+    dialect = engine.dialect.name
     for chunk in range(lo, closed, _CHUNK_S):
         end = min(chunk + _CHUNK_S, closed)
-        async with engine.begin() as conn:
-            await _lock(conn)
-            report.rows += await _fine(conn, chunk, end)
+        await _recompute(engine, FINE_S, chunk, end, _fine_query(dialect, chunk, end), report)
     report.fine = (lo, closed)
     coarse_lo, coarse_hi = lo // COARSE_S * COARSE_S, closed // COARSE_S * COARSE_S
     if coarse_lo < coarse_hi:
         for chunk in range(coarse_lo, coarse_hi, _CHUNK_S):
-            async with engine.begin() as conn:
-                await _lock(conn)
-                report.rows += await _coarse(conn, chunk, min(chunk + _CHUNK_S, coarse_hi))
+            end = min(chunk + _CHUNK_S, coarse_hi)
+            await _recompute(engine, COARSE_S, chunk, end, _coarse_query(chunk, end), report)
         report.coarse = (coarse_lo, coarse_hi)
     async with engine.begin() as conn:
         r = audit_rollups.c
