@@ -33,9 +33,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 
-from gateway.db import audit_records, create_engine
+from evals.nightly import SHARD_KIND
+from gateway.db import audit_records, create_engine, eval_items, eval_runs
 from gateway.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,29 @@ def _rows(n: int, day_end: datetime, rng: random.Random, tag: str) -> list[dict[
             }
         )
     return rows
+
+
+async def _stored_bytes(url: str) -> dict[str, int]:
+    """What the shards stored in eval_items: items, and bytes of input_json (query text, set, position,
+    label or ratings), scores_json (guard scores, hits, outcomes, retrieval scores) and output_text."""
+    items = eval_items.c
+    query = (
+        select(
+            func.count(),
+            func.sum(func.length(items.input_json)),
+            func.sum(func.length(items.scores_json)),
+            func.sum(func.coalesce(func.length(items.output_text), 0)),
+        )
+        .select_from(eval_items.join(eval_runs, eval_runs.c.id == items.run_id))
+        .where(eval_runs.c.kind == SHARD_KIND)
+    )
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            n, given, scores, output = (await conn.execute(query)).one()
+    finally:
+        await engine.dispose()
+    return {"items": int(n), "input_json": int(given), "scores_json": int(scores), "output_text": int(output)}
 
 
 async def _seed(url: str, rows: int, previous: int) -> None:
@@ -176,6 +200,7 @@ def main() -> int:
             print(merge.stderr, file=sys.stderr)
             return 1
         merged = _last_json(merge.stdout)
+        stored_bytes = asyncio.run(_stored_bytes(url))
     same = _figures(merged) == _figures(single)
     for line in _differences(_figures(merged), _figures(single))[:20]:
         print(f"differs (merged != single) {line}", file=sys.stderr)
@@ -193,6 +218,8 @@ def main() -> int:
         "sharded_total_s": round(shards_s + merge_s, 1),
         "speedup": round(single_s / (shards_s + merge_s), 2),
         "merged_equals_single": same,
+        "shard_storage": stored_bytes,
+        "shard_bytes_per_item": round(sum(v for k, v in stored_bytes.items() if k != "items") / stored_bytes["items"]),
     }
     print(f"{'rows (day, day before)':<28} {args.rows}, {args.previous_rows}")
     print(f"{'one process':<28} {figures['single_process_s']} s")
@@ -200,6 +227,9 @@ def main() -> int:
           f"(re-scoring alone: {', '.join(f'{s} s' for s in figures['shard_rescore_s'])})")  # fmt: skip
     print(f"{'merge':<28} {figures['merge_s']} s")
     print(f"{'speed-up':<28} {figures['speedup']}x on {figures['cpus']} CPUs")
+    print(f"{'stored by the shards':<28} {stored_bytes['items']} items, {figures['shard_bytes_per_item']} bytes each "
+          f"(input_json {stored_bytes['input_json']}, scores_json {stored_bytes['scores_json']}, "
+          f"output_text {stored_bytes['output_text']})")  # fmt: skip
     print(f"{'merged figures == single':<28} {same}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

@@ -667,6 +667,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def guards_fingerprint(services: Services) -> str:
+    """What decides a re-score: the guards, their actions and thresholds, the toxicity model (its
+    weights' hash). Shards of one run, and the merge, must have loaded the same."""
+    assert services.rails is not None
+    seen = {"guards": services.rails.describe(), "thresholds": traffic.current_thresholds(services.rails)}
+    return hashlib.sha256(store.dumps(seen).encode()).hexdigest()
+
+
 def traffic_run_key(name: str, until: datetime) -> str:
     """What the shards of one run and its merge share: the run name and the window's end."""
     return f"{name}@{until.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
@@ -795,7 +803,14 @@ async def rescore_traffic_shard(
     key = run_key or traffic_run_key(name, now)
     scope = _traffic_config(since, now, limit, labels_since, include_eval)
     started = time.perf_counter()
-    config: dict[str, Any] = {"run_key": key, "run_name": name, "shard": shard, "shards": shards, "scope": scope}
+    config: dict[str, Any] = {
+        "run_key": key,
+        "run_name": name,
+        "shard": shard,
+        "shards": shards,
+        "scope": scope,
+        "guards": guards_fingerprint(services),
+    }
     run_id = await store.create_run(services.engine, SHARD_KIND, key, config)
     try:
         sets, digests = await _load_sets(services.engine, scope, now, shard, shards)
@@ -920,6 +935,12 @@ async def merge_traffic(
     scope = _traffic_config(since, now, limit, labels_since, include_eval)
     engine = services.engine
     runs = await wait_for_shards(engine, key, shards, scope, wait, progress)
+    mine = guards_fingerprint(services)
+    if any(r["config"].get("guards") != mine for r in runs):
+        raise CannotRun(
+            f"run {key}: the shards re-scored with other guards than this merge loads (a guard model or the "
+            "policy changed between them): rerun every shard"
+        )
     rescored: dict[str, list[tuple[int, traffic.Rescored | None, Any]]] = {s: [] for s in SETS}
     for item in await store.run_items(engine, [r["id"] for r in runs]):
         given, stored = item["input"], item["scores"]

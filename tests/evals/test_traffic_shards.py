@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 
 from evals import store, traffic
 from evals.nightly import (
@@ -20,12 +20,13 @@ from evals.nightly import (
     EXIT_ERROR,
     EXIT_PASSED,
     SHARD_KIND,
+    CannotRun,
     evaluate_traffic,
     merge_traffic,
     rescore_traffic_shard,
 )
 from gateway.cli import main as gateway_main
-from gateway.db import audit_records, create_engine, feedback, review_labels
+from gateway.db import audit_records, create_engine, eval_runs, feedback, review_labels
 from gateway.migrate import upgrade
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
@@ -156,6 +157,15 @@ async def test_three_shards_and_a_merge_equal_one_run(
         items = await store.run_items(services.engine, [r["id"] for r in runs])
         merged_run = await store.get_run(services.engine, merged["run_id"], with_items=True)
         whole_run = await store.get_run(services.engine, whole["run_id"], with_items=True)
+        # A shard that re-scored with another toxicity model or policy (a rollout between the pods)
+        # does not make one run with the others.
+        config = {**runs[1]["config"], "guards": "another model"}
+        async with services.engine.begin() as conn:
+            await conn.execute(
+                update(eval_runs).where(eval_runs.c.id == runs[1]["id"]).values(config_json=store.dumps(config))
+            )
+        with pytest.raises(CannotRun, match="other guards"):
+            await merge_traffic(services, shards=3, now=UNTIL, since="24h", name="sharded")
 
     m = whole["metrics"]
     assert whole["status"] == "unchecked" and whole["exit_code"] == EXIT_DRIFT and whole["drifted"]
