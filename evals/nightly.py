@@ -15,6 +15,21 @@ Exit codes, the first that applies: 2 could not run, 1 failed, 3 regressed, 4 dr
 
 `eval traffic` needs no backend: it re-scores the audit log with the guards. Only a policy whose
 groundedness method asks a model (`llm`, `hybrid`) needs one, and says so.
+
+A traffic run can be split over processes (a Kubernetes indexed Job):
+
+    gateway eval traffic --until 2026-11-29T00:00:00Z --shard I/N     # N of these, at once
+    gateway eval traffic --until 2026-11-29T00:00:00Z --merge [N] [--wait SECONDS]
+
+Shard I re-scores the rows of every set (both windows, the labelled and the rated requests) whose
+request id hashes to I, and stores them as items of a `traffic-shard` run named by the run key
+(NAME@UNTIL, or `--run-key`): per row its set and position, the query, the label or ratings, and
+every score the figures are computed from. The merge waits on the database until the N shards have
+stored, refuses shards of another N, window, traffic or guards, rebuilds the rows in their order and
+computes the run as one process would (the query embeddings for drift are computed here, from the
+stored query texts). Re-scoring one row at a time (`--concurrency 1`, the default) keeps the
+figures exact: above 1 the toxicity model batches rows as they meet and scores move in their last
+bits.
 """
 
 from __future__ import annotations
