@@ -270,7 +270,9 @@ def test_redis_unreachable(settings: Settings, client_key: tuple[str, str], fail
         assert client.post("/v1/chat/completions", json=CHAT, headers=auth(client_key[1])).status_code == 200
         limits = gw.services.readiness
         report = asyncio.run_coroutine_threadsafe(limits(), gw.loop).result(30)[1]["limits"]  # type: ignore[arg-type]
-        assert report["ok"] is False and report["fail_mode"] == fail and report["failures"] >= 1
+        # `ok` is whether the back-off after the last failure is over, which depends on how long the
+        # requests above took; the failures and the error are what must be reported.
+        assert report["fail_mode"] == fail and report["failures"] >= 1 and "127.0.0.1:1" in report["last_error"]
     if fail == "closed":
         statuses = {r["status"] for r in audit_rows(settings, api_key_id=key_id)}
         assert statuses == {"limits_unavailable"}

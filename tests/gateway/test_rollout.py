@@ -293,7 +293,7 @@ def test_reload_under_concurrent_load_fails_no_request(
         stop.set()
         for w in workers:
             w.join(30)
-    assert len(results) > 50
+    assert len(results) > 20  # requests in flight across all three reloads (about 1.7 s of load)
     assert [r for r in results if r[0] != 200] == []
     assert gateway.services.rollout.version != before
     after = [client.chat(f"after {i}").headers["x-gateway-deployment"] for i in range(20)]
@@ -367,7 +367,8 @@ def test_rollback_is_picked_up_from_the_database(
 
 @pytest.fixture(scope="module")
 def slow_candidate() -> Iterator[FakeBackendThread]:
-    with FakeBackendThread(FakeConfig(models=("m-candidate",), delay_ms=3000)) as fake:
+    # 10 s: the two copies in flight must outlast the test's ten requests on a slow, busy machine.
+    with FakeBackendThread(FakeConfig(models=("m-candidate",), delay_ms=10_000)) as fake:
         yield fake
 
 
@@ -437,7 +438,7 @@ def test_a_slow_shadow_costs_the_client_nothing_and_is_bounded(
             began = time.perf_counter()
             assert client.chat(f"q{i}").status_code == 200
             without.append(time.perf_counter() - began)
-    # A copy takes 3 s at the shadow; on the client's path the median would be 3 s above the other.
+    # A copy takes 10 s at the shadow; on the client's path the median would be 10 s above the other.
     assert statistics.median(with_shadow) < statistics.median(without) + 1.0, (with_shadow, without)
     assert described["by_deployment"]["candidate"]["sent"] == 2  # the bound: 2 in flight...
     assert described["by_deployment"]["candidate"]["dropped"] == 8  # ...the rest dropped and counted

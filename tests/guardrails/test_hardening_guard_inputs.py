@@ -170,11 +170,17 @@ def test_message_texts_cover_every_field_the_backend_reads():
     }
 
 
-REDACTING = """
+# These tests are about the keyword and injection guards: toxicity (which flags user input by
+# default) is kept to the output, so the stand-in scorer below is never asked.
+OUTPUT_TOXICITY = '[guards.toxicity]\nstages = ["output"]\n'
+REDACTING = (
+    """
 [guards.keywords]
 action = "redact"
 terms = ["zorblax"]
 """
+    + OUTPUT_TOXICITY
+)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +223,7 @@ async def test_redact_on_a_text_that_cannot_be_rewritten_blocks(redacting: Guard
 
 
 async def test_roles_limit_still_works_and_request_is_a_role(executor):
-    policy = parse_policy('[guards.keywords]\nterms = ["zorblax"]\nroles = ["user"]\n')
+    policy = parse_policy('[guards.keywords]\nterms = ["zorblax"]\nroles = ["user"]\n' + OUTPUT_TOXICITY)
     rails = await Guardrails.load(policy, executor, toxicity_scorer=object())  # type: ignore[arg-type]
     system = await rails.check_input([{"role": "system", "content": "zorblax"}])
     assert not system.blocked
@@ -228,7 +234,7 @@ async def test_roles_limit_still_works_and_request_is_a_role(executor):
 
 
 async def test_keywords_without_terms_are_inert(executor):
-    rails = await Guardrails.load(parse_policy(""), executor, toxicity_scorer=object())  # type: ignore[arg-type]
+    rails = await Guardrails.load(parse_policy(OUTPUT_TOXICITY), executor, toxicity_scorer=object())  # type: ignore[arg-type]
     assert rails.input_guards() == ["injection"]
 
 
