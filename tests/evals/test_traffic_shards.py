@@ -106,7 +106,7 @@ def _seed(url: str, previous: int = 60, current: int = 90) -> list[dict[str, Any
             "key_id": f"key_{k % 3}",
             "rating": (-1, 0, 1)[k % 3],
             "categories_json": json.dumps(["unsafe"] if k % 2 else ["wrong"]),
-            "created_at": r["created_at"] + timedelta(minutes=5),  # type: ignore[operator]
+            "created_at": r["created_at"] + timedelta(minutes=5),
         }
         for k, r in enumerate(rows[previous // 6 : previous + current * 8 // 9])
     ]
