@@ -29,7 +29,7 @@ from sqlalchemy import BigInteger, Integer, case, cast, extract, func, literal_c
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from gateway.db import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups
+from gateway.db import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups, eval_runs
 from gateway.errors import InvalidRequest
 from gateway.review import REVIEWER, SIGN_IN_FIRST, Reviewer, _context
 from gateway.rollup import COARSE_S, FINE_S, computed_range
@@ -73,6 +73,8 @@ class Overview:
     origin: str = "live"
     #: The window's buckets before this moment came from the rollups (None: every figure from raw rows).
     rollups_through: datetime | None = None
+    #: The nightly `eval traffic` runs that finished in the window: (start, PSI per signal), oldest first.
+    drift: list[tuple[datetime, dict[str, float | None]]] = field(default_factory=list)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -98,6 +100,7 @@ class Overview:
             "bucket_s": self.bucket_s,
             "origin": self.origin,
             "rollups_through": self.rollups_through.isoformat() if self.rollups_through else None,
+            "drift": [{"run_started": at.isoformat(), "psi": psi} for at, psi in self.drift],
             "totals": self.totals,
             "guards": self.guards,
             "buckets": [
@@ -310,6 +313,7 @@ async def overview(
                 _count(b, row.status, row.blocked_by, row.flagged_by, n)
                 if row.bin >= 0:
                     b.latency_bins[int(row.bin)] += n
+        drift = await drift_runs(conn, since, until)
     ordered = [buckets[k] for k in sorted(buckets)]
     total = sum(b.requests for b in ordered)
     names = sorted({g for b in ordered for g in (*b.blocked_by, *b.flagged_by)})
@@ -321,7 +325,47 @@ async def overview(
             "guard": name, "blocked": blocked, "flagged": flagged,
             "block_rate": blocked / total if total else None, "flag_rate": flagged / total if total else None,
         })  # fmt: skip
-    return Overview(since, until, bucket_s, ordered, guards, origin, through)
+    return Overview(since, until, bucket_s, ordered, guards, origin, through, drift)
+
+
+#: A traffic run's drift report (evals.traffic.drift_report, stored in its metrics): signal -> where its PSI is.
+DRIFT_SIGNALS: dict[str, tuple[str, ...]] = {
+    "toxicity": ("guard_scores", "toxicity", "psi"),
+    "groundedness": ("guard_scores", "groundedness", "psi"),
+    "retrieval score": ("retrieval_top_score", "psi"),
+    "query embeddings": ("query_embeddings", "psi"),
+    "ratings": ("ratings", "psi"),
+}
+
+
+async def drift_runs(conn: Any, since: datetime, until: datetime) -> list[tuple[datetime, dict[str, float | None]]]:
+    """PSI per signal of the traffic runs that finished in the window (at most 500, oldest first)."""
+    query = (
+        select(eval_runs.c.started_at, eval_runs.c.metrics_json)
+        .where(
+            eval_runs.c.kind == "traffic",
+            eval_runs.c.started_at >= since,
+            eval_runs.c.started_at <= until,
+            eval_runs.c.metrics_json.is_not(None),
+        )
+        .order_by(eval_runs.c.started_at.desc())
+        .limit(500)
+    )
+    out = []
+    for started, text in reversed((await conn.execute(query)).all()):
+        try:
+            report = msgspec.json.decode(text).get("drift") or {}
+        except (msgspec.DecodeError, AttributeError):
+            continue  # a run stored by another version, or not JSON: no point on the chart
+        psi: dict[str, float | None] = {}
+        for name, path in DRIFT_SIGNALS.items():
+            value: Any = report
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            psi[name] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        when = started if started.tzinfo else started.replace(tzinfo=UTC)
+        out.append((when, psi))
+    return out
 
 
 # ----------------------------------------------------------------------------------- charts
@@ -440,7 +484,19 @@ def charts(data: Overview) -> list[Markup]:
             {f"p{q}": [b.percentile(q / 100) for b in data.buckets] for q in PERCENTILES},
             "ms",
         ),
+        drift_chart(data.drift),
     ]
+
+
+def drift_chart(runs: list[tuple[datetime, dict[str, float | None]]]) -> Markup:
+    """PSI per signal, one point per nightly traffic run (0.2 and above is drift, 0.1 is watch)."""
+    title = "Drift (PSI against the previous window, per nightly traffic run; drift at 0.2)"
+    if not runs:
+        return line_chart(title + ": no traffic run in this window", [], {"none": []})
+    series = {
+        name: [psi[name] for _, psi in runs] for name in DRIFT_SIGNALS if any(psi[name] is not None for _, psi in runs)
+    }
+    return line_chart(title, [at for at, _ in runs], series or {"none": [None] * len(runs)})
 
 
 # ----------------------------------------------------------------------------------- routes

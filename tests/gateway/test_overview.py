@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from sqlalchemy import func, select
 
@@ -110,7 +111,7 @@ def test_page_and_api(settings: Settings, tmp_path: Path) -> None:
     with GatewayServer(settings) as gw, httpx.Client(base_url=gw.url) as http:
         page = http.get("/review/overview?window=6h", headers={"authorization": f"Bearer {reviewer}"})
         assert page.status_code == 200
-        assert page.text.count("<svg") == 4 and "Block rate per guard" in page.text and "keywords" in page.text
+        assert page.text.count("<svg") == 5 and "Block rate per guard" in page.text and "keywords" in page.text
         assert "<script" not in page.text and "http://" not in page.text.replace(
             'xmlns="http://www.w3.org/2000/svg"', ""
         )
@@ -175,3 +176,41 @@ def test_live_overview_reads_new_rows_at_once(settings: Settings) -> None:
     assert live.totals == full.totals and live.totals["requests"] == 169
     assert [b.requests for b in live.buckets] == [b.requests for b in full.buckets]
     assert again.totals["requests"] == 170 and any(g["guard"] == "new" for g in again.guards)
+
+
+def test_drift_of_the_nightly_traffic_runs_is_charted(settings: Settings) -> None:
+    """Each finished `eval traffic` run in the window is a point per drift signal (its PSI)."""
+    from gateway.db import eval_runs
+    from gateway.overview import charts
+
+    def run(at: datetime, toxicity: float | None, embeddings: float) -> dict[str, Any]:
+        drift = {"guard_scores": {"toxicity": {"psi": toxicity, "status": "stable"}},
+                 "query_embeddings": {"psi": embeddings}, "ratings": {"psi": None}}  # fmt: skip
+        return {"kind": "traffic", "name": "last 24h", "started_at": at, "finished_at": at, "status": "unchecked",
+                "metrics_json": msgspec.json.encode({"requests": 10, "drift": drift}).decode()}  # fmt: skip
+
+    async def seed() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(eval_runs.insert(), [
+                    run(NOW - timedelta(days=3), 0.05, 0.30),
+                    run(NOW - timedelta(days=2), None, 0.12),
+                    run(NOW - timedelta(days=1), 0.25, 0.02),
+                    run(NOW - timedelta(days=40), 0.9, 0.9),  # outside the window
+                    {"kind": "dataset", "name": "sample.jsonl", "started_at": NOW, "finished_at": NOW,
+                     "status": "passed", "metrics_json": "{}"},  # not a traffic run
+                ])  # fmt: skip
+        finally:
+            await engine.dispose()
+
+    asyncio.run(seed())
+    data = _overview(settings, NOW - timedelta(days=7), NOW)
+    assert [psi["toxicity"] for _, psi in data.drift] == [0.05, None, 0.25]
+    assert [psi["query embeddings"] for _, psi in data.drift] == [0.30, 0.12, 0.02]
+    assert data.public()["drift"][0]["psi"]["ratings"] is None
+    svg = str(charts(data)[-1])
+    assert "Drift" in svg and "toxicity" in svg and "query embeddings" in svg and "ratings" not in svg
+    assert svg.count("<polyline") == 1 and svg.count("<circle") >= 2  # embeddings a line; toxicity has a gap
+    empty = str(charts(_overview(settings, NOW - timedelta(days=60), NOW - timedelta(days=50)))[-1])
+    assert "no traffic run in this window" in empty

@@ -57,7 +57,7 @@ def test_overview_charts_render_in_chromium(tmp_path: Path, fake_backend: FakeBa
             driver.get(gw.url + "/review/overview")
             wait.until(until.presence_of_element_located((By.CSS_SELECTOR, "#charts svg")))
             charts = driver.find_elements(By.CSS_SELECTOR, "#charts svg")
-            assert len(charts) == 4
+            assert len(charts) == 5  # requests, block rate, flag rate, latency, drift
             for chart in charts:  # laid out by the browser, not collapsed
                 assert chart.size["width"] > 300 and chart.size["height"] > 100
             assert driver.find_elements(By.CSS_SELECTOR, "#charts polyline, #charts circle")  # data drawn
