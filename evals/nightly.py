@@ -727,6 +727,7 @@ async def _load_sets(
         "labelled": dict(labels),
         "rated": dict(ratings),
     }
+    spans = {"current": (now - window, now), "previous": (now - 2 * window, now - window)}
     sets: dict[str, list[tuple[int, dict[str, Any], Any]]] = {}
     digests: dict[str, str] = {}
     for name in SETS:
@@ -737,7 +738,9 @@ async def _load_sets(
             digest.update(store.dumps([request_id, kept]).encode("utf-8", "surrogatepass") + b"\n")
         digests[name] = digest.hexdigest()
         mine = [(pos, i) for pos, i in enumerate(whole) if shards == 1 or traffic.shard_of(i, shards) == shard]
-        rows = {r["request_id"]: r for r in await traffic.rows_by_id(engine, [i for _, i in mine], **_origin(scope))}
+        created = spans.get(name)
+        fetched = await traffic.rows_by_id(engine, [i for _, i in mine], created=created, **_origin(scope))
+        rows = {r["request_id"]: r for r in fetched}
         sets[name] = [(pos, rows[i], whole[i]) for pos, i in mine if i in rows]
     return sets, digests
 

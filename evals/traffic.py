@@ -112,17 +112,30 @@ async def window_ids(
         return [r.request_id for r in await conn.execute(query)]
 
 
-async def rows_by_id(engine: AsyncEngine, ids: Sequence[str], *, include_eval: bool = False) -> list[dict[str, Any]]:
-    """The audit rows of `ids`, in the order of `ids`; ids without a (kept) row are left out."""
+async def rows_by_id(
+    engine: AsyncEngine,
+    ids: Sequence[str],
+    *,
+    include_eval: bool = False,
+    created: tuple[datetime, datetime] | None = None,
+) -> list[dict[str, Any]]:
+    """The audit rows of `ids`, in the order of `ids`; ids without a (kept) row are left out.
+    `created`: the [start, end) they were created in, where known (lets PostgreSQL read only the
+    partitions of that time)."""
     async with engine.connect() as conn:
-        return await _rows_by_id(conn, ids, include_eval)
+        return await _rows_by_id(conn, ids, include_eval, created)
 
 
-async def _rows_by_id(conn: Any, ids: Sequence[str], include_eval: bool) -> list[dict[str, Any]]:
+async def _rows_by_id(
+    conn: Any, ids: Sequence[str], include_eval: bool, created: tuple[datetime, datetime] | None = None
+) -> list[dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
+    when = (
+        [] if created is None else [audit_records.c.created_at >= created[0], audit_records.c.created_at < created[1]]
+    )
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        query = select(*_COLUMNS).where(audit_records.c.request_id.in_(chunk), *_origin(include_eval))
+        query = select(*_COLUMNS).where(audit_records.c.request_id.in_(chunk), *when, *_origin(include_eval))
         found.update((r.request_id, dict(r._mapping)) for r in await conn.execute(query))
     return [found[i] for i in ids if i in found]
 
