@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -228,3 +231,30 @@ def test_bad_shards_and_missing_shards_are_refused(
     code = gateway_main(["eval", "traffic", "--shard", "0/2", "--database", database,
                          "--data-dir", str(tmp_path / "data"), "--no-progress"])  # fmt: skip
     assert code == EXIT_ERROR and "--until" in capsys.readouterr().err
+
+
+def test_merge_waits_for_a_shard_stored_meanwhile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    upgrade(url)
+    _seed(url, previous=6, current=9)
+    assert _cli(url, tmp_path, capsys, "--shard", "0/2")[0] == EXIT_PASSED
+    env = {**os.environ, "GATEWAY_EMBEDDING_MODEL": "hashing", "GATEWAY_SAMPLE_CORPUS": "false"}
+    merge = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "eval", "traffic", "--since", "24h", "--until", UNTIL_FLAG,
+         "--database", url, "--data-dir", str(tmp_path / "data"), "--merge", "2", "--wait", "120", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert merge.stderr is not None
+        said = [merge.stderr.readline()]  # blocks until the merge says something: that it waits
+        while said[-1] and "waiting" not in said[-1]:
+            said.append(merge.stderr.readline())
+        assert "shard(s) 1/2 not stored yet; waiting" in said[-1] and merge.poll() is None
+        assert _cli(url, tmp_path, capsys, "--shard", "1/2")[0] == EXIT_PASSED
+        out, _ = merge.communicate(timeout=300)
+    finally:
+        if merge.poll() is None:
+            merge.kill()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert merge.returncode == summary["exit_code"] != EXIT_ERROR
+    assert summary["metrics"]["requests"] == 9 and summary["metrics"]["requests_previous"] == 6
