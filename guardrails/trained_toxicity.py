@@ -17,6 +17,7 @@ files as the retrieval embedder), so guardrails never imports retrieval.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -164,6 +165,22 @@ def build_features(
     return x
 
 
+#: Texts of fewer words than this carry too little context for the head: on them it scored
+#: "ok" 0.79, "plain question" 0.84 and "You are a" 0.86 (and a stream's first words are such texts).
+SHORT_WORDS = 4
+#: On a short text the head counts only from this score up (mapped to 0.5, the policy's threshold);
+#: below it, alt-profanity-check's score decides (it is reliable on short profane texts).
+SHORT_TEXT_CONFIDENCE = 0.9
+
+
+def short_text_score(head: float, profanity: float) -> float:
+    """The score of a text of fewer than SHORT_WORDS words: the larger of profanity-check's and the
+    head's, the head rescaled so that only SHORT_TEXT_CONFIDENCE and above reaches 0.5."""
+    c = SHORT_TEXT_CONFIDENCE
+    rescaled = head * 0.5 / c if head < c else 0.5 + (head - c) * 0.5 / (1.0 - c)
+    return max(profanity, rescaled)
+
+
 class TrainedToxicityScorer(ToxicityScorer):
     """The shipped (or a retrained) head over MiniLM embeddings: one category, `toxicity`."""
 
@@ -184,13 +201,27 @@ class TrainedToxicityScorer(ToxicityScorer):
                 return np.array([s["toxicity"] for s in scorer.score_batch(texts)])
 
             self._profanity = profanity
+        self._short_profanity: ProfanityCheckScorer | None = None  # for texts of fewer than SHORT_WORDS words
+        with contextlib.suppress(ScorerUnavailable):  # without it short texts get the rescaled head alone
+            self._short_profanity = ProfanityCheckScorer()
         self.note = note or "trained head shipped in the package; no Detoxify checkpoint is configured"
 
     def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
         if not texts:
             return []
         scores = self.head.score(build_features(texts, self._embed, self._profanity))
-        return [{"toxicity": float(s)} for s in scores]
+        out = [float(s) for s in scores]
+        short = [i for i, text in enumerate(texts) if len(text.split()) < SHORT_WORDS]
+        if short:
+            profane = self._short_text_profanity([texts[i] for i in short])
+            for i, p in zip(short, profane, strict=True):
+                out[i] = short_text_score(out[i], p)
+        return [{"toxicity": s} for s in out]
+
+    def _short_text_profanity(self, texts: Sequence[str]) -> list[float]:
+        if self._short_profanity is None:
+            return [0.0] * len(texts)
+        return [s["toxicity"] for s in self._short_profanity.score_batch(texts)]
 
     def describe(self) -> dict[str, Any]:
         meta = self.head.meta

@@ -144,7 +144,8 @@ def test_output_flag_delivers_the_answer_with_the_verdict(
         model="other-model", messages=[{"role": "user", "content": "hi"}], extra_body={"fake": {"answer": TOXIC}}
     )
     assert reply.choices[0].message.content == TOXIC and reply.choices[0].finish_reason == "stop"
-    toxicity = next(g for g in reply.model_extra["gateway"]["guards"] if g["guard"] == "toxicity")
+    guards = reply.model_extra["gateway"]["guards"]
+    toxicity = next(g for g in guards if g["guard"] == "toxicity" and g["stage"] == "output")
     assert toxicity["action"] == "flag" and toxicity["score"] > 0.5
     [row] = audit_rows(settings)
     assert row["flagged_by"] == "toxicity" and row["status"] == "ok"
@@ -172,14 +173,18 @@ def test_stream_block_mid_answer_never_sends_the_flagged_sentence(
     assert "idiot" not in raw and "hate" not in raw and "Goodbye" not in raw
     chunks = [json.loads(e) for e in events[:-1]]
     delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    # What passed the guard, then the policy's message as the last words (issue 18, item 6).
-    assert delivered == "Hello there, happy to help.\n\nThe answer was withheld by the content filter."
+    # What passed the guard, then the policy's message as the last words (issue 18, item 6). A
+    # checked stream releases the words of the unfinished sentence that the guards passed (here at
+    # most "You", which alone is harmless), never the toxic words.
+    released, _, message = delivered.partition("\n\n")
+    assert message == "The answer was withheld by the content filter."
+    assert released in ("Hello there, happy to help.", "Hello there, happy to help. You ")
     final = chunks[-1]
     assert final["choices"][0]["finish_reason"] == "content_filter"
     assert final["gateway"]["blocked"]["guard"] == "toxicity"
     [row] = audit_rows(settings)
     assert row["status"] == "blocked" and row["blocked_by"] == "toxicity" and row["stream"] is True
-    assert json.loads(row["response_json"])["choices"][0]["delivered"] == "Hello there, happy to help."
+    assert json.loads(row["response_json"])["choices"][0]["delivered"] == released
 
 
 def test_streamed_clean_answer_is_unchanged_and_carries_verdicts(

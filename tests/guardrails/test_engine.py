@@ -44,9 +44,9 @@ async def rails(executor, profanity_scorer) -> Guardrails:
 
 
 async def test_describe_reports_the_active_scorer(executor):
-    loaded = await Guardrails.load(parse_policy(POLICY), executor)  # loads alt-profanity-check itself
+    loaded = await Guardrails.load(parse_policy(POLICY), executor)  # loads the scorer itself
     info = loaded.describe()
-    assert info["toxicity_scorer"]["scorer"] == "alt-profanity-check"
+    assert info["toxicity_scorer"]["scorer"] == "trained"  # the head shipped in the package
     assert info["guards"]["keywords"]["action"] == "redact"
 
 

@@ -305,3 +305,18 @@ def test_eval_guards_reports_the_trained_scorer(tmp_path: Path, capsys: pytest.C
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["toxicity"]
     assert report["scorer"]["scorer"] == "trained" and report["f1"] == 1.0
     assert report["ms_per_text_batched"] > 0 and report["ms_p50"] > 0
+
+
+def test_short_texts_need_a_confident_head_or_a_profane_word() -> None:
+    """Fewer than four words carry too little context for the head (it scored "ok" 0.79): there it
+    counts only from 0.9 up, and profanity-check's score decides the rest."""
+    from guardrails.trained_toxicity import SHORT_WORDS, short_text_score
+
+    assert SHORT_WORDS == 4
+    assert short_text_score(0.79, 0.02) < 0.5  # "ok"
+    assert short_text_score(0.86, 0.04) < 0.5  # "You are a" (a stream's first words)
+    assert short_text_score(0.94, 0.5) >= 0.5  # "you are worthless": the head is sure
+    assert short_text_score(0.26, 1.0) >= 0.5  # "die, scum": a profane word
+    assert short_text_score(0.9, 0.0) == 0.5 and short_text_score(1.0, 0.0) == 1.0
+    values = [short_text_score(h / 100, 0.0) for h in range(101)]
+    assert values == sorted(values)  # monotonic in the head's score
