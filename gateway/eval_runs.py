@@ -32,6 +32,8 @@ async def list_runs(engine: AsyncEngine, limit: int = 50, *, kind: str | None = 
     )
     if kind is not None:
         query = query.where(eval_runs.c.kind == kind)
+    else:  # a sharded traffic run's shards are parts of the merged run, listed only when asked for
+        query = query.where(eval_runs.c.kind != "traffic-shard")
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).fetchall()
     return [run_dict(r._mapping) | {"items": int(r._mapping["n_items"])} for r in rows]

@@ -159,6 +159,12 @@ async def test_three_shards_and_a_merge_equal_one_run(
         runs = await store.runs_named(services.engine, SHARD_KIND, f"sharded@{UNTIL_FLAG}")
         items = await store.run_items(services.engine, [r["id"] for r in runs])
         merged_run = await store.get_run(services.engine, merged["run_id"], with_items=True)
+        # The review UI's list of runs shows the merged run, not its parts (unless asked for them).
+        from gateway.eval_runs import list_runs
+
+        listed = await list_runs(services.engine, 50)
+        assert merged["run_id"] in {r["id"] for r in listed} and {r["kind"] for r in listed} <= {"traffic"}
+        assert len(await list_runs(services.engine, 50, kind=SHARD_KIND)) == 3
         whole_run = await store.get_run(services.engine, whole["run_id"], with_items=True)
         # A shard that re-scored with another toxicity model or policy (a rollout between the pods)
         # does not make one run with the others.
