@@ -232,25 +232,23 @@ class KeyStore:
     async def _lookup_id(self, key_id: str) -> KeyInfo | None:
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(
-                    select(*_KEY_COLUMNS).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                )
+                await conn.execute(select(*KEY_COLUMNS).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)))
             ).first()
-        return None if row is None else _key_info(row)
+        return None if row is None else key_info(row)
 
     async def _lookup(self, digest: str) -> KeyInfo | None:
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(*_KEY_COLUMNS).where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
+                    select(*KEY_COLUMNS).where(api_keys.c.key_hash == digest, api_keys.c.revoked_at.is_(None))
                 )
             ).first()
         if row is None:
             return None
-        return _key_info(row)
+        return key_info(row)
 
 
-_KEY_COLUMNS = (
+KEY_COLUMNS = (
     api_keys.c.id,
     api_keys.c.name,
     api_keys.c.role,
@@ -276,7 +274,8 @@ def decode_collections(text: str | None) -> frozenset[str] | None:
     return frozenset(str(n) for n in names) if isinstance(names, list) else frozenset()
 
 
-def _key_info(row: Any) -> KeyInfo:
+def key_info(row: Any) -> KeyInfo:
+    """A KeyInfo from a row of KEY_COLUMNS (key lookups and reviewer sessions alike)."""
     return KeyInfo(
         row.id,
         row.name,

@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.auth import KeyInfo, decode_collections
+from gateway.auth import KEY_COLUMNS, KeyInfo, key_info
 from gateway.db import api_keys, review_sessions
 
 SESSION_TTL_S = 8 * 3600
@@ -112,14 +112,7 @@ class Sessions:
         if cached is not None and cached[0] >= now:
             return cached[1]
         query = (
-            select(
-                api_keys.c.id,
-                api_keys.c.name,
-                api_keys.c.role,
-                api_keys.c.default_collection,
-                api_keys.c.collections,
-                api_keys.c.rag_sources,
-            )
+            select(*KEY_COLUMNS)
             .select_from(review_sessions.join(api_keys, api_keys.c.id == review_sessions.c.key_id))
             .where(
                 review_sessions.c.id == digest,
@@ -130,10 +123,7 @@ class Sessions:
         )
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        info = None
-        if row is not None:
-            collections = decode_collections(row.collections)
-            info = KeyInfo(row.id, row.name, row.role, row.default_collection, None, collections, row.rag_sources)
+        info = None if row is None else key_info(row)  # the same KeyInfo a Bearer key gets
         if len(self._cache) >= self._cache_max:
             self._cache.clear()  # bounded: many sessions cannot grow memory
         self._cache[digest] = (now + self.cache_ttl_s, info)

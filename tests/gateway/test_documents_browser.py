@@ -4,23 +4,16 @@ for a signed-in reviewer whose key may read the collection; others are refused."
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from serving.fake import FakeBackendThread
+from tests.browser import chromium, needs_chromium, sign_in
 from tests.gateway.test_citations_api import ANSWER, QUESTION, make_key, rag_settings
-from tests.gateway.test_review_browser import CHROMEDRIVER, CHROMIUM
 from tests.helpers import GatewayServer
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-        reason="needs Debian's chromium and chromium-driver (setup.sh installs them when run as root)",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_chromium]
 HIGHLIGHT = "rgba(255, 243, 160, 1)"  # .chunk:target in templates/documents/view.html
 
 
@@ -28,8 +21,6 @@ def test_cited_passage_is_highlighted_and_other_keys_are_refused(
     tmp_path: Path, fake_backend: FakeBackendThread
 ) -> None:
     import openai
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as until
     from selenium.webdriver.support.ui import WebDriverWait
@@ -37,19 +28,6 @@ def test_cited_passage_is_highlighted_and_other_keys_are_refused(
     settings = rag_settings(tmp_path, fake_backend.url)
     reader = make_key(settings, "reviewer", collections=frozenset({"products"}))
     outsider = make_key(settings, "reviewer", collections=frozenset({"internal"}))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
-    ):
-        options.add_argument(flag)  # fmt: skip
     with GatewayServer(settings) as gw:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key=reader, max_retries=0)
         reply = client.chat.completions.create(
@@ -63,20 +41,11 @@ def test_cited_passage_is_highlighted_and_other_keys_are_refused(
             for a in reply.choices[0].message.annotations or []
             if a.url_citation.title == citation["title"]
         )
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        client.close()
+        driver = chromium()
         try:
-            driver.set_page_load_timeout(30)
             wait = WebDriverWait(driver, 20)
-
-            def sign_in(key: str) -> None:
-                driver.delete_all_cookies()
-                driver.get(gw.url + "/review/login")
-                wait.until(until.presence_of_element_located((By.ID, "key")))
-                driver.find_element(By.ID, "key").send_keys(key)
-                driver.find_element(By.ID, "sign-in").click()
-                wait.until(until.presence_of_element_located((By.CSS_SELECTOR, "#requests")))
-
-            sign_in(reader)
+            sign_in(driver, gw.url, reader)
             driver.get(gw.url + link)
             wait.until(until.presence_of_element_located((By.CSS_SELECTOR, "section.chunk")))
             cited = driver.find_element(By.CSS_SELECTOR, ".chunk:target")
@@ -85,7 +54,7 @@ def test_cited_passage_is_highlighted_and_other_keys_are_refused(
             assert cited.value_of_css_property("background-color") == HIGHLIGHT
             assert driver.title.startswith(citation["title"])
 
-            sign_in(outsider)
+            sign_in(driver, gw.url, outsider)
             driver.get(gw.url + link)
             body = driver.find_element(By.TAG_NAME, "body").text
             assert '"code":"permission_denied"' in body.replace(" ", "") or "may not read" in body

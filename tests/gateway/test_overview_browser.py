@@ -3,41 +3,25 @@ the guards' legends), the window selector reloads the page, and a screenshot is 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from serving.fake import FakeBackendThread
+from tests.browser import chromium, needs_chromium
 from tests.conftest import make_settings
-from tests.gateway.test_review_browser import CHROMEDRIVER, CHROMIUM
 from tests.helpers import create_key, serving
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-        reason="needs Debian's chromium and chromium-driver (setup.sh installs them when run as root)",
-    ),
-]
-
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-quic", "--window-size=1200,1600")  # fmt: skip
+pytestmark = [pytest.mark.slow, needs_chromium]
 
 
 def test_overview_charts_render_in_chromium(tmp_path: Path, fake_backend: FakeBackendThread) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as until
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     settings = make_settings(tmp_path, fake_backend.url)
     _, reviewer_key = create_key(settings, "reviewer", "rita")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
-        options.add_argument(flag)
     with serving(settings) as (gw, client):
         for _ in range(3):
             client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "a question"}])
@@ -45,9 +29,8 @@ def test_overview_charts_render_in_chromium(tmp_path: Path, fake_backend: FakeBa
             model="fake-model", messages=[{"role": "user", "content": "hi"}],
             extra_body={"fake": {"answer": "You are a stupid idiot."}},
         )  # fmt: skip
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver = chromium("--window-size=1200,1600")
         try:
-            driver.set_page_load_timeout(30)
             wait = WebDriverWait(driver, 20)
             driver.get(gw.url + "/review/overview")  # not signed in: sent to the login page
             wait.until(until.presence_of_element_located((By.ID, "key")))
@@ -71,6 +54,6 @@ def test_overview_charts_render_in_chromium(tmp_path: Path, fake_backend: FakeBa
             driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
             wait.until(until.url_contains("window=7d"))
             wait.until(until.presence_of_element_located((By.CSS_SELECTOR, "#charts svg")))
-            assert len(driver.find_elements(By.CSS_SELECTOR, "#charts svg")) == 4
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#charts svg")) == 5
         finally:
             driver.quit()
