@@ -20,7 +20,6 @@ from evals.nightly import (
     EXIT_ERROR,
     EXIT_FAILED,
     EXIT_PASSED,
-    EXIT_REGRESSED,
     evaluate_dataset,
     evaluate_traffic,
 )
@@ -147,7 +146,7 @@ def test_cli_regression_exits_non_zero_and_writes_a_self_contained_report(
     assert report.parent == tmp_path / "data" / "reports" and report.is_file()
     html = report.read_text(encoding="utf-8")
     assert "<svg" in html and "regressed" in html and "Purple elephants" in html
-    assert "Regressed: <span class=\"bad\">yes</span>" in html and "NOT MET" in html
+    assert 'Regressed: <span class="bad">yes</span>' in html and "NOT MET" in html
     assert not re.search(r"<script|<link|<img|src=|url\(|@import", html, re.IGNORECASE)
     assert json.loads(Path(second["summary"]).read_text())["run_id"] == second["run_id"]
 
