@@ -435,6 +435,28 @@ def _delegated(name: str, argv: list[str]) -> tuple[Command, argparse.Namespace]
     return command, parser.parse_args(argv)
 
 
+def cmd_db_rollup(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.migrate import upgrade
+    from gateway.rollup import rebuild
+    from gateway.usage import parse_since
+
+    try:
+        since = parse_since(args.rebuild)
+    except ValueError as exc:
+        print(f"gateway: --rebuild: {exc}", file=sys.stderr)
+        return 2
+    upgrade(settings.database_url)
+
+    async def go() -> Any:
+        async with open_engine(settings) as engine:
+            return await rebuild(engine, since)
+
+    report = _run_async(go())
+    print(f"rollups recomputed from {since.isoformat(timespec='seconds')}: {report.rows} rows "
+          f"in {report.seconds:.1f} s")  # fmt: skip
+    return 0
+
+
 def cmd_db_prune(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime, timedelta
 
@@ -558,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch", type=int, default=2000, help="records per transaction")
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.set_defaults(func=cmd_db_prune)
+    rollup = db.add_parser("rollup", help="recompute the overview's rollups from the audit records")
+    _common(rollup)
+    rollup.add_argument(
+        "--rebuild", required=True, metavar="SINCE",
+        help="recompute every bucket from this point on: a duration (7d, 12h) or an ISO date; after records "
+        "arrived more than an hour late (an audit spool replayed after an outage)",
+    )  # fmt: skip
+    rollup.set_defaults(func=cmd_db_rollup)
 
     from gateway.rollout_cli import configure_parser as configure_rollout
 
