@@ -295,6 +295,10 @@ class Guard(abc.ABC):
             ms=(time.perf_counter() - started) * 1000.0,
         )
 
+    def action_for(self, ctx: GuardContext) -> HitAction:
+        """What a hit on this text does: the policy's `action` (a guard may decide per stage)."""
+        return self.settings.action
+
     def hit(
         self,
         ctx: GuardContext,
@@ -305,7 +309,7 @@ class Guard(abc.ABC):
         **details: Any,
     ) -> Verdict:
         """A finding: the policy's action decides what happens. Redaction masks `spans`."""
-        action = self.settings.action
+        action = self.action_for(ctx)
         redacted = None
         if action == "redact":
             redacted = mask_spans(ctx.text, spans, self.options.mask)

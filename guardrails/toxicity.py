@@ -23,7 +23,7 @@ import abc
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -37,7 +37,6 @@ from guardrails.base import (
     HitAction,
     Span,
     Verdict,
-    mask_spans,
     register,
 )
 from guardrails.errors import ScorerUnavailable
@@ -403,22 +402,9 @@ class ToxicityGuard(Guard):
             resources.toxicity_batcher = batcher
         self.batcher: BatchingScorer = batcher
 
-    def hit(
-        self,
-        ctx: GuardContext,
-        score: float,
-        started: float,
-        reason: str,
-        spans: tuple[Span, ...] = (),
-        **details: Any,
-    ) -> Verdict:
+    def action_for(self, ctx: GuardContext) -> HitAction:
         """The policy's `action`, except on input, where `input_action` decides."""
-        verdict = super().hit(ctx, score, started, reason, spans, **details)
-        action = self.options.input_action
-        if ctx.stage != "input" or action == verdict.action:
-            return verdict
-        redacted = mask_spans(ctx.text, spans, self.options.mask) if action == "redact" else None
-        return replace(verdict, action=action, allowed=action != "block", redacted_text=redacted)
+        return self.options.input_action if ctx.stage == "input" else self.settings.action
 
     async def check(self, ctx: GuardContext) -> Verdict:
         started = time.perf_counter()
