@@ -24,26 +24,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from evals import metrics
+
 Op = Literal[">=", "<="]
 DEFAULT_MIN_PASS_RATE = 0.8
 
 #: Good direction of the metrics a bare `METRIC=VALUE` may name: +1 higher is better (`>=`), -1 lower (`<=`).
 DIRECTIONS: dict[str, int] = {
-    # eval sets
+    **metrics.RATE_METRICS,  # the rates a run is compared on (eval sets)
     "items": 1,
     "errors": -1,
-    "error_rate": -1,
-    "pass_rate": 1,
-    "exact_match": 1,
-    "contains": 1,
-    "semantic_similarity": 1,
-    "correctness": 1,
-    "groundedness_mean": 1,
-    "grounded_rate": 1,
-    "citation_precision": 1,
-    "retrieval_recall": 1,
-    "toxicity_rate": -1,
-    "guard_accuracy": 1,
     "latency_mean_ms": -1,
     "latency_p50_ms": -1,
     "latency_p95_ms": -1,
