@@ -118,9 +118,19 @@ class Trace:
     rate_headers: dict[str, str] | None = None  # x-ratelimit-* of the key's limits, for the answer
     route: RouteContext | None = None  # the deployment that answered (gateway.rollout)
     sources: Sources | None = None  # a RAG answer's citations, shown as annotations (and a footer)
+    _cited: list[dict[str, Any]] | None = None  # citations(hits), built once (row, answer, sources)
     versions: Mapping[str, Any] = field(default_factory=dict)  # config, policy and gateway versions at the start
     auth_s: float | None = None  # stage timings for the metrics (gateway.metrics.stage_seconds)
     audit_s: float | None = None
+
+    @property
+    def cited(self) -> list[dict[str, Any]]:
+        """The citations of the passages the model saw (hits are set once, by retrieval)."""
+        if not self.hits:
+            return []
+        if self._cited is None:
+            self._cited = citations(self.hits)
+        return self._cited
 
     @property
     def passages(self) -> tuple[Passage, ...]:
@@ -166,7 +176,7 @@ class Trace:
             "origin": self.origin,
             **guarding.audit_columns(self.verdicts),
             "passages_json": _encode([rag.passage_record(h) for h in self.hits]).decode() if self.hits else None,
-            "citations_json": _encode(citations(self.hits)).decode() if self.hits else None,
+            "citations_json": _encode(self.cited).decode() if self.hits else None,
             **rollout_columns(self),
         }
 
@@ -174,7 +184,7 @@ class Trace:
         """The extra top-level `gateway` object on responses."""
         gateway: dict[str, Any] = {
             "request_id": self.request_id,
-            "citations": citations(self.hits) if self.hits else [],
+            "citations": self.cited,
             "guards": [guarding.public(v) for v in self.verdicts],
         }
         if self.retrieval is not None:
@@ -497,7 +507,7 @@ class Pipeline:
         if hits:
             body["messages"] = build_rag_messages(body["messages"], hits)
             mode = self.citation.mode(wanted.sources, key.rag_sources, trace.model)
-            trace.sources = Sources(mode, citations(hits), self.citation.base_urls)
+            trace.sources = Sources(mode, trace.cited, self.citation.base_urls)
             return
         policy = self.rails.request_policy(key.id, trace.model) if self.rails is not None else None
         if policy is not None and policy.on_empty_retrieval == "refuse":
