@@ -105,9 +105,8 @@ class Settings:
         """Model aliases: name -> (collection, backend model)."""
         out = {}
         for entry in self.alias:
-            name, _, target = entry.partition("=")
-            collection, _, model = target.partition(";")[0].partition(":")
-            out[name.strip()] = (collection.strip(), model.strip())
+            name, collection, model, _ = parse_alias(entry)
+            out[name] = (collection, model)
         return out
 
     @property
@@ -115,11 +114,9 @@ class Settings:
         """Aliases with their own default for showing sources (`NAME=COLLECTION:MODEL;sources=footer`)."""
         out = {}
         for entry in self.alias:
-            name, _, target = entry.partition("=")
-            for option in target.partition(";")[2].split(";"):
-                key, _, value = option.partition("=")
-                if key.strip() == "sources":
-                    out[name.strip()] = value.strip()
+            name, _, _, options = parse_alias(entry)
+            if "sources" in options:
+                out[name] = options["sources"]
         return out
 
     @property
@@ -129,6 +126,18 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def parse_alias(entry: str) -> tuple[str, str, str, dict[str, str]]:
+    """`NAME=COLLECTION:MODEL[;key=value...]` -> (name, collection, model, options), stripped."""
+    name, _, target = entry.partition("=")
+    target, _, rest = target.partition(";")
+    collection, _, model = target.partition(":")
+    options = {}
+    for option in filter(None, (o.strip() for o in rest.split(";"))):
+        key, _, value = option.partition("=")
+        options[key.strip()] = value.strip()
+    return name.strip(), collection.strip(), model.strip(), options
 
 
 SETTING_NAMES = frozenset(f.name for f in fields(Settings))  # a CLI flag with one of these dests overrides it
@@ -185,15 +194,11 @@ def _validate(settings: Settings) -> Settings:
     if not 0 <= settings.port <= 65535:
         raise bad(f"port {settings.port} is outside 0-65535")
     for entry in settings.alias:
-        name, _, target = entry.partition("=")
-        target, _, options = target.partition(";")
-        collection, _, model = target.partition(":")
-        if not (name.strip() and collection.strip() and model.strip()):
+        name, collection, model, options = parse_alias(entry)
+        if not (name and collection and model):
             raise bad(f"alias {entry!r} must look like NAME=COLLECTION:MODEL")
-        for option in filter(None, (o.strip() for o in options.split(";"))):
-            key, _, value = option.partition("=")
-            if key.strip() != "sources" or value.strip() not in SOURCES_MODES:
-                raise bad(f"alias {entry!r}: options after ';' are sources=annotations or sources=footer")
+        if set(options) - {"sources"} or options.get("sources", "annotations") not in SOURCES_MODES:
+            raise bad(f"alias {entry!r}: options after ';' are sources=annotations or sources=footer")
     if settings.rag_sources not in SOURCES_MODES:
         raise bad(f"rag_sources {settings.rag_sources!r} must be one of {', '.join(SOURCES_MODES)}")
     for entry in settings.citation_base_url:
