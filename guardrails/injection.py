@@ -268,7 +268,13 @@ RULES: tuple[Rule, ...] = (
         r";\s{0,4}(?:drop|delete|truncate|alter|insert|update)\s{1,4}(?:table|from|into|database)\b|"
         r"\bor\s{1,4}'?1'?\s{0,4}=\s{0,4}'?1\b|;\s{0,4}--",
     ),
-    _r("shell_injection", 0.7, r"(?:;|&&|\|\|?|`|\$\()\s{0,4}(?:rm\s{1,4}-rf|curl\s|wget\s|nc\s|bash\s|sh\s|chmod\s)"),
+    # A backtick counts as command substitution only glued to a value (`name=`rm -rf /``); after
+    # a space or at the start it opens a Markdown code span: "what does `rm -rf` do?" asks about it.
+    _r(
+        "shell_injection",
+        0.7,
+        r"(?:;|&&|\|\|?|(?<=[\w=:'\"/])`|\$\()\s{0,4}(?:rm\s{1,4}-rf|curl\s|wget\s|nc\s|bash\s|sh\s|chmod\s)",
+    ),
     # --- encoded payloads
     _r(
         "decode_and_obey",
