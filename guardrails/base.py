@@ -306,10 +306,13 @@ class Guard(abc.ABC):
         started: float,
         reason: str,
         spans: tuple[Span, ...] = (),
+        *,
+        action: HitAction | None = None,
         **details: Any,
     ) -> Verdict:
-        """A finding: the policy's action decides what happens. Redaction masks `spans`."""
-        action = self.action_for(ctx)
+        """A finding: the policy's action decides what happens (`action`, when the guard decides
+        it from the finding itself; default `action_for(ctx)`). Redaction masks `spans`."""
+        action = action if action is not None else self.action_for(ctx)
         redacted = None
         if action == "redact":
             redacted = mask_spans(ctx.text, spans, self.options.mask)

@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
 
 from guardrails.base import (
     Guard,
@@ -358,10 +360,14 @@ class ToxicityOptions(GuardOptions, frozen=True, forbid_unknown_fields=True, kw_
     positive never refuses a user."""
 
     input_action: HitAction = "flag"
+    #: Two tiers where a hit blocks: a text whose worst score is below this is flagged instead
+    #: (recorded and reviewable, not withheld). None: every hit blocks.
+    block_above: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
 
     problems: ClassVar[dict[str, str]] = {
         **GuardOptions.problems,
         "input_action": "input_action must be one of block, redact, flag, not {value!r}",
+        "block_above": "block_above must be a number between 0 and 1, not {value!r}",
     }
 
 
@@ -429,12 +435,18 @@ class ToxicityGuard(Guard):
         details = {"scorer": self.batcher.scorer.name, "scores": {k: round(v, 4) for k, v in worst.items()}}
         if not spans:
             return self.allow(ctx, top, started, **details)
+        action = self.action_for(ctx)
+        block_above = self.options.block_above
+        if action == "block" and block_above is not None and top < block_above:
+            action = "flag"  # the lower tier: between the threshold and block_above
+            details["tier"] = f"flag: below block_above {block_above}"
         return self.hit(
             ctx,
             top,
             started,
             f"toxic content ({', '.join(sorted(categories_hit))})",
             tuple(spans),
+            action=action,
             categories=sorted(categories_hit),
             **details,
         )

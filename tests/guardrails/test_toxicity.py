@@ -158,3 +158,36 @@ def test_direct_linear_scoring_equals_the_packages_predict_prob() -> None:
     fast = [s["toxicity"] for s in scorer.score_batch(texts)]
     reference = [float(p) for p in predict_prob(texts)]
     assert fast == pytest.approx(reference, abs=1e-9)
+
+
+class _FixedScorer(ToxicityScorer):
+    """A fake scorer (for speed): each text's score is the number it ends with, in hundredths."""
+
+    name = "fixed"
+    categories = ("toxicity",)
+
+    def score_batch(self, texts):
+        return [{"toxicity": int(t.rstrip(".").split()[-1]) / 100} for t in texts]
+
+    def describe(self):
+        return {"scorer": "fixed"}
+
+
+async def test_block_above_flags_the_lower_tier(executor):
+    """Two tiers on a blocking stage: from the threshold up to block_above a hit is flagged (kept,
+    reviewable), from block_above up it blocks; input keeps its own input_action."""
+    from guardrails.policy import parse_policy
+
+    policy = parse_policy("[guards.toxicity]\nblock_above = 0.8\n")
+    settings = policy.for_request().guards["toxicity"]
+    guard = ToxicityGuard(settings, GuardResources(executor=executor, toxicity_scorer=_FixedScorer()))
+    low, middle, high = [await guard.check(GuardContext(stage="output", text=f"Score {n}.")) for n in (40, 65, 80)]
+    assert low.action == "allow"
+    assert middle.action == "flag" and middle.allowed and "block_above" in middle.details["tier"]
+    assert high.action == "block" and not high.allowed and "tier" not in high.details
+    inp = await guard.check(GuardContext(stage="input", text="Score 95."))
+    assert inp.action == "flag"  # input_action, whatever the score
+    plain = ToxicityGuard(GuardSettings(), GuardResources(executor=executor, toxicity_scorer=_FixedScorer()))
+    assert (await plain.check(GuardContext(stage="output", text="Score 65."))).action == "block"
+    with pytest.raises(Exception, match="block_above must be a number between 0 and 1"):
+        parse_policy("[guards.toxicity]\nblock_above = 2\n")
