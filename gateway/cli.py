@@ -99,6 +99,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         _bootstrap_admin_key(settings)
+    if settings.workers > 1:
+        from gateway.workers import limits_need_one_worker, serve_workers
+
+        reason = limits_need_one_worker(settings)
+        if reason is None:
+            return serve_workers(settings)
+        log.warning("running 1 worker, not %d: %s and no --redis; limits are exact across workers only "
+                    "with Redis (pass --redis URL)", settings.workers, reason)  # fmt: skip
+        settings = settings.replace(workers=1)
 
     # From here on a local vLLM may run as our child: SIGTERM and SIGINT unwind (SystemExit instead
     # of a silent death, even where SIGINT was inherited as ignored), so the `finally` below stops
@@ -481,6 +490,47 @@ def cmd_db_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_db_maintain(args: argparse.Namespace, settings: Settings) -> int:
+    """PostgreSQL: partitions ahead, the default partition drained, old partitions dropped."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.migrate import upgrade
+    from gateway.partitions import PartitionError, maintain
+    from retrieval.engine import normalise_database_url
+
+    if args.months_ahead < 0 or (args.retention_days is not None and args.retention_days < 0):
+        print("gateway: db maintain: --months-ahead and --retention-days must be zero or more", file=sys.stderr)
+        return 2
+    if args.archive is not None and args.retention_days is None:
+        print("gateway: db maintain: --archive needs --retention-days", file=sys.stderr)
+        return 2
+    if normalise_database_url(settings.database_url).get_backend_name() != "postgresql":
+        print("gateway db maintain: nothing to do on SQLite (the audit table is not partitioned there); "
+              "`gateway db prune --older-than DAYS` is its retention tool")  # fmt: skip
+        return 0
+
+    async def go() -> Any:
+        async with open_engine(settings) as engine:
+            return await maintain(
+                engine, months_ahead=args.months_ahead, retention_days=args.retention_days, archive=args.archive
+            )
+
+    try:
+        upgrade(settings.database_url)
+        report = _run_async(go())
+    except (PartitionError, SQLAlchemyError, OSError) as exc:
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:500]
+        print(f"gateway: db maintain: {reason}", file=sys.stderr)
+        return 1
+    print(f"partitions created: {', '.join(report.created) or 'none'}; rows moved out of the default "
+          f"partition: {report.moved}")  # fmt: skip
+    if args.retention_days is not None:
+        where = f", archived to {', '.join(map(str, report.archived))}" if report.archived else ""
+        print(f"partitions dropped: {', '.join(report.dropped) or 'none'} (~{report.dropped_rows} records, "
+              f"{report.labels} labels, {report.rollups} rollup rows){where}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="A guarded, OpenAI-compatible LLM gateway.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -505,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="no API keys (local use only; announced loudly)",
     )
     serve.add_argument("--redis", default=None, metavar="URL", help="Redis for limit counters shared by replicas")
+    serve.add_argument("--workers", type=int, default=None, metavar="N", help="processes serving the port (default 1)")
     serve.add_argument("--limits-fail", choices=["open", "closed"], default=None, help="when Redis is unreachable")
     serve.add_argument("--metrics", choices=["admin", "open", "off"], default=None, help="/metrics on the main port")
     serve.add_argument("--metrics-port", type=int, default=None, help="also serve /metrics, open, on this port")
@@ -588,6 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
         "arrived more than an hour late (an audit spool replayed after an outage)",
     )  # fmt: skip
     rollup.set_defaults(func=cmd_db_rollup)
+    maintain = db.add_parser(
+        "maintain", help="PostgreSQL: create monthly audit partitions ahead, drop those past the retention"
+    )
+    _common(maintain)
+    maintain.add_argument("--months-ahead", type=int, default=3, help="partitions to have beyond this month")
+    maintain.add_argument("--retention-days", type=float, default=None, metavar="DAYS",
+                          help="drop whole partitions that end more than DAYS ago")  # fmt: skip
+    maintain.add_argument("--archive", type=Path, default=None, metavar="DIR",
+                          help="write each dropped partition to DIR/<partition>.jsonl first")  # fmt: skip
+    maintain.set_defaults(func=cmd_db_maintain)
 
     from gateway.rollout_cli import configure_parser as configure_rollout
 

@@ -36,6 +36,10 @@ metadata = MetaData(
 
 _BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite only autoincrements INTEGER PRIMARY KEY
 
+# On PostgreSQL, migration 0010 partitions this table by month of `created_at` (gateway.partitions,
+# `gateway db maintain`): there the primary key is (id, created_at), `request_id` is unique per
+# (request_id, created_at), and a GIN index serves the reviewer's text filter. This Table stays the
+# logical definition, and SQLite's schema.
 audit_records = Table(
     "audit_records",
     metadata,
