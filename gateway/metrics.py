@@ -33,6 +33,7 @@ from prometheus_client.exposition import generate_latest
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from gateway.metrics_share import MetricsShare
     from gateway.services import Services
 
 log = logging.getLogger("gateway.metrics")
@@ -196,6 +197,7 @@ class GatewayMetrics:
         self.verdicts: dict[tuple[str, str, str], float] = {}
         self.scores: dict[tuple[str], _Hist] = {}
         self.eval_requests: dict[tuple[str], float] = {}
+        self.share: MetricsShare | None = None  # `--workers N`: /metrics sums every worker's figures
         self.registry.register(_RequestCollector(self))
         if live is not None:
             self.registry.register(_LiveCollector(live))
@@ -284,6 +286,8 @@ class GatewayMetrics:
     # -- per scrape -----------------------------------------------------------------------------
 
     def render(self) -> bytes:
+        if self.share is not None:
+            return self.share.render()
         return generate_latest(self.registry)
 
 

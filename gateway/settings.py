@@ -80,6 +80,7 @@ class Settings:
     log_format: str = "text"  # "json": one JSON object per line, with the request id of the request it is about
     otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for requests and streams in flight, then cuts them
+    workers: int = 1  # `gateway serve` processes sharing the port (gateway.workers); 1: the server runs in-process
     migrate_on_start: bool = True  # `gateway serve` upgrades the schema (false: a migration Job owns it)
     deployments: tuple[Deployment, ...] = ()  # [[deployments]]: weighted and shadow deployments per client model
     sticky: str = "none"  # A/B by stable hash: "key" (API key), "user" (the request's `user` field) or "none"
@@ -217,6 +218,8 @@ def _validate(settings: Settings) -> Settings:
         raise bad("guard_workers must be at least 1")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
+    if settings.workers < 1:
+        raise bad(f"workers must be at least 1, not {settings.workers}")
     if settings.shutdown_grace < 0:
         raise bad("shutdown_grace must be zero or more seconds")
     if settings.audit_db_wait <= 0:

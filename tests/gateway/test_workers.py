@@ -1,0 +1,203 @@
+"""`gateway serve --workers N` as a user runs it: one port, N processes, every answer audited, a
+SIGKILLed worker replaced, limits exact across workers with Redis, /metrics summed, SIGTERM drains."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.settings import Settings
+from gateway.workers import WORKER_HEADER
+from serving.fake import FakeBackendThread
+from tests.gateway.test_limits import REDIS_URL, _drop_prefix, needs_redis
+from tests.gateway.test_serve_lifecycle import GUARDS_OFF, ROOT, free_port, gateway_env, ready, wait_until
+from tests.helpers import audit_rows
+
+pytestmark = pytest.mark.slow
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello workers"}]}
+
+
+@dataclass
+class Gateway:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    settings: Settings
+    answered_by: set[str] = field(default_factory=set)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def post(self, body: dict[str, object] = CHAT, key: str | None = None) -> httpx.Response:
+        """One request on a fresh connection, so the kernel may hand it to either worker."""
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        answer = httpx.post(self.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        self.answered_by.add(answer.headers.get(WORKER_HEADER, "?"))
+        return answer
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(90)
+
+
+@pytest.fixture
+def start(tmp_path: Path, fake_backend: FakeBackendThread) -> Iterator[object]:
+    started: list[Gateway] = []
+
+    def run(*flags: str, keys: bool = False, **settings: str) -> Gateway:
+        port = free_port()
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--backend", fake_backend.url]
+        command += [] if keys else ["--open"]
+        command += ["--port", str(port), "--policy", str(GUARDS_OFF), *flags]
+        log = tmp_path / f"gateway-{len(started)}.log"
+        with log.open("wb") as out:
+            env = gateway_env(tmp_path, log_level="info", **settings)
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        gateway = Gateway(process, f"http://127.0.0.1:{port}", log, Settings(data_dir=tmp_path))
+        started.append(gateway)
+
+        def up() -> bool:
+            assert process.poll() is None, gateway.text()[-3000:]
+            return ready(gateway.url)
+
+        wait_until(up, 120, "the gateway did not start")
+        return gateway
+
+    yield run
+    for gateway in started:
+        if gateway.process.poll() is None:
+            gateway.process.kill()
+            gateway.process.wait(10)
+
+
+def worker_pids(gateway: Gateway) -> set[int]:
+    """The live workers: the parent's children that run the gateway (not multiprocessing's tracker)."""
+    children = Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children").read_text().split()
+    return {int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")}
+
+
+def total(metrics: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, flags=re.MULTILINE))
+
+
+def test_two_workers_share_the_port_audit_every_answer_sum_their_metrics_and_drain(start: object) -> None:
+    gateway: Gateway = start("--workers", "2", metrics="open")  # type: ignore[operator]
+    assert len(worker_pids(gateway)) == 2
+    request_ids = []
+    deadline = time.monotonic() + 60
+    while len(gateway.answered_by) < 2 or len(request_ids) < 30:
+        assert time.monotonic() < deadline, f"only {gateway.answered_by} answered"
+        answer = gateway.post()
+        assert answer.status_code == 200, answer.text
+        request_ids.append(answer.headers["x-gateway-request-id"])
+    assert {int(w.split(".")[1]) for w in gateway.answered_by} == worker_pids(gateway)
+
+    def summed() -> bool:  # each worker writes its figures every second; the scraped one is fresh
+        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
+        return total(metrics, "gateway_requests_total") == len(request_ids) and total(
+            metrics, "gateway_audit_rows_committed_total"
+        ) == len(request_ids)
+
+    wait_until(summed, 10, "/metrics does not sum the requests of both workers")
+    assert gateway.stop() == 0, gateway.text()[-3000:]
+    stored = {row["request_id"] for row in audit_rows(gateway.settings) if row["endpoint"] == "chat.completions"}
+    assert stored == set(request_ids)
+
+
+def test_a_sigkilled_worker_loses_no_delivered_answers_audit_row_and_comes_back(start: object) -> None:
+    gateway: Gateway = start("--workers", "2")  # type: ignore[operator]
+    before = worker_pids(gateway)
+    delivered: list[str] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                answer = gateway.post()
+            except httpx.TransportError as exc:  # the killed worker's connections are reset
+                failed.append(type(exc).__name__)
+                continue
+            if answer.status_code == 200:
+                delivered.append(answer.headers["x-gateway-request-id"])
+            else:
+                failed.append(str(answer.status_code))
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: len(delivered) >= 40, 60, "no load went through")
+        victim = min(before)
+        subprocess.run(["kill", "-KILL", str(victim)], check=True)
+        wait_until(lambda: len(worker_pids(gateway)) == 2 and victim not in worker_pids(gateway), 60,
+                   "the killed worker was not replaced")  # fmt: skip
+        (replacement,) = worker_pids(gateway) - before
+        wait_until(lambda: any(w.endswith(f".{replacement}") for w in gateway.answered_by), 90,
+                   "the new worker serves nothing")  # fmt: skip
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    # Only the killed worker's own connections fail; the replacement never answers 503 "starting".
+    assert not [f for f in failed if f.isdigit()], failed
+    assert re.search(rf"worker \d \(pid {victim}\) exited with code -9 after .*; starting a new one", gateway.text())
+    assert gateway.stop() == 0, gateway.text()[-3000:]
+    stored = {row["request_id"] for row in audit_rows(gateway.settings) if row["endpoint"] == "chat.completions"}
+    missing = set(delivered) - stored
+    assert not missing, f"{len(missing)} of {len(delivered)} delivered answers have no audit row"
+
+
+@needs_redis
+def test_a_rate_limit_is_exact_across_two_workers_with_redis(start: object) -> None:
+    prefix = f"test:{uuid.uuid4().hex}:"
+    gateway: Gateway = start("--workers", "2", "--redis", REDIS_URL, redis_prefix=prefix, keys=True)  # type: ignore[operator]
+    try:
+        secret = _limited_key(gateway, rpm=6)
+        answers = [gateway.post(key=secret).status_code for _ in range(20)]
+        assert len(gateway.answered_by) == 2, "one worker took every request: the test proves nothing"
+        assert answers.count(200) == 6 and answers.count(429) == 14, answers  # a burst of the whole minute
+        assert gateway.stop() == 0
+    finally:
+        import asyncio
+
+        asyncio.run(_drop_prefix(prefix))
+
+
+def test_without_redis_limits_keep_the_gateway_on_one_worker_and_say_why(start: object) -> None:
+    gateway: Gateway = start("--workers", "2", model_limits="fake-model:rpm=1000", keys=True)  # type: ignore[operator]
+    assert "running 1 worker, not 2: model limits are set and no --redis" in gateway.text()
+    assert worker_pids(gateway) == set()  # the single-process server: no worker processes
+    assert gateway.stop() == 0
+
+
+def test_workers_that_keep_failing_at_start_up_stop_the_gateway_with_exit_1(
+    tmp_path: Path, fake_backend: FakeBackendThread
+) -> None:
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--open", "--backend", fake_backend.url]
+    command += ["--port", str(free_port()), "--policy", str(GUARDS_OFF), "--workers", "2"]
+    (tmp_path / "spool").write_text("a file where the audit spool folder goes: every worker fails to start")
+    done = subprocess.run(command, cwd=ROOT, env=gateway_env(tmp_path, log_level="info"), capture_output=True,
+                          timeout=240)  # fmt: skip
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 1, output[-3000:]
+    assert "3 workers in a row failed to start: stopping" in output, output[-3000:]
+    assert len(re.findall(r"worker \d \(pid \d+\) exited with code", output)) == 3  # no restart loop
+
+
+def _limited_key(gateway: Gateway, rpm: int) -> str:
+    command = [sys.executable, "-m", "gateway.cli", "keys", "create", "--role", "client", "--rpm", str(rpm)]
+    done = subprocess.run(command, cwd=ROOT, env=gateway_env(Path(gateway.settings.data_dir)), capture_output=True,
+                          timeout=60, check=True)  # fmt: skip
+    return done.stdout.decode().strip().splitlines()[-1]
