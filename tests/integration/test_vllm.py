@@ -123,7 +123,10 @@ def test_disconnect_aborts_generation_in_vllm(
         lines = resp.iter_lines()
         for _ in range(6):
             next(lines)
-    # vLLM stops: nothing running, and the token counter stops far short of 2000.
+    # Counted from the disconnect: how long the first events took (a busy CI machine, the guards'
+    # first model passes) is not what this test is about.
+    at_close = metric(vllm_url, "vllm:generation_tokens_total")
+    # vLLM stops: nothing running, and the token counter stops soon after the disconnect.
     deadline = time.monotonic() + 10
     while metric(vllm_url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -131,7 +134,8 @@ def test_disconnect_aborts_generation_in_vllm(
     settled = metric(vllm_url, "vllm:generation_tokens_total")
     time.sleep(2)
     assert metric(vllm_url, "vllm:generation_tokens_total") == settled
-    assert settled - before < 500
+    assert settled - at_close < 300, f"{settled - at_close:.0f} tokens generated after the client left"
+    assert settled - before < 1500  # without the abort: 2000
     rows = audit_rows(settings)
     assert [r["status"] for r in rows] == ["client_disconnected"]
     assert rows[0]["response_text"]
