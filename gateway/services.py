@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -29,7 +30,7 @@ from gateway.rollup import RollupTask
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.tracing import RequestTracer
-from guardrails import Guardrails, default_policy, load_policy, make_executor
+from guardrails import Guardrails, ToxicityScorer, build_scorer, default_policy, load_policy, make_executor
 from retrieval import (
     CollectionStore,
     Embedder,
@@ -39,6 +40,7 @@ from retrieval import (
     is_object_storage,
 )
 from retrieval.db import MetadataRepository
+from retrieval.embedders import bundled_minilm_encoder
 from retrieval.objectstore import ObjectStorage
 from serving.backend import Backend
 from serving.router import DeploymentRouter, Router
@@ -150,8 +152,13 @@ class Services:
         await self.limiter.start()
         # A server's log gets lines, not Hugging Face's "Loading weights" bars (imports: off the loop).
         await asyncio.to_thread(_no_progress_bars)
+        if self.settings.rag:
+            # The embedder loads before the guards: the trained toxicity scorer shares its MiniLM.
+            await self._load_embedder()
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
-        self.rails = await Guardrails.load(self.policy, self.executor, judge=self._judge)
+        self.rails = await Guardrails.load(
+            self.policy, self.executor, judge=self._judge, toxicity_scorer=await self._shared_toxicity_scorer()
+        )
         described = self.rails.describe()
         enabled = [name for name, g in described["guards"].items() if g["enabled"]]
         scorer = described["toxicity_scorer"] or {}
@@ -206,9 +213,44 @@ class Services:
         )  # fmt: skip
         return str(answer["choices"][0]["message"]["content"] or "")
 
+    async def _load_embedder(self) -> None:
+        """The embedding model, in the executor (an ONNX export, the first time, too: seconds)."""
+        started = time.perf_counter()
+        self.embedder = await create_embedder_async(
+            self.settings.embedding_model,
+            executor=self.executor,
+            runtime=self.settings.embedding_runtime,
+            cache_dir=self.settings.data_dir / "onnx",
+        )
+        log.info(
+            "retrieval: embedding model %s runs on %s (%s); loaded in %.1f s",
+            self.embedder.name,
+            self.embedder.runtime,
+            self.embedder.runtime_note or "",
+            time.perf_counter() - started,
+        )
+
+    async def _shared_toxicity_scorer(self) -> ToxicityScorer | None:
+        """The policy's toxicity scorer over the embedder's model when that is the bundled MiniLM, so
+        the model is loaded once for both; None when there is nothing to share (Guardrails.load builds it)."""
+        embed = bundled_minilm_encoder(self.embedder)
+        if embed is None or not self.policy.uses_toxicity():
+            return None
+        loop = asyncio.get_running_loop()
+        scorer = await loop.run_in_executor(self.executor, functools.partial(build_scorer, self.policy.toxicity, embed))
+        if self.embedder is not None and scorer.describe().get("scorer") == "trained":
+            log.info(
+                "guardrails: the trained toxicity scorer shares the embedder's %s on %s (the model is loaded once)",
+                self.embedder.name,
+                self.embedder.runtime,
+            )
+        return scorer
+
     async def _start_retrieval(self) -> None:
         started = time.perf_counter()
-        self.embedder = await create_embedder_async(self.settings.embedding_model, executor=self.executor)
+        if self.embedder is None:
+            await self._load_embedder()
+        assert self.embedder is not None
         remote = self.settings.index_storage if is_object_storage(self.settings.index_storage) else None
         sync = None
         if remote is not None:  # the data dir is this replica's cache of the versions the database names live
@@ -312,6 +354,7 @@ class Services:
             "guardrails": self.rails.describe() if self.rails else None,
             "retrieval": {
                 "embedding_model": self.embedder.name,
+                "embedding_runtime": {"runtime": self.embedder.runtime, "note": self.embedder.runtime_note},
                 "collections": self.store.list_collections(),
                 "aliases": {a: {"collection": c, "model": m} for a, (c, m) in self.settings.aliases.items()},
             }

@@ -57,6 +57,7 @@ class Settings:
     policy: Path | None = None  # guardrails policy (TOML); none: every guard on with its defaults
     rag: bool = True  # load the embedding model and serve retrieval and /v1/embeddings
     embedding_model: str | None = None  # none: the bundled all-MiniLM-L6-v2; "hashing": the fake
+    embedding_runtime: str = "auto"  # "onnx" (checked export, made at first load), "torch", or "auto": onnx, else torch
     index_storage: str | None = None  # RAG index files: a folder (shared volume) or s3://BUCKET/PREFIX; none: DATA_DIR
     s3_endpoint_url: str | None = None  # an S3-compatible server for s3:// index storage; none: boto3's AWS_* settings
     sample_corpus: bool = True  # ingest the shipped sample corpus as collection "sample" if absent
@@ -216,6 +217,8 @@ def _validate(settings: Settings) -> Settings:
         raise bad(f"rag_top_k {settings.rag_top_k} is outside 1-50")
     if settings.guard_workers < 1:
         raise bad("guard_workers must be at least 1")
+    if settings.embedding_runtime not in ("auto", "onnx", "torch"):
+        raise bad(f"embedding_runtime must be 'auto', 'onnx' or 'torch', not {settings.embedding_runtime!r}")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
     if settings.workers < 1:

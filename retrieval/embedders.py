@@ -1,29 +1,45 @@
 """The embedder seam: `Embedder.embed(texts) -> (n, dim) float32`, rows L2-normalised.
 
-Two implementations live here: `SentenceTransformerEmbedder` (the bundled all-MiniLM-L6-v2 by
-default, or any sentence-transformers model folder) and `HashingEmbedder`, a deterministic,
-dependency-free fake for fast tests and benchmarks. Model work runs in a bounded executor
-that the embedder is given (or owns), never on the event loop.
+Three implementations live here: `SentenceTransformerEmbedder` (the bundled all-MiniLM-L6-v2 by
+default, or any sentence-transformers model folder, on PyTorch), `OnnxEmbedder` (the same
+model run by ONNX Runtime, exported and checked against PyTorch first: retrieval/onnx_encoder.py)
+and `HashingEmbedder`, a deterministic, dependency-free fake for fast tests and benchmarks.
+Model work runs in a bounded executor that the embedder is given (or owns), never on the
+event loop.
+
+Which runtime serves a real model is the `runtime` argument of `create_embedder` (the
+`embedding_runtime` setting): "onnx" must load ONNX, "torch" runs PyTorch, "auto" runs ONNX
+when onnxruntime imports and the checked export is there (made at the first load), else
+PyTorch, and the embedder's `runtime_note` (logged, and in /readyz) says why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
+import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from retrieval.batching import EmbedBatcher
 from retrieval.chunking import TokenCounter, WhitespaceCounter, WordPieceCounter
 
+if TYPE_CHECKING:
+    from retrieval.onnx_encoder import OnnxEncoder
+
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+EmbeddingRuntime = Literal["auto", "onnx", "torch"]
+RUNTIMES: tuple[str, ...] = ("auto", "onnx", "torch")
 _DEFAULT_ALIASES = {"", "default", DEFAULT_MODEL_NAME.lower(), f"sentence-transformers/{DEFAULT_MODEL_NAME}".lower()}
 
 
@@ -34,6 +50,8 @@ class Embedder(ABC):
     dimension: int
     max_tokens: int
     tokenizer: TokenCounter
+    runtime: str = "python"  # what computes the vectors: "torch", "onnx" or "python" (the fake)
+    runtime_note: str | None = None  # why this runtime (e.g. why "auto" fell back to PyTorch)
 
     @abstractmethod
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -55,30 +73,52 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return normalised
 
 
-class SentenceTransformerEmbedder(Embedder):
-    """A sentence-transformers model on the CPU, batched, run in a bounded executor.
+class _ModelEmbedder(Embedder):
+    """What the model-backed embedders share: the executor, the batcher of concurrent queries."""
+
+    def __init__(self, name: str, dimension: int, max_tokens: int, *, executor: Executor | None) -> None:
+        self.name = name
+        self.dimension = dimension
+        self.max_tokens = max_tokens
+        self._own_executor = executor is None
+        # One worker: the runtime already uses every core for one batch, a second job only contends.
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
+        # Concurrent requests' queries share model calls: none waits when idle, they batch while busy.
+        self.batcher = EmbedBatcher(lambda texts: self.embed_sync(texts), self._executor)
+
+    @abstractmethod
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed in the calling thread (for scripts, the executor job itself, and the toxicity guard)."""
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return await self.batcher.embed(texts)
+
+    async def aclose(self) -> None:
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class SentenceTransformerEmbedder(_ModelEmbedder):
+    """A sentence-transformers model on the CPU (PyTorch), batched, run in a bounded executor.
 
     Build it with `await SentenceTransformerEmbedder.load(...)` from async code (the model
     loads in the executor) or `SentenceTransformerEmbedder.load_sync(...)` from a script.
     """
 
+    runtime = "torch"
+
     def __init__(self, model: Any, name: str, *, batch_size: int = 64, executor: Executor | None = None) -> None:
         self._model = model
-        self.name = name
         dimension = (
             model.get_embedding_dimension()
             if hasattr(model, "get_embedding_dimension")
             else model.get_sentence_embedding_dimension()
         )
-        self.dimension = int(dimension)
         # [CLS] and [SEP] take two of the model's positions
-        self.max_tokens = int(model.max_seq_length) - 2
+        super().__init__(name, int(dimension), int(model.max_seq_length) - 2, executor=executor)
         self.batch_size = batch_size
-        self._own_executor = executor is None
-        # One worker: torch already uses every core for one batch, a second job only contends.
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
-        # Concurrent requests' queries share model calls: none waits when idle, they batch while busy.
-        self.batcher = EmbedBatcher(lambda texts: self.embed_sync(texts), self._executor)
         tokenizer_json = Path(model.tokenizer.name_or_path) / "tokenizer.json"
         if tokenizer_json.is_file():
             self.tokenizer: TokenCounter = WordPieceCounter(tokenizer_json, name=f"wordpiece:{name}")
@@ -134,7 +174,6 @@ class SentenceTransformerEmbedder(Embedder):
         )
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed in the calling thread (for scripts and the executor job itself)."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         vectors = self._model.encode(
@@ -146,14 +185,58 @@ class SentenceTransformerEmbedder(Embedder):
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        return await self.batcher.embed(texts)
 
-    async def aclose(self) -> None:
-        if self._own_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+class OnnxEmbedder(_ModelEmbedder):
+    """A sentence-transformers model folder run by ONNX Runtime (retrieval/onnx_encoder.py).
+
+    Same name as the PyTorch embedder of the same model (its vectors match to a cosine of
+    0.999 or better, checked at export), so collections built by either are searched by both.
+    """
+
+    runtime = "onnx"
+
+    def __init__(
+        self, encoder: OnnxEncoder, name: str, *, executor: Executor | None = None, note: str | None = None
+    ) -> None:
+        layout = encoder.layout
+        super().__init__(name, encoder.dimension, layout.max_seq_length - 2, executor=executor)
+        self._encoder = encoder
+        self.tokenizer = WordPieceCounter(layout.folder / "tokenizer.json", name=f"wordpiece:{name}")
+        self.runtime_note = note
+
+    @classmethod
+    def load_sync(
+        cls,
+        model: str | Path | None = None,
+        *,
+        executor: Executor | None = None,
+        cache_dir: Path | None = None,
+        batch_size: int = 64,
+        threads: int | None = None,
+    ) -> OnnxEmbedder:
+        """Load the checked ONNX export of `model` (exporting it first if needed: blocking, seconds).
+
+        OnnxUnavailable, with the reason, when onnxruntime is missing, the model is not a local
+        folder of a shape the ONNX path runs, or the export fails or differs from PyTorch."""
+        from retrieval.onnx_encoder import OnnxUnavailable, load_encoder
+
+        target, name = SentenceTransformerEmbedder.resolve(model)
+        if not Path(target).is_dir():
+            raise OnnxUnavailable(f"{target!r} is not a local model folder (the ONNX path exports local weights)")
+        encoder, check = load_encoder(target, name, cache_dir=cache_dir, batch_size=batch_size, threads=threads)
+        note = f"checked against PyTorch: min cosine {check['min_cosine']} on {check['texts']} sample texts"
+        return cls(encoder, name, executor=executor, note=note)
+
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        return np.ascontiguousarray(self._encoder.embed(texts), dtype=np.float32)
+
+
+def bundled_minilm_encoder(embedder: Embedder | None) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """The blocking `embed` of `embedder` when it runs the bundled all-MiniLM-L6-v2 (on either
+    runtime), for the trained toxicity guard to share instead of loading the model again; else None."""
+    if isinstance(embedder, _ModelEmbedder) and embedder.name == DEFAULT_MODEL_NAME:
+        return embedder.embed_sync
+    return None
 
 
 class _HFTokenCounter:
@@ -262,23 +345,53 @@ class HashingEmbedder(Embedder):
         return self.embed_sync(texts)
 
 
-def create_embedder(model: str | Path | None = None, *, executor: Executor | None = None) -> Embedder:
+def create_embedder(
+    model: str | Path | None = None,
+    *,
+    executor: Executor | None = None,
+    runtime: str = "auto",
+    cache_dir: Path | None = None,
+) -> Embedder:
     """Build an embedder from a CLI/config value (synchronous: loads the model now).
 
     `None`/"default"/"all-MiniLM-L6-v2" give the bundled MiniLM; "hashing" or "hashing-DIM"
     give the fake; anything else is a sentence-transformers model folder (or a name already in
-    the local Hugging Face cache: this machine cannot download).
+    the local Hugging Face cache: this machine cannot download). `runtime` picks what runs a
+    real model (see the module docstring); `cache_dir` holds ONNX exports (None: the user cache).
     """
     text = "" if model is None else str(model).strip()
     if text.lower() == "hashing":
         return HashingEmbedder()
     if match := re.fullmatch(r"hashing-(\d+)", text.lower()):
         return HashingEmbedder(int(match.group(1)))
-    return SentenceTransformerEmbedder.load_sync(model, executor=executor)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"embedding runtime {runtime!r} must be one of {', '.join(RUNTIMES)}")
+    note = "embedding_runtime = torch"
+    if runtime != "torch":
+        from retrieval.onnx_encoder import OnnxUnavailable
+
+        try:
+            return OnnxEmbedder.load_sync(model, executor=executor, cache_dir=cache_dir)
+        except OnnxUnavailable as exc:
+            if runtime == "onnx":
+                raise
+            note = f"ONNX Runtime unavailable: {exc}"
+            log.info("embedding runtime: PyTorch, because %s", note)
+    embedder = SentenceTransformerEmbedder.load_sync(model, executor=executor)
+    embedder.runtime_note = note
+    return embedder
 
 
-async def create_embedder_async(model: str | Path | None = None, *, executor: Executor | None = None) -> Embedder:
-    """Like `create_embedder`, with the model loaded off the event loop."""
+async def create_embedder_async(
+    model: str | Path | None = None,
+    *,
+    executor: Executor | None = None,
+    runtime: str = "auto",
+    cache_dir: Path | None = None,
+) -> Embedder:
+    """Like `create_embedder`, in `executor` (the model load and any ONNX export): never on the event loop."""
     if model is not None and str(model).strip().lower().startswith("hashing"):
         return create_embedder(model)
-    return await SentenceTransformerEmbedder.load(model, executor=executor)
+    loop = asyncio.get_running_loop()
+    build = functools.partial(create_embedder, model, executor=executor, runtime=runtime, cache_dir=cache_dir)
+    return await loop.run_in_executor(executor, build)
