@@ -331,7 +331,7 @@ def worker_main(spec: WorkerSpec) -> None:
 
     settings = spec.settings
     configure_logging(settings.log_level, settings.log_format)
-    _die_with_parent()
+    _die_with_parent(settings.shutdown_grace + _STOP_MARGIN_S)
     server: DrainingServer | None = None
     failed = False
 
@@ -379,19 +379,21 @@ def worker_main(spec: WorkerSpec) -> None:
     sys.exit(0 if server.drained else 1)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM this worker when the parent dies (Linux prctl), so no worker outlives a killed parent."""
+def _die_with_parent(grace_s: float) -> None:
+    """Drain and exit when the parent dies, so no worker outlives a killed parent: SIGTERM from the
+    kernel (Linux prctl), and a thread that looks every second (elsewhere, and in case the signal was
+    missed); if the drain has not ended `grace_s` later, exit anyway."""
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
-    def watch() -> None:  # elsewhere (and as a second line): look every second
+    def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        log.warning("the gateway's parent process is gone: this worker drains and exits")
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
 
-    if not sys.platform.startswith("linux"):
-        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

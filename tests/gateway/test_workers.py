@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_share import MetricsShare, families, merge, retire
 from gateway.settings import Settings
 from gateway.workers import WORKER_HEADER
 from serving.fake import FakeBackendThread
@@ -24,7 +26,6 @@ from tests.gateway.test_limits import REDIS_URL, _drop_prefix, needs_redis
 from tests.gateway.test_serve_lifecycle import GUARDS_OFF, ROOT, free_port, gateway_env, ready, wait_until
 from tests.helpers import audit_rows
 
-pytestmark = pytest.mark.slow
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello workers"}]}
 
 
@@ -91,6 +92,7 @@ def total(metrics: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics, flags=re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_port_audit_every_answer_sum_their_metrics_and_drain(start: object) -> None:
     gateway: Gateway = start("--workers", "2", metrics="open")  # type: ignore[operator]
     assert len(worker_pids(gateway)) == 2
@@ -115,6 +117,7 @@ def test_two_workers_share_the_port_audit_every_answer_sum_their_metrics_and_dra
     assert stored == set(request_ids)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_worker_loses_no_delivered_answers_audit_row_and_comes_back(start: object) -> None:
     gateway: Gateway = start("--workers", "2")  # type: ignore[operator]
     before = worker_pids(gateway)
@@ -159,6 +162,7 @@ def test_a_sigkilled_worker_loses_no_delivered_answers_audit_row_and_comes_back(
     assert not missing, f"{len(missing)} of {len(delivered)} delivered answers have no audit row"
 
 
+@pytest.mark.slow
 @needs_redis
 def test_a_rate_limit_is_exact_across_two_workers_with_redis(start: object) -> None:
     prefix = f"test:{uuid.uuid4().hex}:"
@@ -175,6 +179,7 @@ def test_a_rate_limit_is_exact_across_two_workers_with_redis(start: object) -> N
         asyncio.run(_drop_prefix(prefix))
 
 
+@pytest.mark.slow
 def test_without_redis_limits_keep_the_gateway_on_one_worker_and_say_why(start: object) -> None:
     gateway: Gateway = start("--workers", "2", model_limits="fake-model:rpm=1000", keys=True)  # type: ignore[operator]
     assert "running 1 worker, not 2: model limits are set and no --redis" in gateway.text()
@@ -182,6 +187,7 @@ def test_without_redis_limits_keep_the_gateway_on_one_worker_and_say_why(start: 
     assert gateway.stop() == 0
 
 
+@pytest.mark.slow
 def test_workers_that_keep_failing_at_start_up_stop_the_gateway_with_exit_1(
     tmp_path: Path, fake_backend: FakeBackendThread
 ) -> None:
@@ -201,3 +207,52 @@ def _limited_key(gateway: Gateway, rpm: int) -> str:
     done = subprocess.run(command, cwd=ROOT, env=gateway_env(Path(gateway.settings.data_dir)), capture_output=True,
                           timeout=60, check=True)  # fmt: skip
     return done.stdout.decode().strip().splitlines()[-1]
+
+
+def _counting(requests: float, queue: float, up: float) -> GatewayMetrics:
+    """A worker's metrics: `requests` requests counted, and two live gauges."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    metrics = GatewayMetrics(
+        live=lambda: [
+            GaugeMetricFamily("gateway_audit_queue_rows", "queued", value=queue),
+            GaugeMetricFamily("gateway_backend_up", "up", value=up),
+        ]
+    )
+    metrics.requests[("chat.completions", "m", "b", "2xx", "ok")] = requests
+    return metrics
+
+
+def test_metrics_of_workers_are_summed_and_a_gone_workers_counters_stay(tmp_path: Path) -> None:
+    first, second = _counting(3, queue=2, up=1), _counting(4, queue=5, up=0)
+    share = MetricsShare(first, tmp_path, 0)
+    first.share = share
+    MetricsShare(second, tmp_path, 1).write()
+    text = first.render().decode()
+    assert total(text, "gateway_requests_total") == 7
+    assert total(text, "gateway_audit_queue_rows") == 7  # an amount per process: summed
+    assert total(text, "gateway_backend_up") == 1  # the same fact seen by each: the largest
+    first.requests[("chat.completions", "m", "b", "2xx", "ok")] = 10  # the scraped worker's figures are fresh
+    assert total(first.render().decode(), "gateway_requests_total") == 14
+
+    retire(tmp_path, 1)  # worker 1 died: its counters stay, its gauges go
+    text = first.render().decode()
+    assert total(text, "gateway_requests_total") == 14 and total(text, "gateway_audit_queue_rows") == 2
+    MetricsShare(_counting(1, queue=0, up=1), tmp_path, 1).write()  # its replacement starts from zero
+    assert total(first.render().decode(), "gateway_requests_total") == 15  # the sum never goes down
+
+
+def test_histograms_merge_bucket_by_bucket() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    snapshots = []
+    for values in ([0.1, 0.2], [0.3]):
+        registry = CollectorRegistry()
+        histogram = Histogram("x_seconds", "x", registry=registry, buckets=(0.15, 1.0))
+        for value in values:
+            histogram.observe(value)
+        snapshots.append((families(registry), True))
+    (merged,) = [m for m in merge(snapshots) if m.name == "x_seconds"]
+    samples = {(s.name, s.labels.get("le")): s.value for s in merged.samples}
+    assert samples[("x_seconds_bucket", "0.15")] == 1 and samples[("x_seconds_bucket", "1.0")] == 3
+    assert samples[("x_seconds_count", None)] == 3 and round(samples[("x_seconds_sum", None)], 6) == 0.6

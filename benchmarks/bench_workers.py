@@ -1,0 +1,189 @@
+"""Benchmark: plain requests/s with `gateway serve --workers N`, against direct calls in the same run.
+
+The fake backend at zero delay; non-streamed chat requests at concurrency 32 (aiohttp keep-alive
+connections, so the kernel spreads connections, not requests, over the workers); the SQLite audit
+log on, an API key checked, metrics on. For guards off (benchmarks/guards-off.toml) and the
+default guards, each of: direct to the backend, gateway --workers 1, gateway --workers 2 (the
+direct figure is taken again right before each gateway figure, so both see the same machine).
+After each gateway run: audit rows stored vs requests answered, rows spooled (a worker that waited
+longer than `audit_db_wait` for another's SQLite write lock), and each worker's share of answers.
+
+    .venv/bin/python benchmarks/bench_workers.py [--requests 3000] [--workers 1,2] [--json FILE]
+
+On a 2-core machine the load generator and the backend share the CPU with the gateway, so the
+ratio to direct, not the absolute requests/s, is the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gateway import CHAT, GATEWAY, GUARDS_OFF, ROOT, drive, free_port, run, start_fake, wait_http
+
+CONCURRENCY = 32
+STAGE = "gateway_request_stage_duration_seconds"
+
+
+class Gateway:
+    """`gateway serve` as a process; its log goes to DATA_DIR/serve.log (read when it fails to start)."""
+
+    def __init__(self, command: list[str], url: str, env: dict[str, str], log: Path) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out)
+        try:
+            wait_http(url + "/readyz", timeout=300)  # N workers load their guard models on 2 busy cores
+        except RuntimeError:
+            self.process.kill()
+            raise RuntimeError(log.read_text()[-3000:]) from None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(120)
+
+
+def start_gateway(backend: str, data_dir: Path, workers: int, policy: Path | None) -> tuple[Gateway, str, str]:
+    env = {
+        "GATEWAY_DATA_DIR": str(data_dir),
+        "GATEWAY_LOG_LEVEL": "warning",
+        # As bench_gateway.py: these requests use no retrieval, so the fast fake embedder and no sample corpus.
+        "GATEWAY_EMBEDDING_MODEL": "hashing",
+        "GATEWAY_SAMPLE_CORPUS": "false",
+        "GATEWAY_METRICS": "open",
+    }
+    created = subprocess.run(
+        [*GATEWAY, "keys", "create", "--role", "client"], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    key = created.stdout.strip().splitlines()[0]
+    port = free_port()
+    command = [*GATEWAY, "serve", "--backend", backend, "--port", str(port), "--workers", str(workers)]
+    command += ["--policy", str(policy)] if policy else []
+    url = f"http://127.0.0.1:{port}"
+    return Gateway(command, url, env, data_dir / "serve.log"), url, key
+
+
+async def shares(url: str, key: str, requests: int = 400) -> dict[str, int]:
+    """Which worker answers, over CONCURRENCY keep-alive connections (as `drive` opens them)."""
+    counts: Counter[str] = Counter()
+    headers = {"authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as session:
+
+        async def one() -> None:
+            async with session.post(url, json=CHAT, headers=headers) as resp:
+                await resp.read()
+                counts[resp.headers.get("x-gateway-worker", "single process").split(".")[0]] += 1
+
+        for _ in range(requests // CONCURRENCY):
+            await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+    return dict(counts)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (those with `labels` among theirs) on /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for found, value in re.findall(rf"^{name}((?:{{[^}}]*}})?) (\S+)$", text, flags=re.MULTILINE):
+        if all(w in found for w in wanted):
+            total += float(value)
+    return total
+
+
+def audit_count(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "gateway.db") as conn:
+        return int(conn.execute("SELECT count(*) FROM audit_records").fetchone()[0])
+
+
+def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
+    rows = []
+    endpoint = "/v1/chat/completions"
+    fake, fake_url = start_fake()
+    try:
+        run(drive(fake_url + endpoint, CHAT, concurrency=4, requests=200, key=None, stream=False))
+        for guards, policy in (("off", GUARDS_OFF), ("default", None)):
+            for workers in args.workers:
+                data_dir = base / f"{guards}-{workers}"
+                gw, gw_url, key = start_gateway(fake_url, data_dir, workers, policy)
+                try:
+                    # Warm up every worker (connections, the first SQLite commit, guard models).
+                    run(drive(gw_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=400, key=key, stream=False))
+                    n = args.requests
+                    direct = run(drive(fake_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=None,
+                                       stream=False))  # fmt: skip
+                    through = run(drive(gw_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=key,
+                                        stream=False))  # fmt: skip
+                    split = run(shares(gw_url + endpoint, key))
+                    time.sleep(1.5)  # each worker writes its metrics every second
+                    answered = metric(gw_url, "gateway_requests_total")
+                    spooled = metric(gw_url, "gateway_audit_rows_spooled_total")
+                    commit_s = metric(gw_url, STAGE + "_sum", stage="audit_commit")
+                    commits = metric(gw_url, STAGE + "_count", stage="audit_commit")
+                finally:
+                    gw.stop()
+                stored = audit_count(data_dir)  # after the drain: every queued row is committed
+                rows.append({
+                    "guards": guards,
+                    "workers": workers,
+                    "direct_rps": round(direct["rps"], 1),
+                    "gateway_rps": round(through["rps"], 1),
+                    "ratio": round(through["rps"] / direct["rps"], 3),
+                    "gateway_p50_ms": round(through["p50_ms"], 1),
+                    "gateway_p99_ms": round(through["p99_ms"], 1),
+                    "errors": through["errors"],
+                    "answered": int(answered),
+                    "audit_rows": stored,
+                    "spooled": int(spooled),
+                    "audit_commit_ms": round(commit_s / max(commits, 1) * 1000, 2),  # mean wait per request
+                    "answers_per_worker": split,
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        fake.stop()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="requests per measurement")
+    parser.add_argument("--workers", default="1,2", help="worker counts to compare (comma-separated)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+        rows = measure(args, Path(tmp))
+    print(f"\nplain non-stream requests/s at concurrency {CONCURRENCY}, zero-delay fake, audit log on "
+          f"({os.cpu_count()} CPUs)")  # fmt: skip
+    print(f"{'guards':8} {'workers':>7} {'direct':>8} {'gateway':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'errors':>6} {'audited':>13} {'spooled':>7} {'commit ms':>9}  answers per worker")  # fmt: skip
+    for r in rows:
+        audited = f"{r['audit_rows']}/{r['answered']}"
+        print(f"{r['guards']:8} {r['workers']:>7} {r['direct_rps']:>8} {r['gateway_rps']:>8} {r['ratio']:>6} "
+              f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['errors']:>6} {audited:>13} {r['spooled']:>7} "
+              f"{r['audit_commit_ms']:>9}"
+              f"  {r['answers_per_worker']}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
