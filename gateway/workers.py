@@ -82,9 +82,10 @@ class WorkerSpec:
     sock: socket.socket
     ready: Connection  # the worker sends "ready" once its models are loaded
     metrics_dir: Path | None  # the shared folder of metric snapshots (None: metrics off)
-    # The first workers answer /readyz while their models load (as one process does); a replacement
-    # accepts nothing until it has loaded, so the live workers take the traffic meanwhile.
-    background: bool = True
+    # Worker 0 of the first start accepts at once and answers /readyz (503, "loading ...") while its
+    # models load, as one process does; every other worker, and every replacement, accepts nothing
+    # until it has loaded: once /readyz says 200, no worker answers 503 "starting".
+    background: bool = False
 
 
 def limits_need_one_worker(settings: Settings) -> str | None:
@@ -154,7 +155,7 @@ class Supervisor:
 
     def start(self) -> None:
         for index in range(self.settings.workers):
-            self._spawn(index, background=True)
+            self._spawn(index, background=index == 0)
 
     def _spawn(self, index: int, *, background: bool = False) -> None:
         receive, send = self._ctx.Pipe(duplex=False)

@@ -94,7 +94,8 @@ def total(metrics: str, name: str) -> float:
 
 @pytest.mark.slow
 def test_two_workers_share_the_port_audit_every_answer_sum_their_metrics_and_drain(start: object) -> None:
-    gateway: Gateway = start("--workers", "2", metrics="open")  # type: ignore[operator]
+    side = free_port()
+    gateway: Gateway = start("--workers", "2", metrics="open", metrics_port=str(side))  # type: ignore[operator]
     assert len(worker_pids(gateway)) == 2
     request_ids = []
     deadline = time.monotonic() + 60
@@ -105,13 +106,13 @@ def test_two_workers_share_the_port_audit_every_answer_sum_their_metrics_and_dra
         request_ids.append(answer.headers["x-gateway-request-id"])
     assert {int(w.split(".")[1]) for w in gateway.answered_by} == worker_pids(gateway)
 
-    def summed() -> bool:  # each worker writes its figures every second; the scraped one is fresh
-        metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
-        return total(metrics, "gateway_requests_total") == len(request_ids) and total(
-            metrics, "gateway_audit_rows_committed_total"
-        ) == len(request_ids)
+    def summed(url: str) -> bool:  # each worker writes its figures every second; the scraped one is fresh
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        counted = total(metrics, "gateway_requests_total"), total(metrics, "gateway_audit_rows_committed_total")
+        return counted == (len(request_ids), len(request_ids))
 
-    wait_until(summed, 10, "/metrics does not sum the requests of both workers")
+    wait_until(lambda: summed(gateway.url), 10, "/metrics does not sum the requests of both workers")
+    wait_until(lambda: summed(f"http://127.0.0.1:{side}"), 10, "the side port does not sum both workers")
     assert gateway.stop() == 0, gateway.text()[-3000:]
     stored = {row["request_id"] for row in audit_rows(gateway.settings) if row["endpoint"] == "chat.completions"}
     assert stored == set(request_ids)
