@@ -257,3 +257,46 @@ def test_histograms_merge_bucket_by_bucket() -> None:
     samples = {(s.name, s.labels.get("le")): s.value for s in merged.samples}
     assert samples[("x_seconds_bucket", "0.15")] == 1 and samples[("x_seconds_bucket", "1.0")] == 3
     assert samples[("x_seconds_count", None)] == 3 and round(samples[("x_seconds_sum", None)], 6) == 0.6
+
+
+async def test_a_sqlite_write_lock_held_by_another_worker_is_waited_for_not_spooled(tmp_path: Path) -> None:
+    """Two workers share one SQLite file: a commit that meets the other's write lock waits (busy
+    timeout `audit_db_wait`) and lands in SQL; it spools only when the lock outlasts that wait."""
+    import asyncio
+    import sqlite3
+
+    from gateway.audit import AuditWriter
+    from gateway.audit_sinks import sink_for
+    from gateway.db import audit_records, create_engine
+    from tests.gateway.test_audit import count, row, sqlite_url
+
+    url = await asyncio.to_thread(sqlite_url, tmp_path)
+    engine = create_engine(url)
+    sink = sink_for(engine, audit_records, wait_s=2.0)
+    writer = AuditWriter(engine, spool_path=tmp_path / "spool.jsonl", sink=sink, db_wait_s=2.0)
+    await writer.start()
+    other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)  # the other worker's writer
+    try:
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock, as a commit in flight does
+        rows = [row() for _ in range(20)]
+        began = time.monotonic()
+        waiting = asyncio.gather(*(writer.submit(r) for r in rows))
+        await asyncio.sleep(0.8)
+        other.execute("COMMIT")
+        await waiting
+        waited = time.monotonic() - began
+        assert writer.spooled == 0 and writer.committed == 20
+        assert 0.7 < waited < 2.0  # committed right after the lock went, not after a spool-and-replay
+        assert await count(url) == 20
+
+        other.execute("BEGIN IMMEDIATE")  # a lock held past audit_db_wait: the rows spool (never lost)
+        late = asyncio.gather(*(writer.submit(row()) for _ in range(5)))
+        await asyncio.sleep(2.6)
+        other.execute("COMMIT")
+        await late
+        assert writer.spooled == 5
+    finally:
+        other.close()
+        await writer.stop()
+        await engine.dispose()
+    assert await count(url) == 25  # the spool was replayed
