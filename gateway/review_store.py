@@ -19,12 +19,25 @@ import io
 import math
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import Boolean, ColumnElement, Select, and_, exists, func, literal_column, or_, select, true
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Select,
+    and_,
+    exists,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -177,6 +190,11 @@ TEXT_SEARCH_SQL = (
     r"coalesce(regexp_replace(left(audit_records.request_json, 100000), '\\[nrt]', ' ', 'g'), '') || ' ' || "
     "coalesce(left(audit_records.response_text, 100000), ''))"
 )
+TEXT_PROBE_CAP = 20_000  # matches read from the GIN index before a word counts as common
+# A probe's plan: the GIN index as a bitmap, never a walk of a b-tree or the table; memory for an
+# exact bitmap, so no row's tsvector is recomputed to recheck a lossy page.
+_BITMAP_ONLY = (("enable_seqscan", "off"), ("enable_indexscan", "off"), ("enable_indexonlyscan", "off"),
+                ("work_mem", "'64MB'"))  # fmt: skip
 _WORDS = re.compile(r"[A-Za-z0-9]+(?:\s+[A-Za-z0-9]+)*")
 
 
@@ -438,10 +456,39 @@ class ReviewStore:
     async def page(self, filters: Filters, *, before: str | None = None, limit: int = 50) -> dict[str, Any]:
         """One page, newest first; `next` is the cursor of the following page (None at the end)."""
         query = filters.apply(select(*_LIST_COLUMNS))
+        if filters.q and self.engine.dialect.name == "postgresql" and word_query(filters.q):
+            few = await self._few_text_hits(filters, before, limit)
+            query = query if few is None else few
         async with self.engine.connect() as conn:
             rows, next_cursor = await self._keyset(conn, query, before, limit)
             await self._annotate(conn, rows)
         return {"data": rows, "next": next_cursor}
+
+    async def _few_text_hits(self, filters: Filters, before: str | None, limit: int) -> Select[Any] | None:
+        """PostgreSQL's planner cannot tell a rare word from a common one, and for a newest-first
+        page it walks the time index, recomputing each row's tsvector, until it has a page: minutes
+        for a word that a few rows hold. So the matches are first read from the GIN index alone
+        (bitmap scans only), at most TEXT_PROBE_CAP of them: when that is all of them, the page is
+        the newest of those rows (the query returned); when there are more, the word is common,
+        the walk finds a page soon, and None leaves the query to the planner."""
+        c = audit_records.c
+        probe = filters.apply(select(c.created_at, c.id))
+        if before:
+            moment, ident = decode_cursor(before)
+            probe = probe.where(or_(c.created_at < moment, and_(c.created_at == moment, c.id < ident)))
+        async with self.engine.begin() as conn:
+            for setting, value in _BITMAP_ONLY:
+                await conn.execute(text(f"SET LOCAL {setting} = {value}"))
+            hits = (await conn.execute(probe.limit(TEXT_PROBE_CAP + 1))).all()
+        if len(hits) > TEXT_PROBE_CAP:
+            return None
+        newest = sorted(hits, reverse=True)[: max(1, min(limit, 500)) + 1]
+        if not newest:
+            return filters.apply(select(*_LIST_COLUMNS)).where(false())
+        rest = replace(filters, q=None)  # the text is matched: the page query need not recompute it
+        return rest.apply(select(*_LIST_COLUMNS)).where(
+            c.id.in_([h.id for h in newest]), c.created_at.between(newest[-1].created_at, newest[0].created_at)
+        )
 
     async def _keyset(
         self, conn: AsyncConnection, query: Select[Any], before: str | None, limit: int

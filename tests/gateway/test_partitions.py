@@ -24,6 +24,7 @@ import pytest
 from alembic import command
 from sqlalchemy import insert, select, text
 
+from gateway import review_store
 from gateway.audit import AuditWriter
 from gateway.audit_sinks import sink_for
 from gateway.db import ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups, create_engine, review_labels
@@ -257,6 +258,43 @@ async def test_text_search_finds_a_word_in_the_prompt_and_in_the_answer(searchab
         assert "Seq Scan" not in plan, plan
     finally:
         await engine.dispose()
+
+
+@postgres
+@pytest.mark.parametrize("cap", [20_000, 1])
+async def test_word_search_pages_the_same_whether_the_word_is_rare_or_common(
+    pg_empty: str, cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the cap the page comes from the GIN matches; over it (a common word) from the planner's
+    own plan: the same rows, newest first, and the same keyset pages."""
+    monkeypatch.setattr(review_store, "TEXT_PROBE_CAP", cap)
+    url = pg_empty
+    await asyncio.to_thread(upgrade, url)
+    now = datetime.now(UTC)
+    rows = [record(now - timedelta(hours=i), response_text=f"a quokka number {i}") for i in range(5)]
+    rows += [
+        record(now - timedelta(minutes=30 + i), status="blocked", response_text="quokka, blocked") for i in range(2)
+    ]
+    rows.append(record(now, response_text="no marsupial"))
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(insert(audit_records), rows)
+        store, seen, before = ReviewStore(engine), [], None
+        while True:
+            page = await store.page(Filters.parse({"q": "quokka"}), before=before, limit=2)
+            seen += [r["request_id"] for r in page["data"]]
+            before = page["next"]
+            if before is None:
+                break
+        blocked = await store.page(Filters.parse({"q": "quokka", "status": "blocked"}), limit=50)
+        none = await store.page(Filters.parse({"q": "wombat"}), limit=50)
+    finally:
+        await engine.dispose()
+    expected = sorted(rows[:7], key=lambda r: r["created_at"], reverse=True)
+    assert seen == [r["request_id"] for r in expected]
+    assert {r["request_id"] for r in blocked["data"]} == {r["request_id"] for r in rows[5:7]}
+    assert none == {"data": [], "next": None}
 
 
 def test_maintain_on_sqlite_has_nothing_to_do(tmp_path: Path) -> None:
