@@ -212,7 +212,7 @@ class OnnxEmbedder(_ModelEmbedder):
         executor: Executor | None = None,
         cache_dir: Path | None = None,
         batch_size: int = 64,
-        threads: int | None = None,
+        threads: int = 1,
     ) -> OnnxEmbedder:
         """Load the checked ONNX export of `model` (exporting it first if needed: blocking, seconds).
 
