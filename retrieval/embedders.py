@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import logging
 import re
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -119,6 +120,10 @@ class SentenceTransformerEmbedder(_ModelEmbedder):
         # [CLS] and [SEP] take two of the model's positions
         super().__init__(name, int(dimension), int(model.max_seq_length) - 2, executor=executor)
         self.batch_size = batch_size
+        # One encode at a time: the toxicity guard may share this model (gateway.services), and a
+        # transformers tokenizer called from two threads at once can fail ("Already borrowed");
+        # torch already spreads one call over the cores.
+        self._lock = threading.Lock()
         tokenizer_json = Path(model.tokenizer.name_or_path) / "tokenizer.json"
         if tokenizer_json.is_file():
             self.tokenizer: TokenCounter = WordPieceCounter(tokenizer_json, name=f"wordpiece:{name}")
@@ -176,13 +181,14 @@ class SentenceTransformerEmbedder(_ModelEmbedder):
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self._model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 

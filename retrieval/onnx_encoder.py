@@ -368,4 +368,7 @@ def load_encoder(
     _import_onnxruntime()
     layout = read_layout(model_folder)
     onnx_path, check = ensure_export(layout, name, cache_dir or default_cache_dir(), threads)
-    return OnnxEncoder(onnx_path, layout, batch_size=batch_size, threads=threads), check
+    try:
+        return OnnxEncoder(onnx_path, layout, batch_size=batch_size, threads=threads), check
+    except Exception as exc:  # a truncated or foreign file in the cache: say so, PyTorch takes over
+        raise OnnxUnavailable(f"cannot load {onnx_path} (delete its folder to export again): {exc}") from exc

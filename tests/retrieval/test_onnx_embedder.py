@@ -185,6 +185,14 @@ def test_an_export_that_failed_its_check_is_not_used(exported: Path, tmp_path: P
         create_embedder(None, runtime="onnx", cache_dir=tmp_path)
 
 
+def test_a_damaged_export_falls_back_with_the_reason(exported: Path, tmp_path: Path, torch_stub: list[str]) -> None:
+    shutil.copytree(exported, tmp_path / exported.name)
+    (tmp_path / exported.name / "model.onnx").write_bytes(b"not a model")
+    embedder = create_embedder(None, runtime="auto", cache_dir=tmp_path)
+    assert embedder.runtime == "torch"
+    assert embedder.runtime_note is not None and "delete its folder to export again" in embedder.runtime_note
+
+
 def test_models_of_another_shape_are_refused_with_the_reason(tmp_path: Path) -> None:
     for name in ("modules.json", "sentence_bert_config.json", "tokenizer.json"):
         shutil.copy(MODEL_DIR / name, tmp_path / name)
