@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gateway import CHAT, GATEWAY, GUARDS_OFF, ROOT, drive, free_port, run, start_fake, wait_http
+from bench_gateway import CHAT, GATEWAY, GUARDS_OFF, ROOT, cpu_seconds, drive, free_port, run, start_fake, wait_http
 
 CONCURRENCY = 32
 STAGE = "gateway_request_stage_duration_seconds"
@@ -55,6 +55,12 @@ class Gateway:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(120)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the parent and its workers so far (multiprocessing's resource tracker included)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return sum(cpu_seconds(int(p)) for p in [pid, *children])
 
 
 def start_gateway(backend: str, data_dir: Path, workers: int, policy: Path | None) -> tuple[Gateway, str, str]:
@@ -119,7 +125,7 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
     fake, fake_url = start_fake()
     try:
         run(drive(fake_url + endpoint, CHAT, concurrency=4, requests=200, key=None, stream=False))
-        for guards, policy in (("off", GUARDS_OFF), ("default", None)):
+        for guards, policy in [(g, GUARDS_OFF if g == "off" else None) for g in args.guards]:
             for workers in args.workers:
                 data_dir = base / f"{guards}-{workers}"
                 gw, gw_url, key = start_gateway(fake_url, data_dir, workers, policy)
@@ -129,8 +135,10 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
                     n = args.requests
                     direct = run(drive(fake_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=None,
                                        stream=False))  # fmt: skip
+                    cpu_before = gw.cpu_seconds()
                     through = run(drive(gw_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=key,
                                         stream=False))  # fmt: skip
+                    cpu_ms = (gw.cpu_seconds() - cpu_before) / max(through["requests"], 1) * 1000
                     split = run(shares(gw_url + endpoint, key))
                     time.sleep(1.5)  # each worker writes its metrics every second
                     answered = metric(gw_url, "gateway_requests_total")
@@ -149,6 +157,7 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
                     "gateway_p50_ms": round(through["p50_ms"], 1),
                     "gateway_p99_ms": round(through["p99_ms"], 1),
                     "errors": through["errors"],
+                    "gateway_cpu_ms_per_request": round(cpu_ms, 2),  # all its processes together
                     "answered": int(answered),
                     "audit_rows": stored,
                     "spooled": int(spooled),
@@ -165,21 +174,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="requests per measurement")
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (comma-separated)")
+    parser.add_argument("--guards", default="off,default", help="guard settings to compare: off, default")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.guards = args.guards.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         rows = measure(args, Path(tmp))
     print(f"\nplain non-stream requests/s at concurrency {CONCURRENCY}, zero-delay fake, audit log on "
           f"({os.cpu_count()} CPUs)")  # fmt: skip
-    print(f"{'guards':8} {'workers':>7} {'direct':>8} {'gateway':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'errors':>6} {'audited':>13} {'spooled':>7} {'commit ms':>9}  answers per worker")  # fmt: skip
+    columns = ("guards", "workers", "direct", "gateway", "ratio", "p50 ms", "p99 ms", "errors", "cpu ms",
+               "audited", "spooled", "commit ms")  # fmt: skip
+    widths = (8, 7, 8, 8, 6, 7, 7, 6, 6, 11, 7, 9)
+    print(" ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)), " answers per worker")
     for r in rows:
         audited = f"{r['audit_rows']}/{r['answered']}"
-        print(f"{r['guards']:8} {r['workers']:>7} {r['direct_rps']:>8} {r['gateway_rps']:>8} {r['ratio']:>6} "
-              f"{r['gateway_p50_ms']:>7} {r['gateway_p99_ms']:>7} {r['errors']:>6} {audited:>13} {r['spooled']:>7} "
-              f"{r['audit_commit_ms']:>9}"
-              f"  {r['answers_per_worker']}")  # fmt: skip
+        values = (r["guards"], r["workers"], r["direct_rps"], r["gateway_rps"], r["ratio"], r["gateway_p50_ms"],
+                  r["gateway_p99_ms"], r["errors"], r["gateway_cpu_ms_per_request"], audited, r["spooled"],
+                  r["audit_commit_ms"])  # fmt: skip
+        print(" ".join(f"{v!s:>{w}}" for v, w in zip(values, widths, strict=True)), "", r["answers_per_worker"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

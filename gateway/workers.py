@@ -1,4 +1,4 @@
-"""`gateway serve --workers N`: N worker processes serve one listening socket; the parent supervises.
+"""`gateway serve --workers N`: N worker processes serve one port; the parent supervises them.
 
 Why processes: one gateway process tops out at one core (the event loop, guards and JSON work
 all hold the GIL), so on a machine with cores to spare plain traffic leaves capacity unused.
@@ -8,27 +8,33 @@ them goes through the database or Redis, never through shared memory.
 
   parent   parses the settings, migrates the database and bootstraps the admin key once, starts
            the local vLLM once (when no --backend is given: every worker gets its URL as the
-           backend), binds the listening socket once, then spawns the workers and supervises:
+           backend), binds the port once, then spawns the workers and supervises:
            a worker that dies is restarted (one log line); workers that keep dying before they
            were ever ready (a bad setting, a model that does not load) stop the gateway with
            exit 1 instead of a restart loop. SIGTERM/SIGINT are forwarded as SIGTERM (a second
            SIGINT would make uvicorn cut streams); SIGHUP (config reload) is forwarded as is.
            Exit 0 after SIGTERM only when every worker drained, as a single process does.
-  worker   `create_app` + `DrainingServer` on the inherited socket, exactly what the single-process
+  worker   `create_app` + `DrainingServer` on the port, exactly what the single-process
            server runs: its own audit writer (group commit, awaited before a response's last
            byte) with its own spool file (`ReplicaSpool`: named by pid, flock-held; a restarted
            worker takes over the spool of the one that died), its own backend client pool.
 
-The kernel hands each connection to whichever worker accepts it first (one shared socket, as in
-uvicorn's and gunicorn's supervisors). uvicorn's own `Multiprocess` supervisor is not used: it
-needs an import string for the app, reports no drain result, and restarts forever.
+Connections are spread by the kernel: on Linux each worker listens on its own SO_REUSEPORT socket
+of the port (the parent holds one bound but not listening, so the port stays reserved), and the
+kernel hashes each new connection to one of the listening ones. With one shared socket (as in
+uvicorn's and gunicorn's supervisors, and here where SO_REUSEPORT is missing) the first worker to
+wake accepts every pending connection: a pool of 32 keep-alive connections split 348/36 in a
+measurement, leaving the second core mostly idle. A worker's socket listens only once its app has
+started, so a restarted worker takes no connection before it can serve it, and a dead worker's
+socket leaves the group with it. uvicorn's own `Multiprocess` supervisor is not used: it needs an
+import string for the app, reports no drain result, and restarts forever.
 
 What is shared and how:
 - limits: exact only with `--redis` (one Lua script per check, as for replicas). Without Redis
   the counters are per process, N times too lenient; so with limits configured (model limits,
   or any active key with a limit at start-up) and no Redis, the gateway runs ONE worker and says
   why in one log line. A limit given to a key later, while N workers run without Redis, is
-  enforced per worker until the next start (the start-up line says so).
+  enforced per worker until the next start.
 - sessions, keys, config versions, rollups, eval runs: in the database already (sessions are
   cached 5 s per process, as across replicas).
 - metrics: per-request figures are plain dicts in each worker (gateway.metrics explains why not
@@ -79,7 +85,7 @@ class WorkerSpec:
 
     settings: Settings
     index: int
-    sock: socket.socket
+    sock: socket.socket | None  # the shared listening socket; None: bind one with SO_REUSEPORT
     ready: Connection  # the worker sends "ready" once its models are loaded
     metrics_dir: Path | None  # the shared folder of metric snapshots (None: metrics off)
     # Worker 0 of the first start accepts at once and answers /readyz (503, "loading ...") while its
@@ -119,11 +125,30 @@ def _keys_with_limits(settings: Settings) -> bool:
     return bool(asyncio.run(go()))
 
 
+REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """The listening socket every worker accepts on (inheritable, SO_REUSEADDR, a large backlog)."""
+    """The parent's socket. With SO_REUSEPORT: bound, not listening (it reserves the port; each
+    worker binds its own); else the one listening socket every worker accepts on."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096)
-    sock.set_inheritable(True)
+    if not REUSE_PORT:
+        sock = socket.create_server((host, port), family=family, backlog=4096)
+        sock.set_inheritable(True)
+        return sock
+    return _reuse_port_socket(host, port)
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT; uvicorn makes it listen once the worker's app has started."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -159,7 +184,8 @@ class Supervisor:
 
     def _spawn(self, index: int, *, background: bool = False) -> None:
         receive, send = self._ctx.Pipe(duplex=False)
-        spec = WorkerSpec(self.settings, index, self.sock, send, self.metrics_dir, background)
+        shared = None if REUSE_PORT else self.sock
+        spec = WorkerSpec(self.settings, index, shared, send, self.metrics_dir, background)
         process = self._ctx.Process(target=worker_main, args=(spec,), name=f"gateway-worker-{index}", daemon=False)
         process.start()
         send.close()  # the child holds its end; EOF on ours once it is gone
@@ -371,7 +397,8 @@ def worker_main(spec: WorkerSpec) -> None:
     else:
         server.on_started = started  # the lifespan loaded the models before this worker accepted
     try:
-        server.run(sockets=[spec.sock])
+        sock = spec.sock or _reuse_port_socket(settings.host, settings.port)
+        server.run(sockets=[sock])
     finally:
         if share is not None:
             share.write()  # the final figures, after the drain
