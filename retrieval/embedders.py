@@ -317,6 +317,8 @@ class HashingEmbedder(Embedder):
         }
     )
 
+    runtime_note = "a deterministic fake, no model"
+
     def __init__(self, dimension: int = 384, *, max_tokens: int = 512) -> None:
         self.dimension = dimension
         self.name = f"hashing-{dimension}"
