@@ -85,19 +85,27 @@ def start_gateway(backend: str, data_dir: Path, workers: int, policy: Path | Non
 
 
 async def shares(url: str, key: str, requests: int = 400) -> dict[str, int]:
-    """Which worker answers, over CONCURRENCY keep-alive connections (as `drive` opens them)."""
+    """Which worker answers, over CONCURRENCY keep-alive connections (as `drive` opens them); an
+    answer other than 200 is counted as "STATUS: BODY"."""
     counts: Counter[str] = Counter()
     headers = {"authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as session:
 
         async def one() -> None:
             async with session.post(url, json=CHAT, headers=headers) as resp:
-                await resp.read()
+                body = await resp.read()
+                if resp.status != 200:
+                    counts[f"{resp.status}: {body[:120].decode(errors='replace')}"] += 1
+                    return
                 counts[resp.headers.get("x-gateway-worker", "single process").split(".")[0]] += 1
 
         for _ in range(requests // CONCURRENCY):
             await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
     return dict(counts)
+
+
+def _ok(counts: dict[str, int]) -> int:
+    return sum(n for answer, n in counts.items() if ":" not in answer)
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -131,7 +139,7 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
                 gw, gw_url, key = start_gateway(fake_url, data_dir, workers, policy)
                 try:
                     # Warm up every worker (connections, the first SQLite commit, guard models).
-                    run(drive(gw_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=400, key=key, stream=False))
+                    warm = run(shares(gw_url + endpoint, key))
                     n = args.requests
                     direct = run(drive(fake_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=None,
                                        stream=False))  # fmt: skip
@@ -157,6 +165,8 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
                     "gateway_p50_ms": round(through["p50_ms"], 1),
                     "gateway_p99_ms": round(through["p99_ms"], 1),
                     "errors": through["errors"],
+                    "warmup": warm,
+                    "client_ok": through["requests"] + _ok(warm) + _ok(split),
                     "gateway_cpu_ms_per_request": round(cpu_ms, 2),  # all its processes together
                     "answered": int(answered),
                     "audit_rows": stored,
