@@ -12,6 +12,12 @@ First, per-text embedding time of each runtime: one query per call (p50 over 64 
 per text in batches of 8 and 64 (a batch of concurrent queries, an ingest batch).
 
     .venv/bin/python benchmarks/bench_rag.py [--requests 256] [--concurrency 1 8 32] [--runtimes torch onnx]
+    .venv/bin/python benchmarks/bench_rag.py --gateway [--requests 128] [--concurrency 1 8]
+
+--gateway instead measures whole RAG requests through `gateway serve` (a process per runtime, with
+`GATEWAY_EMBEDDING_RUNTIME`, open mode, guards off, the SQLite audit log on) in front of the
+zero-delay fake backend: each request is a chat completion with `rag: {"collection": "sample"}`
+and a question of its own, so every request embeds its query.
 
 The ONNX export is made at its first load into the user cache (retrieval/onnx_encoder.py).
 """
@@ -127,6 +133,92 @@ async def measure(
     return rows
 
 
+async def drive_gateway(url: str, texts: list[str], concurrency: int) -> tuple[float, int]:
+    """RAG chat completions through the gateway, `concurrency` in flight: (requests/s, errors)."""
+    import aiohttp
+
+    pending = iter(texts)
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def worker() -> None:
+            nonlocal errors
+            for text in pending:
+                body = {
+                    "model": "fake-model",
+                    "messages": [{"role": "user", "content": text}],
+                    "rag": {"collection": "sample"},
+                }
+                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                    await resp.read()
+                    errors += resp.status != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(texts) / (time.perf_counter() - started), errors
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    """Until /readyz answers 200: the models load (and the first ONNX start exports) in the background."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2):
+                return
+        except OSError:  # 503 while starting, or not listening yet
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} was not ready in {timeout:.0f} s")
+
+
+def run_gateway(
+    requests: int, concurrency: list[int], data_dir: Path, runtimes: tuple[str, ...] = ("torch", "onnx")
+) -> list[dict[str, Any]]:
+    """Whole RAG requests/s through `gateway serve`, one process per runtime, one data dir (the
+    sample collection is ingested by the first, the ONNX export made by the first ONNX start)."""
+    from benchmarks.bench_gateway import GATEWAY, GUARDS_OFF, Proc, free_port, start_fake
+
+    fake, fake_url = start_fake()
+    rows = []
+    try:
+        for runtime in runtimes:
+            env = {
+                "GATEWAY_DATA_DIR": str(data_dir),
+                "GATEWAY_LOG_LEVEL": "warning",
+                "GATEWAY_OPEN": "true",
+                "GATEWAY_EMBEDDING_RUNTIME": runtime,
+            }
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            args = [*GATEWAY, "serve", "--backend", fake_url, "--port", str(port), "--policy", str(GUARDS_OFF)]
+            started = time.perf_counter()
+            gateway = Proc(args, f"{url}/healthz", env)
+            wait_ready(url)
+            start_s = time.perf_counter() - started
+            try:
+                for c in concurrency:
+                    texts = [f"{q} (run {runtime} {c})" for q in queries(requests, distinct=True)]
+                    asyncio.run(drive_gateway(url, texts[:4], 1))  # warm-up
+                    rps, errors = asyncio.run(drive_gateway(url, texts, c))
+                    rows.append(
+                        {
+                            "scenario": "gateway",
+                            "runtime": runtime,
+                            "concurrency": c,
+                            "rps": rps,
+                            "errors": errors,
+                            "start_s": round(start_s, 1),
+                        }
+                    )
+            finally:
+                gateway.stop()
+    finally:
+        fake.stop()
+    return rows
+
+
 def run_all(
     requests: int, concurrency: list[int], data_dir: Path, runtimes: tuple[str, ...] = ("torch", "onnx")
 ) -> list[dict[str, Any]]:
@@ -137,6 +229,14 @@ def run_all(
 
 
 def report(rows: list[dict[str, Any]]) -> None:
+    gateways = [r for r in rows if r.get("scenario") == "gateway"]
+    if gateways:
+        print("\n## Whole RAG requests through the gateway (guards off, zero-delay fake backend): requests/s")
+        print("| runtime | concurrency | requests/s | errors | start-up to ready (s) |")
+        print("|---|---|---|---|---|")
+        for r in gateways:
+            print(f"| {r['runtime']} | {r['concurrency']} | {r['rps']:.1f} | {r['errors']} | {r['start_s']:.1f} |")
+        return
     embeds = [r for r in rows if r.get("scenario") == "embed"]
     searches = [r for r in rows if r.get("scenario", "search") == "search"]
     if embeds:
@@ -164,10 +264,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--gateway", action="store_true", help="whole RAG requests through `gateway serve` instead")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-rag-"))
     try:
-        rows = run_all(args.requests, args.concurrency, data_dir, tuple(args.runtimes))
+        run = run_gateway if args.gateway else run_all
+        rows = run(args.requests, args.concurrency, data_dir, tuple(args.runtimes))
         report(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
