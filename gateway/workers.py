@@ -368,6 +368,7 @@ def worker_main(spec: WorkerSpec) -> None:
 
     signal.signal(signal.SIGTERM, exit_on_signal)
     signal.signal(signal.SIGINT, exit_on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded before the rollout listens must not kill
     app = create_app(settings, start_in_background=spec.background)
     services = app.state.services
     share = None

@@ -119,6 +119,29 @@ def test_two_workers_share_the_port_audit_every_answer_sum_their_metrics_and_dra
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_parent_lets_a_worker_finish_its_stream_and_exits_0(start: object) -> None:
+    import json
+
+    from tests.gateway.test_serve_lifecycle import refused
+
+    gateway: Gateway = start("--workers", "2")  # type: ignore[operator]
+    body = {**CHAT, "stream": True, "fake": {"answer": "one two three four", "trickle_ms": 4, "trickle_after": 1}}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as answer:
+        assert answer.status_code == 200
+        chunks = answer.iter_bytes()
+        received = next(chunks)
+        gateway.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: refused(gateway.url), 30, "the workers still accept connections after SIGTERM")
+        received += b"".join(chunks)
+    events = [line[6:] for line in received.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"  # the whole stream, not a cut one
+    assert gateway.process.wait(60) == 0, gateway.text()[-3000:]
+    request_id = json.loads(events[-2])["gateway"]["request_id"]
+    (stored,) = audit_rows(gateway.settings, request_id=request_id)
+    assert stored["status"] == "ok" and stored["stream"]
+
+
+@pytest.mark.slow
 def test_a_sigkilled_worker_loses_no_delivered_answers_audit_row_and_comes_back(start: object) -> None:
     gateway: Gateway = start("--workers", "2")  # type: ignore[operator]
     before = worker_pids(gateway)
