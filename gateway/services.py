@@ -30,7 +30,15 @@ from gateway.rollup import RollupTask
 from gateway.sessions import Sessions
 from gateway.settings import Settings
 from gateway.tracing import RequestTracer
-from guardrails import Guardrails, ToxicityScorer, build_scorer, default_policy, load_policy, make_executor
+from guardrails import (
+    Guardrails,
+    Policy,
+    ToxicityScorer,
+    build_scorer,
+    default_policy,
+    load_policy,
+    make_executor,
+)
 from retrieval import (
     CollectionStore,
     Embedder,
@@ -156,9 +164,7 @@ class Services:
             # The embedder loads before the guards: the trained toxicity scorer shares its MiniLM.
             await self._load_embedder()
         # Models load off the loop; the judge serves groundedness modes "llm" and "hybrid".
-        self.rails = await Guardrails.load(
-            self.policy, self.executor, judge=self._judge, toxicity_scorer=await self._shared_toxicity_scorer()
-        )
+        self.rails = await self.load_guardrails(self.policy)
         described = self.rails.describe()
         enabled = [name for name, g in described["guards"].items() if g["enabled"]]
         scorer = described["toxicity_scorer"] or {}
@@ -230,14 +236,19 @@ class Services:
             time.perf_counter() - started,
         )
 
-    async def _shared_toxicity_scorer(self) -> ToxicityScorer | None:
+    async def load_guardrails(self, policy: Policy) -> Guardrails:
+        """Guardrails for `policy`, models loaded off the loop (at start-up and for a new policy)."""
+        scorer = await self._shared_toxicity_scorer(policy)
+        return await Guardrails.load(policy, self.executor, judge=self._judge, toxicity_scorer=scorer)
+
+    async def _shared_toxicity_scorer(self, policy: Policy) -> ToxicityScorer | None:
         """The policy's toxicity scorer over the embedder's model when that is the bundled MiniLM, so
         the model is loaded once for both; None when there is nothing to share (Guardrails.load builds it)."""
         embed = bundled_minilm_encoder(self.embedder)
-        if embed is None or not self.policy.uses_toxicity():
+        if embed is None or not policy.uses_toxicity():
             return None
         loop = asyncio.get_running_loop()
-        scorer = await loop.run_in_executor(self.executor, functools.partial(build_scorer, self.policy.toxicity, embed))
+        scorer = await loop.run_in_executor(self.executor, functools.partial(build_scorer, policy.toxicity, embed))
         if self.embedder is not None and scorer.describe().get("scorer") == "trained":
             log.info(
                 "guardrails: the trained toxicity scorer shares the embedder's %s on %s (the model is loaded once)",

@@ -282,6 +282,8 @@ async def test_the_gateway_loads_the_minilm_once_for_retrieval_and_the_toxicity_
         scorer: Any = services.rails.resources.toxicity_scorer
         assert scorer.describe()["scorer"] == "trained"
         assert scorer._embed == services.embedder.embed_sync  # the retrieval embedder's model, not a second one
+        reloaded: Any = (await services.load_guardrails(services.policy)).resources.toxicity_scorer
+        assert reloaded._embed == services.embedder.embed_sync  # a new policy's guards share it too
         _, details = await services.readiness()
         assert details["retrieval"]["embedding_runtime"]["runtime"] == "onnx"
         assert "min cosine" in details["retrieval"]["embedding_runtime"]["note"]
