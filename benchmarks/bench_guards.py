@@ -1,9 +1,13 @@
-"""Cost of each guard per check (p50/p99), and of the keyword filter at 10, 1,000 and 100,000 terms.
+"""Cost of each guard per check (p50/p99), of the trained toxicity scorer per text (single and
+batched), and of the keyword filter at 10, 1,000 and 100,000 terms.
 
-    .venv/bin/python benchmarks/bench_guards.py [--n 200]
+    .venv/bin/python benchmarks/bench_guards.py [--n 200] [--no-trained]
 
-Uses the default policy with the alt-profanity-check scorer (the offline default). Single
-checks, one at a time, on a quiet loop: this is per-check latency, not throughput.
+The guard table uses the alt-profanity-check scorer (the fallback) and, unless --no-trained, the
+trained scorer (the default without a Detoxify checkpoint). Single checks, one at a time, on a
+quiet loop: this is per-check latency, not throughput. The trained scorer's per-text cost is
+measured on the bundled benign chat set's sentences: one text per call (p50/p99) and 32 per call
+(total time / texts).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import string
 import time
 
 from guardrails.base import GuardContext, GuardResources, GuardSettings, Passage, make_executor
+from guardrails.errors import ScorerUnavailable
 from guardrails.groundedness import GroundednessGuard
 from guardrails.injection import InjectionGuard
 from guardrails.keywords import KeywordGuard, KeywordMatcher, parse_terms
-from guardrails.toxicity import ProfanityCheckScorer, ToxicityGuard
+from guardrails.toxicity import ProfanityCheckScorer, ToxicityGuard, ToxicityScorer
+from guardrails.trained_toxicity import TrainedToxicityScorer
 
 MESSAGE = (
     "Hello there, I would like to know how the quarterly revenue figures compare with last year, "
@@ -73,7 +79,52 @@ async def backend_times(url: str, model: str, requests: int) -> list[float]:
         await backend.aclose()
 
 
-async def main(n: int, backend: str | None = None, model: str = "smollm2-135m-instruct") -> None:
+def sample_sentences(n: int) -> list[str]:
+    """Sentences of the bundled benign chat set (prompts and answers), as the guard scores them."""
+    from evals.guards import BENIGN_CHAT, read_benign
+    from guardrails.sentences import split_sentences
+
+    out = []
+    for item in read_benign(BENIGN_CHAT):
+        for text in (item["prompt"], item["answer"]):
+            out += [text[s:e] for s, e in split_sentences(text)]
+    return out[:n]
+
+
+def bench_trained_scorer(n: int) -> tuple[ToxicityScorer, str] | None:
+    """Print the trained scorer's ms per text, single and batched; return it for the guard table."""
+    try:
+        scorer: ToxicityScorer = TrainedToxicityScorer()
+    except ScorerUnavailable as exc:
+        print(f"trained toxicity scorer not measured: {exc}")
+        return None
+    texts = sample_sentences(max(n, 64))
+    scorer.score_batch(texts[:8])  # warm-up
+    single = []
+    for text in texts[:n]:
+        t0 = time.perf_counter()
+        scorer.score_batch([text])
+        single.append((time.perf_counter() - t0) * 1000)
+    t0 = time.perf_counter()
+    for start in range(0, len(texts), 32):
+        scorer.score_batch(texts[start : start + 32])
+    batched = (time.perf_counter() - t0) * 1000 / len(texts)
+    words = sum(len(t.split()) for t in texts) / len(texts)
+    print(f"trained toxicity scorer ({len(texts)} benign-chat sentences, {words:.0f} words on average, "
+          f"torch threads {torch_threads()}):")  # fmt: skip
+    print(f"  single text per call   p50 {pct(single, 50):7.2f} ms   p99 {pct(single, 99):7.2f} ms")
+    print(f"  32 texts per call      {batched:7.2f} ms per text")
+    print()
+    return scorer, "toxicity (trained)"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+async def main(n: int, backend: str | None = None, model: str = "smollm2-135m-instruct", trained: bool = True) -> None:
     executor = make_executor(2)
     scorer = ProfanityCheckScorer()
     resources = GuardResources(executor=executor, toxicity_scorer=scorer)
@@ -93,6 +144,10 @@ async def main(n: int, backend: str | None = None, model: str = "smollm2-135m-in
             GuardContext("output", ANSWER, passages=PASSAGES, prompt="How tall is the Eiffel Tower?"),
         ),
     ]
+    found = bench_trained_scorer(n) if trained else None
+    if found is not None:
+        trained_resources = GuardResources(executor=executor, toxicity_scorer=found[0])
+        guards.insert(3, (found[1], ToxicityGuard(GuardSettings(), trained_resources), GuardContext("output", ANSWER)))
     print(
         f"{'guard':<34} {'p50 ms':>8} {'p99 ms':>8}   (n={n}, {len(MESSAGE)}-char message, {len(ANSWER)}-char answer)"
     )
@@ -127,5 +182,6 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=300, help="checks per measurement")
     parser.add_argument("--backend", default=None, help="a vLLM URL, to show its time per answer for scale")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the backend model")
+    parser.add_argument("--no-trained", action="store_true", help="leave out the trained toxicity scorer")
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.backend, args.model))
+    asyncio.run(main(args.n, args.backend, args.model, not args.no_trained))

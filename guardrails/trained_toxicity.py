@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -181,6 +182,50 @@ def short_text_score(head: float, profanity: float) -> float:
     return max(profanity, rescaled)
 
 
+#: A quotation: double or curly quotes, or single quotes that are not apostrophes (no letter
+#: outside them), of three characters or more.
+QUOTATION = re.compile(r'"[^"]{3,}?"|\u201c[^\u201d]{3,}?\u201d|(?<!\w)\'.{3,}?\'(?!\w)')
+QUOTE_PLACEHOLDER = "something"
+
+
+def unquoted(text: str) -> str | None:
+    """`text` with its quotations replaced by a neutral word, when it has any and at least
+    SHORT_WORDS words are left around them; else None (nothing quoted, or the quotation is the
+    message itself, as in an answer that only says '"You are worthless."')."""
+    out = QUOTATION.sub(QUOTE_PLACEHOLDER, text)
+    if out == text or len(out.split()) < SHORT_WORDS:
+        return None
+    return out
+
+
+Scores = Callable[[Sequence[str]], np.ndarray]
+
+
+def score_texts(texts: Sequence[str], head_scores: Scores, short_profanity: Scores | None) -> list[float]:
+    """The trained scorer's scores: the head's, then two rules for text the head reads badly.
+
+    - Quoted or reported speech ("the witness said 'I will kill you'", a villain's line in a
+      story) scores the lower of the text and the text with its quotations replaced by a neutral
+      word: the frame decides, not the words quoted in it. A threat or insult that merely
+      contains a quotation still scores high, since its frame is toxic too.
+    - Texts of fewer than SHORT_WORDS words take `short_text_score`.
+    """
+    if not texts:
+        return []
+    out = [float(v) for v in head_scores(texts)]
+    quoted = [(i, u) for i, u in ((i, unquoted(t)) for i, t in enumerate(texts)) if u is not None]
+    if quoted:
+        framed = head_scores([u for _, u in quoted])
+        for (i, _), v in zip(quoted, framed, strict=True):
+            out[i] = min(out[i], float(v))
+    short = [i for i, text in enumerate(texts) if len(text.split()) < SHORT_WORDS]
+    if short:
+        profane = short_profanity([texts[i] for i in short]) if short_profanity is not None else np.zeros(len(short))
+        for i, p in zip(short, profane, strict=True):
+            out[i] = short_text_score(out[i], float(p))
+    return out
+
+
 class TrainedToxicityScorer(ToxicityScorer):
     """The shipped (or a retrained) head over MiniLM embeddings: one category, `toxicity`."""
 
@@ -209,19 +254,15 @@ class TrainedToxicityScorer(ToxicityScorer):
     def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
         if not texts:
             return []
-        scores = self.head.score(build_features(texts, self._embed, self._profanity))
-        out = [float(s) for s in scores]
-        short = [i for i, text in enumerate(texts) if len(text.split()) < SHORT_WORDS]
-        if short:
-            profane = self._short_text_profanity([texts[i] for i in short])
-            for i, p in zip(short, profane, strict=True):
-                out[i] = short_text_score(out[i], p)
-        return [{"toxicity": s} for s in out]
+        return [{"toxicity": s} for s in score_texts(texts, self._head_scores, self._short_text_profanity)]
 
-    def _short_text_profanity(self, texts: Sequence[str]) -> list[float]:
+    def _head_scores(self, texts: Sequence[str]) -> np.ndarray:
+        return self.head.score(build_features(texts, self._embed, self._profanity))
+
+    def _short_text_profanity(self, texts: Sequence[str]) -> np.ndarray:
         if self._short_profanity is None:
-            return [0.0] * len(texts)
-        return [s["toxicity"] for s in self._short_profanity.score_batch(texts)]
+            return np.zeros(len(texts))
+        return np.array([s["toxicity"] for s in self._short_profanity.score_batch(texts)])
 
     def describe(self) -> dict[str, Any]:
         meta = self.head.meta
