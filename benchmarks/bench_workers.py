@@ -143,10 +143,14 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
                     n = args.requests
                     direct = run(drive(fake_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=None,
                                        stream=False))  # fmt: skip
-                    cpu_before = gw.cpu_seconds()
+                    cpu_before, fake_before = gw.cpu_seconds(), cpu_seconds(fake.pid)
+                    client_before = time.process_time()
                     through = run(drive(gw_url + endpoint, CHAT, concurrency=CONCURRENCY, requests=n, key=key,
                                         stream=False))  # fmt: skip
-                    cpu_ms = (gw.cpu_seconds() - cpu_before) / max(through["requests"], 1) * 1000
+                    per_request = 1000 / max(through["requests"], 1)
+                    cpu_ms = (gw.cpu_seconds() - cpu_before) * per_request
+                    client_ms = (time.process_time() - client_before) * per_request
+                    fake_ms = (cpu_seconds(fake.pid) - fake_before) * per_request
                     split = run(shares(gw_url + endpoint, key))
                     time.sleep(1.5)  # each worker writes its metrics every second
                     answered = metric(gw_url, "gateway_requests_total")
@@ -168,6 +172,10 @@ def measure(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
                     "warmup": warm,
                     "client_ok": through["requests"] + _ok(warm) + _ok(split),
                     "gateway_cpu_ms_per_request": round(cpu_ms, 2),  # all its processes together
+                    # The machine's share: CPU seconds per second of the gateway, the load generator and the backend.
+                    "cores_busy": round((cpu_ms + client_ms + fake_ms) / 1000 * through["rps"], 2),
+                    "client_cpu_ms_per_request": round(client_ms, 2),
+                    "backend_cpu_ms_per_request": round(fake_ms, 2),
                     "answered": int(answered),
                     "audit_rows": stored,
                     "spooled": int(spooled),

@@ -24,10 +24,15 @@ of the port (the parent holds one bound but not listening, so the port stays res
 kernel hashes each new connection to one of the listening ones. With one shared socket (as in
 uvicorn's and gunicorn's supervisors, and here where SO_REUSEPORT is missing) the first worker to
 wake accepts every pending connection: a pool of 32 keep-alive connections split 348/36 in a
-measurement, leaving the second core mostly idle. A worker's socket listens only once its app has
-started, so a restarted worker takes no connection before it can serve it, and a dead worker's
-socket leaves the group with it. uvicorn's own `Multiprocess` supervisor is not used: it needs an
-import string for the app, reports no drain result, and restarts forever.
+measurement, leaving the second core mostly idle (168/216 with SO_REUSEPORT).
+
+A worker loads its models in the app's lifespan, before its socket listens: it takes no
+connection it would answer 503 "starting", and a dead worker's socket leaves the group with it.
+Unlike one process, the port so answers nothing (connections are refused) until the first worker
+has loaded, a few seconds. (Letting worker 0 answer while it loads, as one process does, was
+tried: worker 1 loaded first, /readyz said 200 from it, and 14 of 384 requests then got 503 from
+worker 0.) uvicorn's own `Multiprocess` supervisor is not used: it needs an import string for the
+app, reports no drain result, and restarts forever.
 
 What is shared and how:
 - limits: exact only with `--redis` (one Lua script per check, as for replicas). Without Redis
@@ -88,10 +93,6 @@ class WorkerSpec:
     sock: socket.socket | None  # the shared listening socket; None: bind one with SO_REUSEPORT
     ready: Connection  # the worker sends "ready" once its models are loaded
     metrics_dir: Path | None  # the shared folder of metric snapshots (None: metrics off)
-    # Worker 0 of the first start accepts at once and answers /readyz (503, "loading ...") while its
-    # models load, as one process does; every other worker, and every replacement, accepts nothing
-    # until it has loaded: once /readyz says 200, no worker answers 503 "starting".
-    background: bool = False
 
 
 def limits_need_one_worker(settings: Settings) -> str | None:
@@ -180,12 +181,12 @@ class Supervisor:
 
     def start(self) -> None:
         for index in range(self.settings.workers):
-            self._spawn(index, background=index == 0)
+            self._spawn(index)
 
-    def _spawn(self, index: int, *, background: bool = False) -> None:
+    def _spawn(self, index: int) -> None:
         receive, send = self._ctx.Pipe(duplex=False)
         shared = None if REUSE_PORT else self.sock
-        spec = WorkerSpec(self.settings, index, shared, send, self.metrics_dir, background)
+        spec = WorkerSpec(self.settings, index, shared, send, self.metrics_dir)
         process = self._ctx.Process(target=worker_main, args=(spec,), name=f"gateway-worker-{index}", daemon=False)
         process.start()
         send.close()  # the child holds its end; EOF on ours once it is gone
@@ -351,7 +352,7 @@ def serve_workers(settings: Settings) -> int:
 
 
 def worker_main(spec: WorkerSpec) -> None:
-    """One worker process: the app and its server on the inherited socket. Exit 0 after a complete drain."""
+    """One worker process: the app and its server on the port. Exit 0 after a complete drain."""
     from gateway.app import create_app
     from gateway.httpserver import DrainingServer, server_config
     from gateway.logs import configure_logging
@@ -360,16 +361,15 @@ def worker_main(spec: WorkerSpec) -> None:
     configure_logging(settings.log_level, settings.log_format)
     _die_with_parent(settings.shutdown_grace + _STOP_MARGIN_S)
     server: DrainingServer | None = None
-    failed = False
 
     def exit_on_signal(signum: int, _frame: object) -> None:
         # uvicorn raises the signal again once it has drained: land here instead of a signal death.
-        raise SystemExit(0 if server is not None and server.drained and not failed else 1)
+        raise SystemExit(0 if server is not None and server.drained else 1)
 
     signal.signal(signal.SIGTERM, exit_on_signal)
     signal.signal(signal.SIGINT, exit_on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded before the rollout listens must not kill
-    app = create_app(settings, start_in_background=spec.background)
+    app = create_app(settings)  # the lifespan loads the models before the socket listens
     services = app.state.services
     share = None
     if spec.metrics_dir is not None:
@@ -383,27 +383,18 @@ def worker_main(spec: WorkerSpec) -> None:
         with contextlib.suppress(OSError):
             spec.ready.send("ready")
 
-    def start_failed() -> None:
-        nonlocal failed
-        failed = True
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    services.on_start_failed = start_failed
     config = server_config(app, settings)
     # Which process answered, on every response (uvicorn adds it: no per-request work of ours).
     config.headers = [(WORKER_HEADER, f"{spec.index}.{os.getpid()}")]
     server = DrainingServer(config)
-    if spec.background:
-        services.on_started = started  # the models are loaded (the port answered before)
-    else:
-        server.on_started = started  # the lifespan loaded the models before this worker accepted
+    server.on_started = started  # after the lifespan (models loaded), once the socket listens
     try:
         sock = spec.sock or _reuse_port_socket(settings.host, settings.port)
         server.run(sockets=[sock])
     finally:
         if share is not None:
             share.write()  # the final figures, after the drain
-    if failed or not server.started:
+    if not server.started:  # the start-up failed (uvicorn logged why)
         sys.exit(1)
     sys.exit(0 if server.drained else 1)
 
