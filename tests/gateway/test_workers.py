@@ -323,3 +323,42 @@ async def test_a_sqlite_write_lock_held_by_another_worker_is_waited_for_not_spoo
         await writer.stop()
         await engine.dispose()
     assert await count(url) == 25  # the spool was replayed
+
+
+@pytest.mark.slow
+def test_sighup_to_the_parent_reloads_the_settings_file_in_every_worker(
+    tmp_path: Path, fake_backend: FakeBackendThread
+) -> None:
+    from tests.gateway.test_rollout_sighup import deployments
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(deployments(fake_backend.url, 100, 0), encoding="utf-8")
+    port = free_port()
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--open", "--port", str(port), "--config", str(config)]
+    command += ["--policy", str(GUARDS_OFF)]
+    log = tmp_path / "serve.log"
+    env = gateway_env(tmp_path, workers="2", config_poll="30")  # the poll alone would take up to 30 s
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    gateway = Gateway(process, f"http://127.0.0.1:{port}", log, Settings(data_dir=tmp_path))
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+    def deployment_by_worker() -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        for _ in range(24):
+            answer = gateway.post(chat)
+            seen.setdefault(answer.headers[WORKER_HEADER], set()).add(answer.headers["x-gateway-deployment"])
+        return seen
+
+    try:
+        wait_until(lambda: ready(gateway.url) and len(worker_pids(gateway)) == 2, 120, "the gateway did not start")
+        wait_until(lambda: len(deployment_by_worker()) == 2, 60, "one worker answers everything")
+        config.write_text(deployments(fake_backend.url, 0, 100), encoding="utf-8")
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: set().union(*deployment_by_worker().values()) == {"green"}, 10, "a worker still on blue")
+        assert len(deployment_by_worker()) == 2 and process.poll() is None
+        assert gateway.stop() == 0, gateway.text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
