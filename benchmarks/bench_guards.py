@@ -24,7 +24,7 @@ from guardrails.groundedness import GroundednessGuard
 from guardrails.injection import InjectionGuard
 from guardrails.keywords import KeywordGuard, KeywordMatcher, parse_terms
 from guardrails.toxicity import ProfanityCheckScorer, ToxicityGuard, ToxicityScorer
-from guardrails.trained_toxicity import TrainedToxicityScorer
+from guardrails.trained_toxicity import TrainedToxicityScorer, load_encoder
 
 MESSAGE = (
     "Hello there, I would like to know how the quarterly revenue figures compare with last year, "
@@ -91,10 +91,11 @@ def sample_sentences(n: int) -> list[str]:
     return out[:n]
 
 
-def bench_trained_scorer(n: int) -> tuple[ToxicityScorer, str] | None:
+def bench_trained_scorer(n: int, threads: int | None) -> tuple[ToxicityScorer, str] | None:
     """Print the trained scorer's ms per text, single and batched; return it for the guard table."""
     try:
-        scorer: ToxicityScorer = TrainedToxicityScorer()
+        embed = load_encoder(torch_threads=threads)
+        scorer: ToxicityScorer = TrainedToxicityScorer(embed=embed)
     except ScorerUnavailable as exc:
         print(f"trained toxicity scorer not measured: {exc}")
         return None
@@ -124,7 +125,13 @@ def torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-async def main(n: int, backend: str | None = None, model: str = "smollm2-135m-instruct", trained: bool = True) -> None:
+async def main(
+    n: int,
+    backend: str | None = None,
+    model: str = "smollm2-135m-instruct",
+    trained: bool = True,
+    threads: int | None = None,
+) -> None:
     executor = make_executor(2)
     scorer = ProfanityCheckScorer()
     resources = GuardResources(executor=executor, toxicity_scorer=scorer)
@@ -144,7 +151,7 @@ async def main(n: int, backend: str | None = None, model: str = "smollm2-135m-in
             GuardContext("output", ANSWER, passages=PASSAGES, prompt="How tall is the Eiffel Tower?"),
         ),
     ]
-    found = bench_trained_scorer(n) if trained else None
+    found = bench_trained_scorer(n, threads) if trained else None
     if found is not None:
         trained_resources = GuardResources(executor=executor, toxicity_scorer=found[0])
         guards.insert(3, (found[1], ToxicityGuard(GuardSettings(), trained_resources), GuardContext("output", ANSWER)))
@@ -183,5 +190,8 @@ if __name__ == "__main__":
     parser.add_argument("--backend", default=None, help="a vLLM URL, to show its time per answer for scale")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the backend model")
     parser.add_argument("--no-trained", action="store_true", help="leave out the trained toxicity scorer")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch threads for the encoder (default: torch's own)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.backend, args.model, not args.no_trained))
+    asyncio.run(main(args.n, args.backend, args.model, not args.no_trained, args.torch_threads))
