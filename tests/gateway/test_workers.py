@@ -24,7 +24,7 @@ from gateway.workers import WORKER_HEADER
 from serving.fake import FakeBackendThread
 from tests.gateway.test_limits import REDIS_URL, _drop_prefix, needs_redis
 from tests.gateway.test_serve_lifecycle import GUARDS_OFF, ROOT, free_port, gateway_env, ready, wait_until
-from tests.helpers import audit_rows
+from tests.helpers import PG_ADMIN, audit_rows, throwaway_postgres
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hello workers"}]}
 
@@ -65,7 +65,8 @@ def start(tmp_path: Path, fake_backend: FakeBackendThread) -> Iterator[object]:
         with log.open("wb") as out:
             env = gateway_env(tmp_path, log_level="info", **settings)
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        gateway = Gateway(process, f"http://127.0.0.1:{port}", log, Settings(data_dir=tmp_path))
+        database = settings.get("database")
+        gateway = Gateway(process, f"http://127.0.0.1:{port}", log, Settings(data_dir=tmp_path, database=database))
         started.append(gateway)
 
         def up() -> bool:
@@ -141,9 +142,21 @@ def test_sigterm_to_the_parent_lets_a_worker_finish_its_stream_and_exits_0(start
     assert stored["status"] == "ok" and stored["stream"]
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The audit database the workers share: SQLite in DATA_DIR, or a throw-away PostgreSQL one."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    with throwaway_postgres("gw_workers") as name:
+        yield {"database": f"{PG_ADMIN}/{name}"}
+
+
 @pytest.mark.slow
-def test_a_sigkilled_worker_loses_no_delivered_answers_audit_row_and_comes_back(start: object) -> None:
-    gateway: Gateway = start("--workers", "2")  # type: ignore[operator]
+def test_a_sigkilled_worker_loses_no_delivered_answers_audit_row_and_comes_back(
+    start: object, database: dict[str, str]
+) -> None:
+    gateway: Gateway = start("--workers", "2", **database)  # type: ignore[operator]
     before = worker_pids(gateway)
     delivered: list[str] = []
     failed: list[str] = []
