@@ -23,7 +23,8 @@ check of a request id; and retention: dropping the oldest month (partitioned: `D
 against `db prune` deleting row by row (plain: a few days' worth, timed, as a rate). Prints
 p50/p99 in ms (with --repeat 20, p99 is about the slowest run).
 
-    .venv/bin/python benchmarks/bench_review_scale.py --rows 1000000 [--layouts partitioned,plain]
+    .venv/bin/python benchmarks/bench_review_scale.py --rows 500000 [--layouts partitioned,plain] [--keep]
+    .venv/bin/python benchmarks/bench_review_scale.py --reuse --layouts partitioned  # queries again
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ async def timed(repeat: int, call: Callable[[], Awaitable[Any]]) -> tuple[float,
 async def queries(engine: AsyncEngine, rows: int, now: datetime, repeat: int) -> list[tuple[str, float, float, str]]:
     store, feedback = ReviewStore(engine), FeedbackStore(engine)
     rng = random.Random(3)
-    ids = [f"{hash_of(rng.randint(1, rows))}" for _ in range(repeat)]
+    ids = [hash_of(rng.randint(rows // 10, rows)) for _ in range(repeat)]  # not in the month a run drops
     deep = f"{(now - timedelta(days=182)).isoformat()}|{2**62}"
     reviewer = KeyInfo(id="key_r", name="bench", role="reviewer")
     picks = iter(ids * 3)
@@ -221,8 +222,16 @@ async def retention(engine: AsyncEngine, layout: str, rows: int, start: datetime
 async def run_layout(args: argparse.Namespace, layout: str) -> None:
     name = f"bench_scale_{layout}"
     url = f"{args.pg}/{name}"
-    await admin(args.pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
     now = datetime.now(UTC)
+    if args.reuse:  # the queries again, on a database an earlier run kept
+        engine = create_engine(url)
+        try:
+            print(f"\n== {layout}: the kept database {name}", flush=True)
+            await queries(engine, args.rows, now, args.repeat)
+        finally:
+            await engine.dispose()
+        return
+    await admin(args.pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
     start = month_start(now, -12)
     print(f"\n== {layout}: {args.rows:,} records from {start:%Y-%m-%d} to {now:%Y-%m-%d}", flush=True)
     await asyncio.to_thread(upgrade, url, "head" if layout == "partitioned" else "0009")
@@ -264,6 +273,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=20, help="runs of each query (p50/p99 over them)")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", help="server URL, no database")
     parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
+    parser.add_argument("--reuse", action="store_true", help="only the queries, on databases kept by --keep")
     args = parser.parse_args(argv)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not layouts or any(x not in ("partitioned", "plain") for x in layouts):
