@@ -25,6 +25,7 @@ p50/p99 in ms (with --repeat 20, p99 is about the slowest run).
 
     .venv/bin/python benchmarks/bench_review_scale.py --rows 500000 [--layouts partitioned,plain] [--keep]
     .venv/bin/python benchmarks/bench_review_scale.py --reuse --layouts partitioned  # queries again
+    .venv/bin/python benchmarks/bench_review_scale.py --layouts upgrade --rows 500000  # the migration
 """
 
 from __future__ import annotations
@@ -219,6 +220,28 @@ async def retention(engine: AsyncEngine, layout: str, rows: int, start: datetime
     )
 
 
+async def time_upgrade(args: argparse.Namespace, name: str, url: str, now: datetime) -> None:
+    """Migration 0010 on a filled table of the schema before it: attach, keys and text index."""
+    start = month_start(now, -12)
+    print(f"\n== upgrade: {args.rows:,} records at revision 0009, then migration 0010", flush=True)
+    await asyncio.to_thread(upgrade, url, "0009")
+    engine = create_engine(url)
+    try:
+        seconds = await fill(engine, args.rows, start, now)
+        print(f"  fill: {seconds:.1f} s", flush=True)
+        began = time.perf_counter()
+        await asyncio.to_thread(upgrade, url)
+        print(f"  migration 0010 (attach, (id, created_at) and (request_id, created_at) keys, GIN index): "
+              f"{time.perf_counter() - began:.1f} s", flush=True)  # fmt: skip
+        async with engine.connect() as conn:
+            count = (await conn.execute(text("SELECT count(*) FROM audit_records_legacy"))).scalar()
+        print(f"  rows in the attached legacy partition: {count:,}", flush=True)
+    finally:
+        await engine.dispose()
+        if not args.keep:
+            await admin(args.pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 async def run_layout(args: argparse.Namespace, layout: str) -> None:
     name = f"bench_scale_{layout}"
     url = f"{args.pg}/{name}"
@@ -232,6 +255,9 @@ async def run_layout(args: argparse.Namespace, layout: str) -> None:
             await engine.dispose()
         return
     await admin(args.pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
+    if layout == "upgrade":
+        await time_upgrade(args, name, url, now)
+        return
     start = month_start(now, -12)
     print(f"\n== {layout}: {args.rows:,} records from {start:%Y-%m-%d} to {now:%Y-%m-%d}", flush=True)
     await asyncio.to_thread(upgrade, url, "head" if layout == "partitioned" else "0009")
@@ -269,15 +295,16 @@ async def run_layout(args: argparse.Namespace, layout: str) -> None:
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--layouts", default="partitioned,plain", help="partitioned, plain, or both (comma-separated)")
+    parser.add_argument("--layouts", default="partitioned,plain",
+                        help="partitioned, plain, upgrade (time migration 0010 on a filled table)")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=20, help="runs of each query (p50/p99 over them)")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", help="server URL, no database")
     parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
     parser.add_argument("--reuse", action="store_true", help="only the queries, on databases kept by --keep")
     args = parser.parse_args(argv)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    if not layouts or any(x not in ("partitioned", "plain") for x in layouts):
-        parser.error("--layouts: partitioned, plain, or both")
+    if not layouts or any(x not in ("partitioned", "plain", "upgrade") for x in layouts):
+        parser.error("--layouts: partitioned, plain, upgrade (comma-separated)")
     for layout in layouts:
         await run_layout(args, layout)
     return 0
