@@ -199,11 +199,11 @@ async def admin(url: str, *statements: str) -> None:
 async def retention(engine: AsyncEngine, layout: str, rows: int, start: datetime, end: datetime) -> str:
     oldest_end = month_start(start, 1)
     if layout == "partitioned":
-        report = MaintainReport()
+        dropped = MaintainReport()
         began = time.perf_counter()
-        await drop_older(engine, oldest_end, None, report)
+        await drop_older(engine, oldest_end, None, dropped)
         seconds = time.perf_counter() - began
-        return (f"db maintain --retention-days: dropped {', '.join(report.dropped)} (~{report.dropped_rows:,} "
+        return (f"db maintain --retention-days: dropped {', '.join(dropped.dropped)} (~{dropped.dropped_rows:,} "
                 f"records) in {seconds:.2f} s")  # fmt: skip
     per_day = rows / ((end - start).total_seconds() / 86400)
     cutoff = start + timedelta(days=3)
