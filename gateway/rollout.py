@@ -41,7 +41,7 @@ from gateway.deployments import BackendPool, build_router, deployment_table, par
 from gateway.errors import PermissionDenied
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.shadow import ShadowRunner, ShadowSource
-from guardrails import Guardrails, Policy, PolicyError, default_policy, parse_policy
+from guardrails import Policy, PolicyError, default_policy, parse_policy
 from serving.backend import Backend
 from serving.router import ROUTE, Deployment, DeploymentRouter, RouteContext, Router, begin_route
 
@@ -401,7 +401,7 @@ class Rollout:
         rails = services.rails
         if self.snapshot is None or snapshot.policy_version != self.snapshot.policy_version:
             try:
-                rails = await Guardrails.load(policy, services.executor, judge=services._judge)
+                rails = await services.load_guardrails(policy)  # shares the embedder's MiniLM, as at start
             except Exception as exc:  # a term file gone, a scorer that will not load
                 raise ConfigInvalid(f"policy {snapshot.policy_source}: {exc}") from None
         backend = await self._backend_for(snapshot)
