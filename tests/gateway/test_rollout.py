@@ -281,6 +281,7 @@ def test_reload_under_concurrent_load_fails_no_request(
     workers = [threading.Thread(target=load, args=(w,)) for w in range(6)]
     for w in workers:
         w.start()
+
     def answered(count: int) -> None:  # paced by answers, not time: a busy machine answers slowly
         deadline = time.monotonic() + 30
         while len(results) < count and time.monotonic() < deadline:
