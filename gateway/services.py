@@ -23,6 +23,7 @@ from gateway.deployments import BackendPool, build_router
 from gateway.limits import build_limiter, parse_model_limits
 from gateway.metrics import EvalGauges, GatewayMetrics, MetricsServer, build_metrics
 from gateway.migrate import upgrade
+from gateway.partitions import PartitionsAheadTask
 from gateway.pipeline import Pipeline, Trace
 from gateway.review_store import ReviewStore
 from gateway.rollout import Rollout
@@ -133,6 +134,7 @@ class Services:
         self._evals_task: asyncio.Task[None] | None = None
         # The overview's rollups: closed buckets aggregated in the background, every minute.
         self.rollups = RollupTask(self.engine)
+        self.partitions_ahead = PartitionsAheadTask(self.engine)  # PostgreSQL: next months' partitions
         if settings.metrics != "off" or settings.metrics_port:
             self.evals = EvalGauges()
             self.metrics = build_metrics(self)
@@ -153,6 +155,7 @@ class Services:
             await asyncio.to_thread(upgrade, self.settings.database_url)
         await self.audit.start()
         self.rollups.start()
+        self.partitions_ahead.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
         if self.evals is not None:
@@ -322,6 +325,7 @@ class Services:
         if self.metrics_server is not None:
             await asyncio.to_thread(self.metrics_server.close)
         await self.rollups.stop()
+        await self.partitions_ahead.stop()
         await self.audit.stop()
         await self.limiter.aclose()
         if self.store is not None:

@@ -29,7 +29,7 @@ from gateway.audit import AuditWriter
 from gateway.audit_sinks import sink_for
 from gateway.db import ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups, create_engine, review_labels
 from gateway.migrate import alembic_config, upgrade
-from gateway.partitions import maintain, month_start
+from gateway.partitions import PartitionsAheadTask, maintain, month_start
 from gateway.review_store import Filters, ReviewStore, TextMatch
 from tests.helpers import PG_ADMIN, throwaway_postgres
 
@@ -317,3 +317,34 @@ async def test_maintain_creates_the_months_ahead_once(pg_empty: str) -> None:
         await engine.dispose()
     assert first.created == [f"audit_records_p{month_start(later, add):%Y_%m}" for add in range(3)]
     assert second.created == [] and second.moved == 0
+
+
+@postgres
+async def test_the_gateway_recreates_a_missing_partition_ahead_by_itself(pg_empty: str) -> None:
+    url = pg_empty
+    await asyncio.to_thread(upgrade, url)
+    name = f"audit_records_p{month_start(datetime.now(UTC), 1):%Y_%m}"
+    await asyncio.to_thread(sql, url, f"DROP TABLE {name}")  # next month's, as if maintenance never ran
+    engine = create_engine(url)
+    task = PartitionsAheadTask(engine)
+    try:
+        task.start()
+        for _ in range(200):
+            async with engine.connect() as conn:
+                exists = (await conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": name})).scalar()
+            if exists:
+                break
+            await asyncio.sleep(0.05)
+        assert exists
+    finally:
+        await task.stop()
+        await engine.dispose()
+
+
+async def test_the_partitions_task_does_nothing_on_sqlite(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    task = PartitionsAheadTask(engine)
+    task.start()
+    assert task._task is None
+    await task.stop()
+    await engine.dispose()
