@@ -429,6 +429,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         settings.embedding_model,
         settings.index_storage,
         settings.s3_endpoint_url,
+        settings.embedding_runtime,
+        settings.data_dir / "onnx",  # the export cache `gateway serve` uses: exported once for both
     )
     return run_ingest(args, target)
 

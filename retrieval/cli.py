@@ -35,6 +35,8 @@ class IngestTarget:
     embedding_model: str | None = None  # None: the bundled all-MiniLM-L6-v2; "hashing": the fake
     index_storage: str | None = None  # "s3://bucket/prefix": publish there (data_dir is a cache); None: data_dir
     s3_endpoint_url: str | None = None  # an S3-compatible server; None: boto3's AWS_* settings
+    embedding_runtime: str = "auto"  # what runs a real model: "auto" (ONNX, else PyTorch), "onnx", "torch"
+    onnx_cache: Path | None = None  # where ONNX exports are kept; None: the user cache
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> IngestTarget:
@@ -104,7 +106,9 @@ def run_ingest(
         print(f"gateway ingest: {exc}", file=sys.stderr)
         return 2
     try:
-        embedder = create_embedder(target.embedding_model)
+        embedder = create_embedder(
+            target.embedding_model, runtime=target.embedding_runtime, cache_dir=target.onnx_cache
+        )
     except (OSError, ValueError) as exc:
         print(f"gateway ingest: cannot load embedding model {target.embedding_model!r}: {exc}", file=sys.stderr)
         return 2

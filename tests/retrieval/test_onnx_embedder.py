@@ -297,3 +297,26 @@ def test_embedding_runtime_setting() -> None:
     assert load_settings({"embedding_runtime": "torch"}, environ={}).embedding_runtime == "torch"
     with pytest.raises(SettingsError, match="embedding_runtime must be 'auto', 'onnx' or 'torch'"):
         load_settings(environ={"GATEWAY_EMBEDDING_RUNTIME": "gpu"})
+
+
+def test_gateway_ingest_uses_the_runtime_setting_and_the_gateways_export_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import retrieval.cli
+    from gateway.cli import main
+    from retrieval.embedders import HashingEmbedder
+
+    asked: list[dict[str, object]] = []
+
+    def fake_create(model: object, **options: object) -> HashingEmbedder:
+        asked.append({"model": model, **options})
+        return HashingEmbedder()
+
+    monkeypatch.setattr(retrieval.cli, "create_embedder", fake_create)
+    monkeypatch.setenv("GATEWAY_EMBEDDING_RUNTIME", "torch")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\n\nThe Zorblat weighs 4.2 kg.\n", encoding="utf-8")
+    data = tmp_path / "data"
+    assert main(["ingest", str(docs), "--collection", "kb", "--data-dir", str(data)]) == 0
+    assert asked == [{"model": None, "runtime": "torch", "cache_dir": data / "onnx"}]
