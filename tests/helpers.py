@@ -16,7 +16,7 @@ import asyncpg
 import openai
 import pytest
 import uvicorn
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 
 from gateway.app import create_app
 from gateway.auth import KeyStore
@@ -71,6 +71,16 @@ class GatewayServer:
         self._server.should_exit = True
         self._thread.join(15)
         self._sock.close()
+
+
+async def insert_rows(url: str, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Rows straight into a table of the database at `url` (one transaction, an engine of its own)."""
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(insert(table), rows)
+    finally:
+        await engine.dispose()
 
 
 def prepare_database(settings: Settings) -> None:

@@ -31,7 +31,7 @@ from gateway.db import ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups, cre
 from gateway.migrate import alembic_config, upgrade
 from gateway.partitions import PartitionsAheadTask, maintain, month_start
 from gateway.review_store import Filters, ReviewStore, TextMatch
-from tests.helpers import PG_ADMIN, throwaway_postgres
+from tests.helpers import PG_ADMIN, insert_rows, throwaway_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 postgres = pytest.mark.postgres
@@ -64,15 +64,7 @@ def sql(url: str, statement: str, **params: Any) -> list[Any]:
 
 
 def add(url: str, rows: list[dict[str, Any]], table: Any = audit_records) -> None:
-    async def go() -> None:
-        engine = create_engine(url)
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(insert(table), rows)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(go())
+    asyncio.run(insert_rows(url, table, rows))
 
 
 def where_rows_are(url: str) -> dict[str, str]:

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from sqlalchemy import insert
 
 from gateway.db import audit_records, create_engine, feedback
 from gateway.review_store import ReviewStore
@@ -27,7 +26,7 @@ from gateway.settings import Settings
 from serving.fake import FakeBackendThread
 from tests.conftest import make_settings
 from tests.gateway.test_rag_api import ingest, write
-from tests.helpers import PG_ADMIN, GatewayServer, create_key, serving, throwaway_postgres
+from tests.helpers import PG_ADMIN, GatewayServer, create_key, insert_rows, serving, throwaway_postgres
 
 LAST_TURN = "Second <b>question</b>: how do I descale the Zorblat kettle? " + "Please be thorough. " * 10
 ANSWER = "<script>alert(1)</script> Fill it with vinegar and water, boil, rinse three times. " * 4
@@ -36,15 +35,6 @@ TOXIC = "You are a stupid idiot."
 
 def _run(coro: Any) -> Any:
     return asyncio.run(coro)
-
-
-async def _insert(url: str, table: Any, rows: list[dict[str, Any]]) -> None:
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(insert(table), rows)
-    finally:
-        await engine.dispose()
 
 
 def _csrf(page: str) -> str:
@@ -136,7 +126,7 @@ def world(tmp_path: Path, fake_backend: FakeBackendThread, database: str | None)
              "response_text": "eval answer"}
             for i, (status, blocked) in enumerate((("blocked", "toxicity"), ("ok", None)))
         ]  # fmt: skip
-        _run(_insert(settings.database_url, audit_records, eval_rows))
+        _run(insert_rows(settings.database_url, audit_records, eval_rows))
         w.ids["eval0"], w.ids["eval1"] = eval_rows[0]["request_id"], eval_rows[1]["request_id"]
         try:
             yield w
@@ -159,7 +149,7 @@ def _labelled_count(w: World) -> int:
 def _feedback(w: World, *rows: tuple[str, str, int, str | None, list[str] | None, int]) -> None:
     """(request name, key id, rating, comment, categories, seconds after now) per row."""
     now = datetime.now(UTC)
-    _run(_insert(w.settings.database_url, feedback, [
+    _run(insert_rows(w.settings.database_url, feedback, [
         {"request_id": w.ids[name], "key_id": key, "rating": rating, "comment": comment,
          "categories_json": json.dumps(categories) if categories is not None else None,
          "created_at": now + timedelta(seconds=at)}
