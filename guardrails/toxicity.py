@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,66 @@ DETOXIFY_MODEL_TYPES: tuple[str, ...] = (
 )
 ScorerKind = Literal["auto", "detoxify", "trained", "profanity-check"]
 SCORER_KINDS: tuple[ScorerKind, ...] = ("auto", "detoxify", "trained", "profanity-check")
+
+
+#: A quotation: double or curly quotes, or single quotes that are not apostrophes (no letter
+#: outside them), of three characters or more.
+QUOTATION = re.compile(r'"[^"]{3,}?"|\u201c[^\u201d]{3,}?\u201d|(?<!\w)\'.{3,}?\'(?!\w)')
+QUOTE_PLACEHOLDER = "something"
+#: A quotation is framed when at least this many words are left around it.
+FRAME_WORDS = 4
+
+
+def unquoted(text: str) -> str | None:
+    """`text` with its quotations replaced by a neutral word, when it has any and at least
+    FRAME_WORDS words are left around them; else None (nothing quoted, or the quotation is the
+    message itself, as in an answer that only says '"You are worthless."')."""
+    out = QUOTATION.sub(QUOTE_PLACEHOLDER, text)
+    if out == text or len(out.split()) < FRAME_WORDS:
+        return None
+    return out
+
+
+def quoted_sentences(text: str, sentences: Sequence[tuple[int, int]]) -> list[int]:
+    """The indexes of the sentences that lie inside a quotation which goes beyond them (a line of
+    dialogue of several sentences: the splitter cuts it, and each piece alone reads as the
+    speaker's own words). A quotation wholly inside one sentence is the scorer's business."""
+    quotes = [m.span() for m in QUOTATION.finditer(text)]
+    out = []
+    for i, (s, e) in enumerate(sentences):
+        core = text[s:e].strip().strip("\"'\u201c\u201d")
+        if not core:
+            continue
+        a = s + text[s:e].index(core)
+        b = a + len(core)
+        if any(qs <= a and b <= qe and not (s <= qs and qe <= e) for qs, qe in quotes):
+            out.append(i)
+    return out
+
+
+#: A prompt that asks for fiction or role-play: a writing verb, then (within a few words) a
+#: creative form or a character; or a role-play phrase. An answer to it may voice a villain's
+#: threat or a character's insult by request (the frame is the prompt, not the answer).
+FICTION_REQUEST = re.compile(
+    r"\b(?:write|writing|compose|draft|create|invent|make\s+up|come\s+up\s+with|give\s+me|tell\s+me|"
+    r"continue|generate|narrate|imagine|describe|need|want)\b[^.?!\n]{0,60}?\b(?:"
+    r"stor(?:y|ies)|tale|fable|scene|dialogue|monologue|soliloquy|poem|haiku|limerick|sonnet|verse|"
+    r"ballad|song|lyrics|screenplay|script|novel|novella|chapter|plot|fan\s*fic(?:tion)?|fiction|"
+    r"villain|antagonist|henchm[ae]n|villainess|character|npc|taunt|battle\s+cry|backstory|"
+    r"role-?play|campaign|quest|play|sketch)\b"
+    r"|\b(?:pretend|imagine)\s+(?:you\s+are|you're|to\s+be|that\s+you)\b|\bact\s+as\b|\brole-?play"
+    r"|\bin\s+character\b|\bplay(?:ing)?\s+the\s+(?:role|part)\b",
+    re.IGNORECASE,
+)
+
+
+#: profanity-check's score from which it agrees that a sentence is toxic (its own 0.5 point).
+PROFANITY_AGREES = 0.5
+
+
+def requests_fiction(prompt: str | None) -> bool:
+    """Whether the user's question asks for fiction or role-play (FICTION_REQUEST)."""
+    return bool(prompt) and FICTION_REQUEST.search(prompt or "") is not None
 
 
 @dataclass(frozen=True)
@@ -377,7 +438,12 @@ class ToxicityGuard(Guard):
 
     By default it checks the answer (a hit blocks it) and the users' messages (a hit flags the
     request: `input_action`); other roles (system prompts, tool results) only when the policy
-    lists them in `roles`."""
+    lists them in `roles`.
+
+    Two readings of context the sentence-level scores miss: the sentences of a quotation that
+    the splitter cut (a line of dialogue) score no higher than the text around the quotation
+    (`quoted_sentences`); and an answer to a request for fiction or role-play
+    (`requests_fiction`) is flagged rather than blocked unless profanity-check agrees."""
 
     name: ClassVar[str] = "toxicity"
     stages = frozenset({"input", "output", "passage"})
@@ -407,6 +473,18 @@ class ToxicityGuard(Guard):
             batcher = BatchingScorer(scorer, resources, max_batch=cfg.batch_size, max_wait_ms=cfg.max_wait_ms)
             resources.toxicity_batcher = batcher
         self.batcher: BatchingScorer = batcher
+        self._profanity: ProfanityCheckScorer | None = None  # built on the first requested-fiction hit
+
+    async def _profane(self, texts: Sequence[str]) -> bool:
+        """Whether alt-profanity-check scores any of `texts` at PROFANITY_AGREES or more (True
+        when it is not installed: without the second signal nothing is relaxed)."""
+        if self._profanity is None:
+            try:
+                self._profanity = ProfanityCheckScorer(note="second signal for requested fiction")
+            except ScorerUnavailable:
+                return True
+        scores = await self.resources.run_blocking(self._profanity.score_batch, texts)
+        return any(sc["toxicity"] >= PROFANITY_AGREES for sc in scores)
 
     def action_for(self, ctx: GuardContext) -> HitAction:
         """The policy's `action`, except on input, where `input_action` decides."""
@@ -417,7 +495,16 @@ class ToxicityGuard(Guard):
         sentences = split_sentences(ctx.text)
         if not sentences:
             return self.allow(ctx, 0.0, started)
-        scores = await self.batcher.score([ctx.text[s:e] for s, e in sentences])
+        texts = [ctx.text[s:e] for s, e in sentences]
+        # A line of dialogue cut into sentences: its pieces score no higher than the text around
+        # the quotation (the frame), as a quotation inside one sentence does in the scorer.
+        inside = quoted_sentences(ctx.text, sentences) if len(sentences) > 1 else []
+        frame = unquoted(ctx.text) if inside else None
+        scores = await self.batcher.score(texts + ([frame] if frame is not None else []))
+        if frame is not None:
+            framed = scores.pop()
+            for i in inside:
+                scores[i] = {cat: min(v, framed.get(cat, v)) for cat, v in scores[i].items()}
         worst: dict[str, float] = {}
         spans: list[Span] = []
         categories_hit: set[str] = set()
@@ -440,6 +527,14 @@ class ToxicityGuard(Guard):
         if action == "block" and block_above is not None and top < block_above:
             action = "flag"  # the lower tier: between the threshold and block_above
             details["tier"] = f"flag: below block_above {block_above}"
+        if action == "block" and ctx.stage == "output" and requests_fiction(ctx.prompt):
+            # The user asked for fiction or role-play: a villain's threat is what was ordered.
+            # Flag it (recorded, reviewable) unless profanity-check, a second and independent
+            # signal, finds the offending sentences profane too.
+            offending = [ctx.text[s:e] for s, e in spans]
+            if not await self._profane(offending):
+                action = "flag"
+                details["tier"] = "flag: the prompt asks for fiction and profanity-check does not agree"
         return self.hit(
             ctx,
             top,

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import io
 import json
-import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from guardrails.errors import ScorerUnavailable
-from guardrails.toxicity import ProfanityCheckScorer, ToxicityScorer
+from guardrails.toxicity import ProfanityCheckScorer, ToxicityScorer, unquoted
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -180,22 +179,6 @@ def short_text_score(head: float, profanity: float) -> float:
     c = SHORT_TEXT_CONFIDENCE
     rescaled = head * 0.5 / c if head < c else 0.5 + (head - c) * 0.5 / (1.0 - c)
     return max(profanity, rescaled)
-
-
-#: A quotation: double or curly quotes, or single quotes that are not apostrophes (no letter
-#: outside them), of three characters or more.
-QUOTATION = re.compile(r'"[^"]{3,}?"|\u201c[^\u201d]{3,}?\u201d|(?<!\w)\'.{3,}?\'(?!\w)')
-QUOTE_PLACEHOLDER = "something"
-
-
-def unquoted(text: str) -> str | None:
-    """`text` with its quotations replaced by a neutral word, when it has any and at least
-    SHORT_WORDS words are left around them; else None (nothing quoted, or the quotation is the
-    message itself, as in an answer that only says '"You are worthless."')."""
-    out = QUOTATION.sub(QUOTE_PLACEHOLDER, text)
-    if out == text or len(out.split()) < SHORT_WORDS:
-        return None
-    return out
 
 
 Scores = Callable[[Sequence[str]], np.ndarray]

@@ -191,3 +191,65 @@ async def test_block_above_flags_the_lower_tier(executor):
     assert (await plain.check(GuardContext(stage="output", text="Score 65."))).action == "block"
     with pytest.raises(Exception, match="block_above must be a number between 0 and 1"):
         parse_policy("[guards.toxicity]\nblock_above = 2\n")
+
+
+class _ThreatWordScorer(ToxicityScorer):
+    """A fake scorer: 0.9 for a text containing "end you", else 0.1."""
+
+    name = "threat-word"
+    categories = ("toxicity",)
+
+    def score_batch(self, texts):
+        return [{"toxicity": 0.9 if "end you" in t else 0.1} for t in texts]
+
+    def describe(self):
+        return {"scorer": "threat-word"}
+
+
+async def test_a_line_of_dialogue_cut_into_sentences_scores_as_its_frame(executor):
+    """A quotation of several sentences is cut by the sentence splitter; its pieces score no higher
+    than the text around it, while the narrator's own threat and an all-quotation answer keep theirs."""
+    guard = ToxicityGuard(GuardSettings(), GuardResources(executor=executor, toxicity_scorer=_ThreatWordScorer()))
+    story = 'The knight drew his sword and spoke. "Leave now. Or I will end you here." Then he rode away.'
+    verdict = await guard.check(GuardContext(stage="output", text=story))
+    assert verdict.action == "allow" and verdict.score == pytest.approx(0.1)
+    own = 'The knight drew his sword. "Leave now," he said. I will end you, reader.'
+    assert (await guard.check(GuardContext(stage="output", text=own))).action == "block"
+    bare = '"Leave now. Or I will end you here."'  # nothing frames it: the answer says it
+    assert (await guard.check(GuardContext(stage="output", text=bare))).action == "block"
+
+
+async def test_requested_fiction_flags_unless_profanity_check_agrees(executor):
+    """An answer to a request for fiction or role-play is flagged, not blocked, on a hit the
+    second signal (profanity-check) does not share; a profane hit still blocks, and without the
+    request the same answer blocks."""
+    guard = ToxicityGuard(GuardSettings(), GuardResources(executor=executor, toxicity_scorer=_ThreatWordScorer()))
+    villain = "Run, little hero. Next time I will end you."
+    asked = "Write a line for a villain who threatens the hero but lets him go."
+    fiction = await guard.check(GuardContext(stage="output", text=villain, prompt=asked))
+    assert fiction.action == "flag" and fiction.allowed and "fiction" in fiction.details["tier"]
+    plain = await guard.check(GuardContext(stage="output", text=villain, prompt="How do I reset my password?"))
+    assert plain.action == "block"
+    assert (await guard.check(GuardContext(stage="output", text=villain))).action == "block"
+    profane = "Run, you fucking idiot, or I will end you."
+    assert (await guard.check(GuardContext(stage="output", text=profane, prompt=asked))).action == "block"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "fiction"),
+    [
+        ("Write a short scene where a detective confronts a murderer.", True),
+        ("Give me a villain monologue for my fantasy novel.", True),
+        ("Pretend you are a pirate and tell me a joke.", True),
+        ("Can you role-play as my strict drill sergeant?", True),
+        ("Compose a poem in which the sea threatens the sailors.", True),
+        ("How do I kill a zombie process?", False),
+        ("Write a SQL query to drop duplicate rows.", False),
+        ("Summarise the news about the attack.", False),
+        (None, False),
+    ],
+)
+def test_requests_fiction(prompt, fiction):
+    from guardrails.toxicity import requests_fiction
+
+    assert requests_fiction(prompt) is fiction

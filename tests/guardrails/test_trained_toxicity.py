@@ -260,7 +260,7 @@ def test_quoted_speech_is_scored_by_its_frame(trained: TrainedToxicityScorer):
     """Quotations are replaced by a neutral word and the lower score counts: a report of a threat
     is not a threat; a threat that quotes something is still one; a message that is all
     quotation keeps its own score."""
-    from guardrails.trained_toxicity import unquoted
+    from guardrails.toxicity import unquoted
 
     assert unquoted("The witness said 'I will kill you' to the court.") == "The witness said something to the court."
     assert unquoted("You're a moron and I'm right.") is None  # apostrophes are not quotes
