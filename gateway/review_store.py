@@ -14,10 +14,13 @@ asked for.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import logging
 import math
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -35,17 +38,22 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    table,
     text,
     true,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.selectable import Join
 
 from gateway import usage
 from gateway.db import audit_records, feedback, review_labels
 from gateway.errors import InvalidRequest, NotFound
 from gateway.jsontext import loads_stored, scrub
+from retrieval.engine import SQLITE_BUSY_TIMEOUT_S
+
+log = logging.getLogger(__name__)
 
 LABELS = ("ok", "hallucination", "toxic", "false_positive", "bad_retrieval", "other")
 CLEARED = "cleared"  # the label row that removes a request's label (the history stays)
@@ -96,7 +104,7 @@ class Filters:
     outcome: str | None = None  # "blocked" | "flagged"
     groundedness_below: float | None = None
     toxicity_above: float | None = None
-    q: str | None = None  # text in the prompt or the answer (TextMatch: words on PostgreSQL, a substring on SQLite)
+    q: str | None = None  # text in the prompt or the answer (TextMatch: words, or a substring when punctuated)
     rating: str | None = None  # one of RATINGS
     label: str | None = None  # the current label: one of LABELS, or "none" for unlabelled
     origin: str | None = None  # one of ORIGINS; None is "live"
@@ -139,7 +147,9 @@ class Filters:
                 out[f.name] = value.isoformat() if isinstance(value, datetime) else str(value)
         return out
 
-    def apply(self, query: Select[Any]) -> Select[Any]:
+    def apply(self, query: Select[Any], *, fts: bool = False) -> Select[Any]:
+        """`query` narrowed to the matching records; `fts`: SQLite matches words in `q` through its
+        full-text index (see `TextMatch`), not with LIKE."""
         c = audit_records.c
         conditions = [origin_condition(self.origin)]
         if self.since:
@@ -173,7 +183,7 @@ class Filters:
         if self.toxicity_above is not None:
             conditions.append(c.toxicity > self.toxicity_above)
         if self.q:
-            conditions.append(TextMatch(self.q))
+            conditions.append(TextMatch(self.q, fts=fts))
         if self.rating:
             conditions.append(rating_condition(self.rating))
         if self.label == "none":
@@ -197,6 +207,20 @@ TEXT_PROBE_CAP = 20_000  # matches read from the GIN index before a word counts 
 # knows neither the word nor the ids (see `page`).
 _BITMAP_ONLY = (("enable_seqscan", "off"), ("enable_indexscan", "off"), ("enable_indexonlyscan", "off"),
                 ("work_mem", "'64MB'"), ("plan_cache_mode", "force_custom_plan"))  # fmt: skip
+
+
+# Migration 0011's FTS5 table over the same text on SQLite (contentless: its rowid is the audit
+# row's id), and the triggers that keep it in step; without all of them the filter keeps LIKE.
+FTS_TABLE = "audit_records_fts"
+FTS_STATE = "audit_records_fts_state"  # indexed_to: every row with an id up to it is in the index
+FTS_TRIGGERS = ("audit_records_fts_insert", "audit_records_fts_delete", "audit_records_fts_update")
+# What the FTS table indexes of a row: TEXT_SEARCH_SQL's text, in SQLite (migration 0011 repeats it
+# in its triggers, which must forget exactly the text that was indexed).
+FTS_TEXT_SQL = (
+    r"replace(replace(replace(substr(coalesce(audit_records.request_json, ''), 1, 100000), '\n', ' '), "
+    r"'\r', ' '), '\t', ' ') || ' ' || substr(coalesce(audit_records.response_text, ''), 1, 100000)"
+)
+FTS_BATCH = 2000  # rows indexed per transaction: the audit writer waits at most this long for its lock
 _WORDS = re.compile(r"[A-Za-z0-9]+(?:\s+[A-Za-z0-9]+)*")
 
 
@@ -208,20 +232,42 @@ def word_query(q: str) -> str | None:
     return " & ".join(f"{word.lower()}:*" for word in q.split())
 
 
+def fts_query(q: str) -> str | None:
+    """The FTS5 query of the same filter (`zebra idiot` -> `"zebra"* AND "idiot"*`: quoted, so a
+    word such as NOT or NEAR is a word); None for text with anything else in it."""
+    if not _WORDS.fullmatch(q.strip()):
+        return None
+    return " AND ".join(f'"{word.lower()}"*' for word in q.split())
+
+
+def fts_matches(words: str) -> Select[Any]:
+    """The ids of the audit rows whose text matches the FTS5 query `words` (SQLite, migration 0011)."""
+    return (
+        select(literal_column("rowid"))
+        .select_from(table(FTS_TABLE))
+        .where(literal_column(FTS_TABLE).op("MATCH")(words))
+    )
+
+
 class TextMatch(ColumnElement[bool]):
     """The reviewer's text filter `q`: the prompt or the answer holds the text.
 
-    SQLite: the exact substring (LIKE, with `%` and `_` escaped). PostgreSQL: a filter of plain
-    words is a full-text match over the GIN index (every word, or a word it begins, in the prompt
-    or the answer: `zebra` finds "zebras" but not "subzebra"), so it stays fast at millions of rows;
-    a filter with punctuation or other characters (`100%`, `snake_case`, `C:\\`) keeps the exact
-    substring match, a scan of the rows in the other filters' range."""
+    A filter of plain words is a full-text match: every word, or a word it begins, in the prompt
+    or the answer (`zebra` finds "zebras" but not "subzebra"), so it stays fast at millions of rows.
+    PostgreSQL reads its GIN index (migration 0010); SQLite, with `fts`, its FTS5 table (migration
+    0011): the time index walked newest first, each id tested against the matches, which suits a
+    common word, where a page is found after a few rows (`ReviewStore.page` starts from the
+    matches instead for a word few rows hold); without `fts` (no FTS5 table) SQLite keeps the
+    substring scan. A filter with punctuation or other characters (`100%`, `snake_case`,
+    `C:\\`) is the exact substring match (LIKE, `%` and `_` escaped) on both, a scan of the rows
+    in the other filters' range."""
 
     type = Boolean()
     inherit_cache = False  # compiled per dialect, with the text inlined as a bound parameter
 
-    def __init__(self, q: str) -> None:
+    def __init__(self, q: str, *, fts: bool = False) -> None:
         self.q = q
+        self.fts = fts
 
 
 def _substring(q: str) -> ColumnElement[bool]:
@@ -232,16 +278,43 @@ def _substring(q: str) -> ColumnElement[bool]:
 
 @compiles(TextMatch)
 def _compile_substring(element: TextMatch, compiler: SQLCompiler, **kw: Any) -> str:
-    return compiler.process(_substring(element.q), **kw)
+    # In parentheses: the OR inside must not join the other filters' AND (the page's cursor included).
+    return f"({compiler.process(_substring(element.q), **kw)})"
 
 
 @compiles(TextMatch, "postgresql")
 def _compile_words(element: TextMatch, compiler: SQLCompiler, **kw: Any) -> str:
     words = word_query(element.q)
     if words is None:
-        return compiler.process(_substring(element.q), **kw)
+        return f"({compiler.process(_substring(element.q), **kw)})"
     match = literal_column(TEXT_SEARCH_SQL).op("@@")(func.to_tsquery(literal_column("'simple'"), words))
     return compiler.process(match, **kw)
+
+
+@compiles(TextMatch, "sqlite")
+def _compile_fts(element: TextMatch, compiler: SQLCompiler, **kw: Any) -> str:
+    words = fts_query(element.q) if element.fts else None
+    if words is None:
+        return f"({compiler.process(_substring(element.q), **kw)})"
+    # `id + 0` is no indexed column, so SQLite keeps to the time index and tests each id instead.
+    return f"({compiler.process((audit_records.c.id + 0).in_(fts_matches(words)), **kw)})"
+
+
+class _CrossJoin(Join):
+    """SQLite's CROSS JOIN: an inner join whose left side is always the outer loop, which is how
+    SQLite is told to start from the full-text matches (it never reorders a CROSS JOIN)."""
+
+    inherit_cache = True
+
+
+@compiles(_CrossJoin)
+def _compile_cross_join(element: _CrossJoin, compiler: SQLCompiler, **kw: Any) -> str:
+    kw["asfrom"] = True
+    left = compiler.process(element.left, **kw)
+    right = compiler.process(element.right, **kw)
+    on = element.onclause
+    assert on is not None  # always given (`_sqlite_text_query`)
+    return f"{left} CROSS JOIN {right} ON {compiler.process(on, **kw)}"
 
 
 def origin_condition(origin: str | None) -> ColumnElement[bool]:
@@ -449,6 +522,95 @@ def _dropped_passages(guards: Any) -> list[dict[str, Any]]:
     return list(dropped.values())
 
 
+def has_text_index(connection: sqlite3.Connection) -> bool:
+    """Whether the SQLite database has migration 0011's full-text index, whole: this SQLite has
+    FTS5, and the table, its state and its triggers are there (a later rebuild of audit_records
+    would drop the triggers, and rows deleted then would stay in the index)."""
+    names = (FTS_TABLE, FTS_STATE, *FTS_TRIGGERS)
+    found = connection.execute(
+        f"SELECT count(*) FROM sqlite_master WHERE name IN ({', '.join('?' for _ in names)})", names
+    ).fetchone()[0]
+    return bool(connection.execute("SELECT sqlite_compileoption_used('ENABLE_FTS5')").fetchone()[0]) and (
+        found == len(names)
+    )
+
+
+def _index_pending(path: str, batch: int) -> bool:
+    """Index the rows written since the last catch-up, `batch` rows per transaction; False when the
+    database has no usable index. Each transaction takes the write lock first (BEGIN IMMEDIATE),
+    so two processes never index a row twice, and the audit writer gets the lock in between."""
+    connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        if not has_text_index(connection):
+            return False
+        while True:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                (done,) = connection.execute(f"SELECT indexed_to FROM {FTS_STATE}").fetchone()
+                (upto,) = connection.execute(
+                    "SELECT max(id) FROM (SELECT id FROM audit_records WHERE id > ? ORDER BY id LIMIT ?)", (done, batch)
+                ).fetchone()
+                if upto is not None:
+                    connection.execute(
+                        f"INSERT INTO {FTS_TABLE} (rowid, body) SELECT id, {FTS_TEXT_SQL} FROM audit_records "
+                        "WHERE id > ? AND id <= ?",
+                        (done, upto),
+                    )
+                    connection.execute(f"UPDATE {FTS_STATE} SET indexed_to = ?", (upto,))
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            if upto is None:
+                return True
+    finally:
+        connection.close()
+
+
+async def index_text(engine: AsyncEngine, batch: int = FTS_BATCH) -> bool:
+    """Bring SQLite's full-text index up to the newest audit row (in a thread: a raw sqlite3
+    connection, as the audit writer's). False where there is no usable index: not SQLite, a
+    database in memory, no FTS5, or before migration 0011; the text filter then scans with LIKE."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        return False
+    return await asyncio.to_thread(_index_pending, path, batch)
+
+
+class TextIndexTask:
+    """What `gateway serve` does to keep SQLite's full-text index close behind the audit log: the
+    rows written since the last run are indexed every INTERVAL_S seconds, off the request path (an
+    FTS5 insert in the audit writer's transaction would cost each request about 0.3 ms). A search
+    catches up the rest itself. Nothing on PostgreSQL, whose GIN index is kept by the insert."""
+
+    INTERVAL_S = 2.0
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.engine.dialect.name == "sqlite":
+            self._task = asyncio.create_task(self._run(), name="audit-text-index")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if not await index_text(self.engine):
+                    return  # no index in this database (no FTS5, before 0011): nothing to keep
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database locked past its timeout, the disk full: next time
+                log.warning("audit text index: catch-up failed (%s); a search catches up too", exc)
+            await asyncio.sleep(self.INTERVAL_S)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
 class ReviewStore:
     """Queries reviewers need, over one async engine."""
 
@@ -460,6 +622,8 @@ class ReviewStore:
         query, few = filters.apply(select(*_LIST_COLUMNS)), None
         if filters.q and self.engine.dialect.name == "postgresql" and word_query(filters.q):
             few = await self._few_text_hits(filters, before, limit)
+        elif filters.q and self.engine.dialect.name == "sqlite" and fts_query(filters.q):
+            query = await self._sqlite_text_query(filters)
         async with self.engine.connect() as conn:
             if few is not None:
                 # A generic plan of "these ids" may walk the time index instead (1 s at 500,000 rows).
@@ -468,6 +632,25 @@ class ReviewStore:
             rows, next_cursor = await self._keyset(conn, query, before, limit)
             await self._annotate(conn, rows)
         return {"data": rows, "next": next_cursor}
+
+    async def _sqlite_text_query(self, filters: Filters) -> Select[Any]:
+        """The page query of a filter of words on SQLite, once the rows written since the last
+        catch-up are in the full-text index. Without a usable index (see `has_text_index`), the
+        LIKE scan. When at most TEXT_PROBE_CAP rows hold the words, the query starts from those
+        matches (a CROSS JOIN: SQLite's planner, like PostgreSQL's, cannot tell a rare word from a
+        common one, and would walk the time index through every row); for more, the time index
+        walk, with each id tested against the matches (TextMatch), soon finds a page."""
+        if not await index_text(self.engine):
+            return filters.apply(select(*_LIST_COLUMNS))
+        matches = fts_matches(fts_query(filters.q or "") or "")
+        async with self.engine.connect() as conn:
+            count = select(func.count()).select_from(matches.limit(TEXT_PROBE_CAP + 1).subquery())
+            hits = (await conn.execute(count)).scalar_one()
+        if hits > TEXT_PROBE_CAP:
+            return filters.apply(select(*_LIST_COLUMNS), fts=True)
+        found = matches.subquery("fts_match")
+        joined = _CrossJoin(found, audit_records, audit_records.c.id == found.c.rowid)
+        return replace(filters, q=None).apply(select(*_LIST_COLUMNS).select_from(joined))
 
     async def _few_text_hits(self, filters: Filters, before: str | None, limit: int) -> Select[Any] | None:
         """PostgreSQL's planner cannot tell a rare word from a common one, and for a newest-first

@@ -25,7 +25,7 @@ from gateway.metrics import EvalGauges, GatewayMetrics, MetricsServer, build_met
 from gateway.migrate import upgrade
 from gateway.partitions import PartitionsAheadTask
 from gateway.pipeline import Pipeline, Trace
-from gateway.review_store import ReviewStore
+from gateway.review_store import ReviewStore, TextIndexTask
 from gateway.rollout import Rollout
 from gateway.rollup import RollupTask
 from gateway.sessions import Sessions
@@ -135,6 +135,7 @@ class Services:
         # The overview's rollups: closed buckets aggregated in the background, every minute.
         self.rollups = RollupTask(self.engine)
         self.partitions_ahead = PartitionsAheadTask(self.engine)  # PostgreSQL: next months' partitions
+        self.text_index = TextIndexTask(self.engine)  # SQLite: new audit rows into the full-text index
         if settings.metrics != "off" or settings.metrics_port:
             self.evals = EvalGauges()
             self.metrics = build_metrics(self)
@@ -156,6 +157,7 @@ class Services:
         await self.audit.start()
         self.rollups.start()
         self.partitions_ahead.start()
+        self.text_index.start()
         if self.metrics is not None and self.settings.metrics_port:
             self.metrics_server = MetricsServer(self.metrics, self.settings.host, self.settings.metrics_port)
         if self.evals is not None:
@@ -326,6 +328,7 @@ class Services:
             await asyncio.to_thread(self.metrics_server.close)
         await self.rollups.stop()
         await self.partitions_ahead.stop()
+        await self.text_index.stop()
         await self.audit.stop()
         await self.limiter.aclose()
         if self.store is not None:

@@ -10,6 +10,7 @@ from sqlalchemy import create_engine
 
 from gateway.db import metadata
 from gateway.migrate import upgrade
+from gateway.review_store import FTS_TABLE
 from retrieval.db import metadata as retrieval_metadata
 
 
@@ -19,7 +20,12 @@ def test_migrations_match_the_table_definitions(tmp_path: Path) -> None:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            differences = compare_metadata(MigrationContext.configure(conn), [metadata, retrieval_metadata])
+            # SQLite's full-text index (migration 0011) is a virtual table and its shadow tables, which
+            # no Table describes; they are checked in test_review_fts.
+            context = MigrationContext.configure(
+                conn, opts={"include_name": lambda name, kind, _: kind != "table" or not name.startswith(FTS_TABLE)}
+            )
+            differences = compare_metadata(context, [metadata, retrieval_metadata])
     finally:
         engine.dispose()
     assert differences == []
