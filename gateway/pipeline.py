@@ -122,6 +122,33 @@ class Trace:
     versions: Mapping[str, Any] = field(default_factory=dict)  # config, policy and gateway versions at the start
     auth_s: float | None = None  # stage timings for the metrics (gateway.metrics.stage_seconds)
     audit_s: float | None = None
+    #: Input checks that can only flag, still running beside the backend call (InputResult.deferred);
+    #: `settle` adds their verdicts before anything shows the verdicts (answer, last event, row).
+    deferred: asyncio.Task[list[Verdict]] | None = None
+
+    async def settle(self) -> None:
+        """Wait for the deferred input checks and add their verdicts (once). A check that failed
+        is logged and leaves no verdict: it could only have flagged, and the row must be written."""
+        task, self.deferred = self.deferred, None
+        if task is None:
+            return
+        try:
+            self.verdicts.extend(await asyncio.shield(task))
+        except asyncio.CancelledError:
+            if task.done():  # the task itself was cancelled (shutdown), not our caller
+                return
+            self.deferred = task  # our caller is being cancelled: whoever records next settles it
+            raise
+        except Exception:
+            log.exception("a deferred input check of request %s failed; its verdict is missing", self.request_id)
+
+    def settled_now(self) -> None:
+        """`settle` without waiting, for a caller that cannot await: the verdicts when they are in."""
+        task = self.deferred
+        if task is not None and task.done():
+            self.deferred = None
+            if not task.cancelled() and task.exception() is None:
+                self.verdicts.extend(task.result())
 
     @property
     def cited(self) -> list[dict[str, Any]]:
@@ -240,6 +267,7 @@ class Pipeline:
         self.open_mode = open_mode
         self.limits = Limits(max_n=max_n)
         self.limiter = limiter  # rate limits and quotas (gateway.limits); None: none at all
+        self._background: set[asyncio.Task[None]] = set()  # rows waiting for deferred input checks
         self.citation = citation or CitationConfig()  # how answers show their sources
         self._active: dict[tuple[str | None, str | None, str], bool] = {}
         self.observers: list[Callable[[Trace], None]] = []  # metrics, traces: told once per request, in record
@@ -268,13 +296,21 @@ class Pipeline:
 
     async def record(self, trace: Trace) -> None:
         """Commit the trace's audit row; shielded so a client that leaves cannot cancel the write."""
+        await trace.settle()
         began = time.perf_counter()
         await asyncio.shield(self.audit.submit(trace.row()))
         trace.audit_s = time.perf_counter() - began
         self.observe(trace)
 
     def _record_nowait(self, trace: Trace) -> None:
-        """Submit the row without waiting (the caller is being cancelled), then tell the observers."""
+        """Submit the row without waiting (the caller is being cancelled), then tell the observers.
+        Deferred input checks still running: a task records once they are in."""
+        trace.settled_now()
+        if trace.deferred is not None:
+            task = asyncio.get_running_loop().create_task(self.record(trace))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
         self.audit.submit(trace.row())
         self.observe(trace)
 
@@ -370,6 +406,7 @@ class Pipeline:
     async def _refused(self, trace: Trace, error: GatewayError) -> None:
         """A request that ends in an error before any answer: its row, and headers naming it."""
         trace.fail(error, _status_for(error))
+        await trace.settle()
         if trace.rate_headers:
             error.headers.update(trace.rate_headers)
         error.headers["x-gateway-request-id"] = trace.request_id  # the error names its audit row
@@ -430,8 +467,9 @@ class Pipeline:
         extra = guarding.request_texts(body)
         if messages is None and not extra:
             return
-        result = await self.rails.check_input(messages or [], (), key.id, trace.model, extra)
+        result = await self.rails.check_input(messages or [], (), key.id, trace.model, extra, defer_flags=True)
         trace.verdicts.extend(result.verdicts)
+        trace.deferred = result.deferred
         if result.blocked_by is not None:
             verdict = result.blocked_by
             trace.blocked = {"guard": verdict.guard, "stage": "input", "reason": verdict.reason}
@@ -537,6 +575,7 @@ class Pipeline:
         trace.backend = self.backend.name
         if self.rollout is not None and trace.refusal is None:
             self.rollout.after_send(trace, body)  # shadow copies, off the client's path
+        await trace.settle()  # the input flags that ran beside the backend call
         shape = trace.endpoint.shape
         problem = answer_problem(shape, answer)
         if problem is not None:

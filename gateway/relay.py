@@ -281,6 +281,7 @@ class StreamRelay:
     async def _failed(self, error: GatewayError) -> bytes:
         """Mid-stream failure: the status line is long gone, so say it in the stream itself."""
         self.trace.fail(error, "backend_error" if isinstance(error, UpstreamError) else "error")
+        await self.trace.settle()  # input flags first, in the row as in a whole answer
         self._summarise()
         self.recorded = True
         await self._record(self.trace)
@@ -295,12 +296,14 @@ class StreamRelay:
         self.trace.status = "client_disconnected"
         self.trace.http_status = 499
         self.trace.backend_s = time.perf_counter() - self.began
+        self.trace.settled_now()  # input flags already in go before the output's, as in a whole answer
         self._summarise()
         self._record_nowait(self.trace)  # no await: we are being cancelled
 
     async def _finished(self) -> bytes:
         """The last event (held, or one the gateway writes) with the `gateway` object, then `[DONE]`."""
         trace = self.trace
+        await trace.settle()  # input flags that ran beside the backend call: in the last event too
         self._summarise()
         held = self.held
         if held is None:

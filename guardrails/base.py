@@ -259,6 +259,10 @@ class Guard(abc.ABC):
     default_thresholds: ClassVar[Mapping[str, float]] = _EMPTY
     #: The guard's own policy keys (besides the common ones), as a typed schema.
     options_type: ClassVar[type[GuardOptions]] = GuardOptions
+    #: A guard that runs a model (or asks one over the network) may be run alongside the backend
+    #: call instead of before it, on input texts where its hit can only flag (see
+    #: `Guardrails.check_input(defer_flags=True)`). Cheap guards stay inline: a task costs more.
+    defers_flags: ClassVar[bool] = False
 
     def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
         self.settings = settings

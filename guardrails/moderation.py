@@ -285,6 +285,7 @@ class ModerationGuard(Guard):
     default_message = "The content was blocked by the moderation policy."
     options_type = ModerationOptions
     options: ModerationOptions
+    defers_flags = True  # a model pass (or a classifier call): input flags need not delay the backend
 
     def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
         super().__init__(settings, resources)

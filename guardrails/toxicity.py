@@ -451,6 +451,7 @@ class ToxicityGuard(Guard):
     default_roles: ClassVar[tuple[str, ...]] = ("user",)
     options_type = ToxicityOptions
     options: ToxicityOptions
+    defers_flags = True  # a model pass (or a classifier call): input flags need not delay the backend
     default_message = "The answer was withheld because it may contain toxic content."
     default_thresholds: ClassVar[dict[str, float]] = {
         "toxicity": 0.5,

@@ -81,7 +81,7 @@ def test_sigkill_under_load_loses_no_received_response(tmp_path: Path, fake_back
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # the models load first: 30 s was not enough at load 6
         while True:
             try:
                 if httpx.get(url + "/readyz").status_code == 200:  # listening and models loaded
