@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ def test_main_set_has_every_kind(main_docs: list[dict[str, Any]]) -> None:
         ("HorizontalPodAutoscaler", "gateway"),
         ("PodDisruptionBudget", "gateway"),
         ("CronJob", "gateway-nightly-eval"),
+        ("CronJob", "gateway-db-maintain"),
         ("Job", "gateway-db-migrate"),
         ("PersistentVolumeClaim", "gateway-data"),
     ]:
@@ -121,8 +124,10 @@ def test_same_image_wherever_the_gateway_runs(docs: list[dict[str, Any]]) -> Non
     assert ":" in image.rsplit("/", 1)[-1], f"gateway image {image!r} has no tag"
     job = pod_spec(one(docs, "Job", "gateway-db-migrate"))["containers"]
     cron = pod_spec(one(docs, "CronJob", "gateway-nightly-eval"))["containers"]
+    maintain = pod_spec(one(docs, "CronJob", "gateway-db-maintain"))["containers"]
     assert [c["image"] for c in job] == [image]
     assert [c["image"] for c in cron] == [image]
+    assert [c["image"] for c in maintain] == [image]
 
 
 def test_main_image_is_the_registry_one(main_docs: list[dict[str, Any]]) -> None:
@@ -223,6 +228,43 @@ def test_cronjob_runs_real_eval_subcommands(docs: list[dict[str, Any]]) -> None:
     assert "GATEWAY_BACKEND" in container_env(docs, container)
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/data", "/etc/gateway"} <= mounts
+
+
+def gateway_argv(script: str, environ: dict[str, str]) -> list[str]:
+    """The arguments a container's `/bin/sh -c` script passes to `gateway`, with `environ` set
+    (a shell function stands in for the gateway and prints them, one a line)."""
+    sh = shutil.which("sh")
+    assert sh is not None
+    stand_in = 'gateway() { printf "%s\\n" "$@"; }\n'
+    result = subprocess.run([sh, "-c", stand_in + script], env={"PATH": os.environ["PATH"], **environ},
+                            capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    return result.stdout.splitlines()
+
+
+def test_db_maintain_cronjob_runs_daily_with_the_retention_of_a_config_map(docs: list[dict[str, Any]]) -> None:
+    cron = one(docs, "CronJob", "gateway-db-maintain")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # two runs never race on the same partitions
+    minute, hour, *every = cron["spec"]["schedule"].split()
+    assert every == ["*", "*", "*"] and minute.isdigit() and hour.isdigit(), "runs once a day"
+    assert cron["spec"]["timeZone"] == "Etc/UTC"
+    container = pod_spec(cron)["containers"][0]
+    assert container["command"] == ["/bin/sh", "-c"]
+    script, parser = container["args"][0], build_parser()
+    env = container_env(docs, container)
+    retention = env["AUDIT_RETENTION_DAYS"]["configMapKeyRef"]
+    # As shipped: partitions three months ahead, nothing dropped.
+    shipped = one(docs, "ConfigMap", retention["name"])["data"][retention["key"]]
+    args = parser.parse_args(gateway_argv(script, {"AUDIT_RETENTION_DAYS": shipped}))
+    assert (args.command, args.db_command, args.months_ahead, args.retention_days) == ("db", "maintain", 3, None)
+    # With a retention set in the ConfigMap, old partitions go.
+    args = parser.parse_args(gateway_argv(script, {"AUDIT_RETENTION_DAYS": "90"}))
+    assert (args.db_command, args.months_ahead, args.retention_days) == ("maintain", 3, 90.0)
+    # The database from the Secret, and the settings file it names, as the gateway itself gets them.
+    assert "secretKeyRef" in env["GATEWAY_DATABASE"]
+    assert env["GATEWAY_CONFIG"] == "/etc/gateway/gateway.toml"
+    assert "/etc/gateway" in {m["mountPath"] for m in container["volumeMounts"]}
+    for name in env:
+        assert not name.startswith("GATEWAY_") or name in gateway_env_names(), f"{name} is not a gateway setting"
 
 
 def test_cronjob_matches_the_readme_example(main_docs: list[dict[str, Any]]) -> None:
