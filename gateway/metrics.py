@@ -385,6 +385,14 @@ def live_metrics(services: Services) -> Iterator[Metric]:
     yield version
     if services.store is not None:
         yield from retrieval_cache_metrics(services.store)
+    batcher = services.rails.resources.toxicity_batcher if services.rails is not None else None
+    if batcher is not None:  # the toxicity guard's score cache (guardrails.toxicity.BatchingScorer)
+        yield CounterMetricFamily(
+            "gateway_toxicity_cache_hits", "Texts scored from the cache.", value=batcher.cache_hits
+        )
+        yield CounterMetricFamily(
+            "gateway_toxicity_cache_misses", "Texts the toxicity scorer ran on.", value=batcher.cache_misses
+        )
     if services.evals is not None:
         yield from services.evals.collect()
     yield CounterMetricFamily(

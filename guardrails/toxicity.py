@@ -23,6 +23,7 @@ import abc
 import asyncio
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -355,6 +356,12 @@ def build_scorer(config: ToxicityConfig, embed: Any = None) -> ToxicityScorer:
         )
 
 
+#: Texts whose scores `BatchingScorer` keeps (least recently used out first), and the longest
+#: text it keeps: guards score sentences and messages, and 8,192 of 1,000 characters is 8 MB at most.
+SCORE_CACHE_SIZE = 8192
+SCORE_CACHE_MAX_CHARS = 1000
+
+
 class BatchingScorer:
     """Gathers texts from concurrent callers and scores them in one executor call."""
 
@@ -370,10 +377,44 @@ class BatchingScorer:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # how many executor calls were made (observable in tests/benchmarks)
+        # Scores of texts seen lately. A chat client sends the whole conversation every turn, so
+        # without it each turn scores every earlier user message again (and common answer
+        # sentences, "I can't help with that.", are scored once). Bounded by entries and by
+        # text length; a reload builds a new scorer, and a new cache with it.
+        self._cache: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self.cache_size = SCORE_CACHE_SIZE
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     async def score(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        """Each text's scores: from the cache, or scored with the texts of concurrent callers."""
         if not texts:
             return []
+        found = [self._cached(t) for t in texts]
+        missing = [t for t, f in zip(texts, found, strict=True) if f is None]
+        self.cache_hits += len(texts) - len(missing)
+        self.cache_misses += len(missing)
+        if not missing:
+            return [dict(f) for f in found if f is not None]
+        fresh = iter(await self._score(missing))
+        out = []
+        for text, scores in zip(texts, found, strict=True):
+            if scores is None:
+                scores = next(fresh)
+                if len(text) <= SCORE_CACHE_MAX_CHARS and self.cache_size > 0:
+                    self._cache[text] = scores
+                    if len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+            out.append(dict(scores))
+        return out
+
+    def _cached(self, text: str) -> dict[str, float] | None:
+        scores = self._cache.get(text)
+        if scores is not None:
+            self._cache.move_to_end(text)
+        return scores
+
+    async def _score(self, texts: Sequence[str]) -> list[dict[str, float]]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[dict[str, float]]] = loop.create_future()
         self._pending.append((list(texts), fut))
