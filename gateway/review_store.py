@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import sqlite3
+import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -147,9 +148,7 @@ class Filters:
                 out[f.name] = value.isoformat() if isinstance(value, datetime) else str(value)
         return out
 
-    def apply(self, query: Select[Any], *, fts: bool = False) -> Select[Any]:
-        """`query` narrowed to the matching records; `fts`: SQLite matches words in `q` through its
-        full-text index (see `TextMatch`), not with LIKE."""
+    def apply(self, query: Select[Any]) -> Select[Any]:
         c = audit_records.c
         conditions = [origin_condition(self.origin)]
         if self.since:
@@ -183,7 +182,7 @@ class Filters:
         if self.toxicity_above is not None:
             conditions.append(c.toxicity > self.toxicity_above)
         if self.q:
-            conditions.append(TextMatch(self.q, fts=fts))
+            conditions.append(TextMatch(self.q))
         if self.rating:
             conditions.append(rating_condition(self.rating))
         if self.label == "none":
@@ -201,6 +200,7 @@ TEXT_SEARCH_SQL = (
     "coalesce(left(audit_records.response_text, 100000), ''))"
 )
 TEXT_PROBE_CAP = 20_000  # matches read from the GIN index before a word counts as common
+TEXT_WINDOW_ROWS = 5000  # SQLite: newest rows scanned for a page of a word before its index is read
 # A probe's plan: the GIN index as a bitmap, never a walk of a b-tree or the table; memory for an
 # exact bitmap, so no row's tsvector is recomputed to recheck a lossy page.
 # And a plan for these values: after five runs PostgreSQL may switch to a generic plan, which
@@ -254,20 +254,17 @@ class TextMatch(ColumnElement[bool]):
 
     A filter of plain words is a full-text match: every word, or a word it begins, in the prompt
     or the answer (`zebra` finds "zebras" but not "subzebra"), so it stays fast at millions of rows.
-    PostgreSQL reads its GIN index (migration 0010); SQLite, with `fts`, its FTS5 table (migration
-    0011): the time index walked newest first, each id tested against the matches, which suits a
-    common word, where a page is found after a few rows (`ReviewStore.page` starts from the
-    matches instead for a word few rows hold); without `fts` (no FTS5 table) SQLite keeps the
-    substring scan. A filter with punctuation or other characters (`100%`, `snake_case`,
-    `C:\\`) is the exact substring match (LIKE, `%` and `_` escaped) on both, a scan of the rows
-    in the other filters' range."""
+    PostgreSQL reads its GIN index (migration 0010). On SQLite `ReviewStore.page` does it (its FTS5
+    table, migration 0011, and `words_match`); this element is SQLite's substring scan, for
+    punctuated text and for a database without the index. A filter with punctuation or other
+    characters (`100%`, `snake_case`, `C:\\`) is the exact substring match (LIKE, `%` and `_`
+    escaped) on both, a scan of the rows in the other filters' range."""
 
     type = Boolean()
     inherit_cache = False  # compiled per dialect, with the text inlined as a bound parameter
 
-    def __init__(self, q: str, *, fts: bool = False) -> None:
+    def __init__(self, q: str) -> None:
         self.q = q
-        self.fts = fts
 
 
 def _substring(q: str) -> ColumnElement[bool]:
@@ -291,13 +288,28 @@ def _compile_words(element: TextMatch, compiler: SQLCompiler, **kw: Any) -> str:
     return compiler.process(match, **kw)
 
 
-@compiles(TextMatch, "sqlite")
-def _compile_fts(element: TextMatch, compiler: SQLCompiler, **kw: Any) -> str:
-    words = fts_query(element.q) if element.fts else None
-    if words is None:
-        return f"({compiler.process(_substring(element.q), **kw)})"
-    # `id + 0` is no indexed column, so SQLite keeps to the time index and tests each id instead.
-    return f"({compiler.process((audit_records.c.id + 0).in_(fts_matches(words)), **kw)})"
+def _token_char(char: str) -> bool:
+    """A character FTS5's unicode61 tokenizer keeps in a token: letters, numbers, private-use
+    characters and, as it keeps diacritics, combining marks (Mn); any other separates tokens."""
+    category = unicodedata.category(char)
+    return category[0] in "LN" or category in ("Co", "Mn")
+
+
+def words_match(words: list[str], request_json: str | None, response_text: str | None) -> bool:
+    """Whether the text the FTS5 index holds of a row (`FTS_TEXT_SQL`) has every word of `words`
+    (plain ASCII words, see `fts_query`) at the start of a token, in any case: the index's answer,
+    worked out in Python, for rows the page reads anyway. The index differs on a few characters
+    only: the non-ASCII ones it folds into ASCII letters (the Kelvin sign, the long s), which LIKE
+    does not pass either, and characters newer than SQLite's Unicode tables."""
+    request = (request_json or "")[:100_000]
+    for escape in ("\\n", "\\r", "\\t"):
+        request = request.replace(escape, " ")
+    indexed = request + " " + (response_text or "")[:100_000]
+    for word in words:
+        starts = (m.start() for m in re.finditer(re.escape(word), indexed, re.IGNORECASE | re.ASCII))
+        if not any(at == 0 or not _token_char(indexed[at - 1]) for at in starts):
+            return False
+    return True
 
 
 class _CrossJoin(Join):
@@ -623,7 +635,7 @@ class ReviewStore:
         if filters.q and self.engine.dialect.name == "postgresql" and word_query(filters.q):
             few = await self._few_text_hits(filters, before, limit)
         elif filters.q and self.engine.dialect.name == "sqlite" and fts_query(filters.q):
-            query = await self._sqlite_text_query(filters)
+            query = await self._sqlite_text_query(filters, before, limit)
         async with self.engine.connect() as conn:
             if few is not None:
                 # A generic plan of "these ids" may walk the time index instead (1 s at 500,000 rows).
@@ -633,24 +645,58 @@ class ReviewStore:
             await self._annotate(conn, rows)
         return {"data": rows, "next": next_cursor}
 
-    async def _sqlite_text_query(self, filters: Filters) -> Select[Any]:
+    async def _sqlite_text_query(self, filters: Filters, before: str | None, limit: int) -> Select[Any]:
         """The page query of a filter of words on SQLite, once the rows written since the last
-        catch-up are in the full-text index. Without a usable index (see `has_text_index`), the
-        LIKE scan. When at most TEXT_PROBE_CAP rows hold the words, the query starts from those
-        matches (a CROSS JOIN: SQLite's planner, like PostgreSQL's, cannot tell a rare word from a
-        common one, and would walk the time index through every row); for more, the time index
-        walk, with each id tested against the matches (TextMatch), soon finds a page."""
+        catch-up are in the full-text index; without a usable index (`has_text_index`), LIKE.
+
+        SQLite's planner, like PostgreSQL's, cannot tell a rare word from a common one, and FTS5
+        reads a word prefix's matches whole before the first one (about 0.7 s for a word in most of
+        a million rows). So the newest TEXT_WINDOW_ROWS rows from the cursor on are read first,
+        those holding each word as a substring (LIKE) checked in Python (`words_match`): a common
+        word fills the page there, at the cost of a short LIKE scan, and the page is exact, being
+        the newest matches of every row from the window's start on. Otherwise the words are rare,
+        and the page comes from the index's matches (a CROSS JOIN: SQLite starts from them)."""
+        rest, words = replace(filters, q=None), (filters.q or "").split()
         if not await index_text(self.engine):
             return filters.apply(select(*_LIST_COLUMNS))
-        matches = fts_matches(fts_query(filters.q or "") or "")
+        limit = max(1, min(limit, 500))
+        found = await self._recent_text_hits(rest, words, before, limit)
+        if found is not None:
+            return rest.apply(select(*_LIST_COLUMNS)).where(audit_records.c.id.in_(found))
+        matches = fts_matches(fts_query(filters.q or "") or "").subquery("fts_match")
+        joined = _CrossJoin(matches, audit_records, audit_records.c.id == matches.c.rowid)
+        return rest.apply(select(*_LIST_COLUMNS).select_from(joined))
+
+    async def _recent_text_hits(
+        self, rest: Filters, words: list[str], before: str | None, limit: int
+    ) -> list[int] | None:
+        """The ids of the page (at most limit + 1, newest first) when the newest TEXT_WINDOW_ROWS
+        rows from the cursor on hold them, or all rows do; None when they may lie further back."""
+        c = audit_records.c
+        keyset: list[ColumnElement[bool]] = []
+        if before:
+            moment, ident = decode_cursor(before)
+            keyset.append(or_(c.created_at < moment, and_(c.created_at == moment, c.id < ident)))
+        newest_first = (c.created_at.desc(), c.id.desc())
+        found: list[int] = []
         async with self.engine.connect() as conn:
-            count = select(func.count()).select_from(matches.limit(TEXT_PROBE_CAP + 1).subquery())
-            hits = (await conn.execute(count)).scalar_one()
-        if hits > TEXT_PROBE_CAP:
-            return filters.apply(select(*_LIST_COLUMNS), fts=True)
-        found = matches.subquery("fts_match")
-        joined = _CrossJoin(found, audit_records, audit_records.c.id == found.c.rowid)
-        return replace(filters, q=None).apply(select(*_LIST_COLUMNS).select_from(joined))
+            # The window: every row from the cursor down to the created_at of the N-th newest one.
+            edge = select(c.created_at).where(*keyset).order_by(*newest_first).offset(TEXT_WINDOW_ROWS - 1).limit(1)
+            start = (await conn.execute(edge)).scalar()
+            window = [*keyset, c.created_at >= start] if start is not None else keyset
+            substrings = [or_(c.request_json.contains(w, autoescape=True), c.response_text.contains(w, autoescape=True))
+                          for w in words]  # fmt: skip
+            candidates = rest.apply(select(c.id, c.request_json, c.response_text)).where(*window, *substrings)
+            result = await conn.stream(candidates.order_by(*newest_first))
+            async for row in result:
+                if words_match(words, row.request_json, row.response_text):
+                    found.append(row.id)
+                    if len(found) > limit:
+                        break
+            await result.close()
+        if len(found) > limit or start is None:
+            return found
+        return None
 
     async def _few_text_hits(self, filters: Filters, before: str | None, limit: int) -> Select[Any] | None:
         """PostgreSQL's planner cannot tell a rare word from a common one, and for a newest-first

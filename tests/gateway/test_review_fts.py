@@ -24,7 +24,17 @@ from gateway.audit_sinks import SQLiteSink
 from gateway.db import audit_records, create_engine
 from gateway.migrate import alembic_config, upgrade
 from gateway.retention import prune
-from gateway.review_store import FTS_STATE, FTS_TABLE, FTS_TEXT_SQL, FTS_TRIGGERS, Filters, ReviewStore, TextIndexTask
+from gateway.review_store import (
+    FTS_STATE,
+    FTS_TABLE,
+    FTS_TEXT_SQL,
+    FTS_TRIGGERS,
+    Filters,
+    ReviewStore,
+    TextIndexTask,
+    fts_query,
+    words_match,
+)
 
 NOW = datetime.now(UTC)
 
@@ -45,8 +55,14 @@ def indexed_to(url: str) -> int:
         return int(connection.execute(f"SELECT indexed_to FROM {FTS_STATE}").fetchone()[0])
 
 
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[tuple[str, AsyncEngine]]:
+@pytest.fixture(params=["recent rows", "index"])
+async def db(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    """A database at the head, its word filters answered from the newest rows (checked in Python)
+    or from the FTS5 index (a window of one row: the page is never found there)."""
+    if request.param == "index":
+        monkeypatch.setattr(review_store, "TEXT_WINDOW_ROWS", 1)
     url = f"sqlite:///{tmp_path / 'fts.db'}"
     await asyncio.to_thread(upgrade, url)
     engine = create_engine(url)
@@ -184,13 +200,13 @@ async def test_pruned_and_updated_rows_leave_the_index(db: tuple[str, AsyncEngin
     assert await found(engine, q="platypus") == {again["request_id"]}
 
 
-@pytest.mark.parametrize("cap", [20_000, 1])
+@pytest.mark.parametrize("window", [5000, 3, 1])
 async def test_keyset_pages_with_the_text_filter(
-    db: tuple[str, AsyncEngine], cap: int, monkeypatch: pytest.MonkeyPatch
+    db: tuple[str, AsyncEngine], window: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """From the matches (a rare word) or along the time index (a common one, over the cap): the
-    same rows, newest first, and the same pages."""
-    monkeypatch.setattr(review_store, "TEXT_PROBE_CAP", cap)
+    """From the newest rows (a common word), from the index's matches (a rare one), or both on one
+    walk through the pages: the same rows, newest first, and the same pages."""
+    monkeypatch.setattr(review_store, "TEXT_WINDOW_ROWS", window)
     _, engine = db
     rows = [record(NOW - timedelta(hours=i), answer=f"a quokka number {i}") for i in range(5)]
     rows += [record(NOW - timedelta(minutes=30 + i), status="blocked", answer="quokka, blocked") for i in range(2)]
@@ -255,3 +271,38 @@ def test_the_store_indexes_the_text_the_migration_triggers_forget() -> None:
     spec.loader.exec_module(migration)
     assert migration.indexed_text("audit_records") == FTS_TEXT_SQL
     assert migration.TABLE == FTS_TABLE and migration.STATE == FTS_STATE and migration.TRIGGERS == FTS_TRIGGERS
+
+
+TRICKY = [
+    "snake_case words", "C:\\dir\\zebra", "abc123 x9y", "sub-zebra, zebra's", "ZÉBRA zébra zebra\u0301s",
+    "e\u0301bra", "naïve cafe", "日本語 zebra", "tab\tzebra", "x" * 10 + "zebra", "ǅungla", "ﬁne", "İstanbul",
+    "100%zebra",
+    "emoji\U0001f600zebra", "a\u20ddzebra", "a\u02b0zebra", "a\u2160zebra", "a\u200dzebra", "a\ue000zebra",
+    "line\u2028zebra", "Mc\u0903zebra",
+]  # fmt: skip
+WORDS = ["zebra", "zeb", "ebra", "case", "snake", "dir", "abc", "123", "9y", "x9", "bra", "s", "cafe", "na",
+         "fine", "istanbul", "stanbul", "ungla", "n", "t", "u0301s", "emoji", "line"]  # fmt: skip
+
+
+def test_words_match_answers_as_the_index_does(tmp_path: Path) -> None:
+    """The Python check of the newest rows and the FTS5 index agree, texts with punctuation,
+    digits, accents, other scripts, JSON escapes and odd Unicode categories included."""
+    url = f"sqlite:///{tmp_path / 'agree.db'}"
+    upgrade(url)
+    rows = [(i + 1, json.dumps({"prompt": text}), text) for i, text in enumerate(TRICKY)]
+    with sqlite3.connect(path_of(url)) as connection:
+        connection.executemany(
+            "INSERT INTO audit_records (id, request_id, created_at, finished_at, endpoint, stream, status, "
+            "http_status, request_json, response_text) VALUES (?, hex(randomblob(8)), '2026-01-01', "
+            "'2026-01-01', 'chat.completions', 0, 'ok', 200, ?, ?)",
+            rows,
+        )
+        connection.execute(f"INSERT INTO {FTS_TABLE} (rowid, body) SELECT id, {FTS_TEXT_SQL} FROM audit_records")
+        disagree = []
+        for word in WORDS:
+            indexed = {rowid for (rowid,) in connection.execute(
+                f"SELECT rowid FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ?", (fts_query(word),))}  # fmt: skip
+            for rowid, request_json, answer in rows:
+                if words_match([word], request_json, answer) != (rowid in indexed):
+                    disagree.append((word, TRICKY[rowid - 1]))
+    assert disagree == []
