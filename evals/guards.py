@@ -91,6 +91,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trained-model", metavar="DIR", help="trained scorer folder (default: the head shipped in the package)"
     )
+    parser.add_argument(
+        "--encoder-runtime",
+        choices=("auto", "onnx", "torch"),
+        default="auto",
+        help="where the trained scorer runs MiniLM, as `gateway serve`'s embedding_runtime (default auto: "
+        "retrieval's checked ONNX export, else PyTorch)",
+    )
     parser.add_argument("--detoxify-checkpoint", metavar="PATH")
     parser.add_argument("--detoxify-model-type", choices=DETOXIFY_MODEL_TYPES)
     parser.add_argument(
@@ -302,6 +309,17 @@ def _toxicity_config(args: argparse.Namespace, policy: Policy) -> ToxicityConfig
     return replace(policy.toxicity, **overrides)
 
 
+def _trained_encoder(config: ToxicityConfig, runtime: str) -> tuple[Any, str | None]:
+    """MiniLM for the trained scorer on `runtime` with one thread per call, as the gateway runs
+    it, and the runtime used ((None, None) where the configuration does not pick the trained scorer)."""
+    if config.scorer not in ("auto", "trained") or (config.scorer == "auto" and config.checkpoint):
+        return None, None
+    from evals.train_toxicity import training_encoder
+
+    embed, used, _key = training_encoder("onnx" if runtime == "onnx" else "torch" if runtime == "torch" else "auto", 1)
+    return embed, used
+
+
 def _tox_defaults() -> dict[str, float]:
     from guardrails.toxicity import ToxicityGuard
 
@@ -469,13 +487,17 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
                     print(_table(f"  held-out half @ {t} ({label})", sp[label]["held_out_half"]))
         scorer: ToxicityScorer | None = None
         if args.toxicity or (args.benign and policy.uses_toxicity()):
-            scorer = build_scorer(_toxicity_config(args, policy))
+            config = _toxicity_config(args, policy)
+            embed, runtime = _trained_encoder(config, args.encoder_runtime)
+            scorer = build_scorer(config, embed=embed)
         if args.toxicity:
             assert scorer is not None
             t = eval_toxicity(Path(args.toxicity), scorer, policy, args.limit, args.sample, args.seed)
+            t["encoder_runtime"] = runtime if t["scorer"].get("scorer") == "trained" else None
             report["toxicity"] = t
+            on = f" on {runtime}" if t["encoder_runtime"] else ""
             print(
-                f"toxicity ({t['scorer']['scorer']}), positive = toxic; share toxic {t['toxic_share']:.3f}; "
+                f"toxicity ({t['scorer']['scorer']}{on}), positive = toxic; share toxic {t['toxic_share']:.3f}; "
                 f"batched {t['ms_per_text_batched']:.3f} ms/text; latency = single-text calls"
             )
             print(_table("  all", t))

@@ -84,6 +84,13 @@ def unquoted(text: str) -> str | None:
     return out
 
 
+def whole_quotation(text: str) -> str | None:
+    """The words inside the quotes when `text` is one quotation and nothing else (an answer that
+    only says '"You are worthless."'): quotes that frame nothing do not make it a report."""
+    match = QUOTATION.fullmatch(text.strip().rstrip(".!?,;: "))
+    return match.group(0)[1:-1].strip() or None if match else None
+
+
 def quoted_sentences(text: str, sentences: Sequence[tuple[int, int]]) -> list[int]:
     """The indexes of the sentences that lie inside a quotation which goes beyond them (a line of
     dialogue of several sentences: the splitter cuts it, and each piece alone reads as the

@@ -4,7 +4,8 @@ The head is small (384 weights, a bias, optionally one more weight for alt-profa
 score) and ships in the package (`guardrails/models/toxicity-minilm/`: `head.npz` plus
 `meta.json` with the seed, the training data's hash and size, the metrics on the validation
 and test splits and the threshold chosen on validation), so nothing is trained at run time.
-`gateway guards train-toxicity` (evals/train_toxicity.py) rebuilds it reproducibly.
+`gateway guards train-toxicity` (evals/train_toxicity.py) rebuilds it reproducibly (MiniLM on
+ONNX Runtime there, with an embedding cache; the shipped head was trained on ONNX features).
 
 Scores are shifted so that 0.5 is the operating point chosen on the validation split: the
 policy's default threshold (0.5) is the trained one, and a stricter or looser threshold moves
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from guardrails.errors import ScorerUnavailable
-from guardrails.toxicity import ProfanityCheckScorer, ToxicityScorer, unquoted
+from guardrails.toxicity import ProfanityCheckScorer, ToxicityScorer, unquoted, whole_quotation
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -190,7 +191,9 @@ def score_texts(texts: Sequence[str], head_scores: Scores, short_profanity: Scor
     - Quoted or reported speech ("the witness said 'I will kill you'", a villain's line in a
       story) scores the lower of the text and the text with its quotations replaced by a neutral
       word: the frame decides, not the words quoted in it. A threat or insult that merely
-      contains a quotation still scores high, since its frame is toxic too.
+      contains a quotation still scores high, since its frame is toxic too. A text that is one
+      quotation and nothing else scores the higher of itself and the words inside the quotes:
+      quotes that frame nothing are not a report.
     - Texts of fewer than SHORT_WORDS words take `short_text_score`.
     """
     if not texts:
@@ -201,6 +204,11 @@ def score_texts(texts: Sequence[str], head_scores: Scores, short_profanity: Scor
         framed = head_scores([u for _, u in quoted])
         for (i, _), v in zip(quoted, framed, strict=True):
             out[i] = min(out[i], float(v))
+    whole = [(i, q) for i, q in ((i, whole_quotation(t)) for i, t in enumerate(texts)) if q is not None]
+    if whole:
+        inner = head_scores([q for _, q in whole])
+        for (i, _), v in zip(whole, inner, strict=True):
+            out[i] = max(out[i], float(v))
     short = [i for i, text in enumerate(texts) if len(text.split()) < SHORT_WORDS]
     if short:
         profane = short_profanity([texts[i] for i in short]) if short_profanity is not None else np.zeros(len(short))

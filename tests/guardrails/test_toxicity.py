@@ -253,3 +253,13 @@ def test_requests_fiction(prompt, fiction):
     from guardrails.toxicity import requests_fiction
 
     assert requests_fiction(prompt) is fiction
+
+
+def test_whole_quotation_is_the_words_inside_quotes_that_frame_nothing():
+    from guardrails.toxicity import whole_quotation
+
+    assert whole_quotation('"You are a worthless waste of space."') == "You are a worthless waste of space."
+    assert whole_quotation("\u201cYou idiot\u201d.") == "You idiot"
+    assert whole_quotation('The witness said "I will find you" twice.') is None
+    assert whole_quotation("You're a moron and I'm right.") is None  # apostrophes are not quotes
+    assert whole_quotation('""') is None
