@@ -156,6 +156,30 @@ def load_encoder(model_path: str | None = None, torch_threads: int | None = None
     return embed
 
 
+#: Texts per encoder call when scoring. An encoder pads a call's texts to the longest one, and
+#: the guard's sentences vary in length, so one call of 32 mostly computes padding: calls of 8
+#: texts of similar length measured 12.1 ms per text against 22.1 for one call of 32 (ONNX, one
+#: thread, the benign chat set's sentences, load average 6-7 on the shared 2 cores).
+EMBED_CHUNK = 8
+
+
+def chunked(embed: EmbedFn, size: int = EMBED_CHUNK) -> EmbedFn:
+    """`embed` called on length-sorted groups of at most `size` texts; rows in the caller's order."""
+
+    def run(texts: Sequence[str]) -> np.ndarray:
+        if len(texts) <= size:
+            return embed(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        groups = [order[start : start + size] for start in range(0, len(order), size)]
+        parts = [(rows, embed([texts[i] for i in rows])) for rows in groups]
+        out = np.empty((len(texts), parts[0][1].shape[1]), dtype=np.float32)
+        for rows, vectors in parts:
+            out[rows] = vectors
+        return out
+
+    return run
+
+
 def build_features(
     texts: Sequence[str], embed: EmbedFn, profanity: Callable[[Sequence[str]], np.ndarray] | None
 ) -> np.ndarray:
@@ -228,7 +252,7 @@ class TrainedToxicityScorer(ToxicityScorer):
     ) -> None:
         self.artefact_dir = Path(artefact_dir) if artefact_dir is not None else ARTEFACT_DIR
         self.head = load_head(self.artefact_dir)
-        self._embed = embed if embed is not None else load_encoder()
+        self._embed = chunked(embed if embed is not None else load_encoder())
         self._profanity: Callable[[Sequence[str]], np.ndarray] | None = None
         if self.head.profanity_feature:
             scorer = ProfanityCheckScorer()  # ScorerUnavailable when the package is missing

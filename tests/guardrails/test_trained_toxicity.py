@@ -428,3 +428,22 @@ def test_embedding_cache_keeps_digests_that_end_in_a_zero_byte(tmp_path: Path):
     reloaded = EmbeddingCache(fake, tmp_path / "c.npz")
     reloaded(texts)
     assert calls == [2000] and reloaded.hits == 2000
+
+
+def test_scoring_embeds_in_small_length_sorted_calls():
+    """The encoder pads a call to its longest text: the scorer sends groups of EMBED_CHUNK texts of
+    similar length, and the rows come back in the caller's order."""
+    from guardrails.trained_toxicity import EMBED_CHUNK, chunked
+
+    calls: list[list[str]] = []
+
+    def fake(texts):
+        calls.append(list(texts))
+        return np.array([[len(t)] + [0.0] * 383 for t in texts], dtype=np.float32)
+
+    texts = ["x" * n for n in (30, 1, 17, 5, 22, 9, 2, 40, 13, 3, 8, 25)]
+    out = chunked(fake)(texts)
+    assert [int(v) for v in out[:, 0]] == [len(t) for t in texts]
+    assert all(len(c) <= EMBED_CHUNK for c in calls) and len(calls) == 2
+    assert max(map(len, calls[0])) <= min(map(len, calls[1]))  # sorted by length across the calls
+    assert len(chunked(fake)(texts[:3])) == 3 and calls[-1] == texts[:3]  # a small call goes as it is
