@@ -237,7 +237,7 @@ def live(n: int, before: Path | None, scorer: str | None = None) -> list[dict[st
                     rows.append({"tree": tree_name, "name": name, **_feel(url, key, n)})
                 finally:
                     proc.terminate()
-                    proc.wait(10)
+                    proc.wait(90)  # graceful: it drains and flushes first (slow on a loaded machine)
     off = {r["tree"]: r["ttft_ms"] for r in rows if r["name"] == "guards off"}
     which = f"toxicity scorer {scorer}" if scorer else "the default toxicity scorer"
     print(f"\nstreaming feel, fake backend at 30 tokens/s, 60 tokens, {which} (median of {n} streams)")
