@@ -3,7 +3,9 @@
 Paging is keyset (created_at, id) on indexed columns, never OFFSET, so page 1,000 costs what
 page 1 costs however many records there are. A page costs a fixed number of queries whatever
 its length: the page itself, then the labels and the ratings of all its rows at once. Plain
-code over the async engine; the HTML pages and the JSON API both call it.
+code over the async engine; the HTML pages and the JSON API both call it. The text filter reads a
+full-text index where there is one: PostgreSQL's GIN index (migration 0010), SQLite's FTS5 table
+(migration 0011), which `TextIndexTask` fills in the background, off the audit writer's path.
 
 Labels are append-only: a change is a new row, a removal is a row labelled `cleared`, and a
 request's current label is its newest row (None once cleared). End-user ratings (`feedback`)
@@ -556,6 +558,11 @@ def _index_pending(path: str, batch: int) -> bool:
         if not has_text_index(connection):
             return False
         while True:
+            # Read first, without the write lock: an idle gateway's catch-up takes no lock at all.
+            (done,) = connection.execute(f"SELECT indexed_to FROM {FTS_STATE}").fetchone()
+            (newest,) = connection.execute("SELECT coalesce(max(id), 0) FROM audit_records").fetchone()
+            if newest <= done:
+                return True
             connection.execute("BEGIN IMMEDIATE")
             try:
                 (done,) = connection.execute(f"SELECT indexed_to FROM {FTS_STATE}").fetchone()
@@ -676,7 +683,8 @@ class ReviewStore:
         keyset: list[ColumnElement[bool]] = []
         if before:
             moment, ident = decode_cursor(before)
-            keyset.append(or_(c.created_at < moment, and_(c.created_at == moment, c.id < ident)))
+            # Spelt as a range on created_at: with the plain OR, SQLite read and sorted the whole window.
+            keyset += [c.created_at <= moment, or_(c.created_at < moment, c.id < ident)]
         newest_first = (c.created_at.desc(), c.id.desc())
         found: list[int] = []
         async with self.engine.connect() as conn:
