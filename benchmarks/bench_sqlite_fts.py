@@ -108,7 +108,7 @@ async def writer(directory: Path, writes: int) -> None:
         await asyncio.to_thread(upgrade, url, "0010" if name == "0010" else "head")
     with sqlite3.connect(make_url(urls["trigger"]).database or "") as connection:
         # The alternative not taken: every row indexed by a trigger, in the writer's transaction.
-        connection.execute("DROP TRIGGER audit_records_fts_insert")
+        connection.execute("DROP TRIGGER IF EXISTS audit_records_fts_insert")
         body = FTS_TEXT_SQL.replace("audit_records.", "new.")
         connection.execute(
             "CREATE TRIGGER audit_records_fts_insert AFTER INSERT ON audit_records BEGIN "

@@ -215,7 +215,7 @@ _BITMAP_ONLY = (("enable_seqscan", "off"), ("enable_indexscan", "off"), ("enable
 # row's id), and the triggers that keep it in step; without all of them the filter keeps LIKE.
 FTS_TABLE = "audit_records_fts"
 FTS_STATE = "audit_records_fts_state"  # indexed_to: every row with an id up to it is in the index
-FTS_TRIGGERS = ("audit_records_fts_insert", "audit_records_fts_delete", "audit_records_fts_update")
+FTS_TRIGGERS = ("audit_records_fts_delete", "audit_records_fts_update")
 # What the FTS table indexes of a row: TEXT_SEARCH_SQL's text, in SQLite (migration 0011 repeats it
 # in its triggers, which must forget exactly the text that was indexed).
 FTS_TEXT_SQL = (
@@ -599,7 +599,7 @@ async def index_text(engine: AsyncEngine, batch: int = FTS_BATCH) -> bool:
 class TextIndexTask:
     """What `gateway serve` does to keep SQLite's full-text index close behind the audit log: the
     rows written since the last run are indexed every INTERVAL_S seconds, off the request path (an
-    FTS5 insert in the audit writer's transaction would cost each request about 0.3 ms). A search
+    FTS5 insert in the audit writer's transaction would cost each request about 0.4 ms). A search
     catches up the rest itself. Nothing on PostgreSQL, whose GIN index is kept by the insert."""
 
     INTERVAL_S = 2.0

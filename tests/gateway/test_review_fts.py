@@ -258,7 +258,7 @@ async def test_without_its_triggers_the_index_is_not_used(db: tuple[str, AsyncEn
     await add(engine, row)
     assert await found(engine, q="ebra") == set()
     with sqlite3.connect(path_of(url)) as connection:
-        connection.execute(f"DROP TRIGGER {FTS_TRIGGERS[1]}")
+        connection.execute(f"DROP TRIGGER {FTS_TRIGGERS[0]}")  # on delete
     assert await found(engine, q="ebra") == {row["request_id"]}
 
 

@@ -11,17 +11,20 @@ break is a word (`gateway.review_store` relies on both indexing the same text). 
 case and keeps diacritics (PostgreSQL's `simple` configuration does the same); `detail=none` keeps
 no positions, as the filter asks for words and word prefixes, never phrases.
 
-The audit writer's hot path is left alone: an FTS5 insert costs about 0.1 ms a row on a shared
-laptop core (0.3 to 0.5 ms with its share of the writes to disk, benchmarks/bench_sqlite_fts.py),
-over the 0.05 ms a request that a new layer may cost. So new rows are indexed in the background,
+The audit writer's hot path is left alone: a trigger indexing each row in the writer's transaction
+cost 0.35 to 0.42 ms a row (benchmarks/bench_sqlite_fts.py, 2 shared cores), over the 0.05 ms a
+request that a new layer may cost; indexed afterwards in batches, a row costs 0.04 ms of a
+background thread. So new rows are indexed in the background,
 in batches keyed by rowid (`gateway.review_store.index_text`, run every few seconds by the
 gateway and before each search): `audit_records_fts_state.indexed_to` is the highest id indexed,
 every row up to it is in the index. Only the rarer writes go through triggers, for rows already
 indexed: a delete (`gateway db prune`) removes the row from the index (a contentless table forgets
 a row only when told the text it indexed, which the trigger recomputes from the old row with the
 same expression) and lowers `indexed_to` if the newest rows went, since SQLite then hands their ids
-out again; an update of the two columns re-indexes the row; an insert with an id at or below
-`indexed_to` (never the gateway's writer, whose ids only grow) is indexed at once.
+out again; an update of the two columns re-indexes the row. There is no trigger on insert, not
+even one that only checks the id: it cost the writer 0.07 ms a row (measured, batches of 50), so a
+row inserted with an explicit id at or below `indexed_to` (never by the gateway, whose ids only
+grow) stays out of the index.
 
 The existing rows are indexed here, in the migration's one transaction (see the benchmark for the
 time per million rows; the audit writer waits, then spools and replays, meanwhile).
@@ -48,7 +51,7 @@ depends_on = None
 
 TABLE = "audit_records_fts"
 STATE = "audit_records_fts_state"
-TRIGGERS = ("audit_records_fts_insert", "audit_records_fts_delete", "audit_records_fts_update")
+TRIGGERS = ("audit_records_fts_delete", "audit_records_fts_update")
 _INDEXED_TO = f"(SELECT indexed_to FROM {STATE})"
 _NEWEST = "(SELECT coalesce(max(id), 0) FROM audit_records)"
 
@@ -70,10 +73,9 @@ def _index(row: str) -> str:
 
 
 TRIGGER_SQL = {
-    TRIGGERS[0]: f"AFTER INSERT ON audit_records WHEN new.id <= {_INDEXED_TO} BEGIN {_index('new')} END",
-    TRIGGERS[1]: f"AFTER DELETE ON audit_records WHEN old.id <= {_INDEXED_TO} BEGIN {_forget('old')} "
+    TRIGGERS[0]: f"AFTER DELETE ON audit_records WHEN old.id <= {_INDEXED_TO} BEGIN {_forget('old')} "
     f"UPDATE {STATE} SET indexed_to = {_NEWEST} WHERE indexed_to > {_NEWEST}; END",
-    TRIGGERS[2]: f"AFTER UPDATE OF request_json, response_text ON audit_records WHEN old.id <= {_INDEXED_TO} "
+    TRIGGERS[1]: f"AFTER UPDATE OF request_json, response_text ON audit_records WHEN old.id <= {_INDEXED_TO} "
     f"BEGIN {_forget('old')} {_index('new')} END",
 }
 
