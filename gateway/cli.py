@@ -430,7 +430,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         settings.index_storage,
         settings.s3_endpoint_url,
         settings.embedding_runtime,
-        settings.data_dir / "onnx",  # the export cache `gateway serve` uses: exported once for both
+        settings.onnx_cache_dir,  # the export cache `gateway serve` uses: exported once for both
     )
     return run_ingest(args, target)
 

@@ -39,6 +39,7 @@ from guardrails import (
     default_policy,
     load_policy,
     make_executor,
+    wants_sentence_encoder,
 )
 from retrieval import (
     CollectionStore,
@@ -106,6 +107,7 @@ class Services:
         self.executor = make_executor(settings.guard_workers)
         self.rails: Guardrails | None = None
         self.embedder: Embedder | None = None
+        self._scorer_embedder: Embedder | None = None  # the toxicity scorer's MiniLM when retrieval runs another
         self.store: CollectionStore | None = None
         # Key limits come with each key; model limits from the settings; counters in Redis when given.
         self.limiter = build_limiter(
@@ -231,7 +233,7 @@ class Services:
             self.settings.embedding_model,
             executor=self.executor,
             runtime=self.settings.embedding_runtime,
-            cache_dir=self.settings.data_dir / "onnx",
+            cache_dir=self.settings.onnx_cache_dir,
         )
         log.info(
             "retrieval: embedding model %s runs on %s (%s); loaded in %.1f s",
@@ -249,8 +251,21 @@ class Services:
     async def _shared_toxicity_scorer(self, policy: Policy) -> ToxicityScorer | None:
         """The policy's toxicity scorer over the embedder's model when that is the bundled MiniLM, so
         the model is loaded once for both; None when there is nothing to share (Guardrails.load builds it)."""
+        if not policy.uses_toxicity():
+            return None
         embed = bundled_minilm_encoder(self.embedder)
-        if embed is None or not policy.uses_toxicity():
+        if embed is None and wants_sentence_encoder(policy.toxicity):
+            # Retrieval runs another model (or none): the scorer gets the bundled MiniLM of its own,
+            # on the same runtime and export cache, so ONNX spares it PyTorch's import and load.
+            if self._scorer_embedder is None:
+                self._scorer_embedder = await create_embedder_async(
+                    None,
+                    executor=self.executor,
+                    runtime=self.settings.embedding_runtime,
+                    cache_dir=self.settings.onnx_cache_dir,
+                )
+            embed = bundled_minilm_encoder(self._scorer_embedder)
+        if embed is None:
             return None
         loop = asyncio.get_running_loop()
         scorer = await loop.run_in_executor(self.executor, functools.partial(build_scorer, policy.toxicity, embed))

@@ -58,6 +58,7 @@ class Settings:
     rag: bool = True  # load the embedding model and serve retrieval and /v1/embeddings
     embedding_model: str | None = None  # none: the bundled all-MiniLM-L6-v2; "hashing": the fake
     embedding_runtime: str = "auto"  # "onnx" (checked export, made at first load), "torch", or "auto": onnx, else torch
+    onnx_cache: Path | None = None  # where ONNX exports of the MiniLM are kept (made once); none: DATA_DIR/onnx
     index_storage: str | None = None  # RAG index files: a folder (shared volume) or s3://BUCKET/PREFIX; none: DATA_DIR
     s3_endpoint_url: str | None = None  # an S3-compatible server for s3:// index storage; none: boto3's AWS_* settings
     sample_corpus: bool = True  # ingest the shipped sample corpus as collection "sample" if absent
@@ -87,6 +88,11 @@ class Settings:
     sticky: str = "none"  # A/B by stable hash: "key" (API key), "user" (the request's `user` field) or "none"
     shadow_max_in_flight: int = 16  # shadow copies in flight per replica; more are dropped and counted
     config_poll: float = 5.0  # seconds between looks at the live config version in the database (rollback)
+
+    @property
+    def onnx_cache_dir(self) -> Path:
+        """Where the ONNX exports of the embedding model live (shared by serve, ingest and the toxicity scorer)."""
+        return self.onnx_cache if self.onnx_cache is not None else self.data_dir / "onnx"
 
     @property
     def index_root(self) -> Path:

@@ -33,6 +33,7 @@ from guardrails.toxicity import (
     ToxicityConfig,
     ToxicityScorer,
     build_scorer,
+    wants_sentence_encoder,
 )
 
 __all__ = [
@@ -66,4 +67,5 @@ __all__ = [
     "message_texts",
     "parse_policy",
     "structured_text",
+    "wants_sentence_encoder",
 ]

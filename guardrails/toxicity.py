@@ -325,6 +325,12 @@ class DetoxifyScorer(ToxicityScorer):
         }
 
 
+def wants_sentence_encoder(config: ToxicityConfig) -> bool:
+    """Whether `build_scorer(config)` would run the trained scorer, which embeds with the bundled
+    MiniLM (a caller may then hand it an `embed` of its own, e.g. on ONNX Runtime)."""
+    return config.scorer == "trained" or (config.scorer == "auto" and not config.checkpoint)
+
+
 def build_scorer(config: ToxicityConfig, embed: Any = None) -> ToxicityScorer:
     """Load the configured scorer (blocking: call at start-up, off the event loop).
 

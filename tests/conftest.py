@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 from gateway.settings import Settings
 from serving.fake import FakeBackendThread, FakeConfig
 from tests.helpers import GatewayServer, create_key, prepare_database
+
+#: One ONNX export cache for every gateway the tests start (in this process or as `gateway serve`
+#: subprocesses, which inherit the variable): the MiniLM is exported and checked once (about 10 s
+#: and a PyTorch import), not once per fresh data dir. It is the default gateway's own cache.
+TEST_ONNX_CACHE = Path(__file__).resolve().parents[1] / "data" / "onnx"
+os.environ.setdefault("GATEWAY_ONNX_CACHE", str(TEST_ONNX_CACHE))
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +43,12 @@ def _reset_fakes(request: pytest.FixtureRequest) -> None:
 
 def make_settings(tmp_path: Path, backend: str, **changes: object) -> Settings:
     """Settings for a test gateway: the fast fake embedder and no sample corpus unless asked for."""
-    values: dict[str, object] = {"embedding_model": "hashing", "sample_corpus": False, **changes}
+    values: dict[str, object] = {
+        "embedding_model": "hashing",
+        "sample_corpus": False,
+        "onnx_cache": Path(os.environ["GATEWAY_ONNX_CACHE"]),
+        **changes,
+    }
     settings = Settings(data_dir=tmp_path, backend=(backend,), **values)  # type: ignore[arg-type]
     prepare_database(settings)
     return settings

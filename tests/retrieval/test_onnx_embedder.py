@@ -7,6 +7,7 @@ The export runs once per session into a scratch cache (seconds), in the fixture 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import shutil
 import sys
@@ -262,11 +263,16 @@ def test_trained_toxicity_scores_do_not_move_with_the_onnx_encoder(
         assert (a["toxicity"] >= 0.5) == (b["toxicity"] >= 0.5)
 
 
+def encoder_of(scorer: Any) -> Any:
+    """The `embed` a trained scorer was given (it wraps it to embed in length-sorted groups)."""
+    return inspect.getclosurevars(scorer._embed).nonlocals.get("embed", scorer._embed)
+
+
 @pytest.fixture
 def minilm_settings(tmp_path: Path, exported: Path, fake_backend: FakeBackendThread) -> Settings:
     """A gateway on the bundled MiniLM whose DATA_DIR/onnx already holds the session's export."""
     shutil.copytree(exported, tmp_path / "onnx" / exported.name)
-    return make_settings(tmp_path, fake_backend.url, embedding_model=None, embedding_runtime="auto")
+    return make_settings(tmp_path, fake_backend.url, embedding_model=None, embedding_runtime="auto", onnx_cache=None)
 
 
 async def test_the_gateway_loads_the_minilm_once_for_retrieval_and_the_toxicity_guard(
@@ -281,12 +287,34 @@ async def test_the_gateway_loads_the_minilm_once_for_retrieval_and_the_toxicity_
         assert services.rails is not None
         scorer: Any = services.rails.resources.toxicity_scorer
         assert scorer.describe()["scorer"] == "trained"
-        assert scorer._embed == services.embedder.embed_sync  # the retrieval embedder's model, not a second one
+        assert encoder_of(scorer) == services.embedder.embed_sync  # the retrieval embedder's model, not a second one
         reloaded: Any = (await services.load_guardrails(services.policy)).resources.toxicity_scorer
-        assert reloaded._embed == services.embedder.embed_sync  # a new policy's guards share it too
+        assert encoder_of(reloaded) == services.embedder.embed_sync  # a new policy's guards share it too
         _, details = await services.readiness()
         assert details["retrieval"]["embedding_runtime"]["runtime"] == "onnx"
         assert "min cosine" in details["retrieval"]["embedding_runtime"]["note"]
+    finally:
+        await services.stop()
+
+
+async def test_with_another_retrieval_model_the_toxicity_scorer_runs_its_minilm_on_onnx(
+    minilm_settings: Settings,
+) -> None:
+    from dataclasses import replace
+
+    from gateway.services import Services
+
+    services = Services(replace(minilm_settings, embedding_model="hashing"))
+    await services.start()
+    try:
+        assert services.embedder is not None and services.embedder.runtime == "python"  # the hashing fake
+        scorer: Any = services.rails.resources.toxicity_scorer if services.rails is not None else None
+        assert scorer is not None and scorer.describe()["scorer"] == "trained"
+        own = services._scorer_embedder
+        assert own is not None and own.runtime == "onnx"  # no PyTorch model load in the gateway
+        assert encoder_of(scorer) == own.embed_sync
+        reloaded: Any = (await services.load_guardrails(services.policy)).resources.toxicity_scorer
+        assert encoder_of(reloaded) == own.embed_sync  # loaded once, shared by a new policy's guards
     finally:
         await services.stop()
 
@@ -314,9 +342,13 @@ def test_gateway_ingest_uses_the_runtime_setting_and_the_gateways_export_cache(
 
     monkeypatch.setattr(retrieval.cli, "create_embedder", fake_create)
     monkeypatch.setenv("GATEWAY_EMBEDDING_RUNTIME", "torch")
+    monkeypatch.delenv("GATEWAY_ONNX_CACHE", raising=False)
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.md").write_text("# A\n\nThe Zorblat weighs 4.2 kg.\n", encoding="utf-8")
     data = tmp_path / "data"
     assert main(["ingest", str(docs), "--collection", "kb", "--data-dir", str(data)]) == 0
     assert asked == [{"model": None, "runtime": "torch", "cache_dir": data / "onnx"}]
+    monkeypatch.setenv("GATEWAY_ONNX_CACHE", str(tmp_path / "exports"))  # the onnx_cache setting wins
+    assert main(["ingest", str(docs), "--collection", "kb2", "--data-dir", str(data)]) == 0
+    assert asked[-1]["cache_dir"] == tmp_path / "exports"
