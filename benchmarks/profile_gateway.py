@@ -71,7 +71,7 @@ AREAS = [
 def prompts(n: int, rag: bool) -> list[str]:
     if rag:
         return [f"question {i}: how does the {TOPICS[i % len(TOPICS)]} work, case {i}?" for i in range(n)]
-    return [f"Message {i}: please summarise the meeting notes about {TOPICS[i % len(TOPICS)]} for me." for i in range(n)]
+    return [f"Message {i}: please summarise the notes about {TOPICS[i % len(TOPICS)]} for me." for i in range(n)]
 
 
 async def drive(url: str, texts: list[str], concurrency: int, rag: bool) -> tuple[float, int]:
