@@ -1,30 +1,33 @@
 """Reviewer queries on a big PostgreSQL audit log: partitioned by month (migration 0010) or not.
 
-For each layout, a fresh database of its own (`bench_scale_partitioned`, `bench_scale_plain`,
-dropped at the end unless --keep) is filled with N records spread evenly over the last 12 months
-and a few days (in time order, as a gateway writes them): `INSERT ... SELECT generate_series`
-joined to 5,000 generated sentences over a 3,000-word vocabulary (Zipf-like), about 350 bytes of
-stored request and 450 of answer a record; 2 % blocked, 10 % flagged, 3 models, 20 keys; one record
-in 100,000 mentions "zanzibar"; feedback on 1 % (a third negative), labels on 0.1 %.
+For each layout, a fresh database of its own (`bench_scale_partitioned`, `bench_scale_plain`, the
+prefix set by --db-prefix; dropped at the end unless --keep) is filled with N records spread evenly
+over the last 12 months and a few days (in time order, as a gateway writes them): `INSERT ...
+SELECT generate_series` joined to 5,000 generated sentences over a 3,000-word vocabulary
+(Zipf-like), about 350 bytes of stored request and 450 of answer a record; 2 % blocked, 10 %
+flagged, 3 models, 20 keys; one record in 100,000 mentions "zanzibar"; feedback on 1 % (a third
+negative; each row with its record's created_at, as `FeedbackStore` writes it since migration
+0012), labels on 0.1 %.
 
 - `partitioned`: the head schema (monthly partitions, GIN text index), the past months' partitions
   created as a gateway running all year would have.
-- `plain`: the schema before 0010 (revision 0009, one table), with the same GIN index added, so
-  both run the same reviewer code and only the layout differs.
+- `plain`: the schema before 0010 (revision 0009, one table), with the same GIN index and 0012's
+  `feedback.record_created_at` added, so both run the same reviewer code and only the layout differs.
 
 Both are filled with their b-tree indexes in place; the GIN index is built after the fill (filling
 through it runs at about 1,000 records/s on 2 shared cores, so an hour for a few million).
 
 Then it times, through the real code (`ReviewStore`, `FeedbackStore`, `gateway.partitions`,
 `gateway.retention`): the first list page, a page six months deep (keyset cursor), pages filtered
-by status and model, text search (a rare word, two common words, and a text with punctuation,
-which keeps the exact-substring scan), the review queue, one record by request id, the feedback
+by status, model and rating (negative, positive), text search (a rare word, two common words, and
+a text with punctuation, which keeps the exact-substring scan), the review queue, one record by request id, the feedback
 check of a request id; and retention: dropping the oldest month (partitioned: `DETACH` + `DROP`)
 against `db prune` deleting row by row (plain: a few days' worth, timed, as a rate). Prints
 p50/p99 in ms (with --repeat 20, p99 is about the slowest run).
 
     .venv/bin/python benchmarks/bench_review_scale.py --rows 500000 [--layouts partitioned,plain] [--keep]
     .venv/bin/python benchmarks/bench_review_scale.py --reuse --layouts partitioned  # queries again
+    .venv/bin/python benchmarks/bench_review_scale.py --reuse --cases queue,rating  # some of them
     .venv/bin/python benchmarks/bench_review_scale.py --layouts upgrade --rows 500000  # the migration
 """
 
@@ -119,11 +122,18 @@ async def fill(engine: AsyncEngine, rows: int, start: datetime, end: datetime) -
             await conn.execute(text(FILL), {"lo": lo, "hi": hi, "start": start, "step": step, "rare": RARE})
         print(f"  {hi:>11,} rows  {time.perf_counter() - began:7.1f} s", flush=True)
     async with engine.begin() as conn:
+        columns = "SELECT column_name FROM information_schema.columns WHERE table_name = 'feedback'"
+        if "record_created_at" in set((await conn.execute(text(columns))).scalars()):
+            # The rated record's created_at (migration 0012), read from the record as the gateway does.
+            record, fill_feedback = ", record_created_at", ", a.created_at"
+        else:
+            record, fill_feedback = "", ""  # the schema before 0012 (`--layouts upgrade`)
         await conn.execute(
             text(
-                "INSERT INTO feedback (request_id, key_id, rating, created_at) "
+                f"INSERT INTO feedback (request_id, key_id, rating, created_at{record}) "
                 "SELECT md5(g::text), 'key_' || lpad((g % 20)::text, 2, '0'), "
-                "CASE WHEN g % 3 = 0 THEN -1 ELSE 1 END, now() FROM generate_series(1, :n, 100) g"
+                f"CASE WHEN g % 3 = 0 THEN -1 ELSE 1 END, now(){fill_feedback} FROM generate_series(1, :n, 100) g "
+                "JOIN audit_records a ON a.request_id = md5(g::text)"
             ),
             {"n": rows},
         )
@@ -148,7 +158,9 @@ async def timed(repeat: int, call: Callable[[], Awaitable[Any]]) -> tuple[float,
     return statistics.median(samples), p99, result
 
 
-async def queries(engine: AsyncEngine, rows: int, now: datetime, repeat: int) -> list[tuple[str, float, float, str]]:
+async def queries(
+    engine: AsyncEngine, rows: int, now: datetime, repeat: int, only: list[str] | None = None
+) -> list[tuple[str, float, float, str]]:
     store, feedback = ReviewStore(engine), FeedbackStore(engine)
     rng = random.Random(3)
     ids = [hash_of(rng.randint(rows // 10, rows)) for _ in range(repeat)]  # not in the month a run drops
@@ -165,6 +177,8 @@ async def queries(engine: AsyncEngine, rows: int, now: datetime, repeat: int) ->
         (*page("filter status=blocked", status="blocked"), repeat),
         (*page("filter model=llama-8b", model="llama-8b"), repeat),
         (*page("filter status=blocked, model=smollm2", status="blocked", model="smollm2"), repeat),
+        (*page("filter rating=negative", rating="negative"), repeat),
+        (*page("filter rating=positive", rating="positive"), repeat),
         (*page(f"text: rare word '{RARE}'", q=RARE), repeat),
         (*page("text: two common words 'battery warranty'", q="battery warranty"), repeat),
         (*page(f"text with punctuation '{RARE}.' (substring scan)", q=f"{RARE}."), max(1, repeat // 10)),
@@ -174,6 +188,8 @@ async def queries(engine: AsyncEngine, rows: int, now: datetime, repeat: int) ->
     ]
     out = []
     for label, call, times in cases:
+        if only and not any(part in label for part in only):
+            continue
         p50, p99, result = await timed(times, call)
         found = f"{len(result['data'])} rows" if isinstance(result, dict) and "data" in result else ""
         out.append((label, p50, p99, found))
@@ -243,14 +259,14 @@ async def time_upgrade(args: argparse.Namespace, name: str, url: str, now: datet
 
 
 async def run_layout(args: argparse.Namespace, layout: str) -> None:
-    name = f"bench_scale_{layout}"
+    name = f"{args.db_prefix}_{layout}"
     url = f"{args.pg}/{name}"
     now = datetime.now(UTC)
     if args.reuse:  # the queries again, on a database an earlier run kept
         engine = create_engine(url)
         try:
             print(f"\n== {layout}: the kept database {name}", flush=True)
-            await queries(engine, args.rows, now, args.repeat)
+            await queries(engine, args.rows, now, args.repeat, args.cases)
         finally:
             await engine.dispose()
         return
@@ -265,6 +281,9 @@ async def run_layout(args: argparse.Namespace, layout: str) -> None:
     try:
         if layout == "partitioned":
             await create_ahead(engine, 13, start)  # the past months (a gateway running all year made them)
+        else:  # 0012's column, which the reviewer code reads; the rest of 0010 to 0012 is the layout
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE feedback ADD COLUMN record_created_at timestamptz"))
         async with engine.begin() as conn:  # the text index is built after the fill, in both layouts
             await conn.execute(text("DROP INDEX IF EXISTS ix_audit_records_text_search"))
         seconds = await fill(engine, args.rows, start, now)
@@ -284,7 +303,7 @@ async def run_layout(args: argparse.Namespace, layout: str) -> None:
         async with engine.connect() as conn:
             size = (await conn.execute(text("SELECT pg_size_pretty(pg_database_size(current_database()))"))).scalar()
         print(f"  database size: {size}", flush=True)
-        await queries(engine, args.rows, now, args.repeat)
+        await queries(engine, args.rows, now, args.repeat, args.cases)
         print("  " + await retention(engine, layout, args.rows, start, now), flush=True)
     finally:
         await engine.dispose()
@@ -301,6 +320,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432", help="server URL, no database")
     parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
     parser.add_argument("--reuse", action="store_true", help="only the queries, on databases kept by --keep")
+    parser.add_argument("--db-prefix", default="bench_scale", help="databases are named PREFIX_LAYOUT")
+    parser.add_argument("--cases", type=lambda s: [x.strip() for x in s.split(",") if x.strip()] or None,
+                        help="only the queries whose label holds one of these (comma-separated)")  # fmt: skip
     args = parser.parse_args(argv)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not layouts or any(x not in ("partitioned", "plain", "upgrade") for x in layouts):

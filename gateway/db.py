@@ -170,6 +170,10 @@ feedback = Table(
     Column("comment", Text),
     Column("categories_json", Text),  # JSON list of short category names ("wrong", "unsafe", ...)
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # The rated audit record's created_at (migration 0012): with request_id, the key of that record
+    # on the partitioned table, so a lookup reads one monthly partition, not all of them. NULL for
+    # rows the migration's backfill found no record for; the review store falls back to request_id.
+    Column("record_created_at", DateTime(timezone=True)),
     Index("ix_feedback_request_created", "request_id", "created_at"),
     Index("ix_feedback_rating_created", "rating", "created_at"),
 )

@@ -9,7 +9,8 @@ Answers: 201 with the stored feedback; 400 for a bad body; 401 without a live ke
 another key's request; 404 for a request id the audit log does not hold; 503 when the
 database cannot be reached. Each is OpenAI's error body, never a 500.
 
-Cost: one indexed read of the audit row (`request_id` is unique), one count on
+Cost: one indexed read of the audit row (`request_id` is unique; its created_at is stored with the
+feedback, see migration 0012), one count on
 `ix_feedback_request_created` and one insert, in one transaction; the key check is cached
 (`gateway.auth`).
 """
@@ -177,7 +178,9 @@ class FeedbackStore:
             async with self.engine.begin() as conn:
                 owner = (
                     await conn.execute(
-                        select(audit_records.c.api_key_id).where(audit_records.c.request_id == item.request_id)
+                        select(audit_records.c.api_key_id, audit_records.c.created_at).where(
+                            audit_records.c.request_id == item.request_id
+                        )
                     )
                 ).first()
                 if owner is None:
@@ -209,6 +212,9 @@ class FeedbackStore:
                     "comment": scrub(item.comment) if item.comment else None,
                     "categories_json": _encode(list(item.categories)).decode() if item.categories else None,
                     "created_at": datetime.now(UTC),
+                    # The rated record's key with request_id (migration 0012): the review store's
+                    # lookups of rated records then read one monthly partition, not all of them.
+                    "record_created_at": owner.created_at,
                 }
                 result = await conn.execute(feedback.insert().values(**row))
                 row["id"] = int(result.inserted_primary_key[0])  # type: ignore[index]

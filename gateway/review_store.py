@@ -44,6 +44,8 @@ from sqlalchemy import (
     table,
     text,
     true,
+    tuple_,
+    union_all,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.ext.compiler import compiles
@@ -373,22 +375,69 @@ def _current_rating_sum() -> Any:
     )
 
 
+class RatedRecord(ColumnElement[bool]):
+    """The audit row is a record that some feedback row rates: any row, or one with a negative
+    (`sign` -1) or positive (`sign` 1) rating.
+
+    On PostgreSQL the lookup is by the record's key, (request_id, created_at): a feedback row holds
+    the rated record's created_at since migration 0012, so each candidate reads one monthly
+    partition (run-time pruning) instead of probing every partition's request_id index. A row
+    without it (older than 0012 and not matched by its backfill) finds its record's created_at by
+    request_id, as before. On SQLite, one table, the lookup stays by request_id: nothing to prune,
+    and a created_at compared as stored text would miss a record written in another format."""
+
+    type = Boolean()
+    inherit_cache = False  # compiled per dialect
+    _is_implicitly_boolean = True  # a condition as it stands: SQLite gets no `= 1` after the IN
+
+    def __init__(self, sign: int | None) -> None:
+        self.sign = sign
+
+    def rated(self, f: Any) -> list[ColumnElement[bool]]:
+        """The feedback rows (of `f`, feedback or an alias) that make a record a candidate."""
+        if self.sign is None:
+            return []
+        return [f.c.rating < 0 if self.sign < 0 else f.c.rating > 0]
+
+
+@compiles(RatedRecord)
+def _compile_rated_by_request_id(element: RatedRecord, compiler: SQLCompiler, **kw: Any) -> str:
+    candidates = select(feedback.c.request_id).where(*element.rated(feedback))
+    return compiler.process(audit_records.c.request_id.in_(candidates), **kw)
+
+
+@compiles(RatedRecord, "postgresql")
+def _compile_rated_by_key(element: RatedRecord, compiler: SQLCompiler, **kw: Any) -> str:
+    f, record = feedback.alias("rated_f"), audit_records.alias("rated_record")
+    keyed = select(feedback.c.request_id, feedback.c.record_created_at).where(
+        *element.rated(feedback), feedback.c.record_created_at.is_not(None)
+    )
+    unkeyed = (
+        select(f.c.request_id, record.c.created_at)
+        .join(record, record.c.request_id == f.c.request_id)
+        .where(*element.rated(f), f.c.record_created_at.is_(None))
+    )
+    pairs = tuple_(audit_records.c.request_id, audit_records.c.created_at).in_(union_all(keyed, unkeyed))
+    return f"({compiler.process(pairs, **kw)})"
+
+
 def rating_condition(rating: str) -> ColumnElement[bool]:
     """The audit rows whose mean current rating is below, at or above zero, or that nobody rated.
 
     A negative mean needs at least one -1 row (a positive one a +1 row): that set, read from the
     (rating, created_at) index, narrows the rows before the exact per-key sum is taken for them,
-    so a page costs what its candidates cost, not the whole feedback table."""
+    so a page costs what its candidates cost, not the whole feedback table; the candidates are
+    looked up by their records' keys (`RatedRecord`)."""
     if rating == "unrated":
         return ~exists().where(feedback.c.request_id == audit_records.c.request_id)
     total = _current_rating_sum()
     if rating == "negative":
-        candidates, exact = select(feedback.c.request_id).where(feedback.c.rating < 0), total < 0
+        candidates, exact = RatedRecord(-1), total < 0
     elif rating == "positive":
-        candidates, exact = select(feedback.c.request_id).where(feedback.c.rating > 0), total > 0
+        candidates, exact = RatedRecord(1), total > 0
     else:
-        candidates, exact = select(feedback.c.request_id), total == 0
-    return and_(audit_records.c.request_id.in_(candidates), exact)
+        candidates, exact = RatedRecord(None), total == 0
+    return and_(candidates, exact)
 
 
 def _newest_label(r: Any) -> ColumnElement[bool]:
