@@ -7,11 +7,13 @@ processes, then drives both with an aiohttp load generator at several concurrenc
      request (its process CPU seconds / requests), non-streaming and a 100-chunk stream;
   2. realistic fake (50 ms, and 20 tokens/s when streaming): requests/s through the gateway
      as a share of direct, at concurrency 1, 8, 32, 128;
-  3. real CPU vLLM (--vllm URL, or skipped): tokens/s through the gateway vs direct, and time
+  3. throughput: plain requests/s at concurrency 32 and 128 against the zero-delay fake, direct
+     and through the gateway with guards off and with the default policy, each request distinct;
+  4. real CPU vLLM (--vllm URL, or skipped): tokens/s through the gateway vs direct, and time
      to first token added;
-  4. limits (benchmarks/bench_limits.py): the limit check in process and with Redis at
+  5. limits (benchmarks/bench_limits.py): the limit check in process and with Redis at
      concurrency 1 and 32, on the limiter and end to end, against limits off in the same run;
-  5. RAG (benchmarks/bench_rag.py): retrieval requests/s with the real MiniLM at concurrency
+  6. RAG (benchmarks/bench_rag.py): retrieval requests/s with the real MiniLM at concurrency
      1, 8, 32, before and after query batching and caching, in the same run.
 
 Prints tables; `--json FILE` also writes the figures. Figures are ratios within one run, so
@@ -120,6 +122,8 @@ def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF
         "GATEWAY_LOG_LEVEL": "warning",
         "GATEWAY_EMBEDDING_MODEL": "hashing",
         "GATEWAY_SAMPLE_CORPUS": "false",
+        # The toxicity scorer's ONNX export, made once for every run (the default gateway's cache).
+        "GATEWAY_ONNX_CACHE": str(ROOT / "data" / "onnx"),
     }
     out = subprocess.run(
         [*GATEWAY, "keys", "create", "--role", "client"],
@@ -139,13 +143,28 @@ def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF
 
 
 async def drive(
-    url: str, body: dict[str, Any], *, concurrency: int, requests: int, key: str | None, stream: bool
+    url: str,
+    body: dict[str, Any],
+    *,
+    concurrency: int,
+    requests: int,
+    key: str | None,
+    stream: bool,
+    distinct: bool = False,
 ) -> dict[str, Any]:
-    """Send `requests` requests with `concurrency` in flight; latency, TTFT and tokens per request."""
+    """Send `requests` requests with `concurrency` in flight; latency, TTFT and tokens per request.
+    `distinct`: each request's last message gets its own number, so no cache (the toxicity guard's
+    scores, the fake's answers) serves one request from another's work."""
     headers = {"content-type": "application/json"}
     if key:
         headers["authorization"] = f"Bearer {key}"
     payload = json.dumps({**body, "stream": stream}).encode()
+
+    def numbered(i: int) -> bytes:
+        messages = [*body["messages"][:-1], {**body["messages"][-1]}]
+        messages[-1]["content"] = f"{messages[-1]['content']} (request {i})"
+        return json.dumps({**body, "messages": messages, "stream": stream}).encode()
+
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
@@ -156,9 +175,10 @@ async def drive(
 
         async def worker() -> None:
             nonlocal tokens, errors
-            for _ in todo:
+            for i in todo:
                 start = time.perf_counter()
-                async with session.post(url, data=payload, headers=headers) as resp:
+                data = numbered(i) if distinct else payload
+                async with session.post(url, data=data, headers=headers) as resp:
                     if resp.status != 200:
                         errors += 1
                         await resp.read()
@@ -289,6 +309,37 @@ def realistic(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def throughput(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
+    """Plain chat requests/s against the zero-delay fake, direct and through the gateway with guards
+    off and with the default policy (SQLite audit log on), at concurrency 32 and 128; every request
+    distinct (see `drive`), so the default policy scores every message and answer anew."""
+    fake, fake_url = start_fake()
+    gateways = {"guards off": GUARDS_OFF, "default guards": None}
+    started = {
+        name: start_gateway(fake_url, data_dir / f"tp-{i}", policy) for i, (name, policy) in enumerate(gateways.items())
+    }
+    rows = []
+    try:
+        for concurrency in (32, 128):
+            n = max(args.requests // 2, concurrency * 4)
+            direct = run(drive(fake_url + "/v1/chat/completions", CHAT, key=None, requests=n, concurrency=concurrency,
+                               stream=False, distinct=True))  # fmt: skip
+            row: dict[str, Any] = {"concurrency": concurrency, "requests": n, "direct_rps": direct["rps"]}
+            for name, (_, url, key) in started.items():
+                run(drive(url + "/v1/chat/completions", CHAT, key=key, requests=concurrency, concurrency=concurrency,
+                          stream=False))  # warm-up  # fmt: skip
+                through = run(drive(url + "/v1/chat/completions", CHAT, key=key, requests=n, concurrency=concurrency,
+                                    stream=False, distinct=True))  # fmt: skip
+                row[name] = {"rps": through["rps"], "ratio": through["rps"] / direct["rps"],
+                             "p99_ms": through["p99_ms"], "errors": through["errors"]}  # fmt: skip
+            rows.append(row)
+    finally:
+        for proc, _, _ in started.values():
+            proc.stop()
+        fake.stop()
+    return rows
+
+
 def real_vllm(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     gw, gw_url, key = start_gateway(args.vllm, data_dir / "vllm")
     body = {
@@ -329,7 +380,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000, help="requests per zero-delay measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--vllm", default=None, help="URL of a running vLLM serving smollm2-135m-instruct")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["zero", "realistic", "vllm", "limits", "rag"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["zero", "realistic", "throughput", "vllm", "limits", "rag"]
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -355,6 +408,17 @@ def main() -> int:
                 print(
                     f"| {'stream' if r['stream'] else 'non-stream'} | {r['concurrency']} | {r['direct_rps']:.1f} | "
                     f"{r['gateway_rps']:.1f} | **{r['ratio'] * 100:.1f}%** |"
+                )
+        if "throughput" not in args.skip:
+            report["throughput"] = tp = throughput(args, data_dir)
+            print("\n## Plain requests/s, zero-delay fake, distinct requests (audit log on, SQLite)")
+            print("| concurrency | direct req/s | guards off req/s | / direct | default guards req/s | / direct |")
+            print("|---|---|---|---|---|---|")
+            for r in tp:
+                off, on = r["guards off"], r["default guards"]
+                print(
+                    f"| {r['concurrency']} | {r['direct_rps']:.0f} | {off['rps']:.0f} | **{off['ratio'] * 100:.0f}%** "
+                    f"| {on['rps']:.0f} | **{on['ratio'] * 100:.0f}%** |"
                 )
         if args.vllm and "vllm" not in args.skip:
             report["vllm"] = v = real_vllm(args, data_dir)
