@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,11 +51,20 @@ from guardrails.errors import GuardrailsError
 from guardrails.trained_toxicity import (
     ARTEFACT_DIR,
     ENCODER_NAME,
+    GATE_BITS,
+    GATE_CAP,
+    GATE_CHAR_N,
+    GATE_FILE,
+    GATE_PROFANITY_SCALE,
     EmbedFn,
+    ToxicityGate,
     ToxicityHead,
     build_features,
+    gate_rows,
+    gate_weights_bytes,
     load_encoder,
     logit,
+    profanity_logit,
     score_texts,
     write_artefact,
 )
@@ -198,6 +207,12 @@ class TrainConfig:
     holdout: Path | None = toxicity_data.HOLDOUT
     min_precision: float = 0.95
     c_grid: tuple[float, ...] = C_GRID
+    #: The cascade gate (guardrails/trained_toxicity.py ToxicityGate), trained after the head.
+    gate: bool = True
+    #: Recall of the full scorer's positives the gate's threshold must keep on validation, on
+    #: each source (Davidson; the labelled and HaluEval sentences) separately.
+    gate_recall: float = 0.995
+    gate_c: float = 1.0
 
 
 @dataclass
@@ -377,6 +392,171 @@ def report(probs: np.ndarray, split: Split, threshold: float) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------- the cascade gate
+
+
+def gate_matrix(texts: Sequence[str], profanity_logits: np.ndarray | None, bits: int = GATE_BITS) -> Any:
+    """The gate's features as a scipy CSR matrix: `gate_rows` per text (what ToxicityGate.decision
+    computes at run time), then the scaled profanity logit as the last column when given."""
+    from scipy import sparse
+
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    for i, text in enumerate(texts):
+        c, v = gate_rows(text, bits)
+        rows.append(np.full(len(c), i, dtype=np.int64))
+        cols.append(c)
+        vals.append(v)
+    width = 2 * (1 << bits)
+    if profanity_logits is not None:
+        n = len(texts)
+        rows.append(np.arange(n, dtype=np.int64))
+        cols.append(np.full(n, width, dtype=np.int64))
+        vals.append(np.asarray(profanity_logits, dtype=np.float64) * GATE_PROFANITY_SCALE)
+        width += 1
+    if not rows:
+        return sparse.csr_matrix((len(texts), width))
+    return sparse.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(texts), width)
+    )
+
+
+def fit_gate(x: Any, positive: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
+    """Logistic regression (liblinear: deterministic for a seed), weights kept as float16, as shipped."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, class_weight="balanced", solver="liblinear", max_iter=3000, random_state=seed)
+    model.fit(x, positive.astype(np.int64))
+    weights = np.asarray(model.coef_[0], dtype=np.float16).astype(np.float64)
+    return weights, round(float(model.intercept_[0]), 6)
+
+
+def gate_recall(gated: np.ndarray, full: np.ndarray, groups: Sequence[np.ndarray]) -> float:
+    """The lowest, over `groups`, share of the full scorer's positives (>= 0.5) still positive."""
+    out = 1.0
+    for g in groups:
+        positives = (full >= 0.5) & g
+        if positives.any():
+            out = min(out, float(np.sum(positives & (gated >= 0.5)) / np.sum(positives)))
+    return out
+
+
+def choose_gate_threshold(
+    candidates: np.ndarray, recall_at: Callable[[float], float], target: float
+) -> tuple[float, float]:
+    """The highest threshold (most texts skip MiniLM) whose recall is at least `target`, halfway
+    to the next lower candidate; (threshold, its recall). Recall falls as the threshold rises (a
+    skipped text only loses score), so a bisection over the sorted candidates finds it."""
+    values = np.unique(candidates)
+    lo, hi, best = 0, len(values) - 1, -1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if recall_at(float(values[mid])) >= target:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best < 0:
+        t = float(values[0]) - 1.0
+    elif best == 0:
+        t = float(values[0]) - 1e-3
+    else:
+        t = (float(values[best]) + float(values[best - 1])) / 2
+    t = round(t, 6)
+    return t, recall_at(t)
+
+
+Scores = Callable[[Sequence[str]], np.ndarray]
+
+
+def train_gate(
+    cfg: TrainConfig,
+    splits: dict[str, Split],
+    head_train: np.ndarray,
+    head_scores: Scores,
+    final: Scores,
+    profane: Scores,
+) -> tuple[ToxicityGate, dict[str, Any]]:
+    """Fit the cascade gate on the training split and choose its threshold on validation.
+
+    Positive class: texts the head or the full scorer (its rules included) scores at GATE_CAP or
+    more, and texts labelled toxic: the gate learns to pass on the head's positives and a margin
+    below them. The threshold is the highest that keeps, on validation, `cfg.gate_recall` of the
+    full scorer's positives on each source; the test splits are only measured."""
+    prof_logit: Scores | None = (lambda t: profanity_logit(profane(t))) if cfg.profanity_feature else None
+    train_split = splits["train"]
+    full_train = final(train_split.texts)
+    positive = (np.maximum(head_train, full_train) >= GATE_CAP) | (np.array(train_split.labels) == 1)
+    x = gate_matrix(train_split.texts, prof_logit(train_split.texts) if prof_logit is not None else None)
+    weights, bias = fit_gate(x, positive, cfg.gate_c, cfg.seed)
+    gate = ToxicityGate(weights, bias, 0.0, prof_logit is not None, GATE_BITS, {})
+    decisions: dict[str, float] = {}
+
+    def decide(texts: Sequence[str]) -> np.ndarray:
+        missing = sorted({t for t in texts if t not in decisions})
+        if missing:
+            d = gate.decision(missing, prof_logit(missing) if prof_logit is not None else None)
+            decisions.update(zip(missing, (float(v) for v in d), strict=True))
+        return np.array([decisions[t] for t in texts])
+
+    def gated(texts: Sequence[str], threshold: float) -> np.ndarray:
+        """The scorer's scores with the gate at `threshold` (what TrainedToxicityScorer gives)."""
+        g = replace(gate, threshold=threshold)
+
+        def heads(ts: Sequence[str]) -> np.ndarray:
+            d = decide(ts)
+            out: np.ndarray = np.where(d >= threshold, head_scores(ts), g.skipped_score(d))
+            return out
+
+        return np.array(score_texts(texts, heads, profane))
+
+    def groups(split: Split) -> dict[str, np.ndarray]:
+        dav = np.array(split.source) == "davidson"
+        return {name: g for name, g in (("davidson", dav), ("labelled", ~dav)) if g.any()}
+
+    val = splits["val"]
+    full_val = final(val.texts)
+    val_groups = list(groups(val).values())
+    threshold, val_recall = choose_gate_threshold(
+        decide(val.texts), lambda t: gate_recall(gated(val.texts, t), full_val, val_groups), cfg.gate_recall
+    )
+
+    def figures(split: Split) -> dict[str, Any]:
+        full, on = final(split.texts), gated(split.texts, threshold)
+        skipped = decide(split.texts) < threshold
+        out: dict[str, Any] = {"skip_share": round(float(skipped.mean()), 4), "metrics": report(on, split, 0.5)}
+        for name, g in groups(split).items():
+            positives = (full >= 0.5) & g
+            out[name] = {"n": int(g.sum()), "skip_share": round(float(skipped[g].mean()), 4),
+                         "full_positives": int(positives.sum()),
+                         "kept_positives": int(np.sum(positives & (on >= 0.5))),
+                         "new_positives": int(np.sum((on >= 0.5) & (full < 0.5) & g))}  # fmt: skip
+        return out
+
+    holdout = _holdout(cfg)
+    info: dict[str, Any] = {
+        "kind": "logistic-regression over hashed n-grams",
+        "features": {"bits": GATE_BITS, "char_n": list(GATE_CHAR_N), "word_n": [1, 2],
+                     "profanity_check": prof_logit is not None},
+        "bits": GATE_BITS,
+        "profanity_check": prof_logit is not None,
+        "C": cfg.gate_c,
+        "positive_class": f"head or full score >= {GATE_CAP}, or labelled toxic",
+        "train_positives": int(positive.sum()),
+        "skipped_score_below": GATE_CAP,
+        "threshold": threshold,
+        "threshold_chosen_on": "val",
+        "recall_target": cfg.gate_recall,
+        "recall_on_val": round(val_recall, 4),
+        "recall_note": "share of the full scorer's positives (score >= 0.5) still positive with the gate, "
+                       "the lower of Davidson and the labelled + HaluEval sentences",
+        "val": figures(val),
+        "test": figures(splits["test"]),
+        **({"holdout": figures(holdout)} if holdout.texts else {}),
+    }  # fmt: skip
+    return replace(gate, threshold=threshold, meta=info), info
+
+
 @dataclass(frozen=True)
 class TrainResult:
     head_sha256: str
@@ -463,6 +643,19 @@ def train(
         return np.array(score_texts(texts, head_scores, profane))
 
     holdout = _holdout(cfg)
+    gate_info: dict[str, Any] | None = None
+    gate_path = out_dir / GATE_FILE
+    if cfg.gate:
+        gate, gate_info = train_gate(cfg, splits, head.score(feats["train"]), head_scores, final, profane)
+        data = gate_weights_bytes(gate.weights, gate.bias, gate.threshold)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gate_path.write_bytes(data)
+        gate_info["sha256"] = hashlib.sha256(data).hexdigest()
+        gate_info["bytes"] = len(data)
+        log(f"gate: threshold {gate.threshold} (val recall {gate_info['recall_on_val']}), skips "
+            f"{gate_info['test']['skip_share']:.1%} of test ({time.perf_counter() - started:.1f} s)")  # fmt: skip
+    elif gate_path.exists():
+        gate_path.unlink()  # a gate distilled from an earlier head must not stay beside this one
     meta: dict[str, Any] = {
         "encoder": ENCODER_NAME,
         "features": {"dimension": 384, "profanity_check": cfg.profanity_feature, "runtime": used},
@@ -486,6 +679,7 @@ def train(
         "metrics": {"val": report(final(splits["val"].texts), splits["val"], 0.5),
                     "test": report(final(splits["test"].texts), splits["test"], 0.5),
                     **({"holdout": report(final(holdout.texts), holdout, 0.5)} if holdout.texts else {})},
+        **({"gate": gate_info} if gate_info is not None else {}),
     }  # fmt: skip
     cache.save()
     digest = write_artefact(out_dir, w, b, logit(threshold), meta)
@@ -493,7 +687,13 @@ def train(
     run_info = {"runtime": used, "texts_embedded": cache.misses, "texts_from_cache": cache.hits}
     (out_dir / "metrics.json").write_text(
         json.dumps(
-            {"head_sha256": digest, "train_seconds": round(seconds, 1), "embedding": run_info, **meta["metrics"]},
+            {
+                "head_sha256": digest,
+                "train_seconds": round(seconds, 1),
+                "embedding": run_info,
+                **meta["metrics"],
+                **({"gate": gate_info} if gate_info is not None else {}),
+            },
             indent=2,
             sort_keys=True,
         )
@@ -529,6 +729,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-precision", type=float, default=0.95, help="validation precision the threshold must keep"
     )
+    parser.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the cascade gate (gate.npz; default: on)")  # fmt: skip
+    parser.add_argument("--gate-recall", type=float, default=0.995,
+                        help="val recall of the full scorer's positives the gate keeps, per source")  # fmt: skip
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="MiniLM on ONNX Runtime (retrieval's checked export) or PyTorch; auto: ONNX, "
                              "else PyTorch")  # fmt: skip
@@ -555,6 +759,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
         profanity_feature=args.profanity_feature,
         labelled_weight=args.labelled_weight,
         min_precision=args.min_precision,
+        gate=args.gate,
+        gate_recall=args.gate_recall,
     )
     from retrieval.errors import RetrievalError
 
@@ -575,6 +781,22 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> int:
     rows += [("holdout", "look-alike", metrics["holdout"]["all"])] if "holdout" in metrics else []
     for split, part, m in rows:
         print(f"  {split:<7} {part:<10} n={m['n']:<5} P={m['precision']:.3f} R={m['recall']:.3f} F1={m['f1']:.3f}")
+    gate = result.meta.get("gate")
+    if gate is not None:
+        print(f"  gate: threshold {gate['threshold']} (chosen on val, recall {gate['recall_on_val']}), "
+              f"gate.npz {gate['bytes']} bytes, sha256 {gate['sha256'][:16]}")  # fmt: skip
+        for split in ("test", "holdout"):
+            if split in gate:
+                m = gate[split]["metrics"]
+                skip = ", ".join(
+                    f"{k} {gate[split][k]['skip_share']:.1%}" for k in ("davidson", "labelled") if k in gate[split]
+                )
+                for part in ("davidson", "labelled"):
+                    if part in m:
+                        mm = m[part]
+                        print(f"  gated {split:<7} {part:<10} P={mm['precision']:.3f} R={mm['recall']:.3f} "
+                              f"F1={mm['f1']:.3f}")  # fmt: skip
+                print(f"  gated {split:<7} skips MiniLM: {skip}")
     if args.json:
         print(json.dumps(result.meta, sort_keys=True))
     return 0

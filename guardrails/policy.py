@@ -300,7 +300,7 @@ def _check_layer(raw: Mapping[str, Any], path: tuple[str, ...], loc: _KeyLocator
 def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -> ToxicityConfig:
     path = ("scorers", "toxicity")
     known = {"scorer", "model_type", "checkpoint", "huggingface_config_dir", "trained_model", "device", "batch_size",
-             "max_wait_ms"}  # fmt: skip
+             "max_wait_ms", "gate"}  # fmt: skip
     for key in raw:
         if key not in known:
             raise loc.error(
@@ -330,8 +330,12 @@ def _toxicity_config(raw: Mapping[str, Any], loc: _KeyLocator, base_dir: Path) -
     wait = raw.get("max_wait_ms", 2.0)
     if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
         raise loc.error((*path, "max_wait_ms"), "max_wait_ms must be a non-negative number")
+    gate = raw.get("gate", True)
+    if not isinstance(gate, bool):
+        raise loc.error((*path, "gate"), f"gate must be true or false, not {gate!r}")
     return ToxicityConfig(
         scorer=scorer,
+        gate=gate,
         model_type=model_type,
         checkpoint=paths["checkpoint"],
         huggingface_config_dir=paths["huggingface_config_dir"],

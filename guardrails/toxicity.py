@@ -137,10 +137,12 @@ def requests_fiction(prompt: str | None) -> bool:
 class ToxicityConfig:
     """Which scorer to load. `auto`: Detoxify when a checkpoint is set, else the trained scorer,
     else profanity-check. `trained_model`: a folder written by `gateway guards train-toxicity`
-    (None: the head shipped in the package)."""
+    (None: the head shipped in the package). `gate`: the trained scorer's cascade gate (texts it
+    finds plainly non-toxic skip MiniLM; guardrails/trained_toxicity.py)."""
 
     scorer: ScorerKind = "auto"
     trained_model: str | None = None
+    gate: bool = True
     model_type: str = "original"
     checkpoint: str | None = None
     huggingface_config_dir: str | None = None
@@ -350,7 +352,10 @@ def build_scorer(config: ToxicityConfig, embed: Any = None) -> ToxicityScorer:
         )
     if kind == "trained" or (kind == "auto" and config.trained_model):  # a model that was asked for must load
         return TrainedToxicityScorer(
-            config.trained_model, embed=embed, note="the policy names the trained scorer or its model folder"
+            config.trained_model,
+            embed=embed,
+            note="the policy names the trained scorer or its model folder",
+            gate=config.gate,
         )
     if kind == "profanity-check":
         return ProfanityCheckScorer(note="scorer = profanity-check in the policy")
@@ -361,6 +366,7 @@ def build_scorer(config: ToxicityConfig, embed: Any = None) -> ToxicityScorer:
             config.trained_model,
             embed=embed,
             note="no Detoxify checkpoint is configured: the trained MiniLM head runs",
+            gate=config.gate,
         )
     except ScorerUnavailable as exc:
         return ProfanityCheckScorer(

@@ -14,6 +14,15 @@ along the same curve.
 The encoder is injected as an `embed(texts) -> (n, 384) float32` callable (unit rows); without
 one, the scorer loads the bundled all-MiniLM-L6-v2 itself with sentence-transformers (the same
 files as the retrieval embedder), so guardrails never imports retrieval.
+
+The cascade gate (`gate.npz` beside the head, `[scorers.toxicity] gate`): MiniLM is ~70% of the
+gateway's CPU with the default policy, and most of what it scores is ordinary text that scores
+far below the threshold. A linear model over hashed character and word n-grams plus
+profanity-check's logit (`ToxicityGate`, ~0.1 ms a text against ~19 for MiniLM) is trained on
+the head's own training split to pass on whatever the full scorer scores near or above the
+threshold; a text below its threshold gets a score below GATE_CAP without MiniLM running. Its
+threshold is chosen on the validation split for a recall of the full scorer's positives of at
+least 0.995 on each source (Davidson tweets, the labelled and HaluEval sentences).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +48,7 @@ EmbedFn = Callable[[Sequence[str]], np.ndarray]
 
 ARTEFACT_DIR = Path(__file__).resolve().parent / "models" / "toxicity-minilm"
 HEAD_FILE = "head.npz"
+GATE_FILE = "gate.npz"
 META_FILE = "meta.json"
 ENCODER_NAME = "all-MiniLM-L6-v2"
 #: Decimals kept in the saved weights (and in the features while training): float sums in a
@@ -74,15 +86,8 @@ def profanity_logit(probs: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_artefact(directory: Path, weights: np.ndarray, bias: float, offset: float, meta: Mapping[str, Any]) -> str:
-    """Write head.npz (byte-for-byte reproducible: fixed zip dates) and meta.json; returns the
-    sha256 of head.npz, which meta.json also records."""
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "weights": np.round(np.asarray(weights, dtype=np.float64), WEIGHT_DECIMALS),
-        "bias": np.array([round(float(bias), WEIGHT_DECIMALS)]),
-        "offset": np.array([round(float(offset), WEIGHT_DECIMALS)]),
-    }
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """An .npz whose bytes depend only on the arrays (fixed zip dates and modes)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, array in arrays.items():
@@ -92,7 +97,19 @@ def write_artefact(directory: Path, weights: np.ndarray, bias: float, offset: fl
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             zf.writestr(info, member.getvalue())
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def write_artefact(directory: Path, weights: np.ndarray, bias: float, offset: float, meta: Mapping[str, Any]) -> str:
+    """Write head.npz (byte-for-byte reproducible: fixed zip dates) and meta.json; returns the
+    sha256 of head.npz, which meta.json also records."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "weights": np.round(np.asarray(weights, dtype=np.float64), WEIGHT_DECIMALS),
+        "bias": np.array([round(float(bias), WEIGHT_DECIMALS)]),
+        "offset": np.array([round(float(offset), WEIGHT_DECIMALS)]),
+    }
+    data = _npz_bytes(arrays)
     (directory / HEAD_FILE).write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     full = {**meta, "head_sha256": digest}
@@ -124,6 +141,150 @@ def load_head(directory: Path | str | None = None) -> ToxicityHead:
     if meta.get("encoder") != ENCODER_NAME:
         raise ScorerUnavailable(f"{meta_path}: trained on encoder {meta.get('encoder')!r}, not {ENCODER_NAME}")
     return ToxicityHead(weights, bias, offset, profanity, meta)
+
+
+#: The gate's hashed n-grams: character 2- to 4-grams inside each whitespace token (padded with a
+#: space on each side, as scikit-learn's `char_wb`) and word uni- and bigrams (tokens of two or
+#: more word characters), each family in 2**GATE_BITS buckets and scaled to unit length.
+GATE_BITS = 16
+GATE_CHAR_N = (2, 3, 4)
+#: A text the gate lets skip MiniLM scores below this (the head's score the gate was trained to
+#: pass on: anything the full scorer scores at GATE_CAP or more went to the positive class).
+GATE_CAP = 0.25
+_GATE_WORD = re.compile(r"(?u)\b\w\w+\b")
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_POLY = np.uint64(1000003)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    h = (h ^ (h >> np.uint64(29))) * _MIX
+    out: np.ndarray = h ^ (h >> np.uint64(32))
+    return out
+
+
+def gate_ngram_ids(text: str, bits: int = GATE_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """(character n-gram buckets, word n-gram buckets) of a text, each in [0, 2**bits).
+
+    Hashed with numpy (a polynomial over code points, then a 64-bit mix; crc32 for words), not
+    with scikit-learn's HashingVectorizer, whose per-call checks cost ~1 ms on one text; Python's
+    own `hash` is salted per process, so it would not give the trained buckets back."""
+    low = text.lower()
+    mask = np.uint64((1 << bits) - 1)
+    chars: list[np.ndarray] = []
+    tokens = low.split()
+    if tokens:
+        padded = " " + "  ".join(tokens) + " "
+        c = np.frombuffer(padded.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        # n-grams that span two spaces in a row cross from one token into the next: dropped
+        pairs = np.concatenate([[0], np.cumsum((c[:-1] == 32) & (c[1:] == 32))])
+        for n in GATE_CHAR_N:
+            m = len(c) - n + 1
+            if m <= 0:
+                continue
+            h = np.zeros(m, dtype=np.uint64)
+            for k in range(n):
+                h = h * _POLY + c[k : k + m]
+            inside = (pairs[n - 1 : n - 1 + m] - pairs[:m]) == 0
+            chars.append(_mix(h[inside] + np.uint64(n)) & mask)
+    words = _GATE_WORD.findall(low)
+    word_ids = np.zeros(0, dtype=np.uint64)
+    if words:
+        wh = _mix(np.array([zlib.crc32(w.encode("utf-8")) for w in words], dtype=np.uint64))
+        word_ids = wh & mask
+        if len(words) > 1:
+            word_ids = np.concatenate([word_ids, _mix(wh[:-1] * np.uint64(31) + wh[1:] + np.uint64(7)) & mask])
+    char_ids = np.concatenate(chars) if chars else np.zeros(0, dtype=np.uint64)
+    return char_ids.astype(np.int64), word_ids.astype(np.int64)
+
+
+def gate_rows(text: str, bits: int = GATE_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """(columns, values) of a text's gate features without profanity: the character family in
+    [0, 2**bits), the word family in [2**bits, 2**(bits+1)), each family's counts of unit length."""
+    cols: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    for family, ids in enumerate(gate_ngram_ids(text, bits)):
+        if len(ids):
+            u, counts = np.unique(ids, return_counts=True)
+            cols.append(u + family * (1 << bits))
+            vals.append(counts / np.sqrt(float(counts @ counts)))
+    if not cols:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    return np.concatenate(cols), np.concatenate(vals)
+
+
+#: The profanity logit's scale in the gate's features (profanity_logit is within ±6.9).
+GATE_PROFANITY_SCALE = 1.0 / 7.0
+
+
+@dataclass(frozen=True)
+class ToxicityGate:
+    """The cascade's first stage: `decision >= threshold` sends a text on to MiniLM and the head."""
+
+    weights: np.ndarray  # (2 * 2**bits [+ 1 for the profanity logit],) float64 (stored as float16)
+    bias: float
+    threshold: float  # on the decision value, chosen on validation
+    profanity_feature: bool
+    bits: int
+    meta: Mapping[str, Any]
+
+    def decision(self, texts: Sequence[str], profanity_logits: np.ndarray | None) -> np.ndarray:
+        """The linear model's decision value per text (a logit)."""
+        out = np.empty(len(texts), dtype=np.float64)
+        for i, text in enumerate(texts):
+            cols, vals = gate_rows(text, self.bits)
+            out[i] = float(self.weights[cols] @ vals) + self.bias
+        if self.profanity_feature:
+            if profanity_logits is None:
+                raise ValueError("this gate needs profanity-check's logits")
+            out += self.weights[-1] * GATE_PROFANITY_SCALE * np.asarray(profanity_logits, dtype=np.float64)
+        return out
+
+    def skipped_score(self, decision: np.ndarray) -> np.ndarray:
+        """The score of a text the gate keeps from MiniLM: below GATE_CAP, rising with the gate's
+        decision value (sigmoid(decision) / sigmoid(threshold) * GATE_CAP)."""
+        d = np.clip(decision, -40.0, 40.0)
+        t = float(np.clip(self.threshold, -40.0, 40.0))
+        out: np.ndarray = np.minimum(GATE_CAP * (1.0 + np.exp(-t)) / (1.0 + np.exp(-d)), np.nextafter(GATE_CAP, 0.0))
+        return out
+
+
+def gate_weights_bytes(weights: np.ndarray, bias: float, threshold: float) -> bytes:
+    """gate.npz's bytes: float16 weights (deflated: the never-seen buckets are zeros), float64
+    bias and threshold; byte-for-byte reproducible."""
+    return _npz_bytes(
+        {
+            "weights": np.asarray(weights, dtype=np.float16),
+            "bias": np.array([round(float(bias), WEIGHT_DECIMALS)]),
+            "threshold": np.array([round(float(threshold), WEIGHT_DECIMALS)]),
+        }
+    )
+
+
+def load_gate(directory: Path | str | None, meta: Mapping[str, Any]) -> ToxicityGate | None:
+    """The gate beside a head (`meta`: the head's meta.json); None when the folder has none (a
+    head trained without one). ScorerUnavailable when gate.npz does not match meta.json's hash: a
+    gate distilled from another head would pass on the wrong texts."""
+    d = Path(directory) if directory is not None else ARTEFACT_DIR
+    path = d / GATE_FILE
+    info = meta.get("gate")
+    if not path.is_file() or not isinstance(info, Mapping):
+        return None
+    try:
+        data = path.read_bytes()
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            weights = np.asarray(npz["weights"], dtype=np.float64)
+            bias = float(npz["bias"][0])
+            threshold = float(npz["threshold"][0])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ScorerUnavailable(f"cannot read the toxicity gate in {d}: {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        raise ScorerUnavailable(f"{path} does not match the sha256 in {d / META_FILE} (retrain both)")
+    bits = int(info.get("bits", GATE_BITS))
+    profanity = bool(info.get("profanity_check", False))
+    expected = 2 * (1 << bits) + (1 if profanity else 0)
+    if weights.shape != (expected,):
+        raise ScorerUnavailable(f"{path}: {weights.shape[0]} weights, expected {expected}")
+    return ToxicityGate(weights, bias, threshold, profanity, bits, info)
 
 
 def load_encoder(model_path: str | None = None, torch_threads: int | None = None) -> EmbedFn:
@@ -248,10 +409,17 @@ class TrainedToxicityScorer(ToxicityScorer):
     categories = ("toxicity",)
 
     def __init__(
-        self, artefact_dir: Path | str | None = None, embed: EmbedFn | None = None, note: str | None = None
+        self,
+        artefact_dir: Path | str | None = None,
+        embed: EmbedFn | None = None,
+        note: str | None = None,
+        gate: bool = True,
     ) -> None:
         self.artefact_dir = Path(artefact_dir) if artefact_dir is not None else ARTEFACT_DIR
         self.head = load_head(self.artefact_dir)
+        #: None: every text goes through MiniLM (gate = false, or a head trained without a gate)
+        self.gate = load_gate(self.artefact_dir, self.head.meta) if gate else None
+        self.gate_requested = gate
         self._embed = chunked(embed if embed is not None else load_encoder())
         self._profanity: Callable[[Sequence[str]], np.ndarray] | None = None
         if self.head.profanity_feature:
@@ -272,7 +440,27 @@ class TrainedToxicityScorer(ToxicityScorer):
         return [{"toxicity": s} for s in score_texts(texts, self._head_scores, self._short_text_profanity)]
 
     def _head_scores(self, texts: Sequence[str]) -> np.ndarray:
-        return self.head.score(build_features(texts, self._embed, self._profanity))
+        if self.gate is None:
+            return self.head.score(build_features(texts, self._embed, self._profanity))
+        probs = self._profanity(texts) if self._profanity is not None else None
+        decision = self.gate.decision(texts, profanity_logit(probs) if probs is not None else None)
+        passed = decision >= self.gate.threshold
+        out = self.gate.skipped_score(decision)
+        if passed.any():
+            rows = np.flatnonzero(passed)
+            kept = [texts[int(i)] for i in rows]
+            feats = build_features(kept, self._embed, (lambda _: probs[rows]) if probs is not None else None)
+            out[rows] = self.head.score(feats)
+        return out
+
+    def gate_passes(self, texts: Sequence[str]) -> np.ndarray:
+        """Which texts the gate sends on to MiniLM (all of them without a gate); for benchmarks."""
+        if self.gate is None:
+            return np.ones(len(texts), dtype=bool)
+        probs = self._profanity(texts) if self._profanity is not None else None
+        decision = self.gate.decision(texts, profanity_logit(probs) if probs is not None else None)
+        passed: np.ndarray = decision >= self.gate.threshold
+        return passed
 
     def _short_text_profanity(self, texts: Sequence[str]) -> np.ndarray:
         if self._short_profanity is None:
@@ -290,6 +478,11 @@ class TrainedToxicityScorer(ToxicityScorer):
             "head_sha256": meta.get("head_sha256"),
             "trained_on": meta.get("data", {}).get("summary"),
             "test": meta.get("metrics", {}).get("test", {}).get("all"),
+            "gate": (
+                {"threshold": self.gate.threshold, "sha256": self.gate.meta.get("sha256")}
+                if self.gate is not None
+                else ("off" if not self.gate_requested else "none in the artefact")
+            ),
             "categories": list(self.categories),
             "note": self.note,
         }

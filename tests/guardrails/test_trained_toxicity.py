@@ -92,8 +92,9 @@ def test_shipped_head_loads_in_a_fresh_process():
 
 def test_shipped_artefact_is_small_and_documents_itself():
     files = {p.name: p.stat().st_size for p in trained_toxicity.ARTEFACT_DIR.iterdir()}
-    assert {"head.npz", "meta.json", "metrics.json"} <= set(files)
-    assert sum(files.values()) < 100_000
+    assert {"head.npz", "meta.json", "metrics.json", "gate.npz"} <= set(files)
+    assert sum(v for k, v in files.items() if k != "gate.npz") < 100_000
+    assert files["gate.npz"] < 400_000  # 2 x 65,536 float16 weights, deflated
     meta = json.loads((trained_toxicity.ARTEFACT_DIR / "meta.json").read_text())
     assert meta["threshold"]["chosen_on"] == "val"
     assert {"val", "test"} <= set(meta["metrics"]) and meta["data"]["hash"] and meta["seed"] == 0
@@ -297,6 +298,8 @@ def test_training_is_deterministic(tmp_path: Path, embed: EmbedFn):
     b = train(cfg, tmp_path / "b", embed=embed, log=lambda _: None)
     assert a.head_sha256 == b.head_sha256
     assert (tmp_path / "a" / "head.npz").read_bytes() == (tmp_path / "b" / "head.npz").read_bytes()
+    assert (tmp_path / "a" / "gate.npz").read_bytes() == (tmp_path / "b" / "gate.npz").read_bytes()
+    assert a.meta["gate"]["sha256"] == b.meta["gate"]["sha256"] and a.meta["gate"]["threshold_chosen_on"] == "val"
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["seed"] == 0 and meta["data"]["sizes"]["train"]["texts"] == 120 + 60 + 30  # HaluEval: 60% of 50
     assert meta["threshold"]["chosen_on"] == "val" and "test" in meta["metrics"]
@@ -304,7 +307,12 @@ def test_training_is_deterministic(tmp_path: Path, embed: EmbedFn):
     assert other.meta["data"]["hash"] != meta["data"]["hash"]
     # the retrained folder is a working scorer
     scorer = TrainedToxicityScorer(tmp_path / "a", embed=embed)
+    assert scorer.gate is not None and scorer.gate.threshold == a.meta["gate"]["threshold"]
     assert len(scorer.score_batch(["hello", "you idiot"])) == 2
+    # without the gate, no gate.npz (a stale one would not match the new head)
+    off = train(TrainConfig(**{**cfg.__dict__, "gate": False}), tmp_path / "a", embed=embed, log=lambda _: None)
+    assert "gate" not in off.meta and not (tmp_path / "a" / "gate.npz").exists()
+    assert TrainedToxicityScorer(tmp_path / "a", embed=embed).gate is None
 
 
 # ------------------------------------------------------------------------- CLI
