@@ -144,7 +144,11 @@ def test_three_replicas_share_limits_keep_audit_rows_and_see_revocations(
                     accepted.append(reply.headers["x-gateway-request-id"])
 
             async def killer() -> None:
-                await asyncio.sleep(0.6)
+                # Mid-load: once a few answers are out and the rest are in flight (a fixed 0.6 s was too
+                # short on a loaded machine, where the first answers came later).
+                deadline = time.monotonic() + 60
+                while len(accepted) < 3 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a plain list
+                    await asyncio.sleep(0.01)
                 os.kill(replicas[0].process.pid, signal.SIGKILL)
 
             await asyncio.gather(killer(), *(one() for _ in range(60)))
