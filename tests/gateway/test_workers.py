@@ -86,7 +86,15 @@ def start(tmp_path: Path, fake_backend: FakeBackendThread) -> Iterator[object]:
 def worker_pids(gateway: Gateway) -> set[int]:
     """The live workers: the parent's children that run the gateway (not multiprocessing's tracker)."""
     children = Path(f"/proc/{gateway.process.pid}/task/{gateway.process.pid}/children").read_text().split()
-    return {int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")}
+    return {int(pid) for pid in children if "spawn_main" in _cmdline(int(pid))}
+
+
+def _cmdline(pid: int) -> str:
+    """A process's command line; empty for one that exited since it was listed (a killed worker)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def total(metrics: str, name: str) -> float:
