@@ -358,7 +358,12 @@ class Guardrails:
                 if active:
                     jobs.append((item, self._run(active, ctx)))
         deferred_task = asyncio.ensure_future(_located_all(later)) if later else None
-        results = await asyncio.gather(*(j[1] for j in jobs))
+        try:
+            results = await asyncio.gather(*(j[1] for j in jobs))
+        except BaseException:
+            if deferred_task is not None:  # nobody will await it: stop it with the request
+                deferred_task.cancel()
+            raise
         verdicts: list[Verdict] = []
         out_messages: list[dict[str, Any]] | None = None
         masks: dict[str, str] | None = None
