@@ -41,6 +41,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.db import audit_records
+from gateway.periodic import PeriodicTask
 from gateway.rollup import prune_rollups
 
 log = logging.getLogger("gateway")
@@ -328,40 +329,22 @@ async def maintain(
     return report
 
 
-class PartitionsAheadTask:
+class PartitionsAheadTask(PeriodicTask):
     """What `gateway serve` does of step 2 by itself: on a partitioned PostgreSQL audit table, the
     partitions ahead are checked at start and then daily (one catalogue read when they exist), so
     live writes keep off the default partition even where no one schedules `gateway db maintain`.
     Retention stays an operator's choice (`db maintain --retention-days`). Nothing on SQLite."""
 
+    NAME = "audit-partitions-ahead"
     INTERVAL_S = 24 * 3600.0
+    DIALECTS = frozenset({"postgresql"})
+    FAILED = "tomorrow again; `gateway db maintain` does it too"  # a maintenance run holding the lock
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self.engine.dialect.name == "postgresql":
-            self._task = asyncio.create_task(self._run(), name="audit-partitions-ahead")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                async with self.engine.connect() as conn:
-                    partitioned = await is_partitioned(conn)
-                if not partitioned:
-                    return
-                created = await create_ahead(self.engine)
-                if created:
-                    log.info("audit partitions created ahead: %s", ", ".join(created))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a maintenance run holding the lock, the database away: tomorrow
-                log.warning("audit partitions ahead: check failed (%s); `gateway db maintain` does it too", exc)
-            await asyncio.sleep(self.INTERVAL_S)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+    async def run_once(self) -> bool:
+        async with self.engine.connect() as conn:
+            if not await is_partitioned(conn):
+                return False
+        created = await create_ahead(self.engine)
+        if created:
+            log.info("audit partitions created ahead: %s", ", ".join(created))
+        return True

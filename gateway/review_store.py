@@ -54,6 +54,7 @@ from gateway import usage
 from gateway.db import audit_records, feedback, review_labels
 from gateway.errors import InvalidRequest, NotFound
 from gateway.jsontext import loads_stored, scrub
+from gateway.periodic import PeriodicTask
 from retrieval.engine import SQLITE_BUSY_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -631,38 +632,19 @@ async def index_text(engine: AsyncEngine, batch: int = FTS_BATCH) -> bool:
     return await asyncio.to_thread(_index_pending, path, batch)
 
 
-class TextIndexTask:
+class TextIndexTask(PeriodicTask):
     """What `gateway serve` does to keep SQLite's full-text index close behind the audit log: the
     rows written since the last run are indexed every INTERVAL_S seconds, off the request path (an
     FTS5 insert in the audit writer's transaction would cost each request about 0.4 ms). A search
     catches up the rest itself. Nothing on PostgreSQL, whose GIN index is kept by the insert."""
 
+    NAME = "audit-text-index"
     INTERVAL_S = 2.0
+    DIALECTS = frozenset({"sqlite"})
+    FAILED = "a search catches up too"  # the database locked past its timeout, the disk full
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self.engine.dialect.name == "sqlite":
-            self._task = asyncio.create_task(self._run(), name="audit-text-index")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                if not await index_text(self.engine):
-                    return  # no index in this database (no FTS5, before 0011): nothing to keep
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database locked past its timeout, the disk full: next time
-                log.warning("audit text index: catch-up failed (%s); a search catches up too", exc)
-            await asyncio.sleep(self.INTERVAL_S)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+    async def run_once(self) -> bool:
+        return await index_text(self.engine)  # False: no index here (no FTS5, before 0011)
 
 
 class ReviewStore:

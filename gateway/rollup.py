@@ -22,7 +22,6 @@ how long a pass held a write transaction).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from gateway.db import ROLLUP_LATENCY_BOUNDS_MS, ROLLUP_LATENCY_COLUMNS, audit_records, audit_rollups
+from gateway.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -271,32 +271,19 @@ async def prune_rollups(conn: AsyncConnection, cutoff: datetime) -> int:
     return result.rowcount or 0
 
 
-class RollupTask:
+class RollupTask(PeriodicTask):
     """Runs `roll_up` every INTERVAL_S in the background (a failed pass is logged and retried)."""
 
-    def __init__(self, engine: AsyncEngine, interval_s: float = INTERVAL_S) -> None:
-        self.engine = engine
-        self.interval_s = interval_s
+    NAME = "audit-rollups"
+    INTERVAL_S = INTERVAL_S
+    FAILED = "the next pass catches up"  # the database may be away for a while
+
+    def __init__(self, engine: AsyncEngine, interval_s: float | None = None) -> None:
+        super().__init__(engine, interval_s)
         self.last: PassReport | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-rollups")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                self.last = await roll_up(self.engine)
-                if self.last.seconds > 5:
-                    log.info("audit rollups: %d rows in %.1f s", self.last.rows, self.last.seconds)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database may be away for a while; the next pass catches up
-                log.warning("audit rollups: pass failed (%s); retrying in %.0f s", exc, self.interval_s)
-            await asyncio.sleep(self.interval_s)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+    async def run_once(self) -> bool:
+        self.last = await roll_up(self.engine)
+        if self.last.seconds > 5:
+            log.info("audit rollups: %d rows in %.1f s", self.last.rows, self.last.seconds)
+        return True
