@@ -29,6 +29,7 @@ import json
 import random
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -44,9 +45,10 @@ from gateway.db import audit_records, create_engine
 from gateway.migrate import alembic_config, upgrade
 from gateway.review_store import FTS_TEXT_SQL, Filters, ReviewStore, index_text
 
-RARE = "zanzibar"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_review_scale import RARE, SENTENCES, sentences
+
 WRITERS = {"0010": "0010 (no FTS)", "0011": "0011 (background index)", "trigger": "indexing trigger"}
-SENTENCES = 5000
 QUERIES = {
     "rare word": {"q": RARE},
     "common word": {"q": "battery"},
@@ -55,22 +57,6 @@ QUERIES = {
     "word + model": {"q": "charger", "model": "llama-8b"},
     "punctuation": {"q": "battery."},
 }
-
-
-def sentences(rng: random.Random) -> list[str]:
-    common = [
-        "the", "a", "to", "of", "and", "is", "it", "in", "for", "on", "my", "with", "battery", "robot",
-        "vacuum", "warranty", "cleaner", "app", "map", "room", "filter", "charger", "schedule", "mop",
-        "brush", "wheel", "dock", "error", "light", "sensor", "clean", "floor", "carpet",
-    ]  # fmt: skip
-    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "dra", "sto", "gli", "mar", "ben", "qui"]
-    made = {"".join(rng.choices(syllables, k=rng.randint(2, 4))) for _ in range(6000)}
-    words = common + sorted(made - set(common))[: 3000 - len(common)]
-    weights = [1 / (rank + 1) for rank in range(len(words))]  # Zipf-like: "the" is everywhere
-    return [
-        " ".join(rng.choices(words, weights=weights, k=rng.randint(35, 75))).capitalize() + "."
-        for _ in range(SENTENCES)
-    ]
 
 
 class Rows:
