@@ -133,8 +133,9 @@ async def measure(
     return rows
 
 
-async def drive_gateway(url: str, texts: list[str], concurrency: int) -> tuple[float, int]:
-    """RAG chat completions through the gateway, `concurrency` in flight: (requests/s, errors)."""
+async def drive_gateway(url: str, texts: list[str], concurrency: int, rag: bool = True) -> tuple[float, int]:
+    """RAG chat completions (plain ones with `rag` False) through the gateway, `concurrency` in
+    flight: (requests/s, errors)."""
     import aiohttp
 
     pending = iter(texts)
@@ -145,11 +146,9 @@ async def drive_gateway(url: str, texts: list[str], concurrency: int) -> tuple[f
         async def worker() -> None:
             nonlocal errors
             for text in pending:
-                body = {
-                    "model": "fake-model",
-                    "messages": [{"role": "user", "content": text}],
-                    "rag": {"collection": "sample"},
-                }
+                body: dict[str, object] = {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
+                if rag:
+                    body["rag"] = {"collection": "sample"}
                 async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
                     await resp.read()
                     errors += resp.status != 200

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_gateway import GATEWAY, GUARDS_OFF, cpu_seconds, free_port, start_fake  # noqa: E402
-from benchmarks.bench_rag import TOPICS, wait_ready  # noqa: E402
+from benchmarks.bench_rag import TOPICS, drive_gateway, wait_ready  # noqa: E402
 
 PROJECT_FRAME = re.compile(r"\((?:.*/)?(?:gateway|retrieval|guardrails)/[^/]+\.py:")
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -72,29 +72,6 @@ def prompts(n: int, rag: bool) -> list[str]:
     if rag:
         return [f"question {i}: how does the {TOPICS[i % len(TOPICS)]} work, case {i}?" for i in range(n)]
     return [f"Message {i}: please summarise the notes about {TOPICS[i % len(TOPICS)]} for me." for i in range(n)]
-
-
-async def drive(url: str, texts: list[str], concurrency: int, rag: bool) -> tuple[float, int]:
-    import aiohttp
-
-    pending = iter(texts)
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-
-        async def worker() -> None:
-            nonlocal errors
-            for text in pending:
-                body: dict[str, object] = {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
-                if rag:
-                    body["rag"] = {"collection": "sample"}
-                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-                    await resp.read()
-                    errors += resp.status != 200
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return len(texts) / (time.perf_counter() - started), errors
 
 
 def parse(collapsed: Path) -> list[tuple[list[str], int]]:
@@ -164,7 +141,7 @@ def run(scenario: str, requests: int, out: Path) -> list[str]:
         try:
             wait_ready(url)
             texts = prompts(requests + 16, rag)
-            asyncio.run(drive(url, texts[:16], 4, rag))  # warm-up: start-up and first calls stay out
+            asyncio.run(drive_gateway(url, texts[:16], 4, rag))  # warm-up: start-up and first calls stay out
             # Attached only now, so the profile is the load alone (not imports, model loads, exports).
             spy = subprocess.Popen(
                 [str(PY_SPY), "record", "--format", "raw", "--rate", "250", "--output", str(collapsed),
@@ -173,7 +150,7 @@ def run(scenario: str, requests: int, out: Path) -> list[str]:
             )  # fmt: skip
             time.sleep(1.0)  # py-spy attaches
             cpu = cpu_seconds(gateway.pid)
-            rps, errors = asyncio.run(drive(url, texts[16:], concurrency, rag))
+            rps, errors = asyncio.run(drive_gateway(url, texts[16:], concurrency, rag))
             cpu_ms = (cpu_seconds(gateway.pid) - cpu) * 1000 / requests
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             spy.wait(timeout=60)
