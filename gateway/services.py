@@ -249,8 +249,10 @@ class Services:
         return await Guardrails.load(policy, self.executor, judge=self._judge, toxicity_scorer=scorer)
 
     async def _shared_toxicity_scorer(self, policy: Policy) -> ToxicityScorer | None:
-        """The policy's toxicity scorer over the embedder's model when that is the bundled MiniLM, so
-        the model is loaded once for both; None when there is nothing to share (Guardrails.load builds it)."""
+        """The policy's trained toxicity scorer over the bundled MiniLM: retrieval's embedder when it
+        runs that model (loaded once for both), else one of the scorer's own on the same runtime and
+        export cache (loaded once, kept for reloads). None for a scorer that needs no encoder
+        (Guardrails.load builds it)."""
         if not policy.uses_toxicity():
             return None
         embed = bundled_minilm_encoder(self.embedder)

@@ -221,10 +221,17 @@ def _write_back(messages: list[dict[str, Any]], path: tuple[Any, ...], text: str
     target[path[-1]] = text
 
 
+def _locate(verdicts: list[Verdict], item: InputText) -> list[Verdict]:
+    """The verdicts on `item`, hits marked with where they were found."""
+    if any(v.hit for v in verdicts):
+        return [_located(v, item) if v.hit else v for v in verdicts]
+    return verdicts
+
+
 async def _located_all(jobs: Sequence[tuple[InputText, Awaitable[list[Verdict]]]]) -> list[Verdict]:
-    """The verdicts of deferred input checks, hits marked with where they were found."""
+    """The verdicts of deferred input checks, located like the others (`_locate`)."""
     results = await asyncio.gather(*(job for _, job in jobs))
-    return [_located(v, item) if v.hit else v for (item, _), vs in zip(jobs, results, strict=True) for v in vs]
+    return [v for (item, _), vs in zip(jobs, results, strict=True) for v in _locate(vs, item)]
 
 
 def _located(verdict: Verdict, item: InputText) -> Verdict:
@@ -368,8 +375,7 @@ class Guardrails:
         out_messages: list[dict[str, Any]] | None = None
         masks: dict[str, str] | None = None
         for (item, _), vs in zip(jobs, results, strict=True):
-            if any(v.hit for v in vs):
-                vs = [_located(v, item) if v.hit else v for v in vs]
+            vs = _locate(vs, item)
             verdicts.extend(vs)
             if item.path is not None and any(v.action == "redact" for v in vs):
                 if out_messages is None:
