@@ -372,7 +372,10 @@ class Rollout:
                 live = await self.store.live()
                 if live is not None and live != self.version and self._lock is not None:
                     async with self._lock:
-                        if live != self.version:
+                        # Read again under the lock: a reload that held it may have published a
+                        # newer version since, and following the one read before would undo it.
+                        live = await self.store.live()
+                        if live is not None and live != self.version:
                             await self._follow(live)
             except Exception:  # the database may be down for a while: try again next time
                 log.warning("config poll failed", exc_info=True)
