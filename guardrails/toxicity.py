@@ -167,7 +167,7 @@ class ToxicityScorer(abc.ABC):
 
 
 class ProfanityCheckScorer(ToxicityScorer):
-    """alt-profanity-check: a linear SVM over character/word n-grams, calibrated; ~0.1 ms/text batched."""
+    """alt-profanity-check: linear SVMs over word TF-IDF, calibrated; ~15 us per text (`_DirectTfidf`)."""
 
     name = "alt-profanity-check"
     categories = ("toxicity",)
@@ -184,6 +184,7 @@ class ProfanityCheckScorer(ToxicityScorer):
         # predict_proba spends ~5 ms per call in sklearn's input validation whatever the batch
         # size; the same arithmetic done directly takes ~0.1 ms. Fall back when the shape differs.
         self._linear = self._linear_parts(package.model)
+        self._direct = _DirectTfidf.build(package.vectorizer, self._linear) if self._linear else None
 
     @staticmethod
     def _linear_parts(model: Any) -> list[tuple[Any, float, float, float]] | None:
@@ -206,7 +207,9 @@ class ProfanityCheckScorer(ToxicityScorer):
     def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
         if not texts:
             return []
-        if self._linear is None:
+        if self._direct is not None:
+            probs = self._direct.probabilities(texts)
+        elif self._linear is None:
             probs = self._predict_prob(list(texts))
         else:
             import numpy as np
@@ -230,6 +233,92 @@ class ProfanityCheckScorer(ToxicityScorer):
             "categories": list(self.categories),
             "note": self.note,
         }
+
+
+@dataclass(frozen=True)
+class _DirectTfidf:
+    """profanity-check's TF-IDF features and calibrated SVMs, computed without scikit-learn.
+
+    `TfidfVectorizer.transform` costs ~0.25 ms per call before it reads a word (input checks,
+    sparse matrix set-up): 275 us per text in the gateway's batches of one, 14 us per text in
+    batches of 32. Its vectorizer here is plain enough to follow by hand: lowercase, the token
+    pattern, English stop words out, word counts times idf, L2 norm. The result equals the
+    package's `predict_prob` (tests/guardrails/test_toxicity.py); `build` returns None for a
+    vectorizer configured otherwise, and scikit-learn's path is used."""
+
+    token: re.Pattern[str]
+    stop: frozenset[str]
+    vocabulary: dict[str, int]
+    weights: Any  # (vocabulary, models) float64: idf times each SVM's coefficients
+    idf: Any  # (vocabulary,) float64
+    intercepts: Any  # (models,)
+    a: Any  # (models,) sigmoid calibration
+    b: Any
+
+    @classmethod
+    def build(cls, vectorizer: Any, linear: list[tuple[Any, float, float, float]]) -> _DirectTfidf | None:
+        import numpy as np
+
+        try:
+            params = vectorizer.get_params()
+            plain = (
+                params["analyzer"] == "word"
+                and params["lowercase"]
+                and params["ngram_range"] == (1, 1)
+                and params["norm"] == "l2"
+                and params["use_idf"]
+                and not params["binary"]
+                and not params["sublinear_tf"]
+                and params["preprocessor"] is None
+                and params["tokenizer"] is None
+                and params["strip_accents"] is None
+            )
+            if not plain:
+                return None
+            idf = np.asarray(vectorizer.idf_, dtype=np.float64)
+            coef = np.stack([np.asarray(c, dtype=np.float64) for c, _, _, _ in linear], axis=1)
+            stop = vectorizer.get_stop_words()
+            return cls(
+                token=re.compile(params["token_pattern"]),
+                stop=frozenset(stop or ()),
+                vocabulary={str(k): int(v) for k, v in vectorizer.vocabulary_.items()},
+                weights=idf[:, None] * coef,
+                idf=idf,
+                intercepts=np.array([i for _, i, _, _ in linear]),
+                a=np.array([a for _, _, a, _ in linear]),
+                b=np.array([b for _, _, _, b in linear]),
+            )
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+    def probabilities(self, texts: Sequence[str]) -> Any:
+        import numpy as np
+
+        rows: list[int] = []
+        columns: list[int] = []
+        counts: list[int] = []
+        vocabulary, stop = self.vocabulary, self.stop
+        for i, text in enumerate(texts):
+            seen: dict[int, int] = {}
+            for word in self.token.findall(text.lower()):
+                if word not in stop:
+                    j = vocabulary.get(word)
+                    if j is not None:
+                        seen[j] = seen.get(j, 0) + 1
+            rows.extend([i] * len(seen))
+            columns.extend(seen)
+            counts.extend(seen.values())
+        n = len(texts)
+        row = np.array(rows, dtype=np.intp)
+        col = np.array(columns, dtype=np.intp)
+        tf = np.array(counts, dtype=np.float64)
+        norm = np.sqrt(np.bincount(row, weights=(tf * self.idf[col]) ** 2, minlength=n))
+        scaled = tf / np.where(norm > 0, norm, 1.0)[row]
+        contributions = self.weights[col] * scaled[:, None]
+        decision = np.tile(self.intercepts, (n, 1))
+        for k in range(decision.shape[1]):
+            decision[:, k] += np.bincount(row, weights=contributions[:, k], minlength=n)
+        return (1.0 / (1.0 + np.exp(self.a * decision + self.b))).mean(axis=1)
 
 
 class DetoxifyScorer(ToxicityScorer):

@@ -154,10 +154,19 @@ def test_direct_linear_scoring_equals_the_packages_predict_prob() -> None:
         "what the hell is this shit",
         "I will find you and hurt you",
         "Paris is the capital of France.",
+        "the and of it",  # stop words only: no features
+        "zzqx qqzz",  # words outside the vocabulary
+        "FUCK fuck FuCk!!! Ümlaut naïve 東京 idiot_face x2",
+        "   ",
     ]
-    fast = [s["toxicity"] for s in scorer.score_batch(texts)]
+    with DAVIDSON.open(encoding="utf-8", newline="") as fh:
+        texts += [r["tweet"] for _, r in zip(range(300), csv.DictReader(fh), strict=False)]
     reference = [float(p) for p in predict_prob(texts)]
+    assert scorer._direct is not None  # the TF-IDF is computed without scikit-learn
+    fast = [s["toxicity"] for s in scorer.score_batch(texts)]
     assert fast == pytest.approx(reference, abs=1e-9)
+    one_by_one = [scorer.score_batch([t])[0]["toxicity"] for t in texts[:20]]
+    assert one_by_one == pytest.approx(reference[:20], abs=1e-9)
 
 
 class _FixedScorer(ToxicityScorer):
