@@ -312,26 +312,46 @@ def realistic(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
 def throughput(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
     """Plain chat requests/s against the zero-delay fake, direct and through the gateway with guards
     off and with the default policy (SQLite audit log on), at concurrency 32 and 128; every request
-    distinct (see `drive`), so the default policy scores every message and answer anew."""
+    distinct (see `drive`), so the default policy scores every message and answer anew.
+
+    Each measurement also records the CPU per request of the load generator (this process), the
+    fake and the gateway. The three share the machine's cores, so when they are busy the ratio
+    to direct cannot exceed (load generator + fake) / (load generator + fake + gateway), each in
+    CPU ms per request: printed as `bound`. With a fake that answers in ~0.1 ms of CPU, 70 % of
+    direct needs a gateway under ~0.1 ms per request, guards included; the bound says how far a
+    result is from what the machine allows, not only from the target."""
     fake, fake_url = start_fake()
     gateways = {"guards off": GUARDS_OFF, "default guards": None}
     started = {
         name: start_gateway(fake_url, data_dir / f"tp-{i}", policy) for i, (name, policy) in enumerate(gateways.items())
     }
+
+    def measured(url: str, key: str | None, n: int, concurrency: int, gateway_pid: int | None) -> dict[str, Any]:
+        pids = [fake.pid] + ([gateway_pid] if gateway_pid else [])
+        before = [time.process_time()] + [cpu_seconds(pid) for pid in pids]
+        out: dict[str, Any] = run(drive(url + "/v1/chat/completions", CHAT, key=key, requests=n,
+                                        concurrency=concurrency, stream=False, distinct=True))  # fmt: skip
+        after = [time.process_time()] + [cpu_seconds(pid) for pid in pids]
+        per = [(b - a) / max(out["requests"], 1) * 1000 for a, b in zip(before, after, strict=True)]
+        out["cpu_ms"] = dict(zip(["load generator", "fake", "gateway"], per, strict=False))
+        return out
+
     rows = []
     try:
         for concurrency in (32, 128):
             n = max(args.requests // 2, concurrency * 4)
-            direct = run(drive(fake_url + "/v1/chat/completions", CHAT, key=None, requests=n, concurrency=concurrency,
-                               stream=False, distinct=True))  # fmt: skip
-            row: dict[str, Any] = {"concurrency": concurrency, "requests": n, "direct_rps": direct["rps"]}
-            for name, (_, url, key) in started.items():
+            direct = measured(fake_url, None, n, concurrency, None)
+            row: dict[str, Any] = {"concurrency": concurrency, "requests": n, "direct_rps": direct["rps"],
+                                   "direct_cpu_ms": direct["cpu_ms"]}  # fmt: skip
+            for name, (proc, url, key) in started.items():
                 run(drive(url + "/v1/chat/completions", CHAT, key=key, requests=concurrency, concurrency=concurrency,
                           stream=False))  # warm-up  # fmt: skip
-                through = run(drive(url + "/v1/chat/completions", CHAT, key=key, requests=n, concurrency=concurrency,
-                                    stream=False, distinct=True))  # fmt: skip
+                through = measured(url, key, n, concurrency, proc.pid)
+                cpu = through["cpu_ms"]
+                rest = direct["cpu_ms"]["load generator"] + direct["cpu_ms"]["fake"]
                 row[name] = {"rps": through["rps"], "ratio": through["rps"] / direct["rps"],
-                             "p99_ms": through["p99_ms"], "errors": through["errors"]}  # fmt: skip
+                             "p99_ms": through["p99_ms"], "errors": through["errors"], "cpu_ms": cpu,
+                             "bound": rest / (rest + cpu["gateway"])}  # fmt: skip
             rows.append(row)
     finally:
         for proc, _, _ in started.values():
@@ -412,14 +432,25 @@ def main() -> int:
         if "throughput" not in args.skip:
             report["throughput"] = tp = throughput(args, data_dir)
             print("\n## Plain requests/s, zero-delay fake, distinct requests (audit log on, SQLite)")
-            print("| concurrency | direct req/s | guards off req/s | / direct | default guards req/s | / direct |")
-            print("|---|---|---|---|---|---|")
+            print("| concurrency | direct req/s | guards off req/s | / direct | bound | default guards req/s "
+                  "| / direct | bound |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|---|")
             for r in tp:
                 off, on = r["guards off"], r["default guards"]
                 print(
                     f"| {r['concurrency']} | {r['direct_rps']:.0f} | {off['rps']:.0f} | **{off['ratio'] * 100:.0f}%** "
-                    f"| {on['rps']:.0f} | **{on['ratio'] * 100:.0f}%** |"
+                    f"| {off['bound'] * 100:.0f}% | {on['rps']:.0f} | **{on['ratio'] * 100:.0f}%** "
+                    f"| {on['bound'] * 100:.0f}% |"
                 )
+            print("\nCPU ms per request (load generator / fake / gateway); bound = the share of direct the")
+            print("machine allows once its cores are busy: (load generator + fake) / (all three, direct's figures)")
+            for r in tp:
+                d = r["direct_cpu_ms"]
+                parts = [f"direct {d['load generator']:.3f} / {d['fake']:.3f}"]
+                for name in ("guards off", "default guards"):
+                    c = r[name]["cpu_ms"]
+                    parts.append(f"{name} {c['load generator']:.3f} / {c['fake']:.3f} / {c['gateway']:.3f}")
+                print(f"- c={r['concurrency']}: " + "; ".join(parts))
         if args.vllm and "vllm" not in args.skip:
             report["vllm"] = v = real_vllm(args, data_dir)
             print("\n## Real CPU vLLM (SmolLM2-135M-Instruct), streams of 64 tokens")
