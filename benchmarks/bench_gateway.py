@@ -312,7 +312,8 @@ def realistic(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
 def throughput(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
     """Plain chat requests/s against the zero-delay fake, direct and through the gateway with guards
     off and with the default policy (SQLite audit log on), at concurrency 32 and 128; every request
-    distinct (see `drive`), so the default policy scores every message and answer anew.
+    distinct (see `drive`), so the default policy scores every message and answer anew. The same
+    load also goes through `benchmarks/floor_proxy.py`, the least a Python proxy can do per request.
 
     Each measurement also records the CPU per request of the load generator (this process), the
     fake and the gateway. The three share the machine's cores, so when they are busy the ratio
@@ -322,9 +323,12 @@ def throughput(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]
     result is from what the machine allows, not only from the target."""
     fake, fake_url = start_fake()
     gateways = {"guards off": GUARDS_OFF, "default guards": None}
-    started = {
+    started: dict[str, tuple[Proc, str, str | None]] = {
         name: start_gateway(fake_url, data_dir / f"tp-{i}", policy) for i, (name, policy) in enumerate(gateways.items())
     }
+    port = free_port()
+    floor = [sys.executable, str(ROOT / "benchmarks" / "floor_proxy.py"), "--port", str(port), "--backend", fake_url]
+    started["floor proxy"] = (Proc(floor, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}", None)
 
     def measured(url: str, key: str | None, n: int, concurrency: int, gateway_pid: int | None) -> dict[str, Any]:
         pids = [fake.pid] + ([gateway_pid] if gateway_pid else [])
@@ -340,6 +344,8 @@ def throughput(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]
     try:
         for concurrency in (32, 128):
             n = max(args.requests // 2, concurrency * 4)
+            run(drive(fake_url + "/v1/chat/completions", CHAT, key=None, requests=concurrency * 4,
+                      concurrency=concurrency, stream=False))  # warm-up, as each proxy gets  # fmt: skip
             direct = measured(fake_url, None, n, concurrency, None)
             row: dict[str, Any] = {"concurrency": concurrency, "requests": n, "direct_rps": direct["rps"],
                                    "direct_cpu_ms": direct["cpu_ms"]}  # fmt: skip
@@ -432,22 +438,22 @@ def main() -> int:
         if "throughput" not in args.skip:
             report["throughput"] = tp = throughput(args, data_dir)
             print("\n## Plain requests/s, zero-delay fake, distinct requests (audit log on, SQLite)")
-            print("| concurrency | direct req/s | guards off req/s | / direct | bound | default guards req/s "
-                  "| / direct | bound |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|---|")
+            print("| concurrency | direct req/s | floor proxy | / direct | guards off req/s | / direct | bound "
+                  "| default guards req/s | / direct | bound |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for r in tp:
-                off, on = r["guards off"], r["default guards"]
+                fl, off, on = r["floor proxy"], r["guards off"], r["default guards"]
                 print(
-                    f"| {r['concurrency']} | {r['direct_rps']:.0f} | {off['rps']:.0f} | **{off['ratio'] * 100:.0f}%** "
-                    f"| {off['bound'] * 100:.0f}% | {on['rps']:.0f} | **{on['ratio'] * 100:.0f}%** "
-                    f"| {on['bound'] * 100:.0f}% |"
+                    f"| {r['concurrency']} | {r['direct_rps']:.0f} | {fl['rps']:.0f} | {fl['ratio'] * 100:.0f}% "
+                    f"| {off['rps']:.0f} | **{off['ratio'] * 100:.0f}%** | {off['bound'] * 100:.0f}% "
+                    f"| {on['rps']:.0f} | **{on['ratio'] * 100:.0f}%** | {on['bound'] * 100:.0f}% |"
                 )
             print("\nCPU ms per request (load generator / fake / gateway); bound = the share of direct the")
             print("machine allows once its cores are busy: (load generator + fake) / (all three, direct's figures)")
             for r in tp:
                 d = r["direct_cpu_ms"]
                 parts = [f"direct {d['load generator']:.3f} / {d['fake']:.3f}"]
-                for name in ("guards off", "default guards"):
+                for name in ("floor proxy", "guards off", "default guards"):
                     c = r[name]["cpu_ms"]
                     parts.append(f"{name} {c['load generator']:.3f} / {c['fake']:.3f} / {c['gateway']:.3f}")
                 print(f"- c={r['concurrency']}: " + "; ".join(parts))
