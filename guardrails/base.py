@@ -263,6 +263,9 @@ class Guard(abc.ABC):
     #: call instead of before it, on input texts where its hit can only flag (see
     #: `Guardrails.check_input(defer_flags=True)`). Cheap guards stay inline: a task costs more.
     defers_flags: ClassVar[bool] = False
+    #: The check runs on the event loop and awaits only to offload a long text (`offload`): it
+    #: needs no task of its own beside the other guards (see `Guardrails._run`).
+    quick: ClassVar[bool] = False
 
     def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
         self.settings = settings

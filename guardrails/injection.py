@@ -513,6 +513,7 @@ def score_injection(text: str) -> InjectionFinding:
 class InjectionGuard(Guard):
     """Scores messages (and retrieved passages) for prompt-injection and jailbreak attempts."""
 
+    quick = True  # compiled patterns on the loop; a long text is offloaded
     name: ClassVar[str] = "injection"
     stages = frozenset({"input", "passage"})
     default_stages = frozenset({"input"})

@@ -282,6 +282,7 @@ class KeywordOptions(GuardOptions, frozen=True, forbid_unknown_fields=True, kw_o
 class KeywordGuard(Guard):
     """Blocks, redacts or flags messages containing operator-listed terms."""
 
+    quick = True  # compiled patterns on the loop; a long text is offloaded
     name: ClassVar[str] = "keywords"
     stages = frozenset({"input", "output", "passage"})
     default_stages = frozenset({"input"})
