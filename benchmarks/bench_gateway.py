@@ -49,8 +49,20 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of `pid` and of every process below it (a gateway's workers are its children)."""
+    stats: dict[int, tuple[int, float]] = {}  # pid: (parent, CPU seconds)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, grown = {pid}, True
+    while grown:
+        below = {child for child, (parent, _) in stats.items() if parent in tree}
+        grown = not below <= tree
+        tree |= below
+    return sum(stats.get(member, (0, 0.0))[1] for member in tree)
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
@@ -115,7 +127,9 @@ def start_fake(delay_ms: float = 0, tokens_per_s: float = 0, answer_tokens: int 
 GUARDS_OFF = Path(__file__).with_name("guards-off.toml")
 
 
-def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF) -> tuple[Proc, str, str]:
+def start_gateway(
+    backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF, workers: int = 1
+) -> tuple[Proc, str, str]:
     # These requests use no retrieval: skip loading MiniLM and ingesting the sample corpus at each start.
     env = {
         "GATEWAY_DATA_DIR": str(data_dir),
@@ -135,7 +149,7 @@ def start_gateway(backend: str, data_dir: Path, policy: Path | None = GUARDS_OFF
     )
     key = out.stdout.strip().splitlines()[0]
     port = free_port()
-    extra = ["--policy", str(policy)] if policy else []
+    extra = (["--policy", str(policy)] if policy else []) + ["--workers", str(workers)]
     proc = Proc(
         [*GATEWAY, "serve", "--backend", backend, "--port", str(port), *extra], f"http://127.0.0.1:{port}/readyz", env
     )
@@ -322,9 +336,10 @@ def throughput(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]
     direct needs a gateway under ~0.1 ms per request, guards included; the bound says how far a
     result is from what the machine allows, not only from the target."""
     fake, fake_url = start_fake()
-    gateways = {"guards off": GUARDS_OFF, "default guards": None}
+    gateways = {"guards off": (GUARDS_OFF, 1), "default guards": (None, 1), "default guards, 2 workers": (None, 2)}
     started: dict[str, tuple[Proc, str, str | None]] = {
-        name: start_gateway(fake_url, data_dir / f"tp-{i}", policy) for i, (name, policy) in enumerate(gateways.items())
+        name: start_gateway(fake_url, data_dir / f"tp-{i}", policy, workers)
+        for i, (name, (policy, workers)) in enumerate(gateways.items())
     }
     port = free_port()
     floor = [sys.executable, str(ROOT / "benchmarks" / "floor_proxy.py"), "--port", str(port), "--backend", fake_url]
@@ -438,22 +453,20 @@ def main() -> int:
         if "throughput" not in args.skip:
             report["throughput"] = tp = throughput(args, data_dir)
             print("\n## Plain requests/s, zero-delay fake, distinct requests (audit log on, SQLite)")
-            print("| concurrency | direct req/s | floor proxy | / direct | guards off req/s | / direct | bound "
-                  "| default guards req/s | / direct | bound |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|---|---|---|")
+            names = [name for name in tp[0] if isinstance(tp[0][name], dict) and "rps" in tp[0][name]]
+            print("| concurrency | direct req/s | " + " | ".join(f"{n} req/s | / direct | bound" for n in names) + " |")
+            print("|---|---|" + "---|---|---|" * len(names))
             for r in tp:
-                fl, off, on = r["floor proxy"], r["guards off"], r["default guards"]
-                print(
-                    f"| {r['concurrency']} | {r['direct_rps']:.0f} | {fl['rps']:.0f} | {fl['ratio'] * 100:.0f}% "
-                    f"| {off['rps']:.0f} | **{off['ratio'] * 100:.0f}%** | {off['bound'] * 100:.0f}% "
-                    f"| {on['rps']:.0f} | **{on['ratio'] * 100:.0f}%** | {on['bound'] * 100:.0f}% |"
-                )
+                cells = [
+                    f"{r[n]['rps']:.0f} | **{r[n]['ratio'] * 100:.0f}%** | {r[n]['bound'] * 100:.0f}%" for n in names
+                ]
+                print(f"| {r['concurrency']} | {r['direct_rps']:.0f} | " + " | ".join(cells) + " |")
             print("\nCPU ms per request (load generator / fake / gateway); bound = the share of direct the")
             print("machine allows once its cores are busy: (load generator + fake) / (all three, direct's figures)")
             for r in tp:
                 d = r["direct_cpu_ms"]
                 parts = [f"direct {d['load generator']:.3f} / {d['fake']:.3f}"]
-                for name in ("floor proxy", "guards off", "default guards"):
+                for name in names:
                     c = r[name]["cpu_ms"]
                     parts.append(f"{name} {c['load generator']:.3f} / {c['fake']:.3f} / {c['gateway']:.3f}")
                 print(f"- c={r['concurrency']}: " + "; ".join(parts))
