@@ -60,7 +60,7 @@ from guardrails.trained_toxicity import (
     ToxicityGate,
     ToxicityHead,
     build_features,
-    gate_rows,
+    gate_batch,
     gate_weights_bytes,
     load_encoder,
     logit,
@@ -395,17 +395,22 @@ def report(probs: np.ndarray, split: Split, threshold: float) -> dict[str, Any]:
 # ------------------------------------------------------------------------- the cascade gate
 
 
+#: Texts per gate_batch call while building the training matrix: bounds the memory of one call.
+GATE_MATRIX_CHUNK = 4096
+
+
 def gate_matrix(texts: Sequence[str], profanity_logits: np.ndarray | None, bits: int = GATE_BITS) -> Any:
-    """The gate's features as a scipy CSR matrix: `gate_rows` per text (what ToxicityGate.decision
-    computes at run time), then the scaled profanity logit as the last column when given."""
+    """The gate's features as a scipy CSR matrix: `gate_batch` (what ToxicityGate.decision computes
+    at run time), a chunk of texts at a time to bound the memory, then the scaled profanity logit
+    as the last column when given."""
     from scipy import sparse
 
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
     vals: list[np.ndarray] = []
-    for i, text in enumerate(texts):
-        c, v = gate_rows(text, bits)
-        rows.append(np.full(len(c), i, dtype=np.int64))
+    for start in range(0, len(texts), GATE_MATRIX_CHUNK):
+        r, c, v = gate_batch(texts[start : start + GATE_MATRIX_CHUNK], bits)
+        rows.append(r + start)
         cols.append(c)
         vals.append(v)
     width = 2 * (1 << bits)

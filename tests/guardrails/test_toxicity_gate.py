@@ -4,18 +4,21 @@ metadata and its training features, and the policy key is validated."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from evals.train_toxicity import choose_gate_threshold, gate_matrix, gate_recall
+from evals.train_toxicity import DAVIDSON, choose_gate_threshold, gate_matrix, gate_recall
 from guardrails import trained_toxicity
 from guardrails.errors import PolicyError, ScorerUnavailable
 from guardrails.policy import parse_policy
@@ -26,6 +29,7 @@ from guardrails.trained_toxicity import (
     TrainedToxicityScorer,
     build_features,
     chunked,
+    gate_batch,
     gate_weights_bytes,
     load_head,
     profanity_logit,
@@ -173,3 +177,120 @@ def test_the_shipped_gate_loads_in_a_fresh_process() -> None:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["gate"]["sha256"] == META["gate"]["sha256"]
     assert all(s["toxicity"] < GATE_CAP for s in out["scores"])  # no encoder was needed
+
+
+def reference_rows(text: str, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """One text's (columns, values), computed alone: the per-text code the shipped gate was trained
+    with before gate_batch, kept as the oracle that the batched features must equal."""
+    low = text.lower()
+    mask = np.uint64((1 << bits) - 1)
+    families: list[np.ndarray] = []
+    chars: list[np.ndarray] = []
+    tokens = low.split()
+    if tokens:
+        padded = " " + "  ".join(tokens) + " "
+        c = np.frombuffer(padded.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        pairs = np.concatenate([[0], np.cumsum((c[:-1] == 32) & (c[1:] == 32))])
+        for n in trained_toxicity.GATE_CHAR_N:
+            m = len(c) - n + 1
+            if m <= 0:
+                continue
+            h = np.zeros(m, dtype=np.uint64)
+            for k in range(n):
+                h = h * np.uint64(1000003) + c[k : k + m]
+            inside = (pairs[n - 1 : n - 1 + m] - pairs[:m]) == 0
+            chars.append(trained_toxicity._mix(h[inside] + np.uint64(n)) & mask)
+    families.append(np.concatenate(chars) if chars else np.zeros(0, dtype=np.uint64))
+    words = re.findall(r"(?u)\b\w\w+\b", low)
+    word_ids = np.zeros(0, dtype=np.uint64)
+    if words:
+        wh = trained_toxicity._mix(np.array([zlib.crc32(w.encode("utf-8")) for w in words], dtype=np.uint64))
+        word_ids = wh & mask
+        if len(words) > 1:
+            bigrams = trained_toxicity._mix(wh[:-1] * np.uint64(31) + wh[1:] + np.uint64(7)) & mask
+            word_ids = np.concatenate([word_ids, bigrams])
+    families.append(word_ids)
+    cols: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    for family, ids in enumerate(families):
+        if len(ids):
+            u, counts = np.unique(ids.astype(np.int64), return_counts=True)
+            cols.append(u + family * (1 << bits))
+            vals.append(counts / np.sqrt(float(counts @ counts)))
+    if not cols:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    return np.concatenate(cols), np.concatenate(vals)
+
+
+def varied_texts() -> list[str]:
+    """Benign prompts, toxic tweets (when the Davidson data is there) and the awkward cases."""
+    benign = (ROOT / "guardrails" / "benign_prompts.txt").read_text(encoding="utf-8").splitlines()
+    texts = [line for line in benign if line.strip() and not line.startswith("#")]
+    if DAVIDSON.is_file():
+        with DAVIDSON.open(encoding="utf-8", newline="") as fh:
+            texts += [row["tweet"] for row in csv.DictReader(fh) if row["class"] in ("0", "1")][:300]
+    return [
+        *texts,
+        *PLAIN,
+        *TOXIC,
+        "",
+        "   \t\n ",
+        "a",
+        "x",
+        "idiot",
+        "Café déjà vu, naïve façade 😀🔥 你是个白痴 日本語のテキスト",
+        "\u00a0non\u2003breaking\u3000spaces\u00a0",
+        "ΟΔΟΣ ΣΟΦΟΣ",
+        "ab cd",
+        "go go go go go go go go go go",
+        " ".join(["the quick brown fox jumps over the lazy dog"] * 60),
+        "!!!",
+        "  leading and trailing  ",
+    ]
+
+
+def reference_decision(gate: trained_toxicity.ToxicityGate, texts: Sequence[str], logits: np.ndarray) -> np.ndarray:
+    out = np.empty(len(texts))
+    for i, text in enumerate(texts):
+        cols, vals = reference_rows(text, gate.bits)
+        out[i] = float(gate.weights[cols] @ vals) + gate.bias
+    if gate.profanity_feature:
+        out += gate.weights[-1] * trained_toxicity.GATE_PROFANITY_SCALE * logits
+    return out
+
+
+def test_the_batched_gate_equals_the_per_text_features_and_decision() -> None:
+    gate = trained_toxicity.load_gate(trained_toxicity.ARTEFACT_DIR, META)
+    assert gate is not None
+    texts = varied_texts()
+    logits = np.random.default_rng(0).uniform(-6.9, 6.9, len(texts))
+    expected = reference_decision(gate, texts, logits)
+    assert (expected >= gate.threshold).any() and not (expected >= gate.threshold).all()
+    rows, cols, vals = gate_batch(texts, gate.bits)
+    for i, text in enumerate(texts):
+        want_cols, want_vals = reference_rows(text, gate.bits)
+        assert np.array_equal(cols[rows == i], want_cols) and np.array_equal(vals[rows == i], want_vals), text
+    for size in (1, 2, 7, 64, len(texts)):
+        got = np.concatenate(
+            [gate.decision(texts[s : s + size], logits[s : s + size]) for s in range(0, len(texts), size)]
+        )
+        assert np.allclose(got, expected, rtol=0, atol=1e-9), size
+        assert np.array_equal(got >= gate.threshold, expected >= gate.threshold), size
+    assert len(gate.decision([], np.zeros(0))) == 0
+
+
+def test_texts_in_a_batch_share_no_ngrams() -> None:
+    """Joined end to end, neither a character n-gram ("b  c") nor a word bigram ("you idiot") may
+    cross from one text into the next."""
+    gate = trained_toxicity.load_gate(trained_toxicity.ARTEFACT_DIR, META)
+    assert gate is not None
+    for texts in (["ab", "cd"], ["you", "idiot"], ["you are an", "idiot"], ["a", "", "b", "  ", "go home"]):
+        logits = np.zeros(len(texts))
+        alone = np.concatenate([gate.decision([t], logits[:1]) for t in texts])
+        assert np.allclose(gate.decision(texts, logits), alone, rtol=0, atol=1e-9), texts
+        rows, cols, vals = gate_batch(texts, gate.bits)
+        for i, text in enumerate(texts):
+            _, want_cols, want_vals = gate_batch([text], gate.bits)
+            assert np.array_equal(cols[rows == i], want_cols) and np.array_equal(vals[rows == i], want_vals)
+    # the two words in one text do make a bigram: the test above would see one that leaked
+    assert len(gate_batch(["you idiot"], gate.bits)[1]) > len(gate_batch(["you", "idiot"], gate.bits)[1])
