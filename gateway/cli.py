@@ -99,6 +99,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     else:
         _bootstrap_admin_key(settings)
+    if settings.workers == 0:
+        from gateway.workers import auto_workers
+
+        settings = settings.replace(workers=auto_workers())
     if settings.workers > 1:
         from gateway.workers import limits_need_one_worker, serve_workers
 
@@ -557,7 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="no API keys (local use only; announced loudly)",
     )
     serve.add_argument("--redis", default=None, metavar="URL", help="Redis for limit counters shared by replicas")
-    serve.add_argument("--workers", type=int, default=None, metavar="N", help="processes serving the port (default 1)")
+    serve.add_argument(
+        "--workers",
+        default=None,
+        metavar="N",
+        help="processes serving the port: N or auto (default: one per core, up to 8)",
+    )
     serve.add_argument("--limits-fail", choices=["open", "closed"], default=None, help="when Redis is unreachable")
     serve.add_argument("--metrics", choices=["admin", "open", "off"], default=None, help="/metrics on the main port")
     serve.add_argument("--metrics-port", type=int, default=None, help="also serve /metrics, open, on this port")

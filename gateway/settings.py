@@ -82,7 +82,9 @@ class Settings:
     log_format: str = "text"  # "json": one JSON object per line, with the request id of the request it is about
     otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for requests and streams in flight, then cuts them
-    workers: int = 1  # `gateway serve` processes sharing the port (gateway.workers); 1: the server runs in-process
+    # `gateway serve` processes sharing the port (gateway.workers): 0 ("auto"): one per usable core,
+    # at most 8 (gateway.workers.auto_workers); 1: the server runs in-process
+    workers: int = 0
     migrate_on_start: bool = True  # `gateway serve` upgrades the schema (false: a migration Job owns it)
     deployments: tuple[Deployment, ...] = ()  # [[deployments]]: weighted and shadow deployments per client model
     sticky: str = "none"  # A/B by stable hash: "key" (API key), "user" (the request's `user` field) or "none"
@@ -163,6 +165,8 @@ def _coerce(name: str, value: Any, annotation: str, source: str) -> Any:
             if text in {"0", "false", "no", "off", ""}:
                 return False
             raise ValueError(f"expected true or false, got {value!r}")
+        if name == "workers" and str(value).strip().lower() == "auto":
+            return 0
         if annotation == "int":
             if isinstance(value, bool):
                 raise ValueError(f"expected an integer, got {value!r}")
@@ -227,8 +231,8 @@ def _validate(settings: Settings) -> Settings:
         raise bad(f"embedding_runtime must be 'auto', 'onnx' or 'torch', not {settings.embedding_runtime!r}")
     if settings.max_body_bytes < 1024:
         raise bad(f"max_body_bytes {settings.max_body_bytes} is below 1024")
-    if settings.workers < 1:
-        raise bad(f"workers must be at least 1, not {settings.workers}")
+    if settings.workers < 0:
+        raise bad(f"workers must be 'auto' (0) or at least 1, not {settings.workers}")
     if settings.shutdown_grace < 0:
         raise bad("shutdown_grace must be zero or more seconds")
     if settings.audit_db_wait <= 0:

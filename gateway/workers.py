@@ -95,6 +95,44 @@ class WorkerSpec:
     metrics_dir: Path | None  # the shared folder of metric snapshots (None: metrics off)
 
 
+#: `workers = "auto"` starts one worker per usable core, but no more than this: each worker loads
+#: its own guard and embedding models (~0.5 GB), so a large machine gets several gateways' worth of
+#: processes only when asked for them by number.
+AUTO_WORKERS_MAX = 8
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, lowered to a cgroup's CPU quota (a
+    container's `--cpus`, a Kubernetes CPU limit), which os.cpu_count() does not see."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota: float | None = None
+    try:  # cgroup v2: "max 100000" or "150000 100000"
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+            quota = limit_us / period_us if limit_us > 0 and period_us > 0 else None
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        cores = min(cores, max(1, int(quota + 0.999)))
+    return max(1, cores)
+
+
+def auto_workers() -> int:
+    """`workers = "auto"`: one per usable core, at most AUTO_WORKERS_MAX.
+
+    Why several processes: one gateway process runs its Python on one core at a time (the GIL),
+    and with the default guards a request costs ~1.2 ms of that core. On this project's 2-core
+    machine, with the load generator and the backend on the same cores, 2 workers served 31-47 %
+    more guarded requests/s than 1 at concurrency 32 (benchmarks/bench_gateway.py throughput,
+    benchmarks/bench_workers.py; README "Speed"); with guards off, where the one process is not
+    the limit there, 1 worker did as well or better."""
+    return min(usable_cores(), AUTO_WORKERS_MAX)
+
+
 def limits_need_one_worker(settings: Settings) -> str | None:
     """Why N workers would not keep the limits exact (no Redis, limits configured); None if they would."""
     if settings.redis or settings.workers <= 1:

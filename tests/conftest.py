@@ -18,6 +18,9 @@ from tests.helpers import GatewayServer, create_key, prepare_database
 #: and a PyTorch import), not once per fresh data dir. It is the default gateway's own cache.
 TEST_ONNX_CACHE = Path(__file__).resolve().parents[1] / "data" / "onnx"
 os.environ.setdefault("GATEWAY_ONNX_CACHE", str(TEST_ONNX_CACHE))
+#: `gateway serve` subprocesses run one process, as the tests expect of them, unless a test asks
+#: for workers (`--workers N` beats this variable; tests/gateway/test_workers.py tests "auto").
+os.environ.setdefault("GATEWAY_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

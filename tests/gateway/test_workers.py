@@ -3,6 +3,7 @@ SIGKILLed worker replaced, limits exact across workers with Redis, /metrics summ
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -19,8 +20,8 @@ import pytest
 
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_share import MetricsShare, families, merge, retire
-from gateway.settings import Settings
-from gateway.workers import WORKER_HEADER
+from gateway.settings import Settings, SettingsError, load_settings
+from gateway.workers import AUTO_WORKERS_MAX, WORKER_HEADER, auto_workers, usable_cores
 from serving.fake import FakeBackendThread
 from tests.gateway.test_limits import REDIS_URL, _drop_prefix, needs_redis
 from tests.gateway.test_serve_lifecycle import GUARDS_OFF, ROOT, free_port, gateway_env, ready, wait_until
@@ -383,3 +384,49 @@ def test_sighup_to_the_parent_reloads_the_settings_file_in_every_worker(
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+@pytest.mark.slow
+def test_auto_starts_one_worker_per_usable_core(start: object) -> None:
+    gateway: Gateway = start(workers="auto")  # type: ignore[operator]
+    expected = auto_workers()
+    if expected == 1:  # a one-core machine: the single-process server
+        assert worker_pids(gateway) == set()
+    else:
+        assert len(worker_pids(gateway)) == expected
+        assert f"with {expected} workers" in gateway.text()
+    assert gateway.post().status_code == 200
+    assert gateway.stop() == 0
+
+
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(_cgroup(tmp_path / "none", {})) == affinity
+    assert usable_cores(_cgroup(tmp_path / "v2-max", {"cpu.max": "max 100000\n"})) == affinity
+    # a container limited to 1.5 CPUs may run 2 processes at once; 0.2 CPUs still gets one
+    assert usable_cores(_cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})) == min(affinity, 2)
+    assert usable_cores(_cgroup(tmp_path / "v2-small", {"cpu.max": "20000 100000\n"})) == 1
+    v1 = {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert usable_cores(_cgroup(tmp_path / "v1", v1)) == 1
+    unlimited = {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert usable_cores(_cgroup(tmp_path / "v1-none", unlimited)) == affinity
+    assert usable_cores(_cgroup(tmp_path / "garbled", {"cpu.max": "lots\n"})) == affinity
+
+
+def test_workers_setting_takes_auto_a_number_or_says_what_is_wrong() -> None:
+    assert load_settings(environ={}).workers == 0  # the default: auto
+    assert load_settings({"workers": "auto"}, environ={}).workers == 0
+    assert load_settings({"workers": "3"}, environ={}).workers == 3
+    assert load_settings(environ={"GATEWAY_WORKERS": "AUTO"}).workers == 0
+    with pytest.raises(SettingsError, match="workers"):
+        load_settings({"workers": "-1"}, environ={})
+    with pytest.raises(SettingsError, match="workers"):
+        load_settings({"workers": "many"}, environ={})
+    assert 1 <= auto_workers() <= AUTO_WORKERS_MAX
