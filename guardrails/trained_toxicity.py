@@ -18,7 +18,7 @@ files as the retrieval embedder), so guardrails never imports retrieval.
 The cascade gate (`gate.npz` beside the head, `[scorers.toxicity] gate`): MiniLM is ~70% of the
 gateway's CPU with the default policy, and most of what it scores is ordinary text that scores
 far below the threshold. A linear model over hashed character and word n-grams plus
-profanity-check's logit (`ToxicityGate`, ~0.1 ms a text against ~19 for MiniLM) is trained on
+profanity-check's logit (`ToxicityGate`, 5-45 us a text, batched, against ~19 ms for MiniLM) is trained on
 the head's own training split to pass on whatever the full scorer scores near or above the
 threshold; a text below its threshold gets a score below GATE_CAP without MiniLM running. Its
 threshold is chosen on the validation split for a recall of the full scorer's positives of at
