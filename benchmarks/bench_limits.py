@@ -167,7 +167,7 @@ def _start(backend: str, data_dir: Path, redis_prefix: str | None) -> tuple[Proc
         keys.append(made.stdout.strip().splitlines()[0])
     port = free_port()
     proc = Proc(
-        [*GATEWAY, "serve", "--backend", backend, "--port", str(port), "--policy", str(GUARDS_OFF)],
+        [*GATEWAY, "serve", "--workers", "1", "--backend", backend, "--port", str(port), "--policy", str(GUARDS_OFF)],
         f"http://127.0.0.1:{port}/readyz",
         env,
     )

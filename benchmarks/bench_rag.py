@@ -191,7 +191,18 @@ def run_gateway(
             }
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            args = [*GATEWAY, "serve", "--backend", fake_url, "--port", str(port), "--policy", str(GUARDS_OFF)]
+            args = [
+                *GATEWAY,
+                "serve",
+                "--workers",
+                "1",
+                "--backend",
+                fake_url,
+                "--port",
+                str(port),
+                "--policy",
+                str(GUARDS_OFF),
+            ]
             started = time.perf_counter()
             gateway = Proc(args, f"{url}/healthz", env)
             wait_ready(url)

@@ -97,7 +97,7 @@ def measure(args: argparse.Namespace, policy: Path | None) -> list[dict[str, Any
         try:
             for n in range(1, args.max_replicas + 1):
                 port = free_port()
-                extra = ["--policy", str(policy)] if policy else []
+                extra = ["--workers", "1", *(["--policy", str(policy)] if policy else [])]
                 replica_env = {**env, "GATEWAY_DATA_DIR": str(base / f"replica{n}")}
                 replicas.append(Proc([*GATEWAY, "serve", "--backend", fake_url, "--port", str(port), *extra],
                                      f"http://127.0.0.1:{port}/readyz", replica_env))  # fmt: skip

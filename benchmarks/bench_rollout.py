@@ -125,7 +125,7 @@ def start(data_dir: Path, config: str | None, backend: str | None) -> tuple[Proc
         path = data_dir / "gateway.toml"
         path.write_text(config, encoding="utf-8")
         extra += ["--config", str(path)]
-    args = [*GATEWAY, "serve", "--port", str(port), "--policy", str(GUARDS_OFF), *extra]
+    args = [*GATEWAY, "serve", "--workers", "1", "--port", str(port), "--policy", str(GUARDS_OFF), *extra]
     return Proc(args, f"http://127.0.0.1:{port}/readyz", env), f"http://127.0.0.1:{port}", key
 
 

@@ -193,7 +193,17 @@ def _serve(tree: Path, data_dir: Path, backend: str, policy: Path | None) -> tup
     )
     key = made.stdout.decode().strip().splitlines()[0]
     port = _free_port()
-    args = [*cli, "serve", "--backend", backend, "--port", str(port), *(["--policy", str(policy)] if policy else [])]
+    args = [
+        *cli,
+        "serve",
+        "--workers",
+        "1",
+        "--backend",
+        backend,
+        "--port",
+        str(port),
+        *(["--policy", str(policy)] if policy else []),
+    ]
     proc = subprocess.Popen(args, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -126,7 +126,7 @@ def run(scenario: str, requests: int, out: Path) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="gw-profile-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        args = [*GATEWAY, "serve", "--backend", fake_url, "--port", str(port)]
+        args = [*GATEWAY, "serve", "--workers", "1", "--backend", fake_url, "--port", str(port)]
         if policy is not None:
             args += ["--policy", str(policy)]
         env = {
