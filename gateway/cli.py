@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         default=None,
         metavar="N",
-        help="processes serving the port: N or auto (default: one per core, up to 8)",
+        help="processes serving the port: N or auto (default: one per core, up to 4)",
     )
     serve.add_argument("--limits-fail", choices=["open", "closed"], default=None, help="when Redis is unreachable")
     serve.add_argument("--metrics", choices=["admin", "open", "off"], default=None, help="/metrics on the main port")

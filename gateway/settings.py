@@ -83,7 +83,7 @@ class Settings:
     otlp_endpoint: str | None = None  # OTLP/HTTP collector (http://HOST:4318): one trace per request; none: off
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for requests and streams in flight, then cuts them
     # `gateway serve` processes sharing the port (gateway.workers): 0 ("auto"): one per usable core,
-    # at most 8 (gateway.workers.auto_workers); 1: the server runs in-process
+    # at most 4 (gateway.workers.auto_workers); 1: the server runs in-process
     workers: int = 0
     migrate_on_start: bool = True  # `gateway serve` upgrades the schema (false: a migration Job owns it)
     deployments: tuple[Deployment, ...] = ()  # [[deployments]]: weighted and shadow deployments per client model

@@ -96,9 +96,9 @@ class WorkerSpec:
 
 
 #: `workers = "auto"` starts one worker per usable core, but no more than this: each worker loads
-#: its own guard and embedding models (~0.5 GB), so a large machine gets several gateways' worth of
-#: processes only when asked for them by number.
-AUTO_WORKERS_MAX = 8
+#: its own guard and embedding models (880 MB resident measured here with the default policy and
+#: RAG), so a laptop with many cores is not filled with copies; ask for more by number.
+AUTO_WORKERS_MAX = 4
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
