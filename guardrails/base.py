@@ -264,7 +264,7 @@ class Guard(abc.ABC):
     #: `Guardrails.check_input(defer_flags=True)`). Cheap guards stay inline: a task costs more.
     defers_flags: ClassVar[bool] = False
     #: The check runs on the event loop and awaits only to offload a long text (`offload`): it
-    #: needs no task of its own beside the other guards (see `Guardrails._run`).
+    #: needs no task of its own beside the other guards (see `Guardrails._run` and `waits`).
     quick: ClassVar[bool] = False
 
     def __init__(self, settings: GuardSettings, resources: GuardResources) -> None:
@@ -276,6 +276,11 @@ class Guard(abc.ABC):
     @abc.abstractmethod
     async def check(self, ctx: GuardContext) -> Verdict:
         """Check `ctx.text` and say what the policy wants done about it."""
+
+    def waits(self, ctx: GuardContext) -> bool:
+        """Whether `check(ctx)` may wait for long (a model pass, a judge, the network): such guards
+        run side by side; the others are awaited in turn, without a task each."""
+        return not self.quick
 
     @property
     def inert(self) -> bool:

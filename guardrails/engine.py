@@ -318,7 +318,7 @@ class Guardrails:
         return {n: g.options.mask for n, g in guards.items()}
 
     async def _run(self, guards: Sequence[Guard], ctx: GuardContext) -> list[Verdict]:
-        if sum(not g.quick for g in guards) <= 1:
+        if sum(g.waits(ctx) for g in guards) <= 1:
             # At most one of them waits for long (a model pass, a judge): awaiting them in turn
             # gives the same verdicts as gathering them, without a task per guard (the default
             # policy's 4 guards on input and output made 9 tasks per request, ~0.1 ms of CPU).

@@ -545,6 +545,9 @@ class GroundednessGuard(Guard):
             self._support_cache.move_to_end(passages)
         return found
 
+    def waits(self, ctx: GuardContext) -> bool:
+        return bool(ctx.passages)  # without passages there is nothing to check: it answers at once
+
     def _lexical(self, ctx: GuardContext) -> GroundednessResult:
         return score_groundedness(ctx.text, [], ctx.prompt, self._support(ctx.passages))
 
