@@ -272,3 +272,20 @@ def test_whole_quotation_is_the_words_inside_quotes_that_frame_nothing():
     assert whole_quotation('The witness said "I will find you" twice.') is None
     assert whole_quotation("You're a moron and I'm right.") is None  # apostrophes are not quotes
     assert whole_quotation('""') is None
+
+
+def test_direct_tfidf_is_refused_for_a_vectorizer_it_does_not_follow() -> None:
+    """A vectorizer with bigrams, or one with sublinear tf, would be scored wrongly by hand: the
+    scorer must keep scikit-learn's path for it (`_DirectTfidf.build` returns None)."""
+    from profanity_check import profanity_check as package
+    from sklearn.base import clone
+
+    from guardrails.toxicity import ProfanityCheckScorer, _DirectTfidf
+
+    linear = ProfanityCheckScorer._linear_parts(package.model)
+    assert linear is not None
+    assert _DirectTfidf.build(package.vectorizer, linear) is not None
+    for change in ({"ngram_range": (1, 2)}, {"sublinear_tf": True}, {"analyzer": "char"}, {"binary": True}):
+        other = clone(package.vectorizer).set_params(**change)
+        other.vocabulary_, other.idf_ = package.vectorizer.vocabulary_, package.vectorizer.idf_
+        assert _DirectTfidf.build(other, linear) is None, change
