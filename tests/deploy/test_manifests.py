@@ -299,6 +299,9 @@ def test_config_files_load_as_the_gateway_loads_them(docs: list[dict[str, Any]],
     environ["GATEWAY_CONFIG"] = str(tmp_path / config_path.name)
     settings = load_settings(environ=environ)
     assert settings.backend and settings.redis and settings.database and settings.session_secret
+    # One gateway process per pod: its memory limit is sized for one worker's models, and the
+    # Deployment sets no CPU limit that "auto" could read (it would count the node's cores).
+    assert settings.workers == 1
 
 
 def test_backend_urls_point_at_vllm_services(docs: list[dict[str, Any]]) -> None:
