@@ -19,7 +19,7 @@ from typing import Any
 REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 TRACE_ID: ContextVar[str | None] = ContextVar("gateway_trace_id", default=None)  # set by gateway.tracing
 
-_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(request_suffix)s"
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(worker_prefix)s%(name)s: %(message)s%(request_suffix)s"
 
 
 def new_request_id() -> str:
@@ -30,13 +30,21 @@ def new_request_id() -> str:
 
 
 class RequestContextFilter(logging.Filter):
-    """Puts `request_id` and `trace_id` (None outside a request) on every record."""
+    """Puts `request_id` and `trace_id` (None outside a request) on every record, and the index of
+    the worker process that wrote it (`gateway serve --workers N`; None in a single process)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+        self.worker_prefix = f"worker {worker} " if worker is not None else ""
 
     def filter(self, record: logging.LogRecord) -> bool:
         request_id = REQUEST_ID.get()
         record.request_id = request_id
         record.trace_id = TRACE_ID.get()
         record.request_suffix = f" [request {request_id}]" if request_id else ""
+        record.worker = self.worker
+        record.worker_prefix = self.worker_prefix
         return True
 
 
@@ -56,6 +64,9 @@ class JsonFormatter(logging.Formatter):
         trace_id = getattr(record, "trace_id", None)
         if trace_id:
             entry["trace_id"] = trace_id
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -63,15 +74,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def make_handler(log_format: str, stream: Any = None) -> logging.Handler:
+def make_handler(log_format: str, stream: Any = None, worker: int | None = None) -> logging.Handler:
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.addFilter(RequestContextFilter())
+    handler.addFilter(RequestContextFilter(worker))
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_TEXT_FORMAT))
     return handler
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Root logging for `gateway serve`: one handler on stderr, text or JSON."""
-    logging.basicConfig(level=level.upper(), handlers=[make_handler(log_format)], force=True)
+def configure_logging(level: str, log_format: str, worker: int | None = None) -> None:
+    """Root logging for `gateway serve`: one handler on stderr, text or JSON; a worker process's
+    lines say which worker wrote them (`worker N` in text, `"worker": N` in JSON)."""
+    logging.basicConfig(level=level.upper(), handlers=[make_handler(log_format, worker=worker)], force=True)
     # faiss tries its AVX512/AVX2 builds first and logs each ModuleNotFoundError at INFO: not news.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -298,7 +298,7 @@ class Services:
                 index_storage=remote,
                 endpoint_url=self.settings.s3_endpoint_url,
             )
-            if report is not None:
+            if report is not None and report.ingested:
                 log.info("ingested the sample corpus as collection 'sample' (%s chunks)", report.chunks)
         self.store = CollectionStore(self.settings.index_root, self.embedder, executor=self.executor, sync=sync)
         log.info(

@@ -396,7 +396,7 @@ def worker_main(spec: WorkerSpec) -> None:
     from gateway.logs import configure_logging
 
     settings = spec.settings
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, worker=spec.index)
     _die_with_parent(settings.shutdown_grace + _STOP_MARGIN_S)
     server: DrainingServer | None = None
 

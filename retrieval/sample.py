@@ -87,6 +87,9 @@ async def ensure_sample_collection(
     finally:
         if own:
             await active.aclose()
+    if not report.ingested:  # another worker or replica ingested it a moment before: nothing new
+        logger.info("sample collection %r: already up to date (%d chunks)", collection, report.total_chunks)
+        return report
     logger.info(
         "sample collection %r: %d documents, %d chunks in %.1f s",
         collection,

@@ -94,3 +94,18 @@ def test_json_logs_take_uvicorns_lines_too() -> None:
     assert server_config(app, Settings(log_format="json")).log_config is None
     # One log format (issue 18, item 7): text logs take uvicorn's lines through the root handler too.
     assert server_config(app, Settings()).log_config is None
+
+
+def test_a_workers_lines_say_which_worker_wrote_them() -> None:
+    for log_format in ("text", "json"):
+        single, worker = io.StringIO(), io.StringIO()
+        make_handler(log_format, single).handle(logging.LogRecord("gateway", logging.INFO, __file__, 1, "up", (), None))
+        make_handler(log_format, worker, worker=1).handle(
+            logging.LogRecord("gateway", logging.INFO, __file__, 1, "up", (), None)
+        )
+        if log_format == "text":
+            assert " INFO gateway: up" in single.getvalue()
+            assert " INFO worker 1 gateway: up" in worker.getvalue()
+        else:
+            assert "worker" not in json.loads(single.getvalue())
+            assert json.loads(worker.getvalue())["worker"] == 1
