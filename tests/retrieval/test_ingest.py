@@ -236,10 +236,10 @@ def test_cli_reports_a_bad_option(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_cli_nothing_ingestable_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "x.docx").write_bytes(b"PK")
-    args = _cli_args(tmp_path, str(tmp_path / "x.docx"), "--collection", "kb", "--embedding-model", "hashing")
+    (tmp_path / "x.pptx").write_bytes(b"PK")
+    args = _cli_args(tmp_path, str(tmp_path / "x.pptx"), "--collection", "kb", "--embedding-model", "hashing")
     assert run_ingest(args, ensure_schema=create_rag_tables) == 1
-    assert "unsupported file type .docx" in capsys.readouterr().err
+    assert "unsupported file type .pptx" in capsys.readouterr().err
     assert storage.list_collections(tmp_path / "data") == []
 
 
