@@ -51,7 +51,9 @@ class IngestTarget:
 
 
 def configure_ingest_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Ingest files and folders (.txt .md .rst .html .pdf .docx .csv .tsv .json .jsonl) into a collection."
+    parser.description = (
+        "Ingest files and folders (.txt .md .rst .html .pdf .docx .csv .tsv .json .jsonl) into a collection."
+    )
     parser.add_argument(
         "paths", nargs="+", metavar="PATH", help="files or folders to ingest (with --delete: document ids or paths)"
     )
