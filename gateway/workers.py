@@ -101,24 +101,58 @@ class WorkerSpec:
 AUTO_WORKERS_MAX = 4
 
 
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup"), membership: str | None = None) -> int:
     """The cores this process may run on: its CPU affinity, lowered to a cgroup's CPU quota (a
-    container's `--cpus`, a Kubernetes CPU limit), which os.cpu_count() does not see."""
+    container's `--cpus`, a Kubernetes CPU limit), which os.cpu_count() does not see.
+
+    The quota is looked up in this process's own cgroup and every cgroup above it (a parent's
+    limit applies too), cgroup v2 (`cpu.max`) or v1 (`cpu.cfs_quota_us`), under `cgroup`; which
+    cgroup is ours comes from `membership` (the text of /proc/self/cgroup, read when None)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota: float | None = None
-    try:  # cgroup v2: "max 100000" or "150000 100000"
-        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
-        quota = None if limit == "max" else int(limit) / int(period)
-    except (OSError, ValueError):
-        try:  # cgroup v1
-            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-            quota = limit_us / period_us if limit_us > 0 and period_us > 0 else None
-        except (OSError, ValueError):
-            pass
-    if quota is not None:
-        cores = min(cores, max(1, int(quota + 0.999)))
+    quotas = [q for folder in _cgroup_folders(cgroup, membership) if (q := _cpu_quota(folder)) is not None]
+    if quotas:
+        cores = min(cores, max(1, int(min(quotas) + 0.999)))
     return max(1, cores)
+
+
+def _cgroup_folders(cgroup: Path, membership: str | None) -> list[Path]:
+    """Folders that may hold this process's CPU quota: its cgroup and those above it, v2 and v1."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    folders: list[Path] = []
+    for line in membership.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base = cgroup  # v2: one unified tree
+        elif "cpu" in controllers.split(","):
+            base = cgroup / ("cpu" if (cgroup / "cpu").exists() else controllers)
+        else:
+            continue
+        relative = Path(path.strip().lstrip("/"))
+        for depth in range(len(relative.parts), -1, -1):
+            folders.append(base.joinpath(*relative.parts[:depth]))
+    return folders or [cgroup, cgroup / "cpu"]
+
+
+def _cpu_quota(folder: Path) -> float | None:
+    """CPUs allowed by the quota in `folder` (None: no limit there, or no such files)."""
+    try:  # cgroup v2: "max 100000" or "150000 100000"
+        limit, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        limit_us = int((folder / "cpu.cfs_quota_us").read_text())
+        period_us = int((folder / "cpu.cfs_period_us").read_text())
+        return limit_us / period_us if limit_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def auto_workers() -> int:

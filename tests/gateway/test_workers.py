@@ -408,16 +408,28 @@ def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
 
 def test_usable_cores_follow_affinity_and_a_cgroup_quota(tmp_path: Path) -> None:
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cores(_cgroup(tmp_path / "none", {})) == affinity
-    assert usable_cores(_cgroup(tmp_path / "v2-max", {"cpu.max": "max 100000\n"})) == affinity
+    v2, v1 = "0::/\n", "4:cpu,cpuacct:/\n"
+
+    def cores(name: str, files: dict[str, str], membership: str = v2) -> int:
+        return usable_cores(_cgroup(tmp_path / name, files), membership)
+
+    assert cores("none", {}) == affinity
+    assert cores("v2-max", {"cpu.max": "max 100000\n"}) == affinity
     # a container limited to 1.5 CPUs may run 2 processes at once; 0.2 CPUs still gets one
-    assert usable_cores(_cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})) == min(affinity, 2)
-    assert usable_cores(_cgroup(tmp_path / "v2-small", {"cpu.max": "20000 100000\n"})) == 1
-    v1 = {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
-    assert usable_cores(_cgroup(tmp_path / "v1", v1)) == 1
+    assert cores("v2", {"cpu.max": "150000 100000\n"}) == min(affinity, 2)
+    assert cores("v2-small", {"cpu.max": "20000 100000\n"}) == 1
+    quota_v1 = {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert cores("v1", quota_v1, v1) == 1
     unlimited = {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
-    assert usable_cores(_cgroup(tmp_path / "v1-none", unlimited)) == affinity
-    assert usable_cores(_cgroup(tmp_path / "garbled", {"cpu.max": "lots\n"})) == affinity
+    assert cores("v1-none", unlimited, v1) == affinity
+    assert cores("garbled", {"cpu.max": "lots\n"}) == affinity
+    # our own cgroup, deeper in the tree (no cgroup namespace), and a parent's limit above it
+    nested = {"kubepods/pod1/ctr/cpu.max": "max 100000\n", "kubepods/pod1/cpu.max": "100000 100000\n"}
+    assert cores("nested", nested, "0::/kubepods/pod1/ctr\n") == 1
+    nested_v1 = {"cpu/docker/abc/cpu.cfs_quota_us": "200000\n", "cpu/docker/abc/cpu.cfs_period_us": "100000\n"}
+    assert cores("nested-v1", nested_v1, "3:cpu,cpuacct:/docker/abc\n") == min(affinity, 2)
+    # no /proc/self/cgroup to go by: the root of the tree is read
+    assert cores("no-membership", {"cpu.max": "100000 100000\n"}, "") == 1
 
 
 def test_workers_setting_takes_auto_a_number_or_says_what_is_wrong() -> None:
