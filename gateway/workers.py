@@ -163,7 +163,7 @@ def auto_workers() -> int:
     machine, with the load generator and the backend on the same cores, 2 workers served 31-47 %
     more guarded requests/s than 1 at concurrency 32 (benchmarks/bench_gateway.py throughput,
     benchmarks/bench_workers.py; README "Speed"); with guards off, where the one process is not
-    the limit there, 1 worker did as well or better."""
+    the limit there, a second worker gained nothing."""
     return min(usable_cores(), AUTO_WORKERS_MAX)
 
 

