@@ -416,16 +416,19 @@ class TrainedToxicityScorer(ToxicityScorer):
         self.gate_requested = gate
         self._embed = chunked(embed if embed is not None else load_encoder())
         self._profanity: Callable[[Sequence[str]], np.ndarray] | None = None
+        # profanity-check, one instance for both uses: the head's feature and texts of fewer than
+        # SHORT_WORDS words (without the package, those get the rescaled head alone)
+        self._short_profanity: ProfanityCheckScorer | None = None
         if self.head.profanity_feature:
-            scorer = ProfanityCheckScorer()  # ScorerUnavailable when the package is missing
+            scorer = self._short_profanity = ProfanityCheckScorer()  # ScorerUnavailable when missing
 
             def profanity(texts: Sequence[str]) -> np.ndarray:
                 return np.array([s["toxicity"] for s in scorer.score_batch(texts)])
 
             self._profanity = profanity
-        self._short_profanity: ProfanityCheckScorer | None = None  # for texts of fewer than SHORT_WORDS words
-        with contextlib.suppress(ScorerUnavailable):  # without it short texts get the rescaled head alone
-            self._short_profanity = ProfanityCheckScorer()
+        else:
+            with contextlib.suppress(ScorerUnavailable):
+                self._short_profanity = ProfanityCheckScorer()
         self.note = note or "trained head shipped in the package; no Detoxify checkpoint is configured"
 
     def score_batch(self, texts: Sequence[str]) -> list[dict[str, float]]:
