@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import cast
 
 import httptools
 import uvloop
@@ -39,8 +40,7 @@ class ProxyProtocol(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
         self.task = asyncio.get_running_loop().create_task(self.serve())
 
     def data_received(self, data: bytes) -> None:
